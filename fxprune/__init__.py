@@ -1,0 +1,25 @@
+"""fxprune: latency-aware structured channel pruning for PyTorch, as passes over one torch.fx graph."""
+
+from fxprune.api import analysis, analyze, groups, plan_of, prune, random_plan
+from fxprune.errors import (
+    AnalysisRequiredError,
+    ExampleInputsError,
+    ExportError,
+    FxpruneError,
+    FxpruneTraceError,
+    PlanError,
+)
+from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, NodeChannels, Plan
+
+__all__ = [
+    "analysis", "analyze", "groups", "plan_of", "prune", "random_plan", "export_onnx",
+    "AnalysisRequiredError", "ExampleInputsError", "ExportError", "FxpruneError", "FxpruneTraceError",
+    "PlanError", "ChannelGroup", "ChannelSpace", "GroupMember", "NodeChannels", "Plan",
+]
+
+
+def export_onnx(*args, **kwargs):
+    """Export to ONNX, check, clean and verify in onnxruntime; see ``fxprune.passes.export.export_onnx``."""
+    from fxprune.passes.export import export_onnx as _export_onnx  # onnx imports are slow; load on use
+
+    return _export_onnx(*args, **kwargs)

@@ -1,0 +1,27 @@
+"""Every mistake a user can make ends in a subclass of FxpruneError whose message says what to do."""
+
+from __future__ import annotations
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class FxpruneTraceError(FxpruneError):
+    """The model could not be traced by torch.fx."""
+
+
+class ExampleInputsError(FxpruneError):
+    """The example inputs do not fit the model (wrong type, count, shape or dtype)."""
+
+
+class PlanError(FxpruneError):
+    """A keep plan is invalid for the analysed graph (unknown group, empty group, frozen group...)."""
+
+
+class AnalysisRequiredError(FxpruneError):
+    """A pass ran on a GraphModule that lacks the results of the passes it depends on."""
+
+
+class ExportError(FxpruneError):
+    """ONNX export, checking or onnxruntime verification failed."""

@@ -1,0 +1,222 @@
+"""Dependency pass: which channels must be pruned together.
+
+Every tracked channel axis is a ``ChannelSpace`` (one fx node's output along one dim). The op table
+(``passes/ops.py``) couples spaces element by element; coupled elements become one group channel
+(connected components of elements, via scipy), and coupled spaces become one ``ChannelGroup``
+(connected components of the networkx space graph). Results go on ``node.meta["fxprune"]`` and
+``gm.meta["fxprune"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.errors import AnalysisRequiredError
+from fxprune.ir import META_KEY, ChannelGroup, ChannelSpace, GroupMember, NodeChannels
+from fxprune.passes.trace import VALUE_KEY
+
+
+@dataclass
+class Analysis:
+    """Graph-level result of the dependency pass, kept on ``gm.meta["fxprune"]``."""
+
+    groups: dict[int, ChannelGroup]
+    space_graph: nx.Graph = field(repr=False)
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups.values() if g.prunable]
+
+
+@dataclass
+class _Pending:
+    """A channel axis split over several dims by a chain of shape ops (e.g. a channel shuffle)."""
+
+    origin: ChannelSpace
+    origin_node: torch.fx.Node
+    labels: torch.Tensor  # origin element index at every position of this node's output
+
+
+class ChannelBuilder:
+    """Mutable state of one dependency analysis; the op table's handlers call its methods."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.spaces: list[ChannelSpace] = []
+        self.base: list[int] = []  # first element id of each space
+        self.num_elements = 0
+        self.edges_a: list[np.ndarray] = []
+        self.edges_b: list[np.ndarray] = []
+        self.space_graph = nx.Graph()
+        self.frozen: dict[int, str] = {}
+        self.norm_coupled: set[int] = set()
+        self.pending: dict[torch.fx.Node, _Pending] = {}
+        self.module_sites: dict[str, torch.fx.Node] = {}
+
+    # --- reading the traced graph -------------------------------------------------------------
+    @staticmethod
+    def shape(node) -> tuple[int, ...] | None:
+        """Shape of a node's tensor output, or None for non-tensors and tuples."""
+        meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+        return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+    @staticmethod
+    def value(arg):
+        """Concrete value of an argument: constants as is, nodes through their recorded value."""
+        if isinstance(arg, torch.fx.Node):
+            if VALUE_KEY not in arg.meta:
+                raise KeyError(arg.name)
+            return arg.meta[VALUE_KEY]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(ChannelBuilder.value(a) for a in arg)
+        return arg
+
+    def info(self, node: torch.fx.Node) -> NodeChannels:
+        if META_KEY not in node.meta:
+            node.meta[META_KEY] = NodeChannels()
+        return node.meta[META_KEY]
+
+    def space_of(self, node, index: int = 0) -> ChannelSpace | None:
+        """The tracked channel space of a node's output (``index`` for tuple outputs)."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node in self.pending:
+            pend = self.pending.pop(node)
+            self.freeze(pend.origin, f"its channel axis is split over several dims by {pend.origin_node.name} "
+                        f"and the result is used by an op that is not a pure rearrangement")
+            return None
+        spaces = node.meta.get(META_KEY, NodeChannels()).spaces
+        return spaces[index] if index < len(spaces) else None
+
+    # --- building spaces and couplings --------------------------------------------------------
+    def new_space(self, node: torch.fx.Node, dim: int, size: int | None = None, index: int = 0) -> ChannelSpace:
+        """Create the channel space of output ``index`` of ``node`` along ``dim``."""
+        if size is None:
+            size = self.shape(node)[dim]
+        space = ChannelSpace(node=node.name, dim=dim, size=int(size), output_index=index, id=len(self.spaces))
+        self.spaces.append(space)
+        self.base.append(self.num_elements)
+        self.num_elements += int(size)
+        self.space_graph.add_node(space.id)
+        spaces = self.info(node).spaces
+        while len(spaces) <= index:
+            spaces.append(None)
+        spaces[index] = space
+        return space
+
+    def ensure_space(self, node: torch.fx.Node, dim: int) -> ChannelSpace:
+        """The space of ``node`` along ``dim``; created on demand, frozen unless node is a parameter."""
+        shape = self.shape(node)
+        dim = dim % len(shape)
+        space = self.space_of(node)
+        if space is not None:
+            if space.dim != dim:
+                self.freeze(space, f"{node.name} is used with channels on dim {dim} and on dim {space.dim}")
+            return space
+        space = self.new_space(node, dim)
+        if node.op == "placeholder":
+            self.freeze(space, f"model input {node.name}")
+        elif node.op != "get_attr":
+            self.freeze(space, f"{node.name} comes from an op whose channel mapping fxprune does not know")
+        return space
+
+    def couple(self, a: ChannelSpace, b: ChannelSpace, a_pos=None, b_pos=None) -> None:
+        """Say that element a_pos[k] of ``a`` and b_pos[k] of ``b`` are the same channel (default: all, in order)."""
+        a_pos = np.arange(a.size) if a_pos is None else np.asarray(a_pos)
+        b_pos = np.arange(b.size) if b_pos is None else np.asarray(b_pos)
+        if a_pos.shape != b_pos.shape:
+            raise ValueError(f"cannot couple {a.node} ({a_pos.size}) with {b.node} ({b_pos.size})")
+        self.edges_a.append(self.base[a.id] + a_pos)
+        self.edges_b.append(self.base[b.id] + b_pos)
+        self.space_graph.add_edge(a.id, b.id)
+
+    def couple_blocks(self, space: ChannelSpace, block: int) -> None:
+        """Make every run of ``block`` consecutive elements of ``space`` one pruning unit."""
+        if block <= 1:
+            return
+        positions = np.arange(space.size)
+        firsts = positions - positions % block
+        self.edges_a.append(self.base[space.id] + positions)
+        self.edges_b.append(self.base[space.id] + firsts)
+
+    def freeze(self, space: ChannelSpace | None, reason: str) -> None:
+        if space is not None and space.id not in self.frozen:
+            self.frozen[space.id] = reason
+
+    def mark_norm(self, *spaces: ChannelSpace) -> None:
+        self.norm_coupled.update(s.id for s in spaces)
+
+    # --- results ---------------------------------------------------------------------------------
+    def finish(self) -> Analysis:
+        """Group channels and spaces, write ``group_id``/``channel_index`` on every space."""
+        n = self.num_elements
+        if self.edges_a:
+            rows = np.concatenate(self.edges_a)
+            cols = np.concatenate(self.edges_b)
+        else:
+            rows = cols = np.zeros(0, dtype=np.int64)
+        adjacency = scipy.sparse.coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n, n))
+        _, element_label = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+        groups: dict[int, ChannelGroup] = {}
+        components = sorted(nx.connected_components(self.space_graph), key=min)
+        for group_id, component in enumerate(components):
+            members = [self.spaces[i] for i in sorted(component)]
+            labels = [element_label[self.base[s.id]: self.base[s.id] + s.size] for s in members]
+            widest = max(range(len(members)), key=lambda k: (len(np.unique(labels[k])), -k))
+            order = [labels[widest]] + labels[:widest] + labels[widest + 1:]
+            _, first = np.unique(np.concatenate(order), return_index=True)
+            unique_in_order = np.concatenate(order)[np.sort(first)]
+            sorter = np.argsort(unique_in_order)
+            for space, lab in zip(members, labels):
+                space.group_id = group_id
+                space.channel_index = sorter[np.searchsorted(unique_in_order, lab, sorter=sorter)].astype(np.int64)
+            reasons = [self.frozen[s.id] for s in members if s.id in self.frozen]
+            groups[group_id] = ChannelGroup(
+                id=group_id,
+                size=len(unique_in_order),
+                members=[GroupMember(s.node, s.dim, s.size) for s in members],
+                frozen_reason="; ".join(dict.fromkeys(reasons)) if reasons else None,
+                norm_coupled=any(s.id in self.norm_coupled for s in members),
+            )
+        return Analysis(groups=groups, space_graph=self.space_graph)
+
+
+class DependencyPass(PassBase):
+    """Find channel groups of a shape-propagated GraphModule; writes node.meta and gm.meta."""
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        missing = [n.name for n in graph_module.graph.nodes
+                   if n.op not in ("output",) and "type" not in n.meta]
+        if missing:
+            raise AnalysisRequiredError(
+                f"the dependency pass needs shapes on every node (missing on {missing[:3]}); "
+                "run the trace pass with example inputs first (fxprune.analyze does both)")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        from fxprune.passes.ops import handle_node  # the op table imports this module
+
+        builder = ChannelBuilder(graph_module)
+        for node in graph_module.graph.nodes:
+            node.meta.pop(META_KEY, None)
+        for node in graph_module.graph.nodes:
+            handle_node(builder, node)
+        for pending in list(builder.pending.values()):
+            builder.freeze(pending.origin, f"its channel axis is split over several dims by {pending.origin_node.name}")
+        graph_module.meta[META_KEY] = builder.finish()
+        return PassResult(graph_module, modified=False)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        analysis = graph_module.meta[META_KEY]
+        for node in graph_module.graph.nodes:
+            for space in node.meta.get(META_KEY, NodeChannels()).spaces:
+                if space is not None:
+                    assert space.group_id in analysis.groups, f"space of {node.name} has no group"
+                    assert space.channel_index.max(initial=-1) < analysis.groups[space.group_id].size

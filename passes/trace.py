@@ -1,0 +1,137 @@
+"""Trace pass: symbolic tracing with torch.fx, then shape propagation on example inputs.
+
+Results on the graph: ``node.meta["tensor_meta"]`` (from ShapeProp) and, for nodes that produce small
+non-tensor values such as sizes, ``node.meta["fxprune_value"]`` so later passes can replay shape ops.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxprune.errors import ExampleInputsError, FxpruneTraceError
+
+VALUE_KEY = "fxprune_value"
+
+
+class FxpruneTracer(torch.fx.Tracer):
+    """A tracer that also keeps the user's leaf modules (by type or qualified name) opaque."""
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(
+    model: torch.nn.Module,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule; the model itself is neither copied nor modified."""
+    if not isinstance(model, torch.nn.Module):
+        raise FxpruneTraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    tracer = FxpruneTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many error types; all mean "not traceable as written"
+        where = _failing_module(exc)
+        raise FxpruneTraceError(
+            f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}\n"
+            "Fix: pass that submodule (type or qualified name) in leaf_modules=... so it is kept opaque "
+            "(fxprune then freezes its channels), or give concrete_args={...} for Python control flow "
+            "that depends on an input."
+        ) from exc
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _failing_module(exc: BaseException) -> str:
+    """Best-effort name of the module whose forward raised during tracing, from the traceback."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        frame_self = tb.tb_frame.f_locals.get("self")
+        if isinstance(frame_self, torch.nn.Module):
+            last = type(frame_self).__name__
+        tb = tb.tb_next
+    return f" (in the forward of {last})" if last else ""
+
+
+def _is_small_value(value: Any) -> bool:
+    """Values worth keeping on a node: sizes, ints, slices, dtypes; never tensors."""
+    if isinstance(value, (int, float, bool, str, slice, torch.dtype, torch.device, type(None))):
+        return True
+    if isinstance(value, (tuple, list, torch.Size)):
+        return len(value) <= 16 and all(_is_small_value(v) for v in value)
+    return False
+
+
+class _RecordingShapeProp(ShapeProp):
+    """ShapeProp that also records small non-tensor results (sizes, ints) on node.meta."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        if _is_small_value(result) and n.op != "output":
+            n.meta[VALUE_KEY] = result
+        return result
+
+
+def check_example_inputs(gm: torch.fx.GraphModule, example_inputs: Any) -> tuple:
+    """Normalize example inputs to a tuple matching the graph's placeholders, or say what is wrong."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ExampleInputsError(
+            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # placeholders with defaults carry them in args
+    if not len(required) <= len(example_inputs) <= len(placeholders):
+        names = ", ".join(n.target for n in placeholders)
+        raise ExampleInputsError(
+            f"the model's forward takes {len(placeholders)} input(s) ({names}); "
+            f"got {len(example_inputs)} example input(s). Pass one example per forward argument."
+        )
+    return tuple(example_inputs)
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+    """Run ShapeProp on ``example_inputs`` (in place on ``gm``, which is fxprune's own trace)."""
+    inputs = check_example_inputs(gm, example_inputs)
+    try:
+        with torch.no_grad():
+            _RecordingShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        node = _failing_node(exc)
+        shapes = ", ".join(
+            str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs
+        )
+        raise ExampleInputsError(
+            f"the model failed on the example inputs ({shapes}){node}: {exc.__cause__ or exc}\n"
+            "Fix: pass inputs of the shape, dtype and device the model expects "
+            "(e.g. torch.randn(1, 3, 224, 224) for an ImageNet classifier)."
+        ) from exc
+    return gm
+
+
+def _failing_node(exc: BaseException) -> str:
+    text = str(exc)
+    if text.startswith("ShapeProp error for: node="):
+        return " at " + text.split(" with meta=")[0].removeprefix("ShapeProp error for: node=")
+    return ""
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy: new parameters, buffers and graph, so writing it never touches the original."""
+    return copy.deepcopy(gm)
