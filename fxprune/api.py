@@ -48,14 +48,23 @@ def groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
 
 def random_plan(gm: torch.fx.GraphModule, keep_ratio: float = 0.5, seed: int = 0,
                 include_norm_coupled: bool = True) -> Plan:
-    """Keep a random ``keep_ratio`` share (at least one) of every prunable group's channels."""
+    """Keep a random ``keep_ratio`` share of every prunable group's channels.
+
+    At least one channel of every member survives (a concat member may own only a few channels), so
+    the share kept can be slightly above ``keep_ratio``.
+    """
     rng = np.random.default_rng(seed)
+    result = analysis(gm)
     keep = {}
-    for group in groups(gm):
+    for group in result.groups.values():
         if not group.prunable or (group.norm_coupled and not include_norm_coupled):
             continue
         count = max(1, int(round(group.size * keep_ratio)))
-        keep[group.id] = np.sort(rng.choice(group.size, size=count, replace=False))
+        kept = set(rng.choice(group.size, size=count, replace=False).tolist())
+        for channels in result.member_channels(group.id):
+            if not kept.intersection(channels.tolist()):
+                kept.add(int(rng.choice(channels)))
+        keep[group.id] = np.array(sorted(kept), dtype=np.int64)
     return Plan(keep)
 
 

@@ -30,9 +30,14 @@ class Analysis:
 
     groups: dict[int, ChannelGroup]
     space_graph: nx.Graph = field(repr=False)
+    spaces: list[ChannelSpace] = field(default_factory=list, repr=False)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]
+
+    def member_channels(self, group_id: int) -> list[np.ndarray]:
+        """Group channels present in each member space; a plan must keep one of each to be valid."""
+        return [np.unique(s.channel_index) for s in self.spaces if s.group_id == group_id]
 
 
 @dataclass
@@ -42,6 +47,7 @@ class _Pending:
     origin: ChannelSpace
     origin_node: torch.fx.Node
     labels: torch.Tensor  # origin element index at every position of this node's output
+    chain: tuple[torch.fx.Node, ...] = ()  # the shape ops from the origin to here
 
 
 class ChannelBuilder:
@@ -60,6 +66,11 @@ class ChannelBuilder:
         self.norm_coupled: set[int] = set()
         self.pending: dict[torch.fx.Node, _Pending] = {}
         self.module_sites: dict[str, torch.fx.Node] = {}
+        # Channel widths read at run time (x.size(), x.shape): which space each value measures, and
+        # the uses that stay correct after pruning only if a condition holds once groups are known.
+        self.widths: dict[torch.fx.Node, dict[int | None, ChannelSpace]] = {}
+        self.width_uses: list[tuple[ChannelSpace, ChannelSpace | None, torch.fx.Node]] = []
+        self.replaced_chains: set[torch.fx.Node] = set()
 
     # --- reading the traced graph -------------------------------------------------------------
     @staticmethod
@@ -167,6 +178,7 @@ class ChannelBuilder:
         _, element_label = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
         groups: dict[int, ChannelGroup] = {}
         components = sorted(nx.connected_components(self.space_graph), key=min)
+        self._check_width_uses({i: k for k, comp in enumerate(components) for i in comp})
         for group_id, component in enumerate(components):
             members = [self.spaces[i] for i in sorted(component)]
             labels = [element_label[self.base[s.id]: self.base[s.id] + s.size] for s in members]
@@ -186,7 +198,18 @@ class ChannelBuilder:
                 frozen_reason="; ".join(dict.fromkeys(reasons)) if reasons else None,
                 norm_coupled=any(s.id in self.norm_coupled for s in members),
             )
-        return Analysis(groups=groups, space_graph=self.space_graph)
+        return Analysis(groups=groups, space_graph=self.space_graph, spaces=self.spaces)
+
+
+    def _check_width_uses(self, component_of: dict[int, int]) -> None:
+        """A width read at run time must land on the same group with the same width, or vanish."""
+        for measured, target, user in self.width_uses:
+            if user in self.replaced_chains:
+                continue  # the rewrite replaces this shape op with a gather
+            if target is not None and component_of[target.id] == component_of[measured.id] \
+                    and target.size == measured.size:
+                continue
+            self.freeze(measured, f"its width is read at run time and used by {user.name}")
 
 
 class DependencyPass(PassBase):

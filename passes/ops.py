@@ -168,7 +168,8 @@ def shape_op(b: ChannelBuilder, node: torch.fx.Node) -> None:
             info.rewrite, info.rewrite_args = "shape_sizes", {}
     elif len(dims) > 1:
         origin_node = src if pending is None else pending.origin_node
-        b.pending[node] = _Pending(origin=origin, origin_node=origin_node, labels=out)
+        chain = (pending.chain if pending is not None else ()) + (node,)
+        b.pending[node] = _Pending(origin=origin, origin_node=origin_node, labels=out, chain=chain)
     else:
         b.freeze(origin, f"{node.name} reduces its channel axis to one element")
 
@@ -208,6 +209,7 @@ def _mark_gather(b, node, pending, space, element_map) -> None:
     if not shape_ok or np.unique(element_map).size != element_map.size:
         b.freeze(pending.origin, f"{node.name} rearranges channels in a way that is not a permutation")
         return
+    b.replaced_chains.update(pending.chain)
     info = b.info(node)
     info.rewrite = "gather"
     info.rewrite_args = {"origin": pending.origin_node.name, "element_map": element_map}
@@ -546,4 +548,64 @@ def handler_for(b: ChannelBuilder, node: torch.fx.Node) -> Handler:
 
 
 def handle_node(b: ChannelBuilder, node: torch.fx.Node) -> None:
-    handler_for(b, node)(b, node)
+    handler = handler_for(b, node)
+    width_args = _width_args(b, node)
+    handler(b, node)
+    _track_widths(b, node, handler, width_args)
+
+
+# --- channel widths read at run time ---------------------------------------------------------------
+_WIDTH_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                     operator.mod, operator.neg, int, float)
+_SIZE_ARG_METHODS = ("view", "reshape", "expand")
+
+
+def _width_args(b: ChannelBuilder, node: torch.fx.Node) -> list[tuple[int | None, ChannelSpace]]:
+    """(position in the size list or None, measured space) for each width-valued argument of node."""
+    found = []
+    for arg in node.all_input_nodes:
+        measured = b.widths.get(arg, {}).get(None)
+        if measured is not None:
+            found.append((_size_position(node, arg), measured))
+    return found
+
+
+def _size_position(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
+    """Which output dim a size argument of view/reshape/expand sets, or None for other uses."""
+    if node.target not in _SIZE_ARG_METHODS and node.target is not torch.reshape:
+        return None
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    return sizes.index(arg) if arg in sizes else None
+
+
+def _track_widths(b: ChannelBuilder, node: torch.fx.Node, handler: Handler, width_args) -> None:
+    """Record which widths a node's value measures, and check the uses of measured widths."""
+    src = node.args[0] if node.args else None
+    space = b.space_of(src) if isinstance(src, torch.fx.Node) and src not in b.pending else None
+    if node.target == "size" and space is not None:
+        dim = _arg(node, 1, "dim", None)
+        if dim is None:
+            b.widths[node] = {space.dim: space}
+        elif dim % len(b.shape(src)) == space.dim:
+            b.widths[node] = {None: space}
+    elif node.target is getattr and node.args[1] == "shape" and space is not None:
+        b.widths[node] = {space.dim: space}
+    elif node.target is operator.getitem and src in b.widths:
+        index = node.args[1]
+        if isinstance(index, int) and index % len(b.shape(src.args[0])) in b.widths[src]:
+            b.widths[node] = {None: b.widths[src][index % len(b.shape(src.args[0]))]}
+        elif isinstance(index, slice):
+            positions = range(len(b.shape(src.args[0])))[index]
+            kept = {i: b.widths[src][p] for i, p in enumerate(positions) if p in b.widths[src]}
+            if kept:
+                b.widths[node] = kept
+    for position, measured in width_args:
+        if node.target in _WIDTH_ARITHMETIC and b.shape(node) is None:
+            b.widths[node] = {None: measured}  # still a width, to be checked where it is used
+        elif position is not None and handler is shape_op:
+            target = b.space_of(node) if node not in b.pending else None
+            on_axis = target is not None and target.dim == position
+            b.width_uses.append((measured, target if on_axis else None, node))
+        else:
+            b.width_uses.append((measured, None, node))

@@ -38,7 +38,10 @@ def trace(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
-    """Trace ``model`` into a GraphModule; the model itself is neither copied nor modified."""
+    """Trace ``model`` into a GraphModule that owns deep copies of its modules.
+
+    The copy is what makes "the user's model is never modified" hold for every later pass.
+    """
     if not isinstance(model, torch.nn.Module):
         raise FxpruneTraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     tracer = FxpruneTracer(leaf_modules)
@@ -53,7 +56,7 @@ def trace(
             "that depends on an input."
         ) from exc
     name = model.__class__.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    return copy_graph_module(torch.fx.GraphModule(tracer.root, graph, name))
 
 
 def _failing_module(exc: BaseException) -> str:
@@ -107,10 +110,15 @@ def check_example_inputs(gm: torch.fx.GraphModule, example_inputs: Any) -> tuple
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
-    """Run ShapeProp on ``example_inputs`` (in place on ``gm``, which is fxprune's own trace)."""
+    """Run ShapeProp on ``example_inputs``, in place on ``gm`` (fxprune's own copy).
+
+    Runs in eval mode so no BatchNorm statistic moves; every module's training flag is restored after.
+    """
     inputs = check_example_inputs(gm, example_inputs)
+    flags = [(module, module.training) for module in gm.modules()]
     try:
         with torch.no_grad():
+            gm.eval()
             _RecordingShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         node = _failing_node(exc)
@@ -122,6 +130,9 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             "Fix: pass inputs of the shape, dtype and device the model expects "
             "(e.g. torch.randn(1, 3, 224, 224) for an ImageNet classifier)."
         ) from exc
+    finally:
+        for module, training in flags:
+            module.training = training
     return gm
 
 

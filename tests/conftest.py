@@ -1,0 +1,22 @@
+"""Test options: the default run covers one model per torchvision family; --all-models covers all."""
+
+from __future__ import annotations
+
+import pytest
+
+from fxprune.testing import FAMILY_REPRESENTATIVES, SEGMENTATION_MODELS, classification_models
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-models", action="store_true",
+                     help="run the zoo tests on all 80 torchvision classification models and every "
+                          "segmentation model instead of one model per family (slow: hours on 2 cores)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "zoo_model" in metafunc.fixturenames:
+        if metafunc.config.getoption("--all-models"):
+            names = classification_models() + list(SEGMENTATION_MODELS)
+        else:
+            names = list(FAMILY_REPRESENTATIVES)
+        metafunc.parametrize("zoo_model", names)
