@@ -420,6 +420,25 @@ def multihead_attention(b: ChannelBuilder, node: torch.fx.Node) -> None:
     b.info(node).rewrite = "module"
 
 
+def window_attention(b: ChannelBuilder, node: torch.fx.Node) -> None:
+    """Swin's shifted_window_attention: stream width in (qkv columns) and out (proj rows) prunable.
+
+    torchvision's kernel derives the head width from the input width, so the rewrite swaps in
+    ``fxprune.modules.shifted_window_attention``, which reads every width from the weights.
+    """
+    x, qkv_weight, proj_weight = node.args[:3]
+    proj_bias = _arg(node, 10, "proj_bias")
+    params = [qkv_weight, proj_weight] + ([proj_bias] if proj_bias is not None else [])
+    if not all(isinstance(p, torch.fx.Node) and p.op == "get_attr" for p in params):
+        frozen(b, node)
+        return
+    b.couple(ensure_space(b, x, -1), ensure_space(b, qkv_weight, 1))
+    out = b.new_space(node, len(b.shape(node)) - 1)
+    for param in params[1:]:
+        b.couple(out, ensure_space(b, param, 0))
+    b.info(node).rewrite = "window_attention"
+
+
 def frozen(b: ChannelBuilder, node: torch.fx.Node) -> None:
     """An op fxprune does not know: its tensor inputs keep all their channels."""
     what = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
@@ -517,6 +536,8 @@ METHOD_HANDLERS: dict[str, Handler] = {
 
 def _function_handler(target) -> Handler | None:
     handler = FUNCTION_HANDLERS.get(target)
+    if handler is None and getattr(target, "__name__", None) == "shifted_window_attention":
+        handler = window_attention  # torchvision's, or fxprune's own after a rewrite
     name = getattr(target, "__name__", None)
     if handler is None and name in _WRAPPED_PASSTHROUGH:
         handler = passthrough

@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.errors import AnalysisRequiredError, PlanError
 from fxprune.ir import META_KEY, ChannelSpace, NodeChannels, Plan
-from fxprune.modules import PrunedMultiheadAttention
+from fxprune.modules import PrunedMultiheadAttention, shifted_window_attention
 
 PLAN_KEY = "fxprune_plan"
 
@@ -274,7 +274,14 @@ def _gather(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: dict) -> None:
     gathered.meta = dict(node.meta)
 
 
+def _window_attention(gm, node: torch.fx.Node, kept: dict) -> None:
+    """Swin attention with a pruned stream: use the kernel that reads its widths from the weights."""
+    if _input_kept(node, kept) is not None or _output_kept(node, kept) is not None:
+        node.target = shifted_window_attention
+
+
 NODE_RULES: dict[str, Callable] = {
+    "window_attention": _window_attention,
     "shape_sizes": _shape_sizes,
     "layer_norm": _layer_norm,
     "split": _split,

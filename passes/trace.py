@@ -22,7 +22,9 @@ class FxpruneTracer(torch.fx.Tracer):
     """A tracer that also keeps the user's leaf modules (by type or qualified name) opaque."""
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
-        super().__init__()
+        from fxprune.modules import shifted_window_attention  # keep fxprune's kernels opaque on re-trace
+
+        super().__init__(autowrap_functions=(shifted_window_attention,))
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
 
