@@ -151,20 +151,23 @@ def _prune_conv(module: nn.Module, keep_in, keep_out) -> nn.Module:
         weight = _select(module.weight, 0, rows)
         kept_out = module.out_channels if keep_out is None else len(keep_out)
         module.groups = module.groups * kept_out // module.out_channels
-    _replace_tensor(module, "weight", weight)
-    if module.bias is not None:
-        _replace_tensor(module, "bias", _select(module.bias, 0, keep_out))
-    module.in_channels = module.in_channels if keep_in is None else len(keep_in)
-    module.out_channels = module.out_channels if keep_out is None else len(keep_out)
-    return module
+    return _install(module, weight, keep_in, keep_out, "in_channels", "out_channels")
 
 
 def _prune_linear(module: nn.Linear, keep_in, keep_out) -> nn.Module:
-    _replace_tensor(module, "weight", _select(_select(module.weight, 0, keep_out), 1, keep_in))
+    weight = _select(_select(module.weight, 0, keep_out), 1, keep_in)
+    return _install(module, weight, keep_in, keep_out, "in_features", "out_features")
+
+
+def _install(module: nn.Module, weight: torch.Tensor, keep_in, keep_out, in_field: str, out_field: str):
+    """Put a layer's new weight and bias in place and update its width fields."""
+    _replace_tensor(module, "weight", weight)
     if module.bias is not None:
         _replace_tensor(module, "bias", _select(module.bias, 0, keep_out))
-    module.in_features = module.in_features if keep_in is None else len(keep_in)
-    module.out_features = module.out_features if keep_out is None else len(keep_out)
+    if keep_in is not None:
+        setattr(module, in_field, len(keep_in))
+    if keep_out is not None:
+        setattr(module, out_field, len(keep_out))
     return module
 
 
