@@ -69,7 +69,7 @@ class ChannelBuilder:
         # Channel widths read at run time (x.size(), x.shape): which space each value measures, and
         # the uses that stay correct after pruning only if a condition holds once groups are known.
         self.widths: dict[torch.fx.Node, dict[int | None, ChannelSpace]] = {}
-        self.width_uses: list[tuple[ChannelSpace, ChannelSpace | None, torch.fx.Node]] = []
+        self.width_uses: list[tuple[ChannelSpace, ChannelSpace | None, torch.fx.Node, int | None]] = []
         self.replaced_chains: set[torch.fx.Node] = set()
 
     # --- reading the traced graph -------------------------------------------------------------
@@ -202,14 +202,34 @@ class ChannelBuilder:
 
 
     def _check_width_uses(self, component_of: dict[int, int]) -> None:
-        """A width read at run time must land on the same group with the same width, or vanish."""
-        for measured, target, user in self.width_uses:
+        """A width read at run time must still be right after pruning, or its group is frozen.
+
+        It is right when it sets the size of an axis in the same group with the same width, or when the
+        shape op that uses it is replaced by a gather. When it sets the size of an untracked axis (whose
+        width never changes, e.g. the output of an attention einsum), the traced literal is written
+        back instead. Any other use (arithmetic, asserts, factories) freezes the measured group.
+        """
+        frozen_components = {component_of[i] for i in self.frozen}
+        for measured, target, user, position in self.width_uses:
             if user in self.replaced_chains:
                 continue  # the rewrite replaces this shape op with a gather
             if target is not None and component_of[target.id] == component_of[measured.id] \
                     and target.size == measured.size:
                 continue
+            if position is not None and target is None and self._fixed_width(user, position, component_of,
+                                                                             frozen_components):
+                info = self.info(user)
+                info.rewrite = info.rewrite or "shape_sizes"
+                info.rewrite_args.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
+                continue
             self.freeze(measured, f"its width is read at run time and used by {user.name}")
+
+    def _fixed_width(self, node: torch.fx.Node, dim: int, component_of, frozen_components) -> bool:
+        """True when axis ``dim`` of ``node``'s output can never change width: untracked, or frozen."""
+        space = node.meta.get(META_KEY, NodeChannels()).space
+        if node in self.pending:
+            return False
+        return space is None or space.dim != dim or component_of[space.id] in frozen_components
 
 
 class DependencyPass(PassBase):

@@ -627,6 +627,6 @@ def _track_widths(b: ChannelBuilder, node: torch.fx.Node, handler: Handler, widt
         elif position is not None and handler is shape_op:
             target = b.space_of(node) if node not in b.pending else None
             on_axis = target is not None and target.dim == position
-            b.width_uses.append((measured, target if on_axis else None, node))
+            b.width_uses.append((measured, target if on_axis else None, node, position))
         else:
-            b.width_uses.append((measured, None, node))
+            b.width_uses.append((measured, None, node, None))

@@ -226,16 +226,22 @@ def _new_size(node: torch.fx.Node, kept: dict) -> int | None:
 
 
 def _shape_sizes(gm, node: torch.fx.Node, kept: dict) -> None:
-    """view/reshape/expand with a literal channel count: write the kept count."""
-    new = _new_size(node, kept)
-    if new is None or node.target not in ("view", "reshape", "expand", torch.reshape):
+    """view/reshape/expand sizes: the kept count on the channel axis; traced literals where asked.
+
+    A literal channel count becomes the kept count. A width read at run time that sets an axis whose
+    width never changes (dependency pass: ``literal_sizes``) becomes the traced number again.
+    """
+    if node.target not in ("view", "reshape", "expand", torch.reshape):
         return
-    dim = node_spaces(node)[0].dim
     packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
     sizes = list(node.args[1] if packed else node.args[1:])
-    if isinstance(sizes[dim], int) and sizes[dim] != -1:
+    for position, value in node.meta[META_KEY].rewrite_args.get("literal_sizes", {}).items():
+        sizes[position] = value
+    new = _new_size(node, kept)
+    dim = node_spaces(node)[0].dim if node_spaces(node) and node_spaces(node)[0] is not None else None
+    if new is not None and isinstance(sizes[dim], int) and sizes[dim] != -1:
         sizes[dim] = new
-        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
 
 def _layer_norm(gm, node: torch.fx.Node, kept: dict) -> None:

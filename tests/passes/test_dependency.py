@@ -235,24 +235,42 @@ def test_attention_embedding_is_prunable_and_heads_stay():
 
 
 class WidthRead(nn.Module):
-    """Uses its input's channel count to reshape another tensor: pruning would break it."""
+    """Reads a prunable tensor's channel count at run time (MaxViT's attention does this)."""
 
-    def __init__(self):
+    def __init__(self, use="reshape"):
         super().__init__()
+        self.use = use
         self.conv = nn.Conv2d(3, 8, 1)
         self.other = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
         y = self.conv(x)
         c = y.shape[1]
-        return y.mean((2, 3)) + torch.cumsum(self.other(x), 1).reshape(x.shape[0], c, -1).mean(-1)
+        if self.use == "reshape":  # sets the width of a tensor fxprune does not track
+            z = torch.cumsum(self.other(x), 1).reshape(x.shape[0], c, -1)
+        else:  # arithmetic on the width: its value would change after pruning
+            z = self.other(x) / c
+        return self.head(y), z
 
 
-def test_width_read_at_run_time_freezes_the_group():
-    gm = fxprune.analyze(WidthRead().eval(), (torch.randn(1, 3, 4, 4),))
+def test_width_read_setting_an_untracked_axis_keeps_its_traced_value():
+    model = WidthRead("reshape").eval()
+    inputs = (torch.randn(1, 3, 4, 4),)
+    gm = fxprune.analyze(model, inputs)
+    assert _group_of(gm, "conv")[0].prunable
+    plan = fxprune.random_plan(gm, 0.5)
+    pruned = fxprune.prune(gm, plan)
+    with torch.no_grad():
+        (_, expected_z), (_, actual_z) = masked_forward(gm, plan, *inputs), pruned(*inputs)
+    assert actual_z.shape == (1, 8, 16)
+    torch.testing.assert_close(actual_z, expected_z)
+
+
+def test_width_read_used_in_arithmetic_freezes_the_group():
+    gm = fxprune.analyze(WidthRead("divide").eval(), (torch.randn(1, 3, 4, 4),))
     group, _ = _group_of(gm, "conv")
-    assert not group.prunable
-    assert "read at run time" in group.frozen_reason or "model output" in group.frozen_reason
+    assert not group.prunable and "read at run time" in group.frozen_reason
 
 
 def test_conv1d_conv3d_and_transposed_convs():
