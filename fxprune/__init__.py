@@ -3,6 +3,7 @@
 from fxprune.api import analysis, analyze, groups, plan_of, prune, random_plan
 from fxprune.errors import (
     AnalysisRequiredError,
+    BudgetError,
     ExampleInputsError,
     ExportError,
     FxpruneError,
@@ -13,7 +14,7 @@ from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, NodeChannels, Pl
 
 __all__ = [
     "analysis", "analyze", "groups", "plan_of", "prune", "random_plan", "export_onnx",
-    "AnalysisRequiredError", "ExampleInputsError", "ExportError", "FxpruneError", "FxpruneTraceError",
+    "AnalysisRequiredError", "BudgetError", "ExampleInputsError", "ExportError", "FxpruneError", "FxpruneTraceError",
     "PlanError", "ChannelGroup", "ChannelSpace", "GroupMember", "NodeChannels", "Plan",
 ]
 

@@ -25,3 +25,7 @@ class AnalysisRequiredError(FxpruneError):
 
 class ExportError(FxpruneError):
     """ONNX export, checking or onnxruntime verification failed."""
+
+
+class BudgetError(FxpruneError):
+    """A budget is malformed (<= 0, > 1, wrong type) or cannot be met by any plan."""

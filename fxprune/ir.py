@@ -45,6 +45,7 @@ class NodeChannels:
     spaces: list[ChannelSpace | None] = field(default_factory=list)
     rewrite: str | None = None
     rewrite_args: dict[str, Any] = field(default_factory=dict)
+    scores: np.ndarray | None = None  # this layer's contribution to its group's importance
 
     @property
     def space(self) -> ChannelSpace | None:
@@ -69,6 +70,8 @@ class ChannelGroup:
     members: list[GroupMember]
     frozen_reason: str | None = None
     norm_coupled: bool = False  # a normalization computes statistics across these channels
+    importance: np.ndarray | None = None  # one score per channel, from the score pass
+    criterion: str | None = None  # which importance criterion produced ``importance``
 
     @property
     def prunable(self) -> bool:

@@ -1,0 +1,236 @@
+"""Score pass: one importance value per group channel, for the solver to keep the best top-k.
+
+Criteria (see shared/papers.md and docs/architecture.md):
+
+- ``sp_lamp``: SP-LAMP. Within each layer that produces the group's channels, a filter's energy is
+  its squared L2 norm; sorted ascending, score(u) = e_u / sum_{v >= u} e_v, so every layer's strongest
+  filter scores exactly 1. Coupled layers' scores are summed per channel.
+- ``lamp``: LAMP on individual weights (w^2 / sum of the larger-or-equal w^2 in the layer), summed
+  over each filter's weights.
+- ``l1`` / ``l2``: the filter's L1 norm / L2 norm, summed over the group's producing layers.
+- ``bn_scale``: |gamma| of the group's per-channel normalizations, summed; groups without one use l2.
+- ``taylor``: HALP's. |sum over the group's norms of gamma * dL/dgamma + beta * dL/dbeta| (or
+  |sum W * dL/dW| over the filters where the group has no norm), per calibration batch, averaged.
+
+Results: ``ChannelGroup.importance`` (on ``gm.meta["fxprune"]``) and, for each producing layer,
+``node.meta["fxprune"].scores`` (that layer's per-channel contribution).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.errors import AnalysisRequiredError, FxpruneError
+from fxprune.ir import META_KEY, ChannelSpace, NodeChannels
+
+CRITERIA = ("sp_lamp", "lamp", "l1", "l2", "bn_scale", "taylor")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class ScoreError(FxpruneError):
+    """An importance criterion was misnamed, or lacks the data it needs."""
+
+
+def filters(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, ChannelSpace, torch.Tensor, Callable]]:
+    """Every (node, output space, weight, rows) that produces channels: ``rows(t)`` lays a tensor of
+    the weight's shape (the weight or its gradient) out as one row per output position."""
+    found = []
+    for node in gm.graph.nodes:
+        space = node.meta.get(META_KEY, NodeChannels()).space
+        if space is None:
+            continue
+        producer = _producer(gm, node, space)
+        if producer is not None:
+            found.append((node, space, *producer))
+    return found
+
+
+def _producer(gm: torch.fx.GraphModule, node: torch.fx.Node, space: ChannelSpace):
+    """The parameter whose rows are this node's output channels, and how to lay it out as rows."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            groups, out = module.groups, module.out_channels
+
+            def rows(w: torch.Tensor) -> torch.Tensor:  # [in, out/groups, k...] -> [out, -1]
+                w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
+                return w.reshape(out, -1)
+            return module.weight, rows
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            return module.weight, lambda w: w.reshape(w.shape[0], -1)
+        if hasattr(module, "out_proj"):  # nn.MultiheadAttention, PrunedMultiheadAttention
+            return module.out_proj.weight, lambda w: w
+    if node.op == "get_attr" and space.dim == 0:
+        tensor = _attribute(gm, node.target)
+        if tensor.dim() >= 2:
+            return tensor, lambda w: w.reshape(w.shape[0], -1)
+    return None
+
+
+def _attribute(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
+def _per_channel(values: np.ndarray, space: ChannelSpace, size: int) -> np.ndarray:
+    """Sum per-position values into the group's channels (a channel may span several positions)."""
+    return np.bincount(space.channel_index, weights=values, minlength=size)
+
+
+def lamp_scores(energies: np.ndarray) -> np.ndarray:
+    """LAMP: e_u / sum_{v >= u} e_v in ascending order; the largest scores 1 (ties broken stably)."""
+    order = np.argsort(energies, kind="stable")
+    sorted_energy = energies[order]
+    tail = np.cumsum(sorted_energy[::-1])[::-1]
+    scores_sorted = np.divide(sorted_energy, tail, out=np.zeros_like(sorted_energy), where=tail > 0)
+    scores_sorted[-1] = 1.0
+    scores = np.empty_like(scores_sorted)
+    scores[order] = scores_sorted
+    return scores
+
+
+def _filter_scores(weight: np.ndarray, space: ChannelSpace, size: int, criterion: str) -> np.ndarray:
+    """One layer's contribution to its group's channel scores."""
+    present = np.unique(space.channel_index)
+    if criterion == "l1":
+        return _per_channel(np.abs(weight).sum(1), space, size)
+    energy = _per_channel((weight ** 2).sum(1), space, size)
+    if criterion == "l2":
+        return np.sqrt(energy)
+    if criterion == "sp_lamp":
+        scores = np.zeros(size)
+        scores[present] = lamp_scores(energy[present])
+        return scores
+    if criterion == "lamp":
+        flat = (weight ** 2).reshape(-1)
+        per_weight = lamp_scores(flat).reshape(weight.shape)
+        return _per_channel(per_weight.sum(1), space, size)
+    raise ScoreError(f"unknown criterion {criterion!r}")
+
+
+def _norm_members(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, ChannelSpace, nn.Module]]:
+    found = []
+    for node in gm.graph.nodes:
+        space = node.meta.get(META_KEY, NodeChannels()).space
+        if node.op == "call_module" and space is not None:
+            module = gm.get_submodule(node.target)
+            if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+                found.append((node, space, module))
+    return found
+
+
+def _magnitude_scores(gm: torch.fx.GraphModule, criterion: str) -> dict[int, np.ndarray]:
+    analysis = gm.meta[META_KEY]
+    totals = {gid: np.zeros(g.size) for gid, g in analysis.groups.items()}
+    weight_criterion = "l2" if criterion == "bn_scale" else criterion
+    with_norm: set[int] = set()
+    if criterion == "bn_scale":
+        for node, space, module in _norm_members(gm):
+            contribution = _per_channel(module.weight.detach().abs().double().numpy(), space,
+                                        analysis.groups[space.group_id].size)
+            totals[space.group_id] += contribution
+            _record(node, contribution)
+            with_norm.add(space.group_id)
+    for node, space, weight, rows in filters(gm):
+        if space.group_id in with_norm:
+            continue
+        contribution = _filter_scores(rows(weight).detach().double().numpy(), space,
+                                      analysis.groups[space.group_id].size, weight_criterion)
+        totals[space.group_id] += contribution
+        _record(node, contribution)
+    return totals
+
+
+def _record(node: torch.fx.Node, contribution: np.ndarray) -> None:
+    info = node.meta[META_KEY]
+    info.scores = contribution if getattr(info, "scores", None) is None else info.scores + contribution
+
+
+def taylor_scores(gm: torch.fx.GraphModule, calibration: Iterable[Any],
+                  loss_fn: Callable[[Any, Any], torch.Tensor]) -> dict[int, np.ndarray]:
+    """HALP's first-order Taylor importance, averaged over calibration batches.
+
+    Each batch is ``(inputs, target)`` where ``inputs`` is a tensor or tuple of tensors;
+    ``loss_fn(outputs, target)`` returns a scalar. Gradients are taken on fxprune's own copy.
+    """
+    analysis = gm.meta[META_KEY]
+    norms = _norm_members(gm)
+    norm_groups = {space.group_id for _, space, _ in norms}
+    weights = [(s, w, rows) for _, s, w, rows in filters(gm) if s.group_id not in norm_groups]
+    totals = {gid: np.zeros(g.size) for gid, g in analysis.groups.items()}
+    params = [p for p in gm.parameters()]
+    flags = [(p, p.requires_grad) for p in params]
+    batches = 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for batch in calibration:
+            inputs, target = batch
+            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+            gm.zero_grad(set_to_none=True)
+            loss = loss_fn(gm(*inputs), target)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ScoreError("loss_fn must return a scalar tensor")
+            loss.backward()
+            per_batch = {gid: np.zeros(g.size) for gid, g in analysis.groups.items()}
+            for _, space, module in norms:
+                term = module.weight * module.weight.grad
+                if getattr(module, "bias", None) is not None and module.bias.grad is not None:
+                    term = term + module.bias * module.bias.grad
+                per_batch[space.group_id] += _per_channel(term.detach().double().numpy(), space,
+                                                          analysis.groups[space.group_id].size)
+            for space, weight, rows in weights:
+                if weight.grad is None:
+                    continue
+                term = rows(weight * weight.grad).sum(1)
+                per_batch[space.group_id] += _per_channel(term.detach().double().numpy(), space,
+                                                          analysis.groups[space.group_id].size)
+            for gid in totals:
+                totals[gid] += np.abs(per_batch[gid])
+            batches += 1
+    finally:
+        gm.zero_grad(set_to_none=True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    if batches == 0:
+        raise ScoreError("importance='taylor' needs calibration batches: pass calibration=[(inputs, target), "
+                         "...] and loss_fn=lambda outputs, target: ...")
+    return {gid: total / batches for gid, total in totals.items()}
+
+
+class ScorePass(PassBase):
+    """Compute group-channel importance with one criterion; writes it on the graph's groups."""
+
+    def __init__(self, criterion: str = "sp_lamp", calibration: Iterable[Any] | None = None,
+                 loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        if criterion not in CRITERIA:
+            raise ScoreError(f"unknown importance criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if criterion == "taylor" and (calibration is None or loss_fn is None):
+            raise ScoreError("importance='taylor' needs data: pass calibration=[(inputs, target), ...] and "
+                             "loss_fn=lambda outputs, target: scalar loss")
+        self.criterion, self.calibration, self.loss_fn = criterion, calibration, loss_fn
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if META_KEY not in graph_module.meta:
+            raise AnalysisRequiredError("scoring needs channel groups: run fxprune.analyze(model, inputs) first")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        for node in graph_module.graph.nodes:
+            if META_KEY in node.meta:
+                node.meta[META_KEY].scores = None
+        if self.criterion == "taylor":
+            scores = taylor_scores(graph_module, self.calibration, self.loss_fn)
+        else:
+            with torch.no_grad():
+                scores = _magnitude_scores(graph_module, self.criterion)
+        for gid, group in graph_module.meta[META_KEY].groups.items():
+            group.importance = scores[gid]
+            group.criterion = self.criterion
+        return PassResult(graph_module, modified=False)

@@ -1,0 +1,106 @@
+"""The score pass: importance criteria checked against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.passes.score import ScoreError, ScorePass, lamp_scores
+
+
+class TwoBranch(nn.Module):
+    """Two convs whose outputs are added: one group fed by two producing layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 3, 1, bias=False)
+        self.b = nn.Conv2d(1, 3, 1, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([2.0, 1.0, 3.0]).view(3, 1, 1, 1))   # energies 4, 1, 9
+            self.b.weight.copy_(torch.tensor([1.0, 2.0, 0.0]).view(3, 1, 1, 1))   # energies 1, 4, 0
+            self.bn.weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
+
+    def forward(self, x):
+        return self.head(self.bn(self.a(x) + self.b(x)))
+
+
+def _scored(criterion, model=None, inputs=(torch.randn(1, 1, 2, 2),), **kwargs):
+    gm = fxprune.analyze((model or TwoBranch()).eval(), inputs)
+    ScorePass(criterion, **kwargs)(gm)
+    first_layer = next(n.name for n in gm.graph.nodes if n.op == "call_module")
+    return gm, next(g for g in fxprune.groups(gm) if any(m.node == first_layer for m in g.members))
+
+
+def test_lamp_formula_by_hand():
+    # ascending energies 1, 1, 4, 9 (indices 1, 3, 0, 2): 1/15, 1/14, 4/13, 9/9
+    np.testing.assert_allclose(lamp_scores(np.array([4.0, 1.0, 9.0, 1.0])), [4 / 13, 1 / 15, 1.0, 1 / 14])
+
+
+def test_sp_lamp_sums_coupled_layers_and_top_filter_scores_one():
+    _, group = _scored("sp_lamp")
+    # layer a: energies 4, 1, 9 -> 4/13, 1/14, 1; layer b: energies 1, 4, 0 -> 1/5, 1, 0
+    np.testing.assert_allclose(group.importance, [4 / 13 + 1 / 5, 1 / 14 + 1.0, 1.0 + 0.0])
+    assert group.criterion == "sp_lamp"
+
+
+def test_lamp_scores_every_weight_then_sums_per_filter():
+    _, group = _scored("lamp")
+    # one weight per filter here, so LAMP on weights equals LAMP on filter energies
+    np.testing.assert_allclose(group.importance, [4 / 13 + 1 / 5, 1 / 14 + 1.0, 1.0 + 0.0])
+
+
+def test_lamp_on_multi_weight_filters_differs_from_sp_lamp():
+    model = TwoBranch()
+    model.a = nn.Conv2d(1, 3, 2, bias=False)
+    with torch.no_grad():
+        model.a.weight.copy_(torch.arange(12.0).view(3, 1, 2, 2))
+    model.b = nn.Conv2d(1, 3, 2, bias=False)
+    with torch.no_grad():
+        model.b.weight.zero_()
+    _, lamp = _scored("lamp", model)
+    flat = np.arange(12.0) ** 2
+    per_weight = lamp_scores(flat)
+    expected_a = per_weight.reshape(3, 4).sum(1)
+    expected_b = lamp_scores(np.zeros(12)).reshape(3, 4).sum(1)  # only the last weight scores 1
+    np.testing.assert_allclose(lamp.importance, expected_a + expected_b)
+
+
+def test_l1_l2_and_bn_scale():
+    _, l1 = _scored("l1")
+    np.testing.assert_allclose(l1.importance, [3.0, 3.0, 3.0])
+    _, l2 = _scored("l2")
+    np.testing.assert_allclose(l2.importance, [2 + 1, 1 + 2, 3 + 0])
+    _, bn = _scored("bn_scale")
+    np.testing.assert_allclose(bn.importance, [0.5, 2.0, 1.0])
+
+
+def test_taylor_needs_data_and_scores_with_it():
+    with pytest.raises(ScoreError, match="calibration"):
+        ScorePass("taylor")
+    batches = [(torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)) for _ in range(3)]
+    gm, group = _scored("taylor", calibration=batches, loss_fn=nn.functional.mse_loss)
+    assert group.importance.shape == (3,) and (group.importance >= 0).all() and group.importance.sum() > 0
+    assert all(p.grad is None for p in gm.parameters())
+
+
+def test_dead_channels_score_lowest_under_every_criterion():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        for dead in (1, 5):
+            model[0].weight[dead] = 0
+            model[1].weight[dead] = 0
+    for criterion in ("sp_lamp", "lamp", "l1", "l2", "bn_scale"):
+        _, group = _scored(criterion, model, inputs=(torch.randn(1, 3, 5, 5),))
+        order = np.argsort(group.importance)
+        assert set(order[:2]) == {1, 5}, criterion
+
+
+def test_unknown_criterion():
+    with pytest.raises(ScoreError, match="choose one of"):
+        ScorePass("magic")
