@@ -1,6 +1,7 @@
 """fxprune: latency-aware structured channel pruning for PyTorch, as passes over one torch.fx graph."""
 
-from fxprune.api import analysis, analyze, groups, plan_of, prune, random_plan
+from fxprune.api import analysis, analyze, compile, groups, plan_of, prune, random_plan, report
+from fxprune.budgets import FLOPs, Latency, Params
 from fxprune.errors import (
     AnalysisRequiredError,
     BudgetError,
@@ -13,7 +14,8 @@ from fxprune.errors import (
 from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, NodeChannels, Plan
 
 __all__ = [
-    "analysis", "analyze", "groups", "plan_of", "prune", "random_plan", "export_onnx",
+    "analysis", "analyze", "compile", "groups", "plan_of", "prune", "random_plan", "report", "export_onnx",
+    "FLOPs", "Latency", "Params",
     "AnalysisRequiredError", "BudgetError", "ExampleInputsError", "ExportError", "FxpruneError", "FxpruneTraceError",
     "PlanError", "ChannelGroup", "ChannelSpace", "GroupMember", "NodeChannels", "Plan",
 ]

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.fx
 
-from fxprune.errors import AnalysisRequiredError, ExampleInputsError
+from fxprune.errors import AnalysisRequiredError, ExampleInputsError, FxpruneError
 from fxprune.ir import META_KEY, ChannelGroup, Plan
 from fxprune.passes.dependency import Analysis, DependencyPass
 from fxprune.passes.rewrite import PLAN_KEY, RewritePass
 from fxprune.passes.trace import propagate_shapes, trace
+
+logger = logging.getLogger("fxprune")
 
 
 def analyze(
@@ -76,3 +79,90 @@ def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
 def plan_of(gm: torch.fx.GraphModule) -> Plan | None:
     """The plan a pruned GraphModule was made with, or None for an unpruned one."""
     return gm.meta.get(PLAN_KEY)
+
+
+REPORT_KEY = "fxprune_report"
+
+
+def infer_example_inputs(model: torch.nn.Module) -> tuple:
+    """Batch 1, the first convolution's input channels, 224x224: what image classifiers take."""
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first_conv is None:
+        raise ExampleInputsError("could not infer example inputs (the model has no Conv2d); "
+                                 "pass example_inputs=(tensor, ...)")
+    shape = (1, first_conv.in_channels, 224, 224)
+    logger.info("fxprune: example_inputs not given; using torch.randn%s", shape)
+    return (torch.randn(*shape),)
+
+
+def compile(
+    model: torch.nn.Module,
+    budget: Any,
+    example_inputs: Any = None,
+    *,
+    importance: str = "sp_lamp",
+    engine: str = "onnxruntime",
+    round_to: int | None = None,
+    solver: str = "sp_lamp",
+    calibration: Iterable[Any] | None = None,
+    loss_fn: Any = None,
+    resolution: int = 4000,
+    measure: bool = False,
+    leaf_modules: Iterable[type | str] = (),
+) -> torch.fx.GraphModule:
+    """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module.
+
+    ``budget``: a float in (0, 1] (share of baseline latency on ``engine``), or ``fxprune.Latency``,
+    ``fxprune.FLOPs``, ``fxprune.Params``. ``round_to``: keep counts on multiples of this (default 8).
+    ``measure``: also time the model before and after on ``engine`` for the report.
+    """
+    from fxprune.budgets import as_budget
+    from fxprune.passes.cost import COST_KEY, CostPass, count_params, measure_flops
+    from fxprune.passes.latency import ENGINES, latency_cost, measure_latency
+    from fxprune.passes.plan import solve_plan
+    from fxprune.passes.score import ScorePass
+    from fxprune.reports import GroupReport, Report
+
+    budget = as_budget(budget)
+    if engine not in ENGINES:
+        raise FxpruneError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    example_inputs = infer_example_inputs(model) if example_inputs is None else example_inputs
+    gm = analyze(model, example_inputs, leaf_modules=leaf_modules)
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    ScorePass(importance, calibration, loss_fn)(gm)
+    CostPass(example_inputs)(gm)
+    costs = dict(gm.meta[COST_KEY])
+    if budget.metric == "latency":
+        costs["latency"] = latency_cost(gm, example_inputs, engine)
+    cost = costs[budget.metric]
+    result = solve_plan(gm, cost, budget.capacity(cost.baseline), round_to=round_to or 8, solver=solver,
+                        resolution=resolution)
+    pruned = prune(gm, result.plan)
+    groups = analysis(gm).groups
+    report = Report(
+        budget=str(budget), importance=importance, solver=solver,
+        groups=[GroupReport(g.id, g.members[0].node, g.size, result.keep_counts[g.id],
+                            float(g.importance.sum()), float(np.sort(g.importance)[::-1][:result.keep_counts[g.id]].sum()))
+                for g in groups.values() if g.id in result.keep_counts],
+        flops_before=measure_flops(gm, example_inputs), flops_after=measure_flops(pruned, example_inputs),
+        params_before=count_params(gm), params_after=count_params(pruned),
+        predicted_before=cost.baseline, predicted_after=result.predicted_cost, capacity=result.capacity,
+        solver_seconds=result.solver_seconds, iterations=result.iterations, engine=engine,
+    )
+    if "latency" in costs:
+        report.predicted_latency_ms_before = costs["latency"].baseline
+        report.predicted_latency_ms_after = result.predicted_cost
+        report.notes.append("latency is predicted from per-layer torch timings scaled by width (interim model; "
+                            "engine-measured tables come with the latency issue)")
+    if measure:
+        report.measured_latency_ms_before = measure_latency(gm, example_inputs, engine)
+        report.measured_latency_ms_after = measure_latency(pruned, example_inputs, engine)
+    pruned.meta[REPORT_KEY] = report
+    return pruned
+
+
+def report(gm: torch.fx.GraphModule):
+    """The Report of a GraphModule returned by ``fxprune.compile``."""
+    if REPORT_KEY not in gm.meta:
+        raise AnalysisRequiredError("this module was not made by fxprune.compile, so it has no report")
+    return gm.meta[REPORT_KEY]

@@ -1,0 +1,86 @@
+"""Budgets: what the pruned model must fit in. A plain float is a share of the baseline latency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxprune.errors import BudgetError
+
+
+def _check_fraction(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BudgetError(f"{what} must be a number in (0, 1], got {type(value).__name__}")
+    if not 0 < value <= 1:
+        raise BudgetError(f"{what} must be in (0, 1] (a share of the unpruned model), got {value}; "
+                          "e.g. 0.5 keeps half")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A latency budget: a share of the baseline latency on the engine, or absolute milliseconds."""
+
+    fraction: float | None = None
+    ms: float | None = None
+    metric = "latency"
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.ms is None):
+            raise BudgetError("give Latency exactly one of a fraction (Latency(0.5)) or milliseconds "
+                              "(Latency(ms=4.0))")
+        if self.fraction is not None:
+            _check_fraction(self.fraction, "Latency fraction")
+        elif isinstance(self.ms, bool) or not isinstance(self.ms, (int, float)) or not self.ms > 0:
+            raise BudgetError(f"Latency(ms=...) must be a positive number of milliseconds, got {self.ms!r}")
+
+    def capacity(self, baseline: float) -> float:
+        return baseline * self.fraction if self.fraction is not None else float(self.ms)
+
+    def __str__(self) -> str:
+        return f"Latency({self.fraction})" if self.fraction is not None else f"Latency(ms={self.ms})"
+
+
+@dataclass(frozen=True)
+class FLOPs:
+    """A FLOPs budget: a share of the model's FLOPs as FlopCounterMode counts them."""
+
+    fraction: float
+    metric = "flops"
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.fraction, "FLOPs fraction")
+
+    def capacity(self, baseline: float) -> float:
+        return baseline * self.fraction
+
+    def __str__(self) -> str:
+        return f"FLOPs({self.fraction})"
+
+
+@dataclass(frozen=True)
+class Params:
+    """A parameter-count budget: a share of the model's parameters."""
+
+    fraction: float
+    metric = "params"
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.fraction, "Params fraction")
+
+    def capacity(self, baseline: float) -> float:
+        return baseline * self.fraction
+
+    def __str__(self) -> str:
+        return f"Params({self.fraction})"
+
+
+Budget = Latency | FLOPs | Params
+
+
+def as_budget(budget) -> Budget:
+    """Accept a Budget or a float (a share of the baseline latency)."""
+    if isinstance(budget, (Latency, FLOPs, Params)):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return Latency(_check_fraction(budget, "budget"))
+    raise BudgetError(f"budget must be a float in (0, 1] or fxprune.Latency/FLOPs/Params, got {budget!r}")

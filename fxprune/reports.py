@@ -1,0 +1,63 @@
+"""What compile did, as data (``Report``) and as a readable table (``str(report)``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GroupReport:
+    id: int
+    first_member: str
+    total: int
+    kept: int
+    total_score: float
+    kept_score: float
+
+
+@dataclass
+class Report:
+    budget: str
+    importance: str
+    solver: str
+    groups: list[GroupReport]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    predicted_before: float  # of the budget's metric (ms for latency)
+    predicted_after: float
+    capacity: float
+    solver_seconds: float
+    iterations: int
+    predicted_latency_ms_before: float | None = None
+    predicted_latency_ms_after: float | None = None
+    measured_latency_ms_before: float | None = None
+    measured_latency_ms_after: float | None = None
+    engine: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
+                 f"({self.solver_seconds * 1e3:.0f} ms, {self.iterations} solves)",
+                 f"  predicted {self._metric_name()}: {self.predicted_before:.4g} -> {self.predicted_after:.4g} "
+                 f"(budget {self.capacity:.4g})",
+                 f"  FLOPs:  {self.flops_before:,} -> {self.flops_after:,} "
+                 f"({self.flops_after / max(self.flops_before, 1):.1%})",
+                 f"  params: {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.params_after / max(self.params_before, 1):.1%})"]
+        if self.predicted_latency_ms_before is not None:
+            lines.append(f"  latency ({self.engine}), predicted: {self.predicted_latency_ms_before:.3f} ms -> "
+                         f"{self.predicted_latency_ms_after:.3f} ms")
+        if self.measured_latency_ms_before is not None:
+            lines.append(f"  latency ({self.engine}), measured:  {self.measured_latency_ms_before:.3f} ms -> "
+                         f"{self.measured_latency_ms_after:.3f} ms")
+        lines.append(f"  {'group':>5} {'kept/total':>12} {'score kept':>11}  first member")
+        for g in self.groups:
+            share = g.kept_score / g.total_score if g.total_score else 1.0
+            lines.append(f"  {g.id:>5} {g.kept:>5}/{g.total:<6} {share:>10.1%}  {g.first_member}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _metric_name(self) -> str:
+        return self.budget.split("(")[0].lower()

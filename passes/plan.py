@@ -1,0 +1,153 @@
+"""Plan pass: turn importance and a cost model into a Plan that meets a budget.
+
+Each prunable group is one knapsack class whose options are "keep the top-k channels" for k on a grid.
+A cost term (a layer's FLOPs, a tensor's size) depends on the widths of its input and output groups,
+so each term is owned by one group and priced with the other widths held at their current values
+(HALP's approximation); the knapsack is re-solved with updated widths until the plan stops changing.
+The exact cost of the final plan is then checked, and the capacity tightened if it is over.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch.fx
+
+from fxprune.errors import BudgetError, FxpruneError
+from fxprune.ir import META_KEY, ChannelGroup, ChannelSpace, Plan
+from fxprune.passes.cost import CostModel
+from fxprune.passes.solve import Choice, solve_group_knapsack, solve_halp
+
+SOLVERS = {"sp_lamp": solve_group_knapsack, "knapsack": solve_group_knapsack, "halp": solve_halp}
+
+
+@dataclass
+class _GroupOptions:
+    """Everything the planner needs about one prunable group."""
+
+    group: ChannelGroup
+    order: np.ndarray  # channels by decreasing importance
+    options: np.ndarray  # allowed keep counts, ascending
+    values: np.ndarray  # kept importance per option
+    shares: dict[int, np.ndarray]  # member space id -> kept share of its positions per option
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    keep_counts: dict[int, int]
+    predicted_cost: float
+    capacity: float
+    iterations: int
+    solver_seconds: float
+
+
+def _group_options(group: ChannelGroup, spaces: list[ChannelSpace], round_to: int) -> _GroupOptions:
+    importance = np.asarray(group.importance, dtype=np.float64)
+    order = np.argsort(-importance, kind="stable")
+    rank = np.empty(group.size, dtype=np.int64)
+    rank[order] = np.arange(group.size)
+    smallest = max(int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces)  # one channel per member
+    grid = np.arange(round_to, group.size + 1, round_to)
+    options = np.unique(np.concatenate([[smallest, group.size], grid[grid >= smallest]]))
+    values = np.concatenate([[0.0], np.cumsum(importance[order])])[options]
+    shares = {}
+    for space in spaces:
+        positions = np.bincount(space.channel_index, minlength=group.size)[order]
+        shares[space.id] = np.concatenate([[0], np.cumsum(positions)])[options] / space.size
+    return _GroupOptions(group, order, options, values, shares)
+
+
+def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int]) -> int | None:
+    """The group a cost term is charged to: the last prunable one among its spaces (the output side)."""
+    owners = [group_of[s] for s in term_spaces if s in group_of]
+    return owners[-1] if owners else None
+
+
+def _option_costs(entry: _GroupOptions, terms, current: dict[int, float]) -> np.ndarray:
+    """Cost of each option of one group, other groups' widths held at ``current``."""
+    costs = np.zeros(entry.options.size)
+    for term in terms:
+        factor = np.full(entry.options.size, term.full)
+        for s in term.spaces:
+            factor = factor * (entry.shares[s] if s in entry.shares else current.get(s, 1.0))
+        costs += factor
+    return costs
+
+
+def _index(entry: _GroupOptions, keep: int) -> int:
+    return int(np.searchsorted(entry.options, keep))
+
+
+def _solve_once(entries, owned, current, target, solve, resolution) -> dict[int, int]:
+    """One knapsack solve with every group's neighbour widths held at ``current``."""
+    classes, ids = [], []
+    for gid, entry in entries.items():
+        classes.append(Choice(entry.options, entry.values, _option_costs(entry, owned.get(gid, []), current)))
+        ids.append(gid)
+    fixed = sum(t.full * np.prod([current.get(s, 1.0) for s in t.spaces]) for t in owned.get(None, []))
+    solved = solve(classes, target - fixed, resolution=resolution)
+    return {gid: int(k) for gid, k in zip(ids, solved.keep)}
+
+
+def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, round_to: int = 8,
+               solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10) -> PlanResult:
+    """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``."""
+    if solver not in SOLVERS:
+        raise FxpruneError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise FxpruneError(f"round_to must be a positive integer, got {round_to!r}")
+    analysis = gm.meta[META_KEY]
+    members: dict[int, list[ChannelSpace]] = {}
+    for space in analysis.spaces:
+        members.setdefault(space.group_id, []).append(space)
+    prunable = [g for g in analysis.groups.values() if g.prunable]
+    if any(g.importance is None for g in prunable):
+        raise FxpruneError("groups have no importance yet: run the score pass first")
+    entries = {g.id: _group_options(g, members[g.id], round_to) for g in prunable}
+    group_of = {s.id: g.id for g in prunable for s in members[g.id]}
+    owned: dict[int | None, list] = {}
+    for term in cost.terms:
+        owned.setdefault(_owner(term.spaces, group_of), []).append(term)
+    smallest = {s: float(e.shares[s][0]) for e in entries.values() for s in e.shares}  # every group at its min
+    minimum = cost.total(smallest)
+    if minimum > capacity * (1 + 1e-9):
+        raise BudgetError(f"the {cost.metric} budget {capacity:.6g} cannot be met: the smallest achievable is "
+                          f"{minimum:.6g} ({minimum / cost.baseline:.3f} of the model); raise the budget")
+    start = time.perf_counter()
+    target, iterations, best = capacity, 0, None
+    for _ in range(8):  # tighten the target while no solve gave a plan whose exact cost fits
+        current: dict[int, float] = {}  # start from full widths: costs are over- rather than underestimated
+        previous: dict[int, int] = {}
+        for _ in range(max_iterations):
+            iterations += 1
+            try:
+                keep_counts = _solve_once(entries, owned, current, target, SOLVERS[solver], resolution)
+            except BudgetError:
+                if current == smallest:
+                    raise
+                current = dict(smallest)  # infeasible with these neighbour widths: restart from the smallest
+                continue
+            shares = {s: float(entries[g].shares[s][_index(entries[g], k)])
+                      for g, k in keep_counts.items() for s in entries[g].shares}
+            exact = cost.total(shares)
+            value = sum(float(entries[g].values[_index(entries[g], k)]) for g, k in keep_counts.items())
+            if exact <= capacity * (1 + 1e-9) and (best is None or value > best[0]):
+                best = (value, keep_counts, exact)
+            if keep_counts == previous:
+                break
+            previous = keep_counts
+            # damped update: widths move halfway, which stops the plan from oscillating between solves
+            current = {s: 0.5 * (current.get(s, 1.0) + shares[s]) for s in shares}
+        if best is not None:
+            break
+        target *= capacity / exact * 0.999
+    if best is None:
+        raise BudgetError(f"no plan found within the {cost.metric} budget {capacity:.6g}; "
+                          "raise the budget or the solver resolution")
+    _, keep_counts, predicted = best
+    plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
+                 if k < entries[gid].group.size})
+    return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)

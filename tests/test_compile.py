@@ -1,0 +1,118 @@
+"""fxprune.compile: budgets are met as measured, the plan is sensible, mistakes are reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.passes.cost import count_params, measure_flops
+from fxprune.testing import FAMILY_REPRESENTATIVES, build_torchvision_model
+
+DATA_FREE = ("sp_lamp", "lamp", "l1", "l2", "bn_scale")
+CLASSIFIERS = [n for n in FAMILY_REPRESENTATIVES if not n.startswith(("fcn", "deeplab", "lraspp"))]
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_compile_meets_a_flops_budget_on_every_family(name):
+    model, inputs = build_torchvision_model(name)
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), inputs)
+    report = fxprune.report(pruned)
+    assert measure_flops(pruned, inputs) <= 0.6 * report.predicted_before * (1 + 1e-9)
+    assert report.flops_after == measure_flops(pruned, inputs)
+    assert report.params_after == count_params(pruned) < count_params(model)
+    with torch.no_grad():
+        assert pruned(*inputs).shape == model(*inputs).shape
+
+
+@pytest.mark.parametrize("importance", DATA_FREE)
+@pytest.mark.parametrize("budget", [fxprune.FLOPs(0.4), fxprune.Params(0.5)])
+def test_every_data_free_criterion_meets_budgets(importance, budget):
+    model, inputs = build_torchvision_model("mobilenet_v3_small")
+    pruned = fxprune.compile(model, budget, inputs, importance=importance)
+    if isinstance(budget, fxprune.FLOPs):
+        assert measure_flops(pruned, inputs) <= budget.fraction * measure_flops(model, inputs)
+    else:
+        assert count_params(pruned) <= budget.fraction * count_params(model)
+    assert fxprune.report(pruned).importance == importance
+
+
+def test_halp_solver_reaches_the_same_kept_importance():
+    model, inputs = build_torchvision_model("resnet18")
+    reports = [fxprune.report(fxprune.compile(model, fxprune.FLOPs(0.5), inputs, solver=solver))
+               for solver in ("sp_lamp", "halp")]
+    kept = [sum(g.kept_score for g in r.groups) for r in reports]
+    assert kept[0] == pytest.approx(kept[1], rel=1e-6)
+
+
+class DeadChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_dead_channels_go_first_and_the_output_is_unchanged():
+    torch.manual_seed(0)
+    model = DeadChannels().eval()
+    dead = [1, 2, 5, 6, 9, 10, 13, 14]
+    with torch.no_grad():
+        for conv, bn in ((model.features[0], model.features[1]), (model.features[3], model.features[4])):
+            conv.weight[dead] = 0
+            conv.bias[dead] = 0
+            bn.weight[dead] = 0
+            bn.bias[dead] = 0
+    inputs = (torch.randn(2, 3, 8, 8),)
+    pruned = fxprune.compile(model, fxprune.Params(0.75), inputs, round_to=1)
+    live = set(range(16)) - set(dead)
+    plan = fxprune.plan_of(pruned)
+    assert plan.keep, "the budget should have removed something"
+    assert all(live <= set(kept.tolist()) for kept in plan.keep.values()), "a live channel was removed"
+    assert count_params(pruned) <= 0.75 * count_params(model)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*inputs), model(*inputs))
+
+
+def test_example_inputs_are_inferred_for_image_models():
+    model = torch.nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.8), round_to=1)
+    assert pruned(torch.randn(1, 3, 224, 224)).shape == (1, 4, 220, 220)
+
+
+def test_latency_budget_is_met_by_the_prediction():
+    model, inputs = build_torchvision_model("resnet18")
+    pruned = fxprune.compile(model, 0.6, inputs, engine="torch")
+    report = fxprune.report(pruned)
+    assert report.predicted_latency_ms_after <= 0.6 * report.predicted_latency_ms_before * (1 + 1e-9)
+    assert "latency" in str(report)
+
+
+@pytest.mark.parametrize("budget, message", [
+    (0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), (-0.1, r"\(0, 1\]"), ("half", "float in"),
+    (fxprune.FLOPs(0.001), "smallest achievable"),
+])
+def test_bad_budgets_raise_budget_error(budget, message):
+    model, inputs = build_torchvision_model("resnet18")
+    with pytest.raises(fxprune.BudgetError, match=message):
+        fxprune.compile(model, budget, inputs)
+
+
+def test_budget_constructors_validate():
+    with pytest.raises(fxprune.BudgetError):
+        fxprune.Latency()
+    with pytest.raises(fxprune.BudgetError):
+        fxprune.Latency(0.5, ms=3.0)
+    with pytest.raises(fxprune.BudgetError):
+        fxprune.Params(2)
+
+
+def test_compile_leaves_the_model_unmodified():
+    model, inputs = build_torchvision_model("mobilenet_v3_small")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="sp_lamp")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
