@@ -10,7 +10,8 @@ from fxprune.testing import FAMILY_REPRESENTATIVES, SEGMENTATION_MODELS, classif
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--all-models", action="store_true",
                      help="run the zoo tests on all 80 torchvision classification models and every "
-                          "segmentation model instead of one model per family (slow: hours on 2 cores)")
+                          "segmentation model instead of one model per family, and compile them with every "
+                          "data-free importance criterion (slow: hours on 2 cores)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -20,3 +21,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         else:
             names = list(FAMILY_REPRESENTATIVES)
         metafunc.parametrize("zoo_model", names)
+    if "zoo_criterion" in metafunc.fixturenames:
+        all_models = metafunc.config.getoption("--all-models")
+        metafunc.parametrize("zoo_criterion", ["sp_lamp", "lamp", "l1", "l2", "bn_scale"] if all_models
+                             else ["sp_lamp"])
