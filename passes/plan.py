@@ -92,6 +92,43 @@ def _solve_once(entries, owned, current, target, solve, resolution) -> dict[int,
     return {gid: int(k) for gid, k in zip(ids, solved.keep)}
 
 
+def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[int, int],
+          capacity: float) -> tuple[dict[int, int], float]:
+    """Greedily grow groups while the exact cost fits: spends budget the width approximation left over.
+
+    Each step takes the next option of the group with the best importance gained per exact cost added
+    (only the cost terms touching that group are re-evaluated).
+    """
+    index = {g: _index(entries[g], k) for g, k in keep_counts.items()}
+    share = {s: float(entries[g].shares[s][i]) for g, i in index.items() for s in entries[g].shares}
+    touching = {g: [t for t in cost.terms if any(s in entries[g].shares for s in t.spaces)] for g in entries}
+
+    def terms_cost(terms, shares) -> float:
+        return sum(t.full * np.prod([shares.get(s, 1.0) for s in t.spaces]) for t in terms)
+
+    total = cost.total(share)
+    while True:
+        best = None
+        for g, i in index.items():
+            entry = entries[g]
+            if i + 1 >= entry.options.size:
+                continue
+            trial = dict(share)
+            trial.update({s: float(entry.shares[s][i + 1]) for s in entry.shares})
+            added = terms_cost(touching[g], trial) - terms_cost(touching[g], share)
+            gain = float(entry.values[i + 1] - entry.values[i])
+            if total + added <= capacity * (1 + 1e-9):
+                ratio = gain / added if added > 0 else float("inf")
+                if best is None or ratio > best[0]:
+                    best = (ratio, g, trial, added)
+        if best is None:
+            break
+        _, g, share, added = best
+        index[g] += 1
+        total += added
+    return {g: int(entries[g].options[i]) for g, i in index.items()}, cost.total(share)
+
+
 def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, round_to: int = 8,
                solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10) -> PlanResult:
     """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``."""
@@ -148,6 +185,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, ro
         raise BudgetError(f"no plan found within the {cost.metric} budget {capacity:.6g}; "
                           "raise the budget or the solver resolution")
     _, keep_counts, predicted = best
+    keep_counts, predicted = _fill(entries, cost, keep_counts, capacity)
     plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
                  if k < entries[gid].group.size})
     return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)
