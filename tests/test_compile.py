@@ -117,3 +117,13 @@ def test_compile_leaves_the_model_unmodified():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="sp_lamp")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_taylor_importance_uses_calibration_data():
+    model, inputs = build_torchvision_model("resnet18")
+    batches = [(torch.randn(2, 3, 64, 64), torch.tensor([1, 7])) for _ in range(2)]
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="taylor", calibration=batches,
+                             loss_fn=nn.functional.cross_entropy)
+    assert measure_flops(pruned, inputs) <= 0.5 * measure_flops(model, inputs)
+    with pytest.raises(fxprune.FxpruneError, match="calibration"):
+        fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="taylor")
