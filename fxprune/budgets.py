@@ -41,37 +41,32 @@ class Latency:
 
 
 @dataclass(frozen=True)
-class FLOPs:
+class _ShareOfModel:
+    """A budget given as a share of the unpruned model's figure."""
+
+    fraction: float
+    metric = ""
+
+    def __post_init__(self) -> None:
+        _check_fraction(self.fraction, f"{type(self).__name__} fraction")
+
+    def capacity(self, baseline: float) -> float:
+        return baseline * self.fraction
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.fraction})"
+
+
+class FLOPs(_ShareOfModel):
     """A FLOPs budget: a share of the model's FLOPs as FlopCounterMode counts them."""
 
-    fraction: float
     metric = "flops"
 
-    def __post_init__(self) -> None:
-        _check_fraction(self.fraction, "FLOPs fraction")
 
-    def capacity(self, baseline: float) -> float:
-        return baseline * self.fraction
-
-    def __str__(self) -> str:
-        return f"FLOPs({self.fraction})"
-
-
-@dataclass(frozen=True)
-class Params:
+class Params(_ShareOfModel):
     """A parameter-count budget: a share of the model's parameters."""
 
-    fraction: float
     metric = "params"
-
-    def __post_init__(self) -> None:
-        _check_fraction(self.fraction, "Params fraction")
-
-    def capacity(self, baseline: float) -> float:
-        return baseline * self.fraction
-
-    def __str__(self) -> str:
-        return f"Params({self.fraction})"
 
 
 Budget = Latency | FLOPs | Params

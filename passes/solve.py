@@ -140,11 +140,16 @@ def solve_group_knapsack(classes: list[Choice], capacity: float, *, resolution: 
     least as good as the true optimum under ``capacity - len(classes) * spare / resolution``.
     O(classes x options x resolution) time, O(classes x resolution) memory for back-pointers.
     """
+    return _solve(classes, capacity, resolution, _group_step)
+
+
+def _solve(classes: list[Choice], capacity: float, resolution: int, step) -> KnapsackResult:
+    """Shared driver: discretize, run ``step`` class by class, then backtrack the choices."""
     start = time.perf_counter()
     weights, budget = _discretize(classes, _shift_capacity(classes, capacity), resolution)
     row, pointers = _start_row(budget), []
     for choice, weight in zip(classes, weights):
-        row, pointer = _group_step(row, choice, weight)
+        row, pointer = step(row, choice, weight)
         pointers.append(pointer)
     return _result(classes, _backtrack(pointers, weights, row), capacity, start)
 
@@ -185,10 +190,4 @@ def solve_halp(classes: list[Choice], capacity: float, *, resolution: int = 4000
     Same discretization as ``solve_group_knapsack``, hence the same optimum.
     O(items x resolution) time with items = sum of options, O(classes x resolution) memory.
     """
-    start = time.perf_counter()
-    weights, budget = _discretize(classes, _shift_capacity(classes, capacity), resolution)
-    row, pointers = _start_row(budget), []
-    for choice, weight in zip(classes, weights):
-        row, pointer = _halp_class(row, choice, weight)
-        pointers.append(pointer)
-    return _result(classes, _backtrack(pointers, weights, row), capacity, start)
+    return _solve(classes, capacity, resolution, _halp_class)
