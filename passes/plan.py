@@ -44,13 +44,17 @@ class PlanResult:
     solver_seconds: float
 
 
+MAX_OPTIONS = 128  # per group: wide groups step by a multiple of round_to so the DP stays fast
+
+
 def _group_options(group: ChannelGroup, spaces: list[ChannelSpace], round_to: int) -> _GroupOptions:
     importance = np.asarray(group.importance, dtype=np.float64)
     order = np.argsort(-importance, kind="stable")
     rank = np.empty(group.size, dtype=np.int64)
     rank[order] = np.arange(group.size)
     smallest = max(int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces)  # one channel per member
-    grid = np.arange(round_to, group.size + 1, round_to)
+    step = round_to * max(1, -(-group.size // (round_to * MAX_OPTIONS)))
+    grid = np.arange(step, group.size + 1, step)
     options = np.unique(np.concatenate([[smallest, group.size], grid[grid >= smallest]]))
     values = np.concatenate([[0.0], np.cumsum(importance[order])])[options]
     shares = {}
@@ -96,36 +100,48 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
           capacity: float) -> tuple[dict[int, int], float]:
     """Greedily grow groups while the exact cost fits: spends budget the width approximation left over.
 
-    Each step takes the next option of the group with the best importance gained per exact cost added
-    (only the cost terms touching that group are re-evaluated).
+    Each step takes the next option of the group with the best importance gained per exact cost added.
+    Only the terms touching a group are priced, and after a step only that group and the groups sharing
+    a term with it are re-priced.
     """
     index = {g: _index(entries[g], k) for g, k in keep_counts.items()}
     share = {s: float(entries[g].shares[s][i]) for g, i in index.items() for s in entries[g].shares}
-    touching = {g: [t for t in cost.terms if any(s in entries[g].shares for s in t.spaces)] for g in entries}
+    group_of = {s: g for g, e in entries.items() for s in e.shares}
+    touching: dict[int, list] = {g: [] for g in entries}
+    neighbours: dict[int, set[int]] = {g: {g} for g in entries}
+    for term in cost.terms:
+        groups = {group_of[s] for s in term.spaces if s in group_of}
+        for g in groups:
+            touching[g].append(term)
+            neighbours[g] |= groups
 
-    def terms_cost(terms, shares) -> float:
-        return sum(t.full * np.prod([shares.get(s, 1.0) for s in t.spaces]) for t in terms)
+    def priced(g: int) -> tuple[float, float] | None:
+        """(gain per cost, added cost) of group g's next option, or None if it has none."""
+        entry, i = entries[g], index[g]
+        if i + 1 >= entry.options.size:
+            return None
+        added = 0.0
+        for term in touching[g]:
+            old = new = term.full
+            for s in term.spaces:
+                old *= share.get(s, 1.0)
+                new *= float(entry.shares[s][i + 1]) if s in entry.shares else share.get(s, 1.0)
+            added += new - old
+        gain = float(entry.values[i + 1] - entry.values[i])
+        return (gain / added if added > 0 else float("inf")), added
 
     total = cost.total(share)
+    candidates = {g: priced(g) for g in entries}
     while True:
-        best = None
-        for g, i in index.items():
-            entry = entries[g]
-            if i + 1 >= entry.options.size:
-                continue
-            trial = dict(share)
-            trial.update({s: float(entry.shares[s][i + 1]) for s in entry.shares})
-            added = terms_cost(touching[g], trial) - terms_cost(touching[g], share)
-            gain = float(entry.values[i + 1] - entry.values[i])
-            if total + added <= capacity * (1 + 1e-9):
-                ratio = gain / added if added > 0 else float("inf")
-                if best is None or ratio > best[0]:
-                    best = (ratio, g, trial, added)
-        if best is None:
+        fitting = [(c[0], g) for g, c in candidates.items() if c is not None and total + c[1] <= capacity * (1 + 1e-9)]
+        if not fitting:
             break
-        _, g, share, added = best
+        _, g = max(fitting)
+        total += candidates[g][1]
         index[g] += 1
-        total += added
+        share.update({s: float(entries[g].shares[s][index[g]]) for s in entries[g].shares})
+        for h in neighbours[g]:
+            candidates[h] = priced(h)
     return {g: int(entries[g].options[i]) for g, i in index.items()}, cost.total(share)
 
 
