@@ -53,6 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, default=DOCS / "compile_zoo.json",
+                        help="JSON file the results accumulate in (a second sweep can use another one)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="JSON files of other sweeps to merge into --results, then write the table and stop")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one)))
@@ -60,8 +64,15 @@ def main() -> None:
     from fxprune.testing import SEGMENTATION_MODELS, classification_models
 
     everything = classification_models() + list(SEGMENTATION_MODELS)
-    path = DOCS / "compile_zoo.json"
+    path = args.results
     records = {r["model"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    if args.merge is not None and len(args.merge):
+        for other in args.merge:
+            records.update({r["model"]: r for r in json.loads(other.read_text())})
+        rows = [records[n] for n in everything if n in records]
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+        _write_markdown(rows, len(everything))
+        return
     for name in args.models or everything:
         proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, timeout=3600)
         if proc.returncode == 0:
