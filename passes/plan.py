@@ -200,8 +200,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, ro
     if best is None:
         raise BudgetError(f"no plan found within the {cost.metric} budget {capacity:.6g}; "
                           "raise the budget or the solver resolution")
-    _, keep_counts, predicted = best
-    keep_counts, predicted = _fill(entries, cost, keep_counts, capacity)
+    keep_counts, predicted = _fill(entries, cost, best[1], capacity)
     plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
                  if k < entries[gid].group.size})
     return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)
