@@ -91,7 +91,9 @@ def _write_markdown(rows: list[dict], total_models: int) -> None:
              "inputs, importance=...)` with random weights and the test suite's small inputs (64x64; "
              "inception_v3 96x96; maxvit_t 224x224). A cell is the FLOPs of the returned module as "
              "FlopCounterMode counts them, as a share of the model's, and the compile time; **fail** if over "
-             "the budget or if compile raised.", "",
+             "the budget or if compile raised. ViTs: where a plan keeps the residual stream whole, torch's "
+             "fused eval-mode `nn.MultiheadAttention` stays in place and FlopCounterMode counts it as 0 FLOPs, "
+             "so those cells understate the work (fxprune's cost model counts attention either way).", "",
              "| model | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
     for row in rows:
         if "crash" in row:
