@@ -100,7 +100,8 @@ def build_torchvision_model(name: str, *, small: bool = True, seed: int = 0):
         kwargs["weights_backbone"] = None
         size = 64 if small else 224
     elif small and name.startswith("vit_"):
-        kwargs["image_size"] = size = 64
+        patch = int(name.rsplit("_", 1)[1])
+        kwargs["image_size"] = size = patch * max(1, 64 // patch)  # a multiple of the patch size
     elif small and name != "maxvit_t":
         size = 96 if name == "inception_v3" else 64
     if name in ("googlenet", "inception_v3"):

@@ -197,9 +197,8 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, ro
         if best is not None:
             break
         target *= capacity / exact * 0.999
-    if best is None:
-        raise BudgetError(f"no plan found within the {cost.metric} budget {capacity:.6g}; "
-                          "raise the budget or the solver resolution")
+    if best is None:  # the width approximation never produced a fitting plan: grow from the smallest one,
+        best = (0.0, {g: int(e.options[0]) for g, e in entries.items()}, minimum)  # which fits (checked above)
     keep_counts, predicted = _fill(entries, cost, best[1], capacity)
     plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
                  if k < entries[gid].group.size})
