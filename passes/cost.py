@@ -35,6 +35,10 @@ class CostTerm:
     full: float
     spaces: tuple[int, ...] = ()
 
+    def price(self, kept_share: dict[int, float]) -> float:
+        """This term when space ``s`` keeps ``kept_share[s]`` of its positions (missing: all)."""
+        return self.full * float(np.prod([kept_share.get(s, 1.0) for s in self.spaces]))
+
 
 @dataclass
 class CostModel:
@@ -46,7 +50,7 @@ class CostModel:
 
     def total(self, kept_share: dict[int, float]) -> float:
         """The metric when space ``s`` keeps ``kept_share[s]`` of its positions (missing: all)."""
-        return float(sum(t.full * np.prod([kept_share.get(s, 1.0) for s in t.spaces]) for t in self.terms))
+        return float(sum(t.price(kept_share) for t in self.terms))
 
 
 def _in_space(node: torch.fx.Node) -> ChannelSpace | None:
@@ -82,7 +86,7 @@ def param_cost(gm: torch.fx.GraphModule) -> CostModel:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             for name, spaces in (_module_scaling(module, node) or {}).items():
-                param = module.get_parameter(name) if _has_param(module, name) else None
+                param = _parameter_or_none(module, name)
                 if param is not None:
                     scaled[id(param)] = (f"{node.target}.{name}", spaces)
         elif node.op == "get_attr":
@@ -103,11 +107,12 @@ def param_cost(gm: torch.fx.GraphModule) -> CostModel:
     return model
 
 
-def _has_param(module: nn.Module, name: str) -> bool:
+def _parameter_or_none(module: nn.Module, name: str) -> nn.Parameter | None:
+    """``module.get_parameter(name)``, or None where the module has no such parameter (bias=False)."""
     try:
-        return module.get_parameter(name) is not None
+        return module.get_parameter(name)
     except AttributeError:
-        return False
+        return None
 
 
 def _count(fn, *args, **kwargs) -> int:

@@ -10,6 +10,7 @@ The exact cost of the final plan is then checked, and the capacity tightened if 
 from __future__ import annotations
 
 import time
+from collections import ChainMap
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,7 @@ def _solve_once(entries, owned, current, target, solve, resolution) -> dict[int,
     for gid, entry in entries.items():
         classes.append(Choice(entry.options, entry.values, _option_costs(entry, owned.get(gid, []), current)))
         ids.append(gid)
-    fixed = sum(t.full * np.prod([current.get(s, 1.0) for s in t.spaces]) for t in owned.get(None, []))
+    fixed = sum(t.price(current) for t in owned.get(None, []))
     solved = solve(classes, target - fixed, resolution=resolution)
     return {gid: int(k) for gid, k in zip(ids, solved.keep)}
 
@@ -120,13 +121,8 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
         entry, i = entries[g], index[g]
         if i + 1 >= entry.options.size:
             return None
-        added = 0.0
-        for term in touching[g]:
-            old = new = term.full
-            for s in term.spaces:
-                old *= share.get(s, 1.0)
-                new *= float(entry.shares[s][i + 1]) if s in entry.shares else share.get(s, 1.0)
-            added += new - old
+        grown = ChainMap({s: float(entry.shares[s][i + 1]) for s in entry.shares}, share)  # no copy of share
+        added = sum(term.price(grown) - term.price(share) for term in touching[g])
         gain = float(entry.values[i + 1] - entry.values[i])
         return (gain / added if added > 0 else float("inf")), added
 

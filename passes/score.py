@@ -78,6 +78,13 @@ def _attribute(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner), name)
 
 
+def _add_per_channel(totals: dict[int, np.ndarray], space: ChannelSpace, values: torch.Tensor) -> np.ndarray:
+    """Add one member's per-position values into its group's per-channel totals; returns the addition."""
+    contribution = _per_channel(values.detach().double().numpy(), space, totals[space.group_id].size)
+    totals[space.group_id] += contribution
+    return contribution
+
+
 def _per_channel(values: np.ndarray, space: ChannelSpace, size: int) -> np.ndarray:
     """Sum per-position values into the group's channels (a channel may span several positions)."""
     return np.bincount(space.channel_index, weights=values, minlength=size)
@@ -132,10 +139,7 @@ def _magnitude_scores(gm: torch.fx.GraphModule, criterion: str) -> dict[int, np.
     with_norm: set[int] = set()
     if criterion == "bn_scale":
         for node, space, module in _norm_members(gm):
-            contribution = _per_channel(module.weight.detach().abs().double().numpy(), space,
-                                        analysis.groups[space.group_id].size)
-            totals[space.group_id] += contribution
-            _record(node, contribution)
+            _record(node, _add_per_channel(totals, space, module.weight.abs()))
             with_norm.add(space.group_id)
     for node, space, weight, rows in filters(gm):
         if space.group_id in with_norm:
@@ -149,7 +153,7 @@ def _magnitude_scores(gm: torch.fx.GraphModule, criterion: str) -> dict[int, np.
 
 def _record(node: torch.fx.Node, contribution: np.ndarray) -> None:
     info = node.meta[META_KEY]
-    info.scores = contribution if getattr(info, "scores", None) is None else info.scores + contribution
+    info.scores = contribution if info.scores is None else info.scores + contribution
 
 
 def taylor_scores(gm: torch.fx.GraphModule, calibration: Iterable[Any],
@@ -183,14 +187,11 @@ def taylor_scores(gm: torch.fx.GraphModule, calibration: Iterable[Any],
                 term = module.weight * module.weight.grad
                 if getattr(module, "bias", None) is not None and module.bias.grad is not None:
                     term = term + module.bias * module.bias.grad
-                per_batch[space.group_id] += _per_channel(term.detach().double().numpy(), space,
-                                                          analysis.groups[space.group_id].size)
+                _add_per_channel(per_batch, space, term)
             for space, weight, rows in weights:
                 if weight.grad is None:
                     continue
-                term = rows(weight * weight.grad).sum(1)
-                per_batch[space.group_id] += _per_channel(term.detach().double().numpy(), space,
-                                                          analysis.groups[space.group_id].size)
+                _add_per_channel(per_batch, space, rows(weight * weight.grad).sum(1))
             for gid in totals:
                 totals[gid] += np.abs(per_batch[gid])
             batches += 1
