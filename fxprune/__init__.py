@@ -2,22 +2,26 @@
 
 from fxprune.api import analysis, analyze, compile, groups, plan_of, prune, random_plan, report
 from fxprune.budgets import FLOPs, Latency, Params
+from fxprune.cache import LatencyCache
 from fxprune.errors import (
     AnalysisRequiredError,
     BudgetError,
+    EngineUnavailableError,
     ExampleInputsError,
     ExportError,
     FxpruneError,
     FxpruneTraceError,
+    LatencyError,
     PlanError,
 )
-from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, NodeChannels, Plan
+from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, LatencyTable, NodeChannels, Plan
 
 __all__ = [
     "analysis", "analyze", "compile", "groups", "plan_of", "prune", "random_plan", "report", "export_onnx",
-    "FLOPs", "Latency", "Params",
-    "AnalysisRequiredError", "BudgetError", "ExampleInputsError", "ExportError", "FxpruneError", "FxpruneTraceError",
-    "PlanError", "ChannelGroup", "ChannelSpace", "GroupMember", "NodeChannels", "Plan",
+    "FLOPs", "Latency", "Params", "LatencyCache",
+    "AnalysisRequiredError", "BudgetError", "EngineUnavailableError", "ExampleInputsError", "ExportError",
+    "FxpruneError", "FxpruneTraceError", "LatencyError", "PlanError",
+    "ChannelGroup", "ChannelSpace", "GroupMember", "LatencyTable", "NodeChannels", "Plan",
 ]
 
 

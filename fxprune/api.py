@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.errors import AnalysisRequiredError, ExampleInputsError, FxpruneError
+from fxprune.errors import AnalysisRequiredError, ExampleInputsError
 from fxprune.ir import META_KEY, ChannelGroup, Plan
 from fxprune.passes.dependency import Analysis, DependencyPass
 from fxprune.passes.rewrite import PLAN_KEY, RewritePass
@@ -101,7 +101,8 @@ def compile(
     example_inputs: Any = None,
     *,
     importance: str = "sp_lamp",
-    engine: str = "onnxruntime",
+    engine: Any = "onnxruntime",
+    threads: int | None = None,
     round_to: int | None = None,
     solver: str = "sp_lamp",
     calibration: Iterable[Any] | None = None,
@@ -109,33 +110,43 @@ def compile(
     resolution: int = 4000,
     measure: bool = False,
     leaf_modules: Iterable[type | str] = (),
+    cache: Any = None,
+    progress: bool = True,
 ) -> torch.fx.GraphModule:
     """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module.
 
-    ``budget``: a float in (0, 1] (share of baseline latency on ``engine``), or ``fxprune.Latency``,
-    ``fxprune.FLOPs``, ``fxprune.Params``. ``round_to``: keep counts on multiples of this (default 8).
+    ``budget``: a float in (0, 1] (share of the baseline latency on ``engine``), or ``fxprune.Latency``,
+    ``fxprune.FLOPs``, ``fxprune.Params``. ``engine``: ``"onnxruntime"`` (CPU, default), ``"torch"``,
+    ``"cuda"`` or an ``Engine``; ``threads``: its thread count (default: torch's). ``round_to``: keep
+    counts on multiples of this (default: the engine's latency step for latency budgets, else 8).
+    ``cache``: a ``LatencyCache`` or a folder for the latency tables (default ``~/.cache/fxprune``).
     ``measure``: also time the model before and after on ``engine`` for the report.
     """
     from fxprune.budgets import as_budget
+    from fxprune.cache import LatencyCache
     from fxprune.passes.cost import COST_KEY, CostPass, count_params, measure_flops
-    from fxprune.passes.latency import ENGINES, latency_cost, measure_latency
+    from fxprune.passes.engines import get_engine
+    from fxprune.passes.latency import LATENCY_KEY, LatencyPass, latency_cost
     from fxprune.passes.plan import solve_plan
     from fxprune.passes.score import ScorePass
     from fxprune.reports import GroupReport, Report
 
     budget = as_budget(budget)
-    if engine not in ENGINES:
-        raise FxpruneError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    engine = get_engine(engine, threads, check=budget.metric == "latency" or measure)
     example_inputs = infer_example_inputs(model) if example_inputs is None else example_inputs
     gm = analyze(model, example_inputs, leaf_modules=leaf_modules)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     ScorePass(importance, calibration, loss_fn)(gm)
     CostPass(example_inputs)(gm)
     costs = dict(gm.meta[COST_KEY])
+    granularity: Any = round_to or 8
     if budget.metric == "latency":
-        costs["latency"] = latency_cost(gm, example_inputs, engine)
+        cache = cache if isinstance(cache, LatencyCache) else LatencyCache(*(() if cache is None else (cache,)))
+        LatencyPass(example_inputs, engine, round_to=round_to, cache=cache, progress=progress)(gm)
+        costs["latency"] = latency_cost(gm)
+        granularity = gm.meta[LATENCY_KEY].granularity
     cost = costs[budget.metric]
-    result = solve_plan(gm, cost, budget.capacity(cost.baseline), round_to=round_to or 8, solver=solver,
+    result = solve_plan(gm, cost, budget.capacity(cost.baseline), round_to=granularity, solver=solver,
                         resolution=resolution)
     pruned = prune(gm, result.plan)
     groups = analysis(gm).groups
@@ -147,16 +158,19 @@ def compile(
         flops_before=measure_flops(gm, example_inputs), flops_after=measure_flops(pruned, example_inputs),
         params_before=count_params(gm), params_after=count_params(pruned),
         predicted_before=cost.baseline, predicted_after=result.predicted_cost, capacity=result.capacity,
-        solver_seconds=result.solver_seconds, iterations=result.iterations, engine=engine,
+        solver_seconds=result.solver_seconds, iterations=result.iterations, engine=engine.name,
     )
     if "latency" in costs:
+        calibration_ = gm.meta[LATENCY_KEY]
         report.predicted_latency_ms_before = costs["latency"].baseline
         report.predicted_latency_ms_after = result.predicted_cost
-        report.notes.append("latency is predicted from per-layer torch timings scaled by width (interim model; "
-                            "engine-measured tables come with the latency issue)")
+        report.latency_step = calibration_.step
+        report.notes.append(f"latency tables on {engine.name} ({engine.threads} threads): {calibration_.tables} "
+                            f"layers, {calibration_.tables_measured} measured now, the rest from the cache; "
+                            f"latency step {calibration_.step} channels")
     if measure:
-        report.measured_latency_ms_before = measure_latency(gm, example_inputs, engine)
-        report.measured_latency_ms_after = measure_latency(pruned, example_inputs, engine)
+        report.measured_latency_ms_before, report.measured_latency_ms_after = engine.compare([gm, pruned],
+                                                                                            example_inputs)
     pruned.meta[REPORT_KEY] = report
     return pruned
 

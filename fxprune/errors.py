@@ -29,3 +29,11 @@ class ExportError(FxpruneError):
 
 class BudgetError(FxpruneError):
     """A budget is malformed (<= 0, > 1, wrong type) or cannot be met by any plan."""
+
+
+class EngineUnavailableError(FxpruneError):
+    """The latency engine asked for cannot run on this machine (no GPU, package not installed...)."""
+
+
+class LatencyError(FxpruneError):
+    """A latency table or whole-model timing could not be measured."""

@@ -35,6 +35,7 @@ class Report:
     measured_latency_ms_before: float | None = None
     measured_latency_ms_after: float | None = None
     engine: str | None = None
+    latency_step: int | None = None  # channels the engine's latency moves in (latency budgets)
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -46,18 +47,30 @@ class Report:
                  f"({self.flops_after / max(self.flops_before, 1):.1%})",
                  f"  params: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / max(self.params_before, 1):.1%})"]
-        if self.predicted_latency_ms_before is not None:
-            lines.append(f"  latency ({self.engine}), predicted: {self.predicted_latency_ms_before:.3f} ms -> "
-                         f"{self.predicted_latency_ms_after:.3f} ms")
-        if self.measured_latency_ms_before is not None:
-            lines.append(f"  latency ({self.engine}), measured:  {self.measured_latency_ms_before:.3f} ms -> "
-                         f"{self.measured_latency_ms_after:.3f} ms")
+        lines += self._latency_lines()
         lines.append(f"  {'group':>5} {'kept/total':>12} {'score kept':>11}  first member")
         for g in self.groups:
             share = g.kept_score / g.total_score if g.total_score else 1.0
             lines.append(f"  {g.id:>5} {g.kept:>5}/{g.total:<6} {share:>10.1%}  {g.first_member}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _latency_lines(self) -> list[str]:
+        """Predicted and measured latency side by side, with the share kept and the prediction's error."""
+        rows = [(name, before, after) for name, before, after in (
+            ("predicted", self.predicted_latency_ms_before, self.predicted_latency_ms_after),
+            ("measured", self.measured_latency_ms_before, self.measured_latency_ms_after)) if before is not None]
+        if not rows:
+            return []
+        lines = [f"  latency on {self.engine}    {'before':>10} {'after':>10} {'after/before':>13}"]
+        lines += [f"    {name:<21}{before:>8.3f} ms{after:>8.3f} ms{after / before:>13.3f}" for name, before, after in rows]
+        if len(rows) == 2:
+            error = (self.predicted_latency_ms_after - self.measured_latency_ms_after) / self.measured_latency_ms_after
+            ratio_error = (rows[0][2] / rows[0][1]) / (rows[1][2] / rows[1][1]) - 1
+            lines.append(f"    prediction error: {error:+.1%} in ms, {ratio_error:+.1%} in after/before")
+        elif rows[0][0] == "predicted":
+            lines.append("    measured: pass measure=True to fxprune.compile")
+        return lines
 
     def _metric_name(self) -> str:
         return self.budget.split("(")[0].lower()

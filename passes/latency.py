@@ -1,89 +1,342 @@
-"""Interim latency model: each layer timed once at full width in torch eager, scaled with its widths.
+"""Latency pass: per-layer lookup tables measured on the deployment engine, and the model's remainder.
 
-A placeholder for the engine-measured lookup tables of the latency issue: convolutions and linear
-layers are timed alone (median of repeated runs), their time scales with their input and output
-widths like their FLOPs, and the rest of the model is a constant measured as whole-model time minus the
-layers. ``measure_latency`` times whole models on torch or onnxruntime.
+What it writes:
+
+- ``node.meta["fxprune"].latency`` on every prunable convolution and linear layer: its *unit* (the
+  layer with the BatchNorm folded into it and the activation after it, at the input shape it sees in
+  this model) and the unit's ``LatencyTable``, measured over a grid of kept (input, output) widths.
+- ``gm.meta["fxprune_latency"]``: a ``LatencyCalibration``: the engine, the latency step found on it,
+  the channel granularity per group, and the whole model measured once: its latency, the part spent in
+  memory-bound ops between layers (which scales with the widths of the tensors those ops touch) and
+  the fixed rest.
+
+``latency_cost(gm)`` turns both into the ``CostModel`` the planner solves with: the latency of a plan is
+its units' table entries + the memory-bound ops scaled by kept width + the fixed rest. At full width it
+equals the measured latency. Every measurement goes through ``fxprune.cache.LatencyCache``.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import hashlib
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
-from torch.utils import benchmark
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from tqdm.auto import tqdm
 
-from fxprune.errors import FxpruneError
-from fxprune.passes.cost import CostModel, CostTerm, _module_scaling
+from fxprune.cache import LatencyCache
+from fxprune.errors import AnalysisRequiredError
+from fxprune.ir import META_KEY, ChannelSpace, LatencyTable, LayerLatency, NodeChannels
+from fxprune.passes.cost import CostModel, CostTerm, TableTerm
+from fxprune.passes.engines import ENGINES, QUANTILE, ROUNDS, Engine, get_engine
+from fxprune.passes.units import REFERENCE, Unit, UnitSpec, find_units
 
-ENGINES = ("onnxruntime", "torch")
+LATENCY_KEY = "fxprune_latency"
+GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
+STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
+STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
+STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
 
-
-def _median_ms(fn, min_run_time: float) -> float:
-    with torch.no_grad():
-        fn()  # warm-up
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def measure_latency(model: nn.Module, example_inputs: tuple, engine: str = "torch",
-                    min_run_time: float = 0.5) -> float:
-    """Median latency in ms of one forward pass of ``model`` on ``engine``, after warm-up."""
-    if engine not in ENGINES:
-        raise FxpruneError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "torch":
-        return _median_ms(lambda: model(*example_inputs), min_run_time)
-    import onnxruntime as ort
-
-    from fxprune.passes.export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, example_inputs, verify=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), example_inputs)}
-        return _median_ms(lambda: session.run(None, feeds), min_run_time)
+__all__ = ["ENGINES", "LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost",
+           "measure_latency"]
 
 
-class _LayerTimer(torch.fx.Interpreter):
-    """Runs the graph once, timing every convolution and linear layer alone."""
+@dataclass
+class LatencyCalibration:
+    """The graph-level result of the latency pass (``gm.meta["fxprune_latency"]``)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, min_run_time: float) -> None:
-        super().__init__(gm)
-        self.min_run_time = min_run_time
-        self.terms: list[CostTerm] = []
+    engine: dict[str, Any]
+    step: int  # channel count the engine's latency moves in
+    granularity: dict[int, int]  # per prunable group: keep counts are multiples of this
+    measured_ms: float  # the whole model, full width
+    units_ms: float  # its units' table entries at full width (the layers' share of ``measured_ms``)
+    memory_ms: float  # memory-bound ops between layers (the engine's attribution), scaled with widths
+    overhead_ms: float = 0.0  # time between kernels (the engine's attribution)
+    context: float = 1.0  # the layers' time in the model over their tables' sum (tables are scaled by it)
+    tables: int = 0  # distinct unit tables the model needs
+    tables_measured: int = 0  # of which measured in this call (the rest came from the cache)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
-    def call_module(self, target, args, kwargs):
-        module = self.module.get_submodule(target)
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            node = self._current
-            spaces = _module_scaling(module, node)["weight"]
-            self.terms.append(CostTerm(node.name, _median_ms(lambda: module(*args, **kwargs), self.min_run_time),
-                                       spaces))
-        return super().call_module(target, args, kwargs)
-
-    def run_node(self, n: torch.fx.Node):
-        self._current = n
-        return super().run_node(n)
+    @property
+    def fixed_ms(self) -> float:
+        """What no width changes: the overhead between kernels, and layers whose widths are frozen."""
+        return self.measured_ms - self.units_ms - self.memory_ms
 
 
-def latency_cost(gm: torch.fx.GraphModule, example_inputs: tuple, engine: str = "onnxruntime",
-                 min_run_time: float = 0.05) -> CostModel:
-    """Latency in ms as a function of kept widths (see the module docstring for the model)."""
-    timer = _LayerTimer(gm, min_run_time)
-    with torch.no_grad():
-        timer.run(*example_inputs)
-    layers_ms = sum(t.full for t in timer.terms)
-    torch_ms = measure_latency(gm, example_inputs, "torch", min_run_time=10 * min_run_time)
-    whole_ms = torch_ms if engine == "torch" else measure_latency(gm, example_inputs, engine, 10 * min_run_time)
-    scale = whole_ms / torch_ms  # onnxruntime: layer shares from torch, total from the engine
-    model = CostModel("latency", [CostTerm(t.what, t.full * scale, t.spaces) for t in timer.terms])
-    model.terms.append(CostTerm("rest of the model", max(whole_ms - layers_ms * scale, 0.0)))
+def detect_step(latency_ms: np.ndarray, tolerance: float = STEP_TOLERANCE, agreement: float = 0.9) -> int:
+    """The engine's latency step from a probe timed at widths 1..K: the largest step s such that, for at
+    least ``agreement`` of the widths above s, rounding up to a multiple of s costs at most ``tolerance``
+    more (widths between multiples buy nothing). Widths below the first step are not checked (one channel
+    is cheaper than sixteen), and a few exceptions are allowed: a probe on a busy machine has outliers."""
+    widths = np.arange(1, latency_ms.size + 1)
+    for step in STEP_CANDIDATES:
+        if 2 * step > latency_ms.size:
+            continue
+        rounded = -(-widths // step) * step
+        inside = (rounded <= latency_ms.size) & (widths > step)
+        free = latency_ms[rounded[inside] - 1] <= latency_ms[inside] * (1 + tolerance) + 1e-4
+        if free.mean() >= agreement:
+            return step
+    return 1
+
+
+def channel_granularity(gm: torch.fx.GraphModule, step: int) -> dict[int, int]:
+    """Keep-count granularity per prunable group, in group channels, for tensor widths on multiples of
+    ``step``: a group channel may span several positions (a conv group of 8 channels is one unit)."""
+    analysis = gm.meta[META_KEY]
+    positions: dict[int, int] = {}
+    for space in analysis.spaces:
+        per_channel = space.size // max(1, np.unique(space.channel_index).size)
+        positions[space.group_id] = min(positions.get(space.group_id, per_channel), per_channel)
+    return {g.id: max(1, step // math.gcd(step, positions.get(g.id, 1))) for g in analysis.prunable_groups()}
+
+
+def _kept_counts(size: int, granularity: int, points: int) -> np.ndarray:
+    """Keep counts a table measures for a group of ``size``: one, and up to ``points`` multiples of
+    ``granularity`` spread evenly up to the full size."""
+    multiples = size // granularity
+    if multiples <= 1:
+        chosen = np.array([granularity] if multiples == 1 else [], dtype=np.int64)
+    else:
+        chosen = np.unique(np.round(np.linspace(1, multiples, min(points - 1, multiples))).astype(np.int64)) * granularity
+    return np.unique(np.concatenate([[1], chosen[chosen <= size], [size]])).astype(np.int64)
+
+
+class LatencyPass(PassBase):
+    """Measure (or load) the latency tables of every unit and the model's remainder on ``engine``."""
+
+    def __init__(self, example_inputs: tuple, engine: str | Engine = "onnxruntime", *, threads: int | None = None,
+                 round_to: int | None = None, cache: LatencyCache | None = None, grid_points: int = GRID_POINTS,
+                 progress: bool = True) -> None:
+        super().__init__()
+        self.example_inputs = example_inputs
+        self.engine = get_engine(engine, threads)
+        self.round_to = round_to
+        self.cache = cache if cache is not None else LatencyCache()
+        self.grid_points = grid_points
+        self.progress = progress
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if META_KEY not in graph_module.meta:
+            raise AnalysisRequiredError("latency tables need channel groups: run fxprune.analyze(model, inputs) first")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        start = time.perf_counter()
+        step = self.step()
+        granularity = (channel_granularity(graph_module, step) if self.round_to is None else
+                       {g.id: self.round_to for g in graph_module.meta[META_KEY].prunable_groups()})
+        units = find_units(graph_module)
+        keys = {id(unit): self._table_key(unit, *self._grid(graph_module, unit, granularity)) for unit in units}
+        measured_before = self.cache.measured
+        tables, timing = self._measure(graph_module, keys)
+        alone_ms = sum(tables[_digest(keys[id(u)])].at(u.spec.in_channels, u.spec.out_channels) for u in units)
+        units_ms = timing["ms"] - timing["memory_ms"] - timing["overhead_ms"]
+        # The tables' full-width sum against what the layers took inside the model, measured together:
+        # one factor for all layers, which also carries the tables onto the speed the model was timed at.
+        factor = units_ms / alone_ms if alone_ms > 0 and units_ms > 0 else 1.0
+        for unit in units:
+            table = tables[_digest(keys[id(unit)])].scaled(factor)
+            unit.layer.meta[META_KEY].latency = LayerLatency(unit, table)
+        graph_module.meta[LATENCY_KEY] = LatencyCalibration(
+            engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
+            units_ms=units_ms, memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"], context=factor,
+            tables=len(tables), tables_measured=self.cache.measured - measured_before,
+            seconds=time.perf_counter() - start)
+        return PassResult(graph_module, modified=False)
+
+    def _measure(self, gm: torch.fx.GraphModule, keys: dict[int, dict]) -> tuple[dict[str, LatencyTable], dict]:
+        """Every distinct table (from the cache or measured, with a progress bar) and the whole model's timing.
+
+        Without a cached timing, the whole model is timed in rounds spread over the table build: on a
+        machine whose speed comes and goes, the fastest of rounds far apart is the quiet latency.
+        """
+        model_key = {"kind": "model", "engine": self.engine.identity(), "model": model_digest(gm, self.example_inputs),
+                     "protocol": self._protocol()}
+        timing = self.cache.lookup(model_key, _model_timing)
+        distinct = {_digest(key): key for key in keys.values()}
+        tables: dict[str, LatencyTable] = {}
+        rounds: list[float] = []
+        with ExitStack() as stack:
+            deployed = None if timing is not None else stack.enter_context(self.engine.deploy(gm, self.example_inputs))
+
+            def time_a_round() -> None:
+                rounds.append(self.engine.time_round(deployed.run, warmup=1 if rounds else self.engine.warmup))
+
+            for digest, key in tqdm(distinct.items(), desc=f"fxprune latency tables ({self.engine.name}, "
+                                    f"{self.engine.threads} threads)", unit="layer", disable=not self.progress):
+                tables[digest] = self._table(key)
+                if deployed is not None:
+                    time_a_round()
+            if deployed is not None:
+                while len(rounds) < ROUNDS:
+                    time_a_round()
+                memory, overhead = deployed.split()
+                ms = min(rounds)
+                timing = self.cache.store(model_key, {"ms": ms, "memory_ms": ms * memory, "overhead_ms": ms * overhead},
+                                          _model_timing)
+        return tables, timing
+
+    def _protocol(self) -> dict:
+        return {"warmup": self.engine.warmup, "repeats": self.engine.repeats, "quantile": QUANTILE,
+                "reference": REFERENCE.to_key()}
+
+    def _table_key(self, unit: Unit, widths_in: np.ndarray, widths_out: np.ndarray) -> dict:
+        return {"kind": "table", "engine": self.engine.identity(), "unit": unit.spec.to_key(), "tied": unit.spec.tied,
+                "widths_in": widths_in.tolist(), "widths_out": widths_out.tolist(), "protocol": self._protocol()}
+
+    def step(self) -> int:
+        """The engine's latency step, from a probe convolution timed at widths 1..64 (cached)."""
+        points = [(k, k) for k in range(1, STEP_PROBE.out_channels + 1)]
+        key = {"kind": "step", "engine": self.engine.identity(), "probe": STEP_PROBE.to_key(),
+               "protocol": self._protocol()}
+        return self.cache.get_or_measure(
+            key, lambda: {"ms": self.engine.measure_units(STEP_PROBE, points).ms.tolist()},
+            lambda value: detect_step(_checked_ms(value["ms"], len(points))))
+
+    def _grid(self, gm: torch.fx.GraphModule, unit: Unit, granularity: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Kept input and output widths (tensor extents) to measure; one width where it cannot change."""
+        groups = gm.meta[META_KEY].groups
+
+        def widths(space: ChannelSpace | None, full: int) -> np.ndarray:
+            if space is None or space.group_id not in granularity:
+                return np.array([full])
+            group = groups[space.group_id]
+            counts = _kept_counts(group.size, granularity[space.group_id], self.grid_points)
+            return np.unique(np.maximum(1, np.round(counts * full / group.size))).astype(np.int64)
+
+        widths_out = widths(unit.out_space, unit.spec.out_channels)
+        if unit.spec.tied:  # the input follows the output: one input width per output width
+            return np.round(widths_out * unit.spec.in_channels / unit.spec.out_channels).astype(np.int64), widths_out
+        return widths(unit.in_space, unit.spec.in_channels), widths_out
+
+    def _table(self, key: dict) -> LatencyTable:
+        spec = UnitSpec.from_key(key["unit"])
+        widths_in, widths_out = np.asarray(key["widths_in"]), np.asarray(key["widths_out"])
+        points = (list(zip(widths_in, widths_out)) if key["tied"]
+                  else [(i, o) for i in widths_in for o in widths_out])
+        rows = 1 if key["tied"] else widths_in.size
+
+        def measure() -> dict:
+            timing = self.engine.measure_units(spec, points)
+            return {"ms": timing.ms.tolist(), "reference_ms": timing.reference_ms.tolist()}
+
+        def parse(value: dict) -> LatencyTable:
+            """The table in units of the reference unit's latency in the same runs (see ``units.REFERENCE``)."""
+            ms, reference = (_checked_ms(value[name], rows * widths_out.size).reshape(rows, widths_out.size)
+                             for name in ("ms", "reference_ms"))
+            if np.any(reference <= 0):
+                raise ValueError("a reference latency is not positive")
+            return LatencyTable(widths_in[:1] if key["tied"] else widths_in, widths_out, ms / reference, key["tied"])
+
+        return self.cache.get_or_measure(key, measure, parse)
+
+
+
+def _model_timing(value: dict) -> dict:
+    """A cached whole-model timing, validated: every part finite, the parts within the whole."""
+    parts = {name: float(value[name]) for name in ("ms", "memory_ms", "overhead_ms")}
+    if not (np.isfinite(list(parts.values())).all() and parts["ms"] > 0 and 0 <= parts["memory_ms"]
+            and 0 <= parts["overhead_ms"] and parts["memory_ms"] + parts["overhead_ms"] <= parts["ms"] * (1 + 1e-9)):
+        raise ValueError(f"implausible model timing {value}")
+    return parts
+
+
+def _checked_ms(values, count: int) -> np.ndarray:
+    """Latencies as measured: ``count`` finite, non-negative numbers, or ValueError."""
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size != count or not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError(f"expected {count} finite non-negative latencies, got {array.size}")
+    return array
+
+
+def _digest(value: Any) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def model_digest(gm: torch.fx.GraphModule, example_inputs: tuple) -> str:
+    """What a whole-model timing depends on: the graph, every node's shape, the parameters' shapes, the
+    inputs' shapes and dtypes (not the weights' values)."""
+    parts = [gm.code]
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        parts.append(f"{node.name}:{node.op}:{tuple(meta.shape) if hasattr(meta, 'shape') else ''}")  # targets: in code
+    parts += [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
+    parts += [f"input:{tuple(x.shape)}:{x.dtype}" for x in example_inputs if isinstance(x, torch.Tensor)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# --- the cost model ---------------------------------------------------------------------------------
+_FREE_FUNCTIONS = {"getitem", "getattr", "size", "dim", "numel", "view", "reshape", "flatten", "unflatten",
+                   "squeeze", "unsqueeze", "expand", "dropout", "stochastic_depth", "_assert", "type_as", "detach"}
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
+
+
+def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Nodes that move no data as deployed: views, metadata reads, dropout in eval."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part
+        return isinstance(gm.get_submodule(node.target), _FREE_MODULES + _LAYERS)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return name in _FREE_FUNCTIONS
+
+
+def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str, float, ChannelSpace | None]]:
+    """(node, elements read or written, channel space of that tensor) for every memory-moving node
+    outside the units."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.name in units_nodes or _is_free(gm, node):
+            continue
+        tensors = [node] + [a for a in node.all_input_nodes if hasattr(a.meta.get("tensor_meta"), "shape")]
+        for tensor in tensors:
+            meta = tensor.meta.get("tensor_meta")
+            if hasattr(meta, "shape"):
+                found.append((node.name, float(np.prod(meta.shape)), tensor.meta.get(META_KEY, NodeChannels()).space))
+    return found
+
+
+def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
+    """Latency in ms as a function of kept widths, read from the latency pass's results on the graph."""
+    if LATENCY_KEY not in gm.meta:
+        raise AnalysisRequiredError("no latency tables on this graph: run LatencyPass(example_inputs)(gm) first")
+    calibration: LatencyCalibration = gm.meta[LATENCY_KEY]
+    model = CostModel("latency")
+    units_nodes: set[str] = set()
+    for node in gm.graph.nodes:
+        latency = node.meta.get(META_KEY, NodeChannels()).latency
+        if latency is None:
+            continue
+        unit = latency.unit
+        units_nodes.update(unit.nodes)
+        model.terms.append(TableTerm(node.name, latency.table, unit.in_space.id if unit.in_space else None,
+                                     unit.out_space.id, unit.spec.in_channels, unit.spec.out_channels))
+    traffic = _traffic(gm, units_nodes)
+    total = sum(elements for _, elements, _ in traffic)
+    for name, elements, space in traffic:
+        share = calibration.memory_ms * elements / total if total else 0.0
+        model.terms.append(CostTerm(f"{name} (memory)", share, (space.id,) if space is not None else ()))
+    if not total:
+        model.terms.append(CostTerm("memory-bound ops", calibration.memory_ms))
+    model.terms.append(CostTerm("fixed (overhead, frozen layers)", calibration.fixed_ms))
     model.baseline = model.total({})
     return model
+
+
+def measure_latency(model: nn.Module, example_inputs: tuple, engine: str | Engine = "onnxruntime",
+                    threads: int | None = None) -> float:
+    """Quiet latency in ms (see engines.QUANTILE) of one forward pass of ``model`` on ``engine``."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    return get_engine(engine, threads).measure_model(model, tuple(example_inputs)).ms

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,9 +55,12 @@ def _group_options(group: ChannelGroup, spaces: list[ChannelSpace], round_to: in
     rank = np.empty(group.size, dtype=np.int64)
     rank[order] = np.arange(group.size)
     smallest = max(int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces)  # one channel per member
+    # On the grid only: an off-grid width (one channel, say) can make the engine leave its fast layout
+    # around the layer, which no per-layer cost sees. A group narrower than one step stays whole.
+    lowest = min(-(-smallest // round_to) * round_to, group.size)
     step = round_to * max(1, -(-group.size // (round_to * MAX_OPTIONS)))
     grid = np.arange(step, group.size + 1, step)
-    options = np.unique(np.concatenate([[smallest, group.size], grid[grid >= smallest]]))
+    options = np.unique(np.concatenate([[lowest, group.size], grid[grid >= lowest]]))
     values = np.concatenate([[0.0], np.cumsum(importance[order])])[options]
     shares = {}
     for space in spaces:
@@ -73,12 +77,10 @@ def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int]) -> int | None
 
 def _option_costs(entry: _GroupOptions, terms, current: dict[int, float]) -> np.ndarray:
     """Cost of each option of one group, other groups' widths held at ``current``."""
+    shares = ChainMap(entry.shares, current)  # this group's spaces: one share per option
     costs = np.zeros(entry.options.size)
     for term in terms:
-        factor = np.full(entry.options.size, term.full)
-        for s in term.spaces:
-            factor = factor * (entry.shares[s] if s in entry.shares else current.get(s, 1.0))
-        costs += factor
+        costs += term.price(shares)
     return costs
 
 
@@ -141,13 +143,19 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
     return {g: int(entries[g].options[i]) for g, i in index.items()}, cost.total(share)
 
 
-def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, round_to: int = 8,
-               solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10) -> PlanResult:
-    """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``."""
+def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
+               round_to: int | Mapping[int, int] = 8, solver: str = "sp_lamp", resolution: int = 4000,
+               max_iterations: int = 10) -> PlanResult:
+    """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``.
+
+    ``round_to``: keep counts on multiples of this, one number for every group or one per group id.
+    """
     if solver not in SOLVERS:
         raise FxpruneError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise FxpruneError(f"round_to must be a positive integer, got {round_to!r}")
+    per_group = round_to if isinstance(round_to, Mapping) else {}
+    for value in [round_to] if not per_group else per_group.values():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise FxpruneError(f"round_to must be a positive integer, got {value!r}")
     analysis = gm.meta[META_KEY]
     members: dict[int, list[ChannelSpace]] = {}
     for space in analysis.spaces:
@@ -155,7 +163,8 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *, ro
     prunable = [g for g in analysis.groups.values() if g.prunable]
     if any(g.importance is None for g in prunable):
         raise FxpruneError("groups have no importance yet: run the score pass first")
-    entries = {g.id: _group_options(g, members[g.id], round_to) for g in prunable}
+    entries = {g.id: _group_options(g, members[g.id], int(per_group.get(g.id, 1) if per_group else round_to))
+               for g in prunable}
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
     owned: dict[int | None, list] = {}
     for term in cost.terms:

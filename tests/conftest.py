@@ -25,3 +25,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         all_models = metafunc.config.getoption("--all-models")
         metafunc.parametrize("zoo_criterion", ["sp_lamp", "lamp", "l1", "l2", "bn_scale"] if all_models
                              else ["sp_lamp"])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache_outside_home(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never write the user's latency cache (~/.cache/fxprune)."""
+    import os
+
+    previous = os.environ.get("FXPRUNE_CACHE_DIR")
+    os.environ["FXPRUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fxprune-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FXPRUNE_CACHE_DIR", None)
+    else:
+        os.environ["FXPRUNE_CACHE_DIR"] = previous

@@ -1,0 +1,298 @@
+"""The latency pass: tables interpolate, units are found as engines fuse them, the cost model is exact
+for an engine whose latency we know, the step is found, and on onnxruntime the predicted latency orders
+plans as measuring them does."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.cache import LatencyCache
+from fxprune.ir import META_KEY, LatencyTable, Plan
+from fxprune.passes.engines import Deployed, Engine, UnitTiming
+from fxprune.passes.latency import LATENCY_KEY, LatencyPass, _kept_counts, detect_step, latency_cost
+from fxprune.passes.units import Activation, find_units
+
+
+# --- tables ---------------------------------------------------------------------------------------------
+def _bilinear(i, o):
+    return 0.5 + 0.01 * i + 0.02 * o + 0.001 * i * o
+
+
+def test_a_table_is_exact_at_its_points_and_bilinear_between():
+    widths_in, widths_out = np.array([1.0, 16, 48, 64]), np.array([8.0, 32, 40])
+    table = LatencyTable(widths_in, widths_out, _bilinear(widths_in[:, None], widths_out[None, :]))
+    for i in widths_in:
+        for o in widths_out:
+            assert table.at(i, o) == pytest.approx(_bilinear(i, o))
+    rng = np.random.default_rng(0)
+    w_in, w_out = rng.uniform(1, 64, 50), rng.uniform(8, 40, 50)
+    np.testing.assert_allclose(table.at(w_in, w_out), _bilinear(w_in, w_out))  # arrays in, array out
+    assert table.at(100, 100) == pytest.approx(_bilinear(64, 40))  # clamped outside the grid
+
+
+def test_a_tied_table_follows_its_output_width_only():
+    table = LatencyTable([96], [16, 48, 96], [[1.0, 2.0, 4.0]], tied=True)
+    assert table.at(5, 32) == pytest.approx(1.5) and table.at(96, 32) == pytest.approx(1.5)
+    assert table.at(0, 72) == pytest.approx(3.0)
+
+
+def test_a_table_refuses_what_was_not_measured():
+    with pytest.raises(ValueError, match="ascending"):
+        LatencyTable([16, 8], [8], [[1.0], [2.0]])
+    with pytest.raises(ValueError, match="finite"):
+        LatencyTable([8], [8], [[np.nan]])
+    with pytest.raises(ValueError, match="does not match"):
+        LatencyTable([8, 16], [8], [[1.0]])
+
+
+def test_a_table_round_trips_through_json_types():
+    table = LatencyTable([1, 16], [8, 16], [[1.0, 2.0], [3.0, 4.0]])
+    again = LatencyTable.from_dict(table.to_dict())
+    np.testing.assert_array_equal(again.ms, table.ms)
+    np.testing.assert_array_equal(table.scaled(2.0).ms, 2 * table.ms)
+
+
+# --- the step -------------------------------------------------------------------------------------------
+def _staircase(step: int, size: int = 64, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Latency of widths 1..size on an engine that pads to ``step`` and is slow off its fast path."""
+    widths = np.arange(1, size + 1)
+    padded = -(-widths // step) * step
+    fast = widths % 4 == 0
+    latency = 0.01 * padded ** 2 * np.where(fast | (widths < step), 1.0, 1.6) + 0.2 * widths / size
+    return latency * (1 + noise * np.random.default_rng(seed).standard_normal(size))
+
+
+@pytest.mark.parametrize("step", [8, 16, 32])
+def test_the_step_is_found_on_a_staircase(step):
+    assert detect_step(_staircase(step)) == step
+
+
+def test_the_step_survives_a_few_outliers():
+    latency = _staircase(16, noise=0.02)
+    latency[[20, 41]] *= 0.5  # two measurements taken while the machine was quiet, the others not
+    assert detect_step(latency) == 16
+
+
+def test_a_latency_without_steps_has_step_one():
+    assert detect_step(0.01 * np.arange(1, 65) ** 2) == 1
+
+
+def test_tables_measure_one_channel_the_grid_and_the_full_width():
+    counts = _kept_counts(2048, 16, 8)
+    assert counts[0] == 1 and counts[-1] == 2048 and len(counts) <= 9
+    assert all(c % 16 == 0 for c in counts[1:])
+    np.testing.assert_array_equal(_kept_counts(40, 16, 8), [1, 16, 32, 40])
+    np.testing.assert_array_equal(_kept_counts(10, 16, 8), [1, 10])
+
+
+# --- units --------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU6())
+        self.expand = nn.Conv2d(32, 64, 1, bias=False)
+        self.norm = nn.BatchNorm2d(64)
+        self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.project = nn.Conv2d(64, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.nn.functional.silu(self.norm(self.expand(x)))
+        y = self.project(torch.relu(self.depthwise(y)))
+        return self.head((x + y).mean((2, 3)))
+
+
+def test_units_are_layers_with_the_norm_and_activation_engines_fuse():
+    gm = fxprune.analyze(Block().eval(), (torch.randn(1, 3, 16, 16),))
+    units = {u.layer.name: u for u in find_units(gm)}
+    assert set(units) == {"stem_0", "expand", "depthwise", "project", "head"}
+    stem, expand, depthwise = units["stem_0"], units["expand"], units["depthwise"]
+    assert stem.nodes == ["stem_0", "stem_1", "stem_2"] and stem.spec.batch_norm
+    assert stem.spec.activation == Activation("clip", (0.0, 6.0))
+    assert not fxprune.analysis(gm).groups[stem.in_space.group_id].prunable  # the model's input
+    assert expand.spec.bias and expand.spec.activation == Activation("silu")  # bias: where the norm folds in
+    assert depthwise.spec.tied and depthwise.spec.activation == Activation("relu")
+    assert units["project"].spec.activation is None  # the residual add is not an activation
+    assert units["head"].spec.op == "linear" and units["head"].spec.input_shape == (1, 32)
+
+
+# --- the pass with an engine whose latency is known ----------------------------------------------------
+class KnownEngine(Engine):
+    """An engine whose units take a known bilinear time and whose model takes their sum plus a remainder."""
+
+    name = "known"
+    memory_share, overhead_share = 0.1, 0.05
+
+    def __init__(self):
+        super().__init__(threads=1)
+        self.unit_calls = 0
+        self.model_ms = None
+
+    def version(self) -> str:
+        return "1"
+
+    @staticmethod
+    def unit_ms(spec, width_in, width_out):
+        area = int(np.prod(spec.input_shape[2:])) if spec.op == "conv" else 1
+        return 1e-6 * area * (width_in * width_out / (spec.groups if spec.tied else 1) + 3 * width_out) + 0.01
+
+    def measure_units(self, spec, points):
+        self.unit_calls += 1
+        ms = np.array([self.unit_ms(spec, i, o) for i, o in points])
+        return UnitTiming(ms, np.full(len(points), 0.5))  # the reference takes 0.5 ms: tables come out x2
+
+    @contextmanager
+    def deploy(self, module, example_inputs):
+        engine = self
+
+        class Known(Deployed):
+            def run(self):
+                return None
+
+            def split(self):
+                return engine.memory_share, engine.overhead_share
+        yield Known()
+
+    def time_round(self, run, seconds=0.0, warmup=1):
+        return self.model_ms
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(64, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU())
+        self.c = nn.Conv2d(48, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.c(self.b(self.a(x))).mean((2, 3)))
+
+
+def _analysed():
+    return fxprune.analyze(Plain().eval(), (torch.randn(1, 3, 16, 16),))
+
+
+def _run_known(gm, cache, engine=None):
+    engine = engine or KnownEngine()
+    units = find_units(gm)
+    units_ms = sum(engine.unit_ms(u.spec, u.spec.in_channels, u.spec.out_channels) for u in units)
+    engine.model_ms = units_ms / (1 - engine.memory_share - engine.overhead_share)
+    LatencyPass((torch.randn(1, 3, 16, 16),), engine, cache=cache, progress=False)(gm)
+    return engine, units
+
+
+def test_the_cost_model_reproduces_a_known_engine_exactly():
+    gm = _analysed()
+    engine, units = _run_known(gm, LatencyCache(None))
+    calibration = gm.meta[LATENCY_KEY]
+    assert calibration.step == 1  # the known engine's latency has no staircase
+    assert calibration.context == pytest.approx(0.5)  # tables in reference units (0.5 ms) back to ms
+    cost = latency_cost(gm)
+    assert cost.baseline == pytest.approx(engine.model_ms)
+    analysis = fxprune.analysis(gm)
+    for seed in range(3):
+        plan = fxprune.random_plan(gm, 0.5, seed=seed)
+        masks = {gid: np.isin(np.arange(g.size), plan.keep.get(gid, np.arange(g.size)))
+                 for gid, g in analysis.groups.items()}
+        share = {s.id: len(s.kept_positions(masks[s.group_id])) / s.size for s in analysis.spaces}
+        width = {s.node: len(s.kept_positions(masks[s.group_id])) for s in analysis.spaces}
+        expected = sum(engine.unit_ms(u.spec, width[u.in_space.node] if u.in_space else u.spec.in_channels,
+                                      width[u.out_space.node]) for u in units)
+        predicted_units = sum(t.price(share) for t in cost.terms if t.what in {u.layer.name for u in units})
+        assert predicted_units == pytest.approx(expected, rel=1e-9)  # bilinear: interpolation is exact
+
+
+def test_tables_land_on_the_graph_and_a_second_run_measures_nothing(tmp_path):
+    gm = _analysed()
+    engine, units = _run_known(gm, LatencyCache(tmp_path))
+    calls = engine.unit_calls
+    assert calls == len(units) + 1  # every unit's table and the step probe
+    assert all(u.layer.meta[META_KEY].latency.unit.spec == u.spec for u in units)
+    again = _analysed()
+    engine2, _ = _run_known(again, LatencyCache(tmp_path))
+    assert engine2.unit_calls == 0
+    assert again.meta[LATENCY_KEY].tables_measured == 0
+    assert latency_cost(again).baseline == pytest.approx(latency_cost(gm).baseline)
+
+
+def test_identical_layers_are_measured_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.Sequential(*[nn.Conv2d(32, 32, 3, padding=1) for _ in range(4)])
+
+        def forward(self, x):
+            return self.convs(x)
+
+    gm = fxprune.analyze(Twice().eval(), (torch.randn(1, 32, 8, 8),))
+    engine = KnownEngine()
+    engine.model_ms = 1.0
+    LatencyPass((torch.randn(1, 32, 8, 8),), engine, cache=LatencyCache(None), progress=False)(gm)
+    calibration = gm.meta[LATENCY_KEY]
+    # convs 1 and 2 vary both widths alike; conv 0's input and conv 3's output are the model's, fixed
+    assert len(find_units(gm)) == 4 and calibration.tables == 3 and engine.unit_calls == 3 + 1  # + the step probe
+
+
+def test_latency_cost_needs_the_pass_first():
+    with pytest.raises(fxprune.AnalysisRequiredError, match="LatencyPass"):
+        latency_cost(_analysed())
+
+
+# --- engines --------------------------------------------------------------------------------------------
+def test_a_gpu_engine_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the engine is available")
+    with pytest.raises(fxprune.EngineUnavailableError, match="CUDA GPU"):
+        fxprune.compile(Plain().eval(), 0.5, (torch.randn(1, 3, 16, 16),), engine="cuda")
+
+
+def test_unknown_engines_and_thread_counts_are_refused():
+    with pytest.raises(fxprune.FxpruneError, match="unknown engine"):
+        fxprune.compile(Plain().eval(), 0.5, (torch.randn(1, 3, 16, 16),), engine="tvm")
+    with pytest.raises(fxprune.FxpruneError, match="threads"):
+        fxprune.compile(Plain().eval(), 0.5, (torch.randn(1, 3, 16, 16),), threads=0)
+
+
+# --- onnxruntime, for real ------------------------------------------------------------------------------
+class Ladder(nn.Module):
+    """Two convolutions whose widths set the latency, at a resolution where the latency is all theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(16, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU())
+        self.c = nn.Conv2d(128, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.export
+def test_predicted_latency_orders_plans_as_onnxruntime_measures_them(tmp_path):
+    from fxprune.passes.ort_engine import OnnxRuntimeEngine
+
+    inputs = (torch.randn(1, 16, 56, 56),)
+    gm = fxprune.analyze(Ladder().eval(), inputs)
+    engine = OnnxRuntimeEngine(threads=1, repeats=10)
+    LatencyPass(inputs, engine, cache=LatencyCache(tmp_path), grid_points=4, progress=False)(gm)
+    cost = latency_cost(gm)
+    analysis = fxprune.analysis(gm)
+    stream = [g.id for g in analysis.prunable_groups()]
+    keep = lambda counts: Plan({gid: np.arange(k) for gid, k in zip(stream, counts) if k < analysis.groups[gid].size})
+    plans = [keep((32, 32)), keep((32, 128)), keep((128, 128))]  # each clearly slower than the one before
+    predicted = []
+    for plan in plans:
+        masks = {gid: np.isin(np.arange(g.size), plan.keep.get(gid, np.arange(g.size)))
+                 for gid, g in analysis.groups.items()}
+        predicted.append(cost.total({s.id: len(s.kept_positions(masks[s.group_id])) / s.size for s in analysis.spaces}))
+    measured = engine.compare([fxprune.prune(gm, plan) for plan in plans], inputs)
+    assert np.argsort(predicted).tolist() == np.argsort(measured).tolist() == [0, 1, 2]
+    assert predicted[-1] == pytest.approx(cost.baseline)
