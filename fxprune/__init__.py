@@ -15,10 +15,12 @@ from fxprune.errors import (
     PlanError,
 )
 from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, LatencyTable, NodeChannels, Plan
+from fxprune.pruner import Pruner
+from fxprune.ssr import SSR
 
 __all__ = [
     "analysis", "analyze", "compile", "groups", "plan_of", "prune", "random_plan", "report", "export_onnx",
-    "FLOPs", "Latency", "Params", "LatencyCache",
+    "FLOPs", "Latency", "Params", "LatencyCache", "Pruner", "SSR",
     "AnalysisRequiredError", "BudgetError", "EngineUnavailableError", "ExampleInputsError", "ExportError",
     "FxpruneError", "FxpruneTraceError", "LatencyError", "PlanError",
     "ChannelGroup", "ChannelSpace", "GroupMember", "LatencyTable", "NodeChannels", "Plan",

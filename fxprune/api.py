@@ -57,18 +57,40 @@ def random_plan(gm: torch.fx.GraphModule, keep_ratio: float = 0.5, seed: int = 0
     the share kept can be slightly above ``keep_ratio``.
     """
     rng = np.random.default_rng(seed)
-    result = analysis(gm)
     keep = {}
-    for group in result.groups.values():
+    for group in analysis(gm).groups.values():
         if not group.prunable or (group.norm_coupled and not include_norm_coupled):
             continue
         count = max(1, int(round(group.size * keep_ratio)))
-        kept = set(rng.choice(group.size, size=count, replace=False).tolist())
-        for channels in result.member_channels(group.id):
-            if not kept.intersection(channels.tolist()):
-                kept.add(int(rng.choice(channels)))
-        keep[group.id] = np.array(sorted(kept), dtype=np.int64)
-    return Plan(keep)
+        keep[group.id] = rng.choice(group.size, size=count, replace=False)
+    return with_every_member(gm, keep, rng)
+
+
+def uniform_plan(gm: torch.fx.GraphModule, keep_ratio: float, round_to: int | dict[int, int] = 1) -> Plan:
+    """Keep the first ``keep_ratio`` share of every prunable group's channels, on multiples of ``round_to``
+    (one number, or one per group id), at least one multiple."""
+    keep = {}
+    for group in analysis(gm).prunable_groups():
+        step = round_to.get(group.id, 1) if isinstance(round_to, dict) else round_to
+        count = min(group.size, max(step, int(round(group.size * keep_ratio / step)) * step))
+        if count < group.size:
+            keep[group.id] = np.arange(count)
+    return with_every_member(gm, keep)
+
+
+def with_every_member(gm: torch.fx.GraphModule, keep: dict[int, np.ndarray],
+                      rng: np.random.Generator | None = None) -> Plan:
+    """A plan from kept channels per group, adding one channel to any member left without one (the
+    first of its channels, or a random one with ``rng``): a plan must leave every member a channel."""
+    result = analysis(gm)
+    plan = {}
+    for gid, channels in keep.items():
+        kept = set(np.asarray(channels).tolist())
+        for member in result.member_channels(gid):
+            if not kept.intersection(member.tolist()):
+                kept.add(int(rng.choice(member)) if rng is not None else int(member[0]))
+        plan[gid] = np.array(sorted(kept), dtype=np.int64)
+    return Plan(plan)
 
 
 def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:

@@ -128,9 +128,9 @@ class LatencyTable:
         if not np.all(np.isfinite(self.ms)) or np.any(self.ms < 0):
             raise ValueError("table latencies must be finite and non-negative")
 
-    def scaled(self, factor: float) -> "LatencyTable":
-        """This table with every entry multiplied by ``factor``."""
-        return LatencyTable(self.widths_in, self.widths_out, self.ms * factor, self.tied)
+    def affine(self, scale: float, offset: float = 0.0) -> "LatencyTable":
+        """This table with every entry ``scale * entry + offset``."""
+        return LatencyTable(self.widths_in, self.widths_out, self.ms * scale + offset, self.tied)
 
     def at(self, width_in, width_out):
         """Latency at kept widths (floats or arrays that broadcast together), interpolated bilinearly."""
@@ -168,8 +168,8 @@ def _bracket(grid: np.ndarray, width) -> tuple[np.ndarray, np.ndarray]:
 class LayerLatency:
     """What the latency pass leaves on a layer's node: its unit as deployed and its latency table.
 
-    ``table`` is the unit's measured table (kept relative to the engine's reference unit) times the
-    model's context factor (``LatencyCalibration.context``), which makes it milliseconds inside this model.
+    ``table`` is the unit's measured table (kept relative to the engine's reference unit) calibrated on the
+    whole model (``LatencyCalibration.context`` and ``offset_ms``): milliseconds inside this model.
     """
 
     unit: Any  # fxprune.passes.units.Unit: the layer, the ops fused after it, its channel spaces

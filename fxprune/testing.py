@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 import torch
 import torch.fx
 
 from fxprune.ir import META_KEY, NodeChannels, Plan
+from fxprune.passes.engines import Deployed, Engine, UnitTiming
 from fxprune.passes.rewrite import keep_masks
 
 
@@ -130,3 +134,56 @@ def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
                 new = torch.randn(tensor.shape, generator=generator) * 0.1
             tensor.copy_(new.to(tensor.dtype))
     return model
+
+
+# --- an engine whose latency is known ---------------------------------------------------------------
+class SyntheticEngine(Engine):
+    """A deterministic engine for tests: a unit takes ``unit_ms`` (bilinear in its widths), the reference
+    0.5 ms, and a whole model the sum of its units over (1 - memory share - overhead share)."""
+
+    name = "synthetic"
+    memory_share, overhead_share = 0.1, 0.05
+
+    def __init__(self) -> None:
+        super().__init__(threads=1)
+        self.unit_calls = 0
+
+    def version(self) -> str:
+        return "1"
+
+    @staticmethod
+    def unit_ms(spec, width_in: int, width_out: int) -> float:
+        area = int(np.prod(spec.input_shape[2:])) if spec.op == "conv" else 1
+        return 1e-6 * area * (width_in * width_out / (spec.groups if spec.tied else 1) + 3 * width_out) + 0.01
+
+    def measure_units(self, spec, points) -> UnitTiming:
+        self.unit_calls += 1
+        return UnitTiming(np.array([self.unit_ms(spec, i, o) for i, o in points]), np.full(len(points), 0.5))
+
+    def model_ms(self, module: torch.nn.Module, example_inputs: tuple) -> float:
+        from fxprune.api import analyze
+        from fxprune.passes.units import find_units
+
+        units = find_units(analyze(module, example_inputs))
+        total = sum(self.unit_ms(u.spec, u.spec.in_channels, u.spec.out_channels) for u in units)
+        return total / (1 - self.memory_share - self.overhead_share)
+
+    @contextmanager
+    def deploy(self, module, example_inputs):
+        engine, ms = self, self.model_ms(module, example_inputs)
+
+        class Synthetic(Deployed):
+            latency_ms = ms
+
+            def run(self) -> None:
+                return None
+
+            def split(self) -> tuple[float, float]:
+                return engine.memory_share, engine.overhead_share
+        yield Synthetic()
+
+    def time_interleaved(self, runners, rounds=1, seconds=0.0) -> list[float]:
+        return [getattr(run, "__self__").latency_ms for run in runners]
+
+    def time_round(self, run, seconds=0.0, warmup=1) -> float:
+        return getattr(run, "__self__").latency_ms

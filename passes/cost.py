@@ -22,10 +22,14 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import AnalysisRequiredError
-from fxprune.ir import META_KEY, ChannelSpace, LatencyTable, NodeChannels
+from fxprune.ir import META_KEY, LatencyTable, NodeChannels
 from fxprune.modules import PrunedMultiheadAttention, shifted_window_attention
+from fxprune.passes.params import input_space, module_axes
+from fxprune.passes.trace import eval_mode
 
 COST_KEY = "fxprune_cost"
+PRUNABLE_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                    nn.PReLU, nn.MultiheadAttention)
 
 
 @dataclass
@@ -88,30 +92,14 @@ class CostModel:
         return float(sum(t.price(kept_share) for t in self.terms))
 
 
-def _in_space(node: torch.fx.Node) -> ChannelSpace | None:
-    src = node.args[0] if node.args else None
-    return src.meta.get(META_KEY, NodeChannels()).space if isinstance(src, torch.fx.Node) else None
-
-
-def _ids(*spaces: ChannelSpace | None) -> tuple[int, ...]:
-    return tuple(s.id for s in spaces if s is not None)
-
-
 def _module_scaling(module: nn.Module, node: torch.fx.Node) -> dict[str, tuple[int, ...]] | None:
-    """For a prunable module: which spaces scale each of its parameters (by attribute name)."""
-    out_space = node.meta.get(META_KEY, NodeChannels()).space
-    in_space = _in_space(node)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        weight = _ids(in_space, out_space) if module.groups == 1 else _ids(out_space)
-        return {"weight": weight, "bias": _ids(out_space)}
-    if isinstance(module, nn.Linear):
-        return {"weight": _ids(in_space, out_space), "bias": _ids(out_space)}
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)):
-        return {"weight": _ids(out_space), "bias": _ids(out_space)}
-    if isinstance(module, nn.MultiheadAttention):
-        return {"in_proj_weight": _ids(in_space), "out_proj.weight": _ids(out_space),
-                "out_proj.bias": _ids(out_space)}
-    return None
+    """For a prunable module: which spaces scale each of its parameters (by attribute name), input first."""
+    axes = module_axes(module, node)
+    if not axes and not isinstance(module, PRUNABLE_MODULES):
+        return None
+    return {name: tuple(dict.fromkeys([s.id for _, s, produces in entries if not produces] +
+                                      [s.id for _, s, produces in entries if produces]))
+            for name, entries in axes.items()}
 
 
 def param_cost(gm: torch.fx.GraphModule) -> CostModel:
@@ -205,7 +193,7 @@ class _FlopInterpreter(torch.fx.Interpreter):
 
     def _fit_bilinear(self, n: torch.fx.Node, probe) -> None:
         """FLOPs = a + b*in + c*out + d*in*out from counts at full and half widths."""
-        in_space, out_space = _in_space(n), n.meta[META_KEY].space
+        in_space, out_space = input_space(n), n.meta[META_KEY].space
         width_in = in_space.size if in_space is not None else None
         width_out = out_space.size
         half_in = max(1, width_in // 2) if width_in else None
@@ -236,15 +224,15 @@ def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple) -> CostModel:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-                spaces = _module_scaling(module, node)["weight"]
+                spaces = _module_scaling(module, node).get("weight", ())
         model.terms.append(CostTerm(node.name, float(flops), spaces))
     model.baseline = model.total({})
     return model
 
 
 def measure_flops(module: nn.Module, example_inputs: tuple) -> int:
-    """FLOPs of one forward pass, as FlopCounterMode counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward pass, as FlopCounterMode counts them (in eval mode: no statistic moves)."""
+    with torch.no_grad(), eval_mode(module), FlopCounterMode(display=False) as counter:
         module(*example_inputs)
     return counter.get_total_flops()
 

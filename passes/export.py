@@ -7,8 +7,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from fxprune.errors import ExampleInputsError, ExportError
+from fxprune.passes.trace import eval_mode
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weight bytes above which they go to "<file>.data" (protobuf caps at 2 GiB)
 
@@ -62,18 +62,6 @@ def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if bad:
         raise ExampleInputsError(f"example_inputs must hold only tensors, but {', '.join(bad)}.")
     return example_inputs
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run the body with the model in eval mode, then give every submodule back its own training flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _flatten(value: Any, name: str) -> list[tuple[str, torch.Tensor]]:
@@ -271,7 +259,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
                 rtol: float = 1e-4, atol: float = 1e-4) -> ExportResult:
     """Export the model (in eval mode, left unchanged) to a cleaned, checked ONNX file verified in onnxruntime."""
     inputs, path = _check_inputs(example_inputs), Path(path)
-    with _eval_mode(model):
+    with eval_mode(model):
         cases, trace_inputs = _reference(model, inputs, dynamic_batch, verify)
         request = _Request(trace_inputs, _input_names(model, len(inputs)), [name for name, _ in cases[0][2]],
                            dynamic_batch, opset)

@@ -36,10 +36,14 @@ from fxprune.errors import AnalysisRequiredError
 from fxprune.ir import META_KEY, ChannelSpace, LatencyTable, LayerLatency, NodeChannels
 from fxprune.passes.cost import CostModel, CostTerm, TableTerm
 from fxprune.passes.engines import ENGINES, QUANTILE, ROUNDS, Engine, get_engine
+from fxprune.api import prune, uniform_plan
+from fxprune.ir import Plan
+from fxprune.passes.rewrite import kept_shares
 from fxprune.passes.units import REFERENCE, Unit, UnitSpec, find_units
 
 LATENCY_KEY = "fxprune_latency"
 GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
+REDUCED_SHARE = 0.35  # the second calibration point: every group at this share of its channels
 STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
@@ -59,7 +63,9 @@ class LatencyCalibration:
     units_ms: float  # its units' table entries at full width (the layers' share of ``measured_ms``)
     memory_ms: float  # memory-bound ops between layers (the engine's attribution), scaled with widths
     overhead_ms: float = 0.0  # time between kernels (the engine's attribution)
-    context: float = 1.0  # the layers' time in the model over their tables' sum (tables are scaled by it)
+    context: float = 1.0  # ms per reference unit inside this model (tables are scaled by it) ...
+    offset_ms: float = 0.0  # ... plus this per layer (see _fit)
+    reduced_ms: float = 0.0  # the second calibration point: the model with every group at REDUCED_SHARE
     tables: int = 0  # distinct unit tables the model needs
     tables_measured: int = 0  # of which measured in this call (the rest came from the cache)
     seconds: float = 0.0
@@ -135,53 +141,60 @@ class LatencyPass(PassBase):
                        {g.id: self.round_to for g in graph_module.meta[META_KEY].prunable_groups()})
         units = find_units(graph_module)
         keys = {id(unit): self._table_key(unit, *self._grid(graph_module, unit, granularity)) for unit in units}
+        reduced = uniform_plan(graph_module, REDUCED_SHARE, granularity)
         measured_before = self.cache.measured
-        tables, timing = self._measure(graph_module, keys)
-        alone_ms = sum(tables[_digest(keys[id(u)])].at(u.spec.in_channels, u.spec.out_channels) for u in units)
-        units_ms = timing["ms"] - timing["memory_ms"] - timing["overhead_ms"]
-        # The tables' full-width sum against what the layers took inside the model, measured together:
-        # one factor for all layers, which also carries the tables onto the speed the model was timed at.
-        factor = units_ms / alone_ms if alone_ms > 0 and units_ms > 0 else 1.0
+        tables, timing = self._measure(graph_module, keys, reduced)
         for unit in units:
-            table = tables[_digest(keys[id(unit)])].scaled(factor)
-            unit.layer.meta[META_KEY].latency = LayerLatency(unit, table)
+            unit.layer.meta[META_KEY].latency = LayerLatency(unit, tables[_digest(keys[id(unit)])])
+        scale, offset = _fit(latency_sum(graph_module, {}), latency_sum(graph_module, kept_shares(graph_module, reduced)),
+                             timing, len(units), min((t.ms.min() for t in tables.values()), default=0.0))
+        for unit in units:  # the tables, in the reference unit's latency, become ms inside this model
+            info = unit.layer.meta[META_KEY]
+            info.latency = LayerLatency(unit, info.latency.table.affine(scale, offset))
         graph_module.meta[LATENCY_KEY] = LatencyCalibration(
             engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
-            units_ms=units_ms, memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"], context=factor,
-            tables=len(tables), tables_measured=self.cache.measured - measured_before,
-            seconds=time.perf_counter() - start)
+            units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
+            context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], tables=len(tables),
+            tables_measured=self.cache.measured - measured_before, seconds=time.perf_counter() - start)
         return PassResult(graph_module, modified=False)
 
-    def _measure(self, gm: torch.fx.GraphModule, keys: dict[int, dict]) -> tuple[dict[str, LatencyTable], dict]:
-        """Every distinct table (from the cache or measured, with a progress bar) and the whole model's timing.
+    def _measure(self, gm: torch.fx.GraphModule, keys: dict[int, dict],
+                 reduced: Plan) -> tuple[dict[str, LatencyTable], dict]:
+        """Every distinct table (from the cache or measured, with a progress bar), and the timing of the
+        whole model and of a copy ``reduced`` prunes.
 
-        Without a cached timing, the whole model is timed in rounds spread over the table build: on a
-        machine whose speed comes and goes, the fastest of rounds far apart is the quiet latency.
+        Without a cached timing, both models are timed in interleaved rounds spread over the table build:
+        on a machine whose speed comes and goes, the fastest of rounds far apart is the quiet latency.
         """
         model_key = {"kind": "model", "engine": self.engine.identity(), "model": model_digest(gm, self.example_inputs),
-                     "protocol": self._protocol()}
+                     "reduced": Plan(reduced.keep).to_json(), "protocol": self._protocol()}
         timing = self.cache.lookup(model_key, _model_timing)
         distinct = {_digest(key): key for key in keys.values()}
         tables: dict[str, LatencyTable] = {}
-        rounds: list[float] = []
+        rounds: list[list[float]] = []
         with ExitStack() as stack:
-            deployed = None if timing is not None else stack.enter_context(self.engine.deploy(gm, self.example_inputs))
+            models = [] if timing is not None else [
+                stack.enter_context(self.engine.deploy(module, self.example_inputs)) for module in (gm, prune(gm, reduced))]
 
             def time_a_round() -> None:
-                rounds.append(self.engine.time_round(deployed.run, warmup=1 if rounds else self.engine.warmup))
+                warmup = 1 if rounds else self.engine.warmup
+                rounds.append([self.engine.time_round(model.run, warmup=warmup) for model in models])
 
             for digest, key in tqdm(distinct.items(), desc=f"fxprune latency tables ({self.engine.name}, "
                                     f"{self.engine.threads} threads)", unit="layer", disable=not self.progress):
                 tables[digest] = self._table(key)
-                if deployed is not None:
+                if models:
                     time_a_round()
-            if deployed is not None:
+            if models:
                 while len(rounds) < ROUNDS:
                     time_a_round()
-                memory, overhead = deployed.split()
-                ms = min(rounds)
-                timing = self.cache.store(model_key, {"ms": ms, "memory_ms": ms * memory, "overhead_ms": ms * overhead},
-                                          _model_timing)
+                fastest = np.min(rounds, axis=0)
+                parts = {}
+                for prefix, ms, model in zip(("", "reduced_"), fastest, models):
+                    memory, overhead = model.split()
+                    parts.update({f"{prefix}ms": float(ms), f"{prefix}memory_ms": ms * memory,
+                                  f"{prefix}overhead_ms": ms * overhead})
+                timing = self.cache.store(model_key, parts, _model_timing)
         return tables, timing
 
     def _protocol(self) -> dict:
@@ -241,12 +254,33 @@ class LatencyPass(PassBase):
 
 
 def _model_timing(value: dict) -> dict:
-    """A cached whole-model timing, validated: every part finite, the parts within the whole."""
-    parts = {name: float(value[name]) for name in ("ms", "memory_ms", "overhead_ms")}
-    if not (np.isfinite(list(parts.values())).all() and parts["ms"] > 0 and 0 <= parts["memory_ms"]
-            and 0 <= parts["overhead_ms"] and parts["memory_ms"] + parts["overhead_ms"] <= parts["ms"] * (1 + 1e-9)):
-        raise ValueError(f"implausible model timing {value}")
+    """A cached timing of a model and its reduced copy, validated: every part finite, within its whole."""
+    parts = {f"{prefix}{name}": float(value[f"{prefix}{name}"]) for prefix in ("", "reduced_")
+             for name in ("ms", "memory_ms", "overhead_ms")}
+    for prefix in ("", "reduced_"):
+        ms, memory, overhead = (parts[f"{prefix}{name}"] for name in ("ms", "memory_ms", "overhead_ms"))
+        if not (np.isfinite([ms, memory, overhead]).all() and ms > 0 and memory >= 0 and overhead >= 0
+                and memory + overhead <= ms * (1 + 1e-9)):
+            raise ValueError(f"implausible model timing {value}")
     return parts
+
+
+def _fit(full: float, reduced: float, timing: dict, units: int, smallest: float) -> tuple[float, float]:
+    """Scale and per-layer offset that turn table entries (reference units) into ms inside the model:
+    the layers' time in the whole model and in its reduced copy, timed in the same rounds, against the
+    tables' sums for both (``full``, ``reduced``). One point fixes the scale; the second finds what a
+    layer costs in the model beyond its table alone (or less), whatever its width. The offset is kept
+    where no table entry turns negative; with no usable second point it is zero."""
+    layers = timing["ms"] - timing["memory_ms"] - timing["overhead_ms"]
+    layers_reduced = timing["reduced_ms"] - timing["reduced_memory_ms"] - timing["reduced_overhead_ms"]
+    if not (full > 0 and layers > 0):
+        return 1.0, 0.0
+    if units and full - reduced > 1e-9 * full:
+        scale = (layers - layers_reduced) / (full - reduced)
+        offset = (layers - scale * full) / units
+        if scale > 0 and scale * smallest + offset >= 0:
+            return scale, offset
+    return layers / full, 0.0
 
 
 def _checked_ms(values, count: int) -> np.ndarray:
@@ -307,6 +341,18 @@ def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str,
     return found
 
 
+def latency_sum(gm: torch.fx.GraphModule, kept_share: dict[int, float]) -> float:
+    """The units' table entries at the given kept shares (space id -> share; missing: all), summed."""
+    return sum(_table_term(node).price(kept_share) for node in gm.graph.nodes
+               if node.meta.get(META_KEY, NodeChannels()).latency is not None)
+
+
+def _table_term(node: torch.fx.Node) -> TableTerm:
+    unit, table = node.meta[META_KEY].latency.unit, node.meta[META_KEY].latency.table
+    return TableTerm(node.name, table, unit.in_space.id if unit.in_space else None, unit.out_space.id,
+                     unit.spec.in_channels, unit.spec.out_channels)
+
+
 def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
     """Latency in ms as a function of kept widths, read from the latency pass's results on the graph."""
     if LATENCY_KEY not in gm.meta:
@@ -316,12 +362,9 @@ def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
     units_nodes: set[str] = set()
     for node in gm.graph.nodes:
         latency = node.meta.get(META_KEY, NodeChannels()).latency
-        if latency is None:
-            continue
-        unit = latency.unit
-        units_nodes.update(unit.nodes)
-        model.terms.append(TableTerm(node.name, latency.table, unit.in_space.id if unit.in_space else None,
-                                     unit.out_space.id, unit.spec.in_channels, unit.spec.out_channels))
+        if latency is not None:
+            units_nodes.update(latency.unit.nodes)
+            model.terms.append(_table_term(node))
     traffic = _traffic(gm, units_nodes)
     total = sum(elements for _, elements, _ in traffic)
     for name, elements, space in traffic:

@@ -48,6 +48,12 @@ def keep_masks(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, np.ndarray]:
     return masks
 
 
+def kept_shares(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, float]:
+    """Per channel space id: the share of its positions ``plan`` keeps (what cost models price)."""
+    masks = keep_masks(gm, plan)
+    return {s.id: len(s.kept_positions(masks[s.group_id])) / s.size for s in gm.meta[META_KEY].spaces}
+
+
 def node_spaces(node: torch.fx.Node) -> list[ChannelSpace | None]:
     return node.meta.get(META_KEY, NodeChannels()).spaces
 

@@ -156,6 +156,57 @@ def _record(node: torch.fx.Node, contribution: np.ndarray) -> None:
     info.scores = contribution if info.scores is None else info.scores + contribution
 
 
+class TaylorAccumulator:
+    """HALP's first-order Taylor importance, summed over backward passes: per pass, per group channel,
+    |sum over the group's norms of gamma * dL/dgamma + beta * dL/dbeta|, or |sum W * dL/dW| over the
+    filters of groups without a norm.
+
+    ``source`` maps a qualified parameter name to the tensor whose value and ``.grad`` are read: fxprune's
+    own copy by default, or the user's live model during training (``fxprune.Pruner``).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, source: Callable[[str], torch.Tensor] | None = None) -> None:
+        self.groups = gm.meta[META_KEY].groups
+        names = {id(p): name for name, p in gm.named_parameters()}
+        source = source or dict(gm.named_parameters()).__getitem__
+        norms = _norm_members(gm)
+        norm_groups = {space.group_id for _, space, _ in norms}
+        self.norms = [(space, source(names[id(m.weight)]),
+                       source(names[id(m.bias)]) if getattr(m, "bias", None) is not None else None)
+                      for _, space, m in norms]
+        self.filters = [(space, source(names[id(w)]), rows) for _, space, w, rows in filters(gm)
+                        if space.group_id not in norm_groups and id(w) in names]
+        self.totals = {gid: np.zeros(g.size) for gid, g in self.groups.items()}
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """Read the gradients of one backward pass."""
+        per_pass = {gid: np.zeros(g.size) for gid, g in self.groups.items()}
+        for space, weight, bias in self.norms:
+            if weight.grad is None:
+                continue
+            term = weight * weight.grad
+            if bias is not None and bias.grad is not None:
+                term = term + bias * bias.grad
+            _add_per_channel(per_pass, space, term)
+        for space, weight, rows in self.filters:
+            if weight.grad is not None:
+                _add_per_channel(per_pass, space, rows(weight * weight.grad).sum(1))
+        for gid in self.totals:
+            self.totals[gid] += np.abs(per_pass[gid])
+        self.count += 1
+
+    def mean(self) -> dict[int, np.ndarray]:
+        """The importance averaged over the passes read so far."""
+        return {gid: total / max(self.count, 1) for gid, total in self.totals.items()}
+
+    def reset(self) -> None:
+        for total in self.totals.values():
+            total[:] = 0.0
+        self.count = 0
+
+
 def taylor_scores(gm: torch.fx.GraphModule, calibration: Iterable[Any],
                   loss_fn: Callable[[Any, Any], torch.Tensor]) -> dict[int, np.ndarray]:
     """HALP's first-order Taylor importance, averaged over calibration batches.
@@ -163,14 +214,9 @@ def taylor_scores(gm: torch.fx.GraphModule, calibration: Iterable[Any],
     Each batch is ``(inputs, target)`` where ``inputs`` is a tensor or tuple of tensors;
     ``loss_fn(outputs, target)`` returns a scalar. Gradients are taken on fxprune's own copy.
     """
-    analysis = gm.meta[META_KEY]
-    norms = _norm_members(gm)
-    norm_groups = {space.group_id for _, space, _ in norms}
-    weights = [(s, w, rows) for _, s, w, rows in filters(gm) if s.group_id not in norm_groups]
-    totals = {gid: np.zeros(g.size) for gid, g in analysis.groups.items()}
+    accumulator = TaylorAccumulator(gm)
     params = [p for p in gm.parameters()]
     flags = [(p, p.requires_grad) for p in params]
-    batches = 0
     try:
         for p in params:
             p.requires_grad_(True)
@@ -182,27 +228,15 @@ def taylor_scores(gm: torch.fx.GraphModule, calibration: Iterable[Any],
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ScoreError("loss_fn must return a scalar tensor")
             loss.backward()
-            per_batch = {gid: np.zeros(g.size) for gid, g in analysis.groups.items()}
-            for _, space, module in norms:
-                term = module.weight * module.weight.grad
-                if getattr(module, "bias", None) is not None and module.bias.grad is not None:
-                    term = term + module.bias * module.bias.grad
-                _add_per_channel(per_batch, space, term)
-            for space, weight, rows in weights:
-                if weight.grad is None:
-                    continue
-                _add_per_channel(per_batch, space, rows(weight * weight.grad).sum(1))
-            for gid in totals:
-                totals[gid] += np.abs(per_batch[gid])
-            batches += 1
+            accumulator.add()
     finally:
         gm.zero_grad(set_to_none=True)
         for p, flag in flags:
             p.requires_grad_(flag)
-    if batches == 0:
+    if accumulator.count == 0:
         raise ScoreError("importance='taylor' needs calibration batches: pass calibration=[(inputs, target), "
                          "...] and loss_fn=lambda outputs, target: ...")
-    return {gid: total / batches for gid, total in totals.items()}
+    return accumulator.mean()
 
 
 class ScorePass(PassBase):

@@ -7,6 +7,8 @@ non-tensor values such as sizes, ``node.meta["fxprune_value"]`` so later passes 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -117,10 +119,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     Runs in eval mode so no BatchNorm statistic moves; every module's training flag is restored after.
     """
     inputs = check_example_inputs(gm, example_inputs)
-    flags = [(module, module.training) for module in gm.modules()]
     try:
-        with torch.no_grad():
-            gm.eval()
+        with torch.no_grad(), eval_mode(gm):
             _RecordingShapeProp(gm).propagate(*inputs)
     except Exception as exc:
         node = _failing_node(exc)
@@ -132,10 +132,20 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             "Fix: pass inputs of the shape, dtype and device the model expects "
             "(e.g. torch.randn(1, 3, 224, 224) for an ImageNet classifier)."
         ) from exc
+    return gm
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the body with the model in eval mode (no BatchNorm statistic moves), then give every
+    submodule back its own training flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
     finally:
         for module, training in flags:
             module.training = training
-    return gm
 
 
 def _failing_node(exc: BaseException) -> str:

@@ -4,8 +4,6 @@ plans as measuring them does."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 import torch
@@ -14,9 +12,9 @@ import torch.nn as nn
 import fxprune
 from fxprune.cache import LatencyCache
 from fxprune.ir import META_KEY, LatencyTable, Plan
-from fxprune.passes.engines import Deployed, Engine, UnitTiming
 from fxprune.passes.latency import LATENCY_KEY, LatencyPass, _kept_counts, detect_step, latency_cost
 from fxprune.passes.units import Activation, find_units
+from fxprune.testing import SyntheticEngine
 
 
 # --- tables ---------------------------------------------------------------------------------------------
@@ -55,7 +53,7 @@ def test_a_table_round_trips_through_json_types():
     table = LatencyTable([1, 16], [8, 16], [[1.0, 2.0], [3.0, 4.0]])
     again = LatencyTable.from_dict(table.to_dict())
     np.testing.assert_array_equal(again.ms, table.ms)
-    np.testing.assert_array_equal(table.scaled(2.0).ms, 2 * table.ms)
+    np.testing.assert_array_equal(table.affine(2.0, 0.5).ms, 2 * table.ms + 0.5)
 
 
 # --- the step -------------------------------------------------------------------------------------------
@@ -124,46 +122,6 @@ def test_units_are_layers_with_the_norm_and_activation_engines_fuse():
 
 
 # --- the pass with an engine whose latency is known ----------------------------------------------------
-class KnownEngine(Engine):
-    """An engine whose units take a known bilinear time and whose model takes their sum plus a remainder."""
-
-    name = "known"
-    memory_share, overhead_share = 0.1, 0.05
-
-    def __init__(self):
-        super().__init__(threads=1)
-        self.unit_calls = 0
-        self.model_ms = None
-
-    def version(self) -> str:
-        return "1"
-
-    @staticmethod
-    def unit_ms(spec, width_in, width_out):
-        area = int(np.prod(spec.input_shape[2:])) if spec.op == "conv" else 1
-        return 1e-6 * area * (width_in * width_out / (spec.groups if spec.tied else 1) + 3 * width_out) + 0.01
-
-    def measure_units(self, spec, points):
-        self.unit_calls += 1
-        ms = np.array([self.unit_ms(spec, i, o) for i, o in points])
-        return UnitTiming(ms, np.full(len(points), 0.5))  # the reference takes 0.5 ms: tables come out x2
-
-    @contextmanager
-    def deploy(self, module, example_inputs):
-        engine = self
-
-        class Known(Deployed):
-            def run(self):
-                return None
-
-            def split(self):
-                return engine.memory_share, engine.overhead_share
-        yield Known()
-
-    def time_round(self, run, seconds=0.0, warmup=1):
-        return self.model_ms
-
-
 class Plain(nn.Module):
     def __init__(self):
         super().__init__()
@@ -180,13 +138,10 @@ def _analysed():
     return fxprune.analyze(Plain().eval(), (torch.randn(1, 3, 16, 16),))
 
 
-def _run_known(gm, cache, engine=None):
-    engine = engine or KnownEngine()
-    units = find_units(gm)
-    units_ms = sum(engine.unit_ms(u.spec, u.spec.in_channels, u.spec.out_channels) for u in units)
-    engine.model_ms = units_ms / (1 - engine.memory_share - engine.overhead_share)
+def _run_known(gm, cache):
+    engine = SyntheticEngine()
     LatencyPass((torch.randn(1, 3, 16, 16),), engine, cache=cache, progress=False)(gm)
-    return engine, units
+    return engine, find_units(gm)
 
 
 def test_the_cost_model_reproduces_a_known_engine_exactly():
@@ -195,8 +150,9 @@ def test_the_cost_model_reproduces_a_known_engine_exactly():
     calibration = gm.meta[LATENCY_KEY]
     assert calibration.step == 1  # the known engine's latency has no staircase
     assert calibration.context == pytest.approx(0.5)  # tables in reference units (0.5 ms) back to ms
+    assert calibration.offset_ms == pytest.approx(0.0, abs=1e-9)  # the reduced copy agrees: nothing beyond
     cost = latency_cost(gm)
-    assert cost.baseline == pytest.approx(engine.model_ms)
+    assert cost.baseline == pytest.approx(engine.model_ms(Plain().eval(), (torch.randn(1, 3, 16, 16),)))
     analysis = fxprune.analysis(gm)
     for seed in range(3):
         plan = fxprune.random_plan(gm, 0.5, seed=seed)
@@ -233,8 +189,7 @@ def test_identical_layers_are_measured_once():
             return self.convs(x)
 
     gm = fxprune.analyze(Twice().eval(), (torch.randn(1, 32, 8, 8),))
-    engine = KnownEngine()
-    engine.model_ms = 1.0
+    engine = SyntheticEngine()
     LatencyPass((torch.randn(1, 32, 8, 8),), engine, cache=LatencyCache(None), progress=False)(gm)
     calibration = gm.meta[LATENCY_KEY]
     # convs 1 and 2 vary both widths alike; conv 0's input and conv 3's output are the model's, fixed

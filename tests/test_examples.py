@@ -1,0 +1,60 @@
+"""The examples run: digits (real data from scikit-learn), and the CIFAR-10 and ImageNet recipes on
+torchvision's FakeData, alone and under torchrun with two gloo processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from examples.cifar10 import train as cifar10
+from examples.digits.data import digits
+from examples.imagenet import train as imagenet
+from examples.models import CifarResNet, resnet20
+
+SMOKE = ["--fake-data", "--fake-size", "32", "--base-epochs", "1", "--epochs", "1", "--batch-size", "16",
+         "--workers", "0", "--prune-every", "1", "--prune-steps", "2"]
+
+
+def test_digits_are_the_bundled_images_upsampled():
+    train_set, test_set = digits()
+    assert len(train_set) + len(test_set) == 1797
+    x, y = train_set[0]
+    assert x.shape == (1, 32, 32) and 0 <= int(y) < 10
+    assert set(int(label) for _, label in test_set) == set(range(10))  # stratified: every class in the test split
+
+
+def test_cifar_resnets_have_the_papers_depths():
+    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3) for x in m.modules())
+    assert convs(resnet20()) == 19 and convs(CifarResNet(56)) == 55
+    with pytest.raises(ValueError, match="6n"):
+        CifarResNet(21)
+
+
+@pytest.mark.parametrize("method", ["sp_lamp", "halp", "ssr"])
+def test_the_cifar10_recipe_prunes_fine_tunes_and_exports(tmp_path, method):
+    figures = cifar10.main(SMOKE + ["--model", "resnet20", "--method", method, "--metric", "flops", "--budget", "0.5",
+                                    "--out", str(tmp_path)])
+    assert figures["params_after"] < figures["params_before"]
+    assert 0.0 <= figures["accuracy"] <= 1.0
+    pruned = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert (tmp_path / "pruned.onnx").stat().st_size > 0
+
+
+def test_the_imagenet_recipe_runs_on_fake_data(tmp_path):
+    figures = imagenet.main(SMOKE + ["--model", "resnet18", "--image-size", "32", "--method", "sp_lamp",
+                                     "--metric", "params", "--budget", "0.6", "--out", str(tmp_path)])
+    assert figures["params_after"] <= 0.6 * figures["params_before"]
+
+
+def test_the_cifar10_recipe_runs_under_torchrun_with_two_processes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "examples.cifar10.train", *SMOKE, "--model", "resnet20", "--method", "halp",
+               "--metric", "flops", "--budget", "0.5", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'method': 'halp'" in done.stdout and (tmp_path / "pruned.onnx").exists()
