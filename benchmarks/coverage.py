@@ -1,12 +1,15 @@
-"""Coverage sweep: every torchvision classification and segmentation model through fxprune.
+"""Coverage sweep: every torchvision classification and segmentation model, and one model of every timm
+family, through fxprune.
 
-For each model (random weights, 224x224, batch 1): analyse, prune with a fixed random plan that keeps
-half of every prunable group, compare with the masked reference, export the pruned model to ONNX and
-verify it in onnxruntime. Each model runs in its own subprocess (a crash or an out-of-memory costs one
-row, not the sweep). Writes docs/coverage.json (one record per model) and docs/coverage.md.
+For each model (random weights, batch 1, 224x224 or the model's own input size): analyse, prune with a
+fixed random plan that keeps half of every prunable group, compare with the masked reference, export the
+pruned model to ONNX and verify it in onnxruntime; timm models are also compiled to FLOPs(0.5). Each
+model runs in its own subprocess (a crash or an out-of-memory costs one row, not the sweep). Writes
+docs/coverage.json and docs/coverage_timm.json (one record per model) and docs/coverage.md.
 
-    python benchmarks/coverage.py                 # everything (about an hour or more on 2 cores)
+    python benchmarks/coverage.py                 # every torchvision model (about an hour or more on 2 cores)
     python benchmarks/coverage.py resnet18 vit_b_16   # a few models
+    python benchmarks/coverage.py --timm          # the smallest model of every timm family (timm from PyPI)
 """
 
 from __future__ import annotations
@@ -25,7 +28,39 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 EXEMPT_REASONS = ("model input", "model output")
 
 
-def measure(name: str) -> dict:
+def build_timm(name: str):
+    """A timm model with random weights and an input of its configured size (224 where none is given)."""
+    import timm
+    import torch
+
+    from fxprune.testing import randomize_parameters
+
+    torch.manual_seed(0)
+    model = randomize_parameters(timm.create_model(name, pretrained=False).eval())
+    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    return model, (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)),)
+
+
+def timm_families() -> dict[str, str]:
+    """family (timm module) -> its model with the fewest parameters (counted on the meta device: no memory)."""
+    import timm
+    import torch
+
+    smallest = {}
+    for family in timm.list_modules():
+        sizes = []
+        for name in timm.list_models(module=family):
+            try:
+                with torch.device("meta"):
+                    sizes.append((sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters()), name))
+            except Exception:  # noqa: BLE001 - a model that cannot be built on meta is measured as it fails later
+                continue
+        if sizes:
+            smallest[family] = min(sizes)[1]
+    return smallest
+
+
+def measure(name: str, source: str = "torchvision") -> dict:
     """Run one model through the pipeline; every figure in the record is measured here."""
     import torch
 
@@ -34,10 +69,18 @@ def measure(name: str) -> dict:
 
     torch.set_num_threads(2)
     record: dict = {"model": name}
-    model, inputs = build_torchvision_model(name, small=False)
+    if source == "timm":
+        import timm.layers._fx as timm_fx
+
+        model, inputs = build_timm(name)
+        untraceable = {"leaf_modules": list(timm_fx.get_notrace_modules()),
+                       "autowrap_functions": list(timm_fx.get_notrace_functions())}
+    else:
+        model, inputs = build_torchvision_model(name, small=False)
+        untraceable = {}
     record["input_shape"] = list(inputs[0].shape)
     start = time.perf_counter()
-    gm = fxprune.analyze(model, inputs)
+    gm = fxprune.analyze(model, inputs, **untraceable)
     record["analyze_s"] = round(time.perf_counter() - start, 2)
     groups = fxprune.groups(gm)
     exempt = [g for g in groups if g.frozen_reason and all(
@@ -71,6 +114,13 @@ def measure(name: str) -> dict:
     record["prune_s"] = round(time.perf_counter() - start, 2)
     record["params_before"] = sum(p.numel() for p in model.parameters())
     record["params_after"] = sum(p.numel() for p in pruned.parameters())
+    if source == "timm":
+        try:
+            compiled = fxprune.compile(model, fxprune.FLOPs(0.5), inputs, **untraceable)
+            report = fxprune.report(compiled)
+            record["compile"] = f"ok (FLOPs {report.flops_after / report.flops_before:.1%})"
+        except fxprune.FxpruneError as err:
+            record["compile"] = "failed: " + str(err).splitlines()[0][:200]
     del model, gm
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -140,26 +190,63 @@ def _write_markdown(records: list[dict]) -> None:
     exact = [r for r in ok if r["masked_rel_err"] < 1e-4]
     lines += ["", f"**Summary**: {len(ok)}/{len(records)} models analysed and pruned, {len(exact)} match the "
               f"masked reference to 1e-4, {len(exported)} export and match in onnxruntime."]
+    timm_path = DOCS / "coverage_timm.json"
+    if timm_path.exists():
+        lines += _timm_markdown(json.loads(timm_path.read_text()))
     (DOCS / "coverage.md").write_text("\n".join(lines) + "\n")
+
+
+def _timm_markdown(records: list[dict]) -> list[str]:
+    """The timm section: one model per family (its smallest), the same checks, and compile to FLOPs(0.5)."""
+    import timm
+
+    lines = ["", "## timm: one model of every family", "",
+             f"Generated by `python benchmarks/coverage.py --timm` (timm {timm.__version__}): for every timm "
+             "module (family), the model with the fewest parameters, random weights, its configured input size. "
+             "timm's own untraceable modules and functions (`timm.layers` notrace registry) are passed to "
+             "`fxprune.analyze` as `leaf_modules`/`autowrap_functions`, so their channels are frozen. Columns as "
+             "above, plus **compile**: `fxprune.compile(model, FLOPs(0.5))`.", "",
+             "| family | model | input | prunable | masked err | compile | export | failure or first frozen reason |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['model']} | – | – | – | – | – | **failed**: {r['error']} |")
+            continue
+        share = r["prunable_channels"] / max(r["channels"], 1)
+        frozen = next(iter(r["frozen"]), "–")
+        lines.append(f"| {r['family']} | {r['model']} | {'x'.join(map(str, r['input_shape'][2:]))} | {share:.0%} | "
+                     f"{r['masked_rel_err']:.1e} | {r['compile']} | {r['export']} | {frozen} |")
+    ok = [r for r in records if "error" not in r]
+    good = [r for r in ok if r["masked_rel_err"] < 1e-4 and r["compile"].startswith("ok") and r["export"].startswith("ok")]
+    lines += ["", f"**Summary**: {len(ok)}/{len(records)} families trace and prune, {len(good)} of them also match "
+              "the masked reference to 1e-4, compile to FLOPs(0.5) and export and match in onnxruntime."]
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", help="model names (default: all)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--timm", action="store_true", help="one model of every timm family instead")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     args = parser.parse_args()
+    source = "timm" if args.timm else "torchvision"
     if args.one:
-        print(json.dumps(measure(args.one)))
+        print(json.dumps(measure(args.one, source)))
         return
-    names = args.models or _all_models()
-    path = DOCS / "coverage.json"
+    if args.timm:
+        families = timm_families()
+        family_of = {model: family for family, model in families.items()}
+        names = args.models or list(families.values())
+        path, order = DOCS / "coverage_timm.json", list(dict.fromkeys([*families.values(), *names]))
+    else:
+        names, path, order, family_of = args.models or _all_models(), DOCS / "coverage.json", _all_models(), {}
     records = {r["model"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     for name in names:
         start = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
-                                  timeout=args.timeout)
+            proc = subprocess.run([sys.executable, __file__, "--one", name] + ["--timm"] * args.timm,
+                                  capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode == 0:
                 records[name] = json.loads(proc.stdout.strip().splitlines()[-1])
             else:
@@ -167,11 +254,12 @@ def main() -> None:
                 records[name] = {"model": name, "error": tail[:200]}
         except subprocess.TimeoutExpired:
             records[name] = {"model": name, "error": f"timed out after {args.timeout} s"}
+        if name in family_of:
+            records[name]["family"] = family_of[name]
         print(f"{name}: {time.perf_counter() - start:.0f}s {records[name].get('export', records[name].get('error'))}",
               flush=True)
-        ordered = [records[n] for n in _all_models() if n in records]
-        path.write_text(json.dumps(ordered, indent=1) + "\n")
-        _write_markdown(ordered)
+        path.write_text(json.dumps([records[n] for n in order if n in records], indent=1) + "\n")
+        _write_markdown(json.loads((DOCS / "coverage.json").read_text()))
 
 
 if __name__ == "__main__":

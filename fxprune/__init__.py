@@ -11,18 +11,22 @@ from fxprune.errors import (
     ExportError,
     FxpruneError,
     FxpruneTraceError,
+    InvalidWeightsError,
     LatencyError,
     PlanError,
+    UnsupportedModelError,
 )
 from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, LatencyTable, NodeChannels, Plan
 from fxprune.pruner import Pruner
+from fxprune.saving import load, save
 from fxprune.ssr import SSR
 
 __all__ = [
     "analysis", "analyze", "compile", "groups", "plan_of", "prune", "random_plan", "report", "export_onnx",
+    "load", "save",
     "FLOPs", "Latency", "Params", "LatencyCache", "Pruner", "SSR",
     "AnalysisRequiredError", "BudgetError", "EngineUnavailableError", "ExampleInputsError", "ExportError",
-    "FxpruneError", "FxpruneTraceError", "LatencyError", "PlanError",
+    "FxpruneError", "FxpruneTraceError", "InvalidWeightsError", "LatencyError", "PlanError", "UnsupportedModelError",
     "ChannelGroup", "ChannelSpace", "GroupMember", "LatencyTable", "NodeChannels", "Plan",
 ]
 

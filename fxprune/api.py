@@ -24,6 +24,7 @@ def analyze(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    autowrap_functions: Iterable = (),
 ) -> torch.fx.GraphModule:
     """Trace ``model``, propagate shapes and find its channel groups; the model is not modified.
 
@@ -32,7 +33,7 @@ def analyze(
     """
     if example_inputs is None:
         raise ExampleInputsError("example_inputs is required: pass e.g. (torch.randn(1, 3, 224, 224),)")
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, autowrap_functions=autowrap_functions)
     propagate_shapes(gm, example_inputs)
     DependencyPass()(gm)
     return gm
@@ -132,6 +133,7 @@ def compile(
     resolution: int = 4000,
     measure: bool = False,
     leaf_modules: Iterable[type | str] = (),
+    autowrap_functions: Iterable = (),
     cache: Any = None,
     progress: bool = True,
 ) -> torch.fx.GraphModule:
@@ -156,7 +158,7 @@ def compile(
     budget = as_budget(budget)
     engine = get_engine(engine, threads, check=budget.metric == "latency" or measure)
     example_inputs = infer_example_inputs(model) if example_inputs is None else example_inputs
-    gm = analyze(model, example_inputs, leaf_modules=leaf_modules)
+    gm = analyze(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     ScorePass(importance, calibration, loss_fn)(gm)
     CostPass(example_inputs)(gm)

@@ -1,10 +1,20 @@
-"""The ``fxprune`` command: analyse a model's channel groups, prune it, export it to ONNX."""
+"""The ``fxprune`` command: prune a model to a budget, profile its latency, read a pruned model's report.
+
+    fxprune prune resnet50 --budget 0.5 -o resnet50_half.onnx -o resnet50_half.pt --plot plots/
+    fxprune prune mypkg.models:build --weights ckpt.pth --budget flops:0.4 --input-shape 1,3,256,256 -o small.pt
+    fxprune profile mobilenet_v2 --engine onnxruntime
+    fxprune report resnet50_half.pt
+
+MODEL: a torchvision model name, a timm model name (with timm installed; ``timm:NAME`` to be explicit),
+``package.module:factory`` (a callable returning an nn.Module), or a file holding a saved module.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -14,11 +24,31 @@ from fxprune.errors import FxpruneError
 
 
 class ModelNotFoundError(FxpruneError):
-    """The MODEL argument names no torchvision model and no importable factory."""
+    """The MODEL argument names no torchvision or timm model, no importable factory, no model file."""
 
 
-def load_model(spec: str) -> torch.nn.Module:
-    """A torchvision model name (random weights, no download) or ``package.module:factory``."""
+def load_model(spec: str, weights: str | None = None) -> torch.nn.Module:
+    """The model MODEL names (random weights unless a file or ``weights`` gives them), in eval mode."""
+    model = _model_from(spec)
+    if weights:
+        model.load_state_dict(_state_dict(weights))
+    return model.eval()
+
+
+def _model_from(spec: str) -> torch.nn.Module:
+    path = Path(spec)
+    if path.suffix in (".pt", ".pt2", ".pth") and path.exists():
+        if path.suffix == ".pt2":
+            return fxprune.load(path)
+        model = torch.load(path, weights_only=False, map_location="cpu")  # a pickled module: trusted input
+        if fxprune.saving.is_saved(model):
+            return fxprune.saving.restore(model["module"], model)
+        if not isinstance(model, torch.nn.Module):
+            raise ModelNotFoundError(f"{spec} holds a {type(model).__name__}, not a module; for a state dict, name "
+                                     "the model and pass the file as --weights")
+        return model
+    if spec.startswith("timm:"):
+        return _timm(spec[5:])
     if ":" in spec:
         module_name, _, factory = spec.partition(":")
         try:
@@ -29,12 +59,38 @@ def load_model(spec: str) -> torch.nn.Module:
     import torchvision
 
     names = torchvision.models.list_models()
-    if spec not in names:
+    if spec in names:
+        kwargs = {"weights_backbone": None} if spec.startswith(("fcn_", "deeplabv3_", "lraspp_")) else {}
+        return torchvision.models.get_model(spec, weights=None, **kwargs)
+    try:
+        return _timm(spec)
+    except ModelNotFoundError:
         close = [n for n in names if n.startswith(spec[:4])][:6]
-        raise ModelNotFoundError(f"{spec!r} is not a torchvision model (close: {', '.join(close) or 'none'}). "
-                                 "Run `fxprune models` for the list, or pass package.module:factory.")
-    kwargs = {"weights_backbone": None} if spec.startswith(("fcn_", "deeplabv3_", "lraspp_")) else {}
-    return torchvision.models.get_model(spec, weights=None, **kwargs)
+        raise ModelNotFoundError(f"{spec!r} is not a torchvision model (close: {', '.join(close) or 'none'}), a timm "
+                                 "model, package.module:factory or a model file. `fxprune models` lists names.") from None
+
+
+def _timm(name: str) -> torch.nn.Module:
+    try:
+        import timm
+    except ImportError as err:
+        raise ModelNotFoundError(f"{name!r}: timm is not installed (pip install timm)") from err
+    if name not in timm.list_models():
+        raise ModelNotFoundError(f"{name!r} is not a timm model")
+    return timm.create_model(name, pretrained=False)
+
+
+def _state_dict(path: str) -> dict:
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - unpickling errors of many kinds
+        raise ModelNotFoundError(f"cannot read weights from {path}: {err}") from err
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint layouts
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelNotFoundError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}  # DDP checkpoints
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -47,42 +103,134 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _analyse(args) -> tuple[torch.nn.Module, torch.fx.GraphModule, tuple]:
-    model = load_model(args.model).eval()
-    inputs = (torch.randn(*args.input_shape),)
-    return model, fxprune.analyze(model, inputs), inputs
+def parse_budget(text: str):
+    """``0.5`` (latency share), ``latency:0.5``, ``ms:4.0``, ``flops:0.5``, ``params:0.5``."""
+    kind, _, value = text.rpartition(":")
+    builders = {"": fxprune.Latency, "latency": fxprune.Latency, "flops": fxprune.FLOPs, "params": fxprune.Params,
+                "ms": lambda v: fxprune.Latency(ms=v)}
+    if kind not in builders:
+        raise argparse.ArgumentTypeError(f"--budget kind must be latency, ms, flops or params, got {kind!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget needs a number, got {value!r} (e.g. 0.5 or flops:0.4)")
+    try:
+        return builders[kind](number)
+    except FxpruneError as err:
+        raise argparse.ArgumentTypeError(str(err))
+
+
+class Steps:
+    """One line per long step, with its time: what the command is doing while it works."""
+
+    def __call__(self, what: str):
+        print(f"fxprune: {what} ...", file=sys.stderr, flush=True)
+        self.start, self.what = time.perf_counter(), what
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, *rest) -> None:
+        if kind is None:
+            print(f"fxprune: {self.what}: done in {time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
+
+
+def _inputs(args, model: torch.nn.Module) -> tuple:
+    if args.input_shape:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return (torch.randn(*args.input_shape, dtype=dtype),)
+    return fxprune.api.infer_example_inputs(model)
+
+
+def cmd_prune(args) -> None:
+    step = Steps()
+    with step(f"loading {args.model}"):
+        model = load_model(args.model, args.weights)
+    inputs = _inputs(args, model)
+    with step(f"compiling to {args.budget}"):
+        pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
+                                 engine=args.engine, threads=args.threads, round_to=args.round_to,
+                                 measure=args.measure)
+    report = fxprune.report(pruned)
+    print(report)
+    for output in args.output:
+        with step(f"writing {output}"):
+            path = Path(output)
+            if path.suffix == ".onnx":
+                result = fxprune.export_onnx(pruned, path, inputs)
+                note = f"{result.num_nodes} nodes, onnxruntime max abs diff vs torch {result.max_abs_diff:.1e}"
+            else:
+                fxprune.save(pruned, path, inputs)
+                note = "reload with fxprune.load"
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {note})")
+    if args.plot:
+        from fxprune import plots
+
+        folder = Path(args.plot)
+        written = [plots.widths(report, folder)]
+        if report.predicted_latency_ms_before is not None:  # the tables are in the cache now: no measuring
+            written.append(plots.latency_curves(_with_tables(model, inputs, args), folder))
+        if report.measured_latency_ms_before is not None and report.predicted_latency_ms_before is not None:
+            written.append(plots.predicted_vs_measured(report, folder))
+        print("plots: " + ", ".join(str(p) for p in written))
+
+
+def _with_tables(model: torch.nn.Module, inputs: tuple, args) -> torch.fx.GraphModule:
+    """The analysed model with its latency tables (measured, or from the cache) on its nodes."""
+    from fxprune.passes.latency import LatencyPass
+
+    gm = fxprune.analyze(model, inputs)
+    LatencyPass(inputs, args.engine, threads=args.threads, round_to=getattr(args, "round_to", None))(gm)
+    return gm
+
+
+def cmd_profile(args) -> None:
+    from fxprune.ir import META_KEY, NodeChannels
+    from fxprune.passes.latency import LATENCY_KEY
+
+    step = Steps()
+    with step(f"loading {args.model}"):
+        model = load_model(args.model, args.weights)
+    inputs = _inputs(args, model)
+    with step(f"latency tables on {args.engine}"):
+        gm = _with_tables(model, inputs, args)
+    calibration = gm.meta[LATENCY_KEY]
+    total = calibration.measured_ms
+    print(f"{args.model} on {args.engine} ({calibration.engine['threads']} threads), input "
+          f"{'x'.join(map(str, inputs[0].shape))}: {total:.3f} ms")
+    print(f"  {'layer':<32} {'as deployed':<46} {'ms':>8} {'share':>7}")
+    rows = []
+    for node in gm.graph.nodes:
+        latency = node.meta.get(META_KEY, NodeChannels()).latency
+        if latency is not None:
+            full = latency.table.at(latency.unit.spec.in_channels, latency.unit.spec.out_channels)
+            rows.append((node.name, latency.unit.spec.describe(), full))
+    for name, what, ms in sorted(rows, key=lambda r: -r[2]) if args.sort else rows:
+        print(f"  {name:<32} {what:<46} {ms:>8.3f} {ms / total:>7.1%}")
+    for what, ms in (("memory-bound ops between layers", calibration.memory_ms),
+                     ("between kernels, and frozen layers", calibration.fixed_ms)):
+        print(f"  {what:<79} {ms:>8.3f} {ms / total:>7.1%}")
+    print(f"latency step: {calibration.step} channels; {calibration.tables} tables, {calibration.tables_measured} "
+          f"measured now ({calibration.seconds:.1f} s)")
+    if args.plot:
+        from fxprune import plots
+
+        print(f"plot: {plots.latency_curves(gm, Path(args.plot))}")
+
+
+def cmd_report(args) -> None:
+    model = fxprune.load(args.file)
+    print(fxprune.report(model))
 
 
 def cmd_analyze(args) -> None:
-    _, gm, _ = _analyse(args)
+    model = load_model(args.model, args.weights)
+    gm = fxprune.analyze(model, _inputs(args, model))
     groups = fxprune.groups(gm)
     print(f"{args.model}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
     for group in groups:
         print("  " + group.describe())
-
-
-def cmd_prune(args) -> None:
-    model, gm, inputs = _analyse(args)
-    plan = fxprune.random_plan(gm, args.keep, seed=args.seed)
-    pruned = fxprune.prune(gm, plan)
-    params_before = sum(p.numel() for p in model.parameters())
-    params_after = sum(p.numel() for p in pruned.parameters())
-    groups = {g.id: g for g in fxprune.groups(gm)}
-    print(f"{args.model}: pruned {len(plan.keep)} of {len(groups)} channel groups "
-          f"(random plan, keep {args.keep:.0%}, seed {args.seed})")
-    print(f"{'group':>6} {'channels':>16}  first member")
-    for gid, kept in sorted(plan.keep.items()):
-        print(f"{gid:>6} {groups[gid].size:>7} -> {len(kept):<6}  {groups[gid].members[0].node}")
-    print(f"parameters: {params_before:,} -> {params_after:,} ({params_after / params_before:.1%})")
-    if args.output:
-        output = Path(args.output)
-        if output.suffix == ".onnx":
-            result = fxprune.export_onnx(pruned, output, inputs)
-            print(f"wrote {output} ({result.file_bytes / 1e6:.1f} MB, {result.num_nodes} nodes, "
-                  f"onnxruntime max abs diff vs torch {result.max_abs_diff:.1e})")
-        else:
-            torch.save(pruned, output)
-            print(f"wrote {output} (torch.save of the GraphModule)")
 
 
 def cmd_models(args) -> None:
@@ -92,28 +240,42 @@ def cmd_models(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxprune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fxprune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func, help_text in (("analyze", cmd_analyze, "list a model's channel groups"),
-                                  ("prune", cmd_prune, "prune a model with a random plan and export it")):
+
+    def model_command(name: str, func, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("model", help="torchvision model name (random weights) or package.module:factory")
-        cmd.add_argument("--input-shape", type=parse_shape, default=(1, 3, 224, 224),
-                         help="example input shape (default 1,3,224,224)")
+        cmd.add_argument("model", help="torchvision or timm name, package.module:factory, or a model file")
+        cmd.add_argument("--weights", help="a state dict (checkpoint) to load into the model")
+        cmd.add_argument("--input-shape", type=parse_shape, help="example input shape (default: 1,C,224,224)")
         cmd.set_defaults(func=func)
-        if name == "prune":
-            cmd.add_argument("--keep", type=float, default=0.5, help="share of each group's channels to keep")
-            cmd.add_argument("--seed", type=int, default=0, help="seed of the random plan")
-            cmd.add_argument("-o", "--output", help="write the pruned model: .onnx exports, else torch.save")
+        return cmd
+
+    prune = model_command("prune", cmd_prune, "prune a model to a budget, write it, report")
+    prune.add_argument("--budget", type=parse_budget, default=fxprune.Latency(0.5),
+                       help="0.5 (latency share, the default), ms:4.0, flops:0.5 or params:0.5")
+    for cmd in (prune, model_command("profile", cmd_profile, "per-layer latency table on an engine")):
+        cmd.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "torch", "cuda"))
+        cmd.add_argument("--threads", type=int, help="engine threads (default: torch's)")
+        cmd.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
+    prune.add_argument("--importance", default="sp_lamp", choices=("sp_lamp", "lamp", "l1", "l2", "bn_scale"))
+    prune.add_argument("--solver", default="sp_lamp", choices=("sp_lamp", "halp"))
+    prune.add_argument("--round-to", type=int, help="keep counts on multiples of this (default: the engine's step)")
+    prune.add_argument("--measure", action="store_true", help="time the model before and after on the engine")
+    prune.add_argument("-o", "--output", action="append", default=[],
+                       help="write the pruned model: .onnx (checked export), .pt (GraphModule) or .pt2 (torch.export)")
+    sub.choices["profile"].add_argument("--sort", action="store_true", help="costliest layers first")
+    model_command("analyze", cmd_analyze, "list a model's channel groups")
+    report = sub.add_parser("report", help="print the report of a model written by `fxprune prune -o X.pt`")
+    report.add_argument("file")
+    report.set_defaults(func=cmd_report)
     sub.add_parser("models", help="list torchvision model names").set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "keep", 0.5) is not None and not 0 < getattr(args, "keep", 0.5) <= 1:
-        print("fxprune: error: --keep must be in (0, 1]", file=sys.stderr)
-        return 2
     try:
         args.func(args)
     except FxpruneError as err:

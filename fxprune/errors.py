@@ -37,3 +37,11 @@ class EngineUnavailableError(FxpruneError):
 
 class LatencyError(FxpruneError):
     """A latency table or whole-model timing could not be measured."""
+
+
+class UnsupportedModelError(FxpruneError):
+    """The model is of a kind fxprune does not prune (integer or quantized weights, no parameters...)."""
+
+
+class InvalidWeightsError(FxpruneError):
+    """The model's weights hold NaN or infinite values."""

@@ -55,6 +55,11 @@ class Report:
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The inverse of ``dataclasses.asdict`` (how ``fxprune.save`` stores a report)."""
+        return cls(**{**data, "groups": [GroupReport(**g) for g in data["groups"]]})
+
     def _latency_lines(self) -> list[str]:
         """Predicted and measured latency side by side, with the share kept and the prediction's error."""
         rows = [(name, before, after) for name, before, after in (

@@ -187,3 +187,12 @@ class SyntheticEngine(Engine):
 
     def time_round(self, run, seconds=0.0, warmup=1) -> float:
         return getattr(run, "__self__").latency_ms
+
+
+def tiny_cnn() -> torch.nn.Module:
+    """A small convolutional classifier (for the command line's tests: ``fxprune.testing:tiny_cnn``)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))

@@ -95,7 +95,7 @@ def _input_names(model: torch.nn.Module, count: int) -> list[str]:
     return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
 
 
-def _double_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def double_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Concatenate each input with a perturbed copy along dim 0: a batch > 1 whose items differ."""
     generator = torch.Generator().manual_seed(0)
     doubled = []
@@ -244,7 +244,7 @@ def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: boo
         raise ExampleInputsError(f"The model raised on example_inputs: {_summary(exc)}") from exc
     if not dynamic:
         return cases, inputs
-    doubled = _double_batch(inputs)  # tracing at batch > 1 avoids 0/1 specialization and batch-1-only branches
+    doubled = double_batch(inputs)  # tracing at batch > 1 avoids 0/1 specialization and batch-1-only branches
     if verify:
         try:
             cases.append(("a doubled batch", doubled, _run_torch(model, doubled)))

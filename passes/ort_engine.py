@@ -149,6 +149,10 @@ class OnnxRuntimeEngine(Engine):
         so a session that ran while the machine was slow gives the same table as one that did not."""
         from fxprune.passes.onnx_units import branch_weight_bytes, unit_model, unit_prefix
 
+        if spec.dtype != "float32":
+            raise LatencyError(f"this model computes in {spec.dtype}, and fxprune times onnxruntime's CPU provider "
+                               "in float32: compile the float32 model (then convert the pruned one), or pass "
+                               "engine='torch'")
         total, reference = np.full(len(points), np.nan), np.full(len(points), np.nan)
         rng = np.random.default_rng(0)
         feeds = {"x": rng.standard_normal(spec.input_shape).astype(np.float32),

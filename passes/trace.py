@@ -15,18 +15,18 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxprune.errors import ExampleInputsError, FxpruneTraceError
+from fxprune.errors import ExampleInputsError, FxpruneTraceError, InvalidWeightsError, UnsupportedModelError
 
 VALUE_KEY = "fxprune_value"
 
 
 class FxpruneTracer(torch.fx.Tracer):
-    """A tracer that also keeps the user's leaf modules (by type or qualified name) opaque."""
+    """A tracer that also keeps the user's leaf modules (by type or qualified name) and functions opaque."""
 
-    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
+    def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable = ()) -> None:
         from fxprune.modules import shifted_window_attention  # keep fxprune's kernels opaque on re-trace
 
-        super().__init__(autowrap_functions=(shifted_window_attention,))
+        super().__init__(autowrap_functions=(shifted_window_attention, *autowrap_functions))
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
 
@@ -41,6 +41,7 @@ def trace(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    autowrap_functions: Iterable = (),
 ) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule that owns deep copies of its modules.
 
@@ -48,19 +49,35 @@ def trace(
     """
     if not isinstance(model, torch.nn.Module):
         raise FxpruneTraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    tracer = FxpruneTracer(leaf_modules)
+    check_weights(model)
+    tracer = FxpruneTracer(leaf_modules, autowrap_functions)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many error types; all mean "not traceable as written"
         where = _failing_module(exc)
         raise FxpruneTraceError(
             f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}\n"
-            "Fix: pass that submodule (type or qualified name) in leaf_modules=... so it is kept opaque "
-            "(fxprune then freezes its channels), or give concrete_args={...} for Python control flow "
-            "that depends on an input."
+            "Fix: pass that submodule (type or qualified name) in leaf_modules=... or the function in "
+            "autowrap_functions=... so it is kept opaque (fxprune then freezes its channels), or give "
+            "concrete_args={...} for Python control flow that depends on an input."
         ) from exc
     name = model.__class__.__name__
     return copy_graph_module(torch.fx.GraphModule(tracer.root, graph, name))
+
+
+def check_weights(model: torch.nn.Module) -> None:
+    """Refuse models fxprune cannot score or price: non-float parameters, NaN or infinite weights."""
+    integer = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if integer:
+        raise UnsupportedModelError(
+            f"parameters {', '.join(integer[:5])} are {model.get_parameter(integer[0]).dtype}: fxprune prunes "
+            "floating-point models; prune the float model, then quantize the pruned one")
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    bad = [name for name, t in tensors if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise InvalidWeightsError(
+            f"{len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:5])}); fxprune scores "
+            "channels by their weights. Fix or reload the checkpoint (a diverged training run often causes this).")
 
 
 def _failing_module(exc: BaseException) -> str:
