@@ -4,11 +4,12 @@ What it writes:
 
 - ``node.meta["fxprune"].latency`` on every prunable convolution and linear layer: its *unit* (the
   layer with the BatchNorm folded into it and the activation after it, at the input shape it sees in
-  this model) and the unit's ``LatencyTable``, measured over a grid of kept (input, output) widths.
+  this model) and the unit's ``LatencyTable``, measured over a grid of kept (input, output) widths and
+  calibrated to milliseconds inside this model.
 - ``gm.meta["fxprune_latency"]``: a ``LatencyCalibration``: the engine, the latency step found on it,
-  the channel granularity per group, and the whole model measured once: its latency, the part spent in
-  memory-bound ops between layers (which scales with the widths of the tensors those ops touch) and
-  the fixed rest.
+  the channel granularity per group, and the whole model measured (with a uniformly reduced copy, the
+  second calibration point): its latency, the part spent in memory-bound ops between layers (which
+  scales with the widths of the tensors those ops touch) and the fixed rest.
 
 ``latency_cost(gm)`` turns both into the ``CostModel`` the planner solves with: the latency of a plan is
 its units' table entries + the memory-bound ops scaled by kept width + the fixed rest. At full width it
@@ -18,10 +19,11 @@ equals the measured latency. Every measurement goes through ``fxprune.cache.Late
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +33,12 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
+from fxprune.api import prune, uniform_plan
 from fxprune.cache import LatencyCache
 from fxprune.errors import AnalysisRequiredError
-from fxprune.ir import META_KEY, ChannelSpace, LatencyTable, LayerLatency, NodeChannels
+from fxprune.ir import META_KEY, ChannelSpace, LatencyTable, LayerLatency, NodeChannels, Plan
 from fxprune.passes.cost import CostModel, CostTerm, TableTerm
-from fxprune.passes.engines import ENGINES, QUANTILE, ROUNDS, Engine, get_engine
-from fxprune.api import prune, uniform_plan
-from fxprune.ir import Plan
+from fxprune.passes.engines import QUANTILE, ROUNDS, Engine, get_engine
 from fxprune.passes.rewrite import kept_shares
 from fxprune.passes.units import REFERENCE, Unit, UnitSpec, find_units
 
@@ -48,8 +49,7 @@ STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
 
-__all__ = ["ENGINES", "LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost",
-           "measure_latency"]
+__all__ = ["LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost", "measure_latency"]
 
 
 @dataclass
@@ -69,7 +69,6 @@ class LatencyCalibration:
     tables: int = 0  # distinct unit tables the model needs
     tables_measured: int = 0  # of which measured in this call (the rest came from the cache)
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fixed_ms(self) -> float:
@@ -292,8 +291,6 @@ def _checked_ms(values, count: int) -> np.ndarray:
 
 
 def _digest(value: Any) -> str:
-    import json
-
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 

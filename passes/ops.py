@@ -18,6 +18,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune.ir import ChannelSpace
 from fxprune.passes.dependency import ChannelBuilder, _Pending
 
 Handler = Callable[[ChannelBuilder, torch.fx.Node], None]
