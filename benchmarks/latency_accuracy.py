@@ -58,32 +58,57 @@ def run_model(name: str, budgets, rounds: int, cache_root: Path) -> dict:
         compile_s = time.perf_counter() - start
         report = fxprune.report(latency_plan)
         flops_share = report.flops_after / report.flops_before
-        flops_grid = fxprune.compile(model, fxprune.FLOPs(flops_share), inputs, round_to=report.latency_step)
-        flops_free = fxprune.compile(model, fxprune.FLOPs(flops_share), inputs, round_to=1)
-        modules += [latency_plan, flops_grid, flops_free]
+        flops_grid = _flops_only(model, flops_share, inputs, round_to=report.latency_step)
+        flops_free = _flops_only(model, flops_share, inputs, round_to=1)
+        modules += [latency_plan] + [m for m in (flops_grid, flops_free) if m is not None]
         cases.append({"budget": budget, "compile_s": compile_s, "flops_share": flops_share,
                       "predicted_before_ms": report.predicted_latency_ms_before,
                       "predicted_after_ms": report.predicted_latency_ms_after,
                       "predicted_share": report.predicted_latency_ms_after / report.predicted_latency_ms_before,
-                      "flops_grid_share": fxprune.report(flops_grid).flops_after / report.flops_before,
-                      "flops_free_share": fxprune.report(flops_free).flops_after / report.flops_before})
+                      "flops_grid_share": _flops_kept(flops_grid, report.flops_before),
+                      "flops_free_share": _flops_kept(flops_free, report.flops_before)})
+        cases[-1]["modules"] = 1 + (flops_grid is not None) + (flops_free is not None)
     # Every model of this row, the baseline included, in the same interleaved rounds: each gets the same
     # chances of a quiet round, and the shares compare latencies measured side by side.
     measured = get_engine("onnxruntime").compare(modules, inputs, rounds=rounds, seconds=0.1)
-    before = measured[0]
-    for index, case in enumerate(cases):
-        after, grid_ms, free_ms = measured[1 + 3 * index: 4 + 3 * index]
+    before, position = measured[0], 1
+    for case in cases:
+        after = measured[position]
+        grid_ms = measured[position + 1] if case["flops_grid_share"] is not None else None
+        free_ms = measured[position + case["modules"] - 1] if case["flops_free_share"] is not None else None
+        position += case.pop("modules")
         case.update({"measured_before_ms": before, "measured_after_ms": after, "measured_share": after / before,
                      "error": case["predicted_share"] * before / after - 1,
                      "raw_error": case["predicted_after_ms"] / after - 1,
                      "within_budget": after <= 1.03 * case["budget"] * before,
-                     "flops_grid_measured_share": grid_ms / before, "flops_free_measured_share": free_ms / before})
+                     "flops_grid_measured_share": None if grid_ms is None else grid_ms / before,
+                     "flops_free_measured_share": None if free_ms is None else free_ms / before})
         print(f"{name} {case['budget']}: predicted {case['predicted_share']:.3f} measured {case['measured_share']:.3f} "
               f"(error {case['error']:+.1%}, raw {case['raw_error']:+.1%}); FLOPs {case['flops_share']:.2f}; "
-              f"FLOPs-only plans measure {case['flops_grid_measured_share']:.3f} (grid) "
-              f"{case['flops_free_measured_share']:.3f} (round_to=1); compile {case['compile_s']:.1f}s", flush=True)
+              f"FLOPs-only plans measure {_share(case['flops_grid_measured_share'])} (grid) "
+              f"{_share(case['flops_free_measured_share'])} (round_to=1); compile {case['compile_s']:.1f}s", flush=True)
     return {"model": name, "cold_build_s": cold_s, "warm_compile_s": statistics.median(c["compile_s"] for c in cases),
             "cases": cases}
+
+
+def _flops_only(model, flops_share: float, inputs, round_to: int):
+    """The FLOPs-only plan at the FLOPs the latency plan kept, or None where that grid cannot reach them."""
+    try:
+        return fxprune.compile(model, fxprune.FLOPs(flops_share), inputs, round_to=round_to)
+    except fxprune.BudgetError:
+        return None
+
+
+def _flops_kept(pruned, flops_before: float) -> float | None:
+    return None if pruned is None else fxprune.report(pruned).flops_after / flops_before
+
+
+def _share(value: float | None) -> str:
+    return "unreachable" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "unreachable" if value is None else f"{value:.1%}"
 
 
 def write_docs(results: list[dict], args) -> None:
@@ -91,8 +116,11 @@ def write_docs(results: list[dict], args) -> None:
     errors = [abs(c["error"]) for _, c in cases]
     raw = [abs(c["raw_error"]) for _, c in cases]
     within = [c["within_budget"] for _, c in cases]
-    faster = [c["measured_share"] < c["flops_grid_measured_share"] for _, c in cases]
-    faster_free = [c["measured_share"] < c["flops_free_measured_share"] for _, c in cases]
+    faster = [c["measured_share"] < c["flops_grid_measured_share"] for _, c in cases
+              if c["flops_grid_measured_share"] is not None]
+    faster_free = [c["measured_share"] < c["flops_free_measured_share"] for _, c in cases
+                   if c["flops_free_measured_share"] is not None]
+    unreachable = sum(c["flops_grid_measured_share"] is None for _, c in cases)
     command = "python benchmarks/latency_accuracy.py" + (f" --models {' '.join(args.models)}" if args.models != list(MODELS) else "")
     lines = [
         "# Latency model: predicted vs measured on onnxruntime", "",
@@ -109,10 +137,19 @@ def write_docs(results: list[dict], args) -> None:
         f"- Measured latency within 1.03 x budget: **{sum(within)} of {len(within)}** ({np.mean(within):.0%}).",
         f"- At equal FLOPs, the latency-aware plan measures faster than the FLOPs-only plan on the same channel "
         f"grid in {sum(faster)} of {len(faster)} cases, and faster than a FLOPs-only plan with `round_to=1` in "
-        f"{sum(faster_free)} of {len(faster_free)}.", "",
-        "| model | cold table build (s) | warm compile (s, median) |", "|---|---|---|",
+        f"{sum(faster_free)} of {len(faster_free)}" + (f"; in {unreachable} more cases no FLOPs-only plan on the grid "
+        "reaches the FLOPs the latency-aware plan kept" if unreachable else "") + ".", "",
+        "*Baseline drift*: the unpruned model's latency in the comparison rounds over its latency when the "
+        "tables were built (both the fastest of interleaved rounds); far from 1, the machine ran at another "
+        "speed between the two, and the shares measured in the comparison rounds carry that for the "
+        "models the slowdown hits unevenly (cache-bound ones most).", "",
+        "| model | cold table build (s) | warm compile (s, median) | baseline ms (tables / comparison) | "
+        "baseline drift |", "|---|---|---|---|---|",
     ]
-    lines += [f"| {r['model']} | {r['cold_build_s']:.0f} | {r['warm_compile_s']:.1f} |" for r in results]
+    for r in results:
+        built, compared = r["cases"][0]["predicted_before_ms"], r["cases"][0]["measured_before_ms"]
+        lines.append(f"| {r['model']} | {r['cold_build_s']:.0f} | {r['warm_compile_s']:.1f} | {built:.2f} / "
+                     f"{compared:.2f} | {compared / built:.2f} |")
     lines += ["", "## Prediction and budgets", "",
               "`share` = latency / baseline latency. *error* compares the predicted share with the measured one; "
               "*ms error* compares the predicted ms with the measured ms.", "",
@@ -129,9 +166,9 @@ def write_docs(results: list[dict], args) -> None:
               "| model | budget | FLOPs kept (latency / grid / round_to=1) | latency-aware | FLOPs-only, grid | "
               "FLOPs-only, round_to=1 |", "|---|---|---|---|---|---|"]
     for name, c in cases:
-        lines.append(f"| {name} | {c['budget']} | {c['flops_share']:.1%} / {c['flops_grid_share']:.1%} / "
-                     f"{c['flops_free_share']:.1%} | {c['measured_share']:.3f} | {c['flops_grid_measured_share']:.3f} | "
-                     f"{c['flops_free_measured_share']:.3f} |")
+        lines.append(f"| {name} | {c['budget']} | {c['flops_share']:.1%} / {_pct(c['flops_grid_share'])} / "
+                     f"{_pct(c['flops_free_share'])} | {c['measured_share']:.3f} | "
+                     f"{_share(c['flops_grid_measured_share'])} | {_share(c['flops_free_measured_share'])} |")
     (DOCS / "latency.md").write_text("\n".join(lines) + "\n")
     (DOCS / "latency.json").write_text(json.dumps(results, indent=1) + "\n")
 
@@ -147,10 +184,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", default="out/latency", help="per-model results; a model found there is not re-run")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
     with tempfile.TemporaryDirectory() as cache_root:
-        results = [run_model(name, args.budgets, args.rounds, Path(cache_root)) for name in args.models]
+        for name in args.models:
+            saved = out / f"{name}.json"
+            if not saved.exists():
+                result = run_model(name, args.budgets, args.rounds, Path(cache_root))
+                saved.write_text(json.dumps(result, indent=1) + "\n")
+            results.append(json.loads(saved.read_text()))
     write_docs(results, args)
 
 
