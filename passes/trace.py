@@ -43,13 +43,16 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     autowrap_functions: Iterable = (),
 ) -> torch.fx.GraphModule:
-    """Trace ``model`` into a GraphModule that owns deep copies of its modules.
+    """Trace a deep copy of ``model`` into a GraphModule that owns the copy's modules.
 
-    The copy is what makes "the user's model is never modified" hold for every later pass.
+    The copy is what makes "the user's model is never modified" hold for every later pass, and for the
+    trace itself: a forward that caches what it computes on ``self`` (timm's attention-bias caches) would
+    otherwise keep proxies of this trace in the user's model, and break the next one.
     """
     if not isinstance(model, torch.nn.Module):
         raise FxpruneTraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_weights(model)
+    model = copy.deepcopy(model)
     tracer = FxpruneTracer(leaf_modules, autowrap_functions)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -61,8 +64,7 @@ def trace(
             "autowrap_functions=... so it is kept opaque (fxprune then freezes its channels), or give "
             "concrete_args={...} for Python control flow that depends on an input."
         ) from exc
-    name = model.__class__.__name__
-    return copy_graph_module(torch.fx.GraphModule(tracer.root, graph, name))
+    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
 def check_weights(model: torch.nn.Module) -> None:
@@ -171,7 +173,3 @@ def _failing_node(exc: BaseException) -> str:
         return " at " + text.split(" with meta=")[0].removeprefix("ShapeProp error for: node=")
     return ""
 
-
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A deep copy: new parameters, buffers and graph, so writing it never touches the original."""
-    return copy.deepcopy(gm)

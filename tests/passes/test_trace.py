@@ -73,3 +73,27 @@ def test_the_users_model_is_not_modified():
     assert model.training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class CachesOnSelf(nn.Module):
+    """A forward that caches a derived tensor on the module, as timm's attention-bias caches do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bias_table = nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias_table.view(1, -1, 1, 1) * 2
+        return self.conv(x) + self.cache["bias"]
+
+
+def test_a_forward_that_caches_on_self_leaves_no_trace_in_the_users_model():
+    model = CachesOnSelf().eval()
+    inputs = (torch.randn(1, 3, 4, 4),)
+    for _ in range(2):  # a proxy left in the cache by the first trace would break the second
+        gm = fxprune.analyze(model, inputs)
+        assert model.cache == {}
+    torch.testing.assert_close(gm(*inputs), model(*inputs))
