@@ -13,7 +13,7 @@ from fxprune.errors import AnalysisRequiredError, ExampleInputsError
 from fxprune.ir import META_KEY, ChannelGroup, Plan
 from fxprune.passes.dependency import Analysis, DependencyPass
 from fxprune.passes.rewrite import PLAN_KEY, RewritePass
-from fxprune.passes.trace import propagate_shapes, trace
+from fxprune.passes.trace import propagate_shapes, trace, unfed_defaults
 
 logger = logging.getLogger("fxprune")
 
@@ -33,6 +33,7 @@ def analyze(
     """
     if example_inputs is None:
         raise ExampleInputsError("example_inputs is required: pass e.g. (torch.randn(1, 3, 224, 224),)")
+    concrete_args = {**unfed_defaults(model, example_inputs), **(concrete_args or {})} or None
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, autowrap_functions=autowrap_functions)
     propagate_shapes(gm, example_inputs)
     DependencyPass()(gm)

@@ -7,6 +7,7 @@ non-tensor values such as sizes, ``node.meta["fxprune_value"]`` so later passes 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
@@ -65,6 +66,22 @@ def trace(
             "concrete_args={...} for Python control flow that depends on an input."
         ) from exc
     return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def unfed_defaults(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """Forward arguments the example inputs leave out, with their non-tensor defaults (``mask=None``,
+    ``return_features=False``): traced as constants, as a call with those inputs would run them, so
+    ``if mask is not None`` branches need no ``concrete_args`` from the user."""
+    count = 1 if isinstance(example_inputs, torch.Tensor) else len(example_inputs) if isinstance(
+        example_inputs, (tuple, list)) else 0
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a readable signature: trace it as it is
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p.default for p in parameters[count:]
+            if p.kind in positional and p.default is not inspect.Parameter.empty
+            and not isinstance(p.default, torch.Tensor)}
 
 
 def check_weights(model: torch.nn.Module) -> None:

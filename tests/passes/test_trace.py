@@ -97,3 +97,37 @@ def test_a_forward_that_caches_on_self_leaves_no_trace_in_the_users_model():
         gm = fxprune.analyze(model, inputs)
         assert model.cache == {}
     torch.testing.assert_close(gm(*inputs), model(*inputs))
+
+
+class OptionalMask(nn.Module):
+    """``if mask is not None`` on a forward argument the caller leaves out, as in timm's Hiera."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x, mask=None, scale=2.0):
+        y = self.conv(x)
+        if mask is not None:
+            y = y * mask
+        return self.head(y) * scale
+
+
+def test_arguments_the_example_inputs_leave_out_are_traced_at_their_defaults():
+    model = OptionalMask().eval()
+    inputs = (torch.randn(1, 3, 4, 4),)
+    gm = fxprune.analyze(model, inputs)
+    pruned = fxprune.prune(gm, fxprune.random_plan(gm, 0.5))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs))
+        assert pruned(*inputs).shape == model(*inputs).shape
+    assert any(group.prunable for group in fxprune.groups(gm))
+
+
+def test_an_argument_given_in_the_example_inputs_is_traced_as_an_input():
+    model = OptionalMask().eval()
+    inputs = (torch.randn(1, 3, 4, 4), torch.rand(1, 8, 4, 4))
+    gm = fxprune.analyze(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs))
