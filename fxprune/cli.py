@@ -143,11 +143,16 @@ def _inputs(args, model: torch.nn.Module) -> tuple:
     return fxprune.api.infer_example_inputs(model)
 
 
-def cmd_prune(args) -> None:
-    step = Steps()
+def _load(args, step: Steps) -> tuple[torch.nn.Module, tuple]:
+    """The model named on the command line (with its weights) and its example inputs."""
     with step(f"loading {args.model}"):
         model = load_model(args.model, args.weights)
-    inputs = _inputs(args, model)
+    return model, _inputs(args, model)
+
+
+def cmd_prune(args) -> None:
+    step = Steps()
+    model, inputs = _load(args, step)
     with step(f"compiling to {args.budget}"):
         pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
                                  engine=args.engine, threads=args.threads, round_to=args.round_to,
@@ -190,9 +195,7 @@ def cmd_profile(args) -> None:
     from fxprune.passes.latency import LATENCY_KEY
 
     step = Steps()
-    with step(f"loading {args.model}"):
-        model = load_model(args.model, args.weights)
-    inputs = _inputs(args, model)
+    model, inputs = _load(args, step)
     with step(f"latency tables on {args.engine}"):
         gm = _with_tables(model, inputs, args)
     calibration = gm.meta[LATENCY_KEY]
