@@ -45,50 +45,58 @@ def _build(name: str):
     return torchvision.models.get_model(name, weights=None).eval(), (torch.randn(1, 3, 224, 224),)
 
 
-def run_model(name: str, budgets, rounds: int, cache_root: Path) -> dict:
+def run_model(name: str, budgets, rounds: int, cache_root: Path, refine: int) -> dict:
     model, inputs = _build(name)
     cache = LatencyCache(cache_root / name)  # empty: the first compile builds every table
     start = time.perf_counter()
-    fxprune.compile(model, budgets[0], inputs, cache=cache, progress=False)
+    fxprune.compile(model, budgets[0], inputs, cache=cache, progress=False, refine=0)
     cold_s = time.perf_counter() - start
-    cases, modules = [], [model]
+    cases, modules = [], []
     for budget in budgets:
         start = time.perf_counter()
-        latency_plan = fxprune.compile(model, budget, inputs, cache=cache, progress=False)
+        fxprune.compile(model, budget, inputs, cache=cache, progress=False, refine=0)
+        tables_compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        latency_plan = fxprune.compile(model, budget, inputs, cache=cache, progress=False, refine=refine)
         compile_s = time.perf_counter() - start
         report = fxprune.report(latency_plan)
+        before_ms = report.predicted_latency_ms_before
+        tables_after = report.predicted_latency_ms_tables_after or report.predicted_latency_ms_after
         flops_share = report.flops_after / report.flops_before
         flops_grid = _flops_only(model, flops_share, inputs, round_to=report.latency_step)
         flops_free = _flops_only(model, flops_share, inputs, round_to=1)
         modules += [latency_plan] + [m for m in (flops_grid, flops_free) if m is not None]
-        cases.append({"budget": budget, "compile_s": compile_s, "flops_share": flops_share,
-                      "predicted_before_ms": report.predicted_latency_ms_before,
+        cases.append({"budget": budget, "compile_s": compile_s, "tables_compile_s": tables_compile_s,
+                      "flops_share": flops_share, "predicted_before_ms": before_ms,
                       "predicted_after_ms": report.predicted_latency_ms_after,
-                      "predicted_share": report.predicted_latency_ms_after / report.predicted_latency_ms_before,
+                      "predicted_share": report.predicted_latency_ms_after / before_ms,
+                      "tables_share": tables_after / before_ms, "prediction": report.latency_prediction,
+                      "points": report.latency_points,
                       "flops_grid_share": _flops_kept(flops_grid, report.flops_before),
                       "flops_free_share": _flops_kept(flops_free, report.flops_before)})
         cases[-1]["modules"] = 1 + (flops_grid is not None) + (flops_free is not None)
-    # Every model of this row, the baseline included, in the same interleaved rounds: each gets the same
-    # chances of a quiet round, and the shares compare latencies measured side by side.
-    measured = get_engine("onnxruntime").compare(modules, inputs, rounds=rounds, seconds=0.1)
-    before, position = measured[0], 1
+    # Every pruned model is timed in pairs of rounds with the baseline (engines.time_shares): the share
+    # is the median ratio over pairs, which holds while the machine's speed moves between rounds.
+    before, shares = get_engine("onnxruntime").compare_to(model, modules, inputs, rounds=rounds, seconds=0.1)
+    position = 0
     for case in cases:
-        after = measured[position]
-        grid_ms = measured[position + 1] if case["flops_grid_share"] is not None else None
-        free_ms = measured[position + case["modules"] - 1] if case["flops_free_share"] is not None else None
+        after = shares[position]
+        grid = shares[position + 1] if case["flops_grid_share"] is not None else None
+        free = shares[position + case["modules"] - 1] if case["flops_free_share"] is not None else None
         position += case.pop("modules")
-        case.update({"measured_before_ms": before, "measured_after_ms": after, "measured_share": after / before,
-                     "error": case["predicted_share"] * before / after - 1,
-                     "raw_error": case["predicted_after_ms"] / after - 1,
-                     "within_budget": after <= 1.03 * case["budget"] * before,
-                     "flops_grid_measured_share": None if grid_ms is None else grid_ms / before,
-                     "flops_free_measured_share": None if free_ms is None else free_ms / before})
-        print(f"{name} {case['budget']}: predicted {case['predicted_share']:.3f} measured {case['measured_share']:.3f} "
-              f"(error {case['error']:+.1%}, raw {case['raw_error']:+.1%}); FLOPs {case['flops_share']:.2f}; "
-              f"FLOPs-only plans measure {_share(case['flops_grid_measured_share'])} (grid) "
-              f"{_share(case['flops_free_measured_share'])} (round_to=1); compile {case['compile_s']:.1f}s", flush=True)
-    return {"model": name, "cold_build_s": cold_s, "warm_compile_s": statistics.median(c["compile_s"] for c in cases),
-            "cases": cases}
+        case.update({"measured_before_ms": before, "measured_after_ms": after * before, "measured_share": after,
+                     "error": case["predicted_share"] / after - 1, "tables_error": case["tables_share"] / after - 1,
+                     "raw_error": case["predicted_after_ms"] / (after * before) - 1,
+                     "within_budget": after <= 1.03 * case["budget"],
+                     "flops_grid_measured_share": grid, "flops_free_measured_share": free})
+        print(f"{name} {case['budget']}: predicted {case['predicted_share']:.3f} ({case['prediction']}; tables "
+              f"{case['tables_share']:.3f}) measured {case['measured_share']:.3f} (error {case['error']:+.1%}, "
+              f"tables {case['tables_error']:+.1%}); FLOPs {case['flops_share']:.2f}; FLOPs-only plans measure "
+              f"{_share(grid)} (grid) {_share(free)} (round_to=1); compile {case['compile_s']:.1f}s "
+              f"(tables only {case['tables_compile_s']:.1f}s)", flush=True)
+    return {"model": name, "cold_build_s": cold_s, "refine": refine,
+            "warm_compile_s": statistics.median(c["compile_s"] for c in cases),
+            "warm_tables_compile_s": statistics.median(c["tables_compile_s"] for c in cases), "cases": cases}
 
 
 def _flops_only(model, flops_share: float, inputs, round_to: int):
@@ -111,58 +119,72 @@ def _pct(value: float | None) -> str:
     return "unreachable" if value is None else f"{value:.1%}"
 
 
+def _summary_line(label: str, errors: list[float]) -> str:
+    return (f"- {label}, median over {len(errors)} cases: **{statistics.median(errors):.1%}** (90th percentile "
+            f"{np.quantile(errors, 0.9):.1%}, worst {max(errors):.1%}).")
+
+
 def write_docs(results: list[dict], args) -> None:
     cases = [(r["model"], c) for r in results for c in r["cases"]]
-    errors = [abs(c["error"]) for _, c in cases]
-    raw = [abs(c["raw_error"]) for _, c in cases]
     within = [c["within_budget"] for _, c in cases]
     faster = [c["measured_share"] < c["flops_grid_measured_share"] for _, c in cases
               if c["flops_grid_measured_share"] is not None]
     faster_free = [c["measured_share"] < c["flops_free_measured_share"] for _, c in cases
                    if c["flops_free_measured_share"] is not None]
     unreachable = sum(c["flops_grid_measured_share"] is None for _, c in cases)
+    measured_in_compile = sum(c["prediction"] == "measured" for _, c in cases)
+    twice = [abs(c["error"]) for _, c in cases if c["prediction"] == "measured"]
     command = "python benchmarks/latency_accuracy.py" + (f" --models {' '.join(args.models)}" if args.models != list(MODELS) else "")
+    command += f" --refine {args.refine}" if args.refine != 1 else ""
     lines = [
         "# Latency model: predicted vs measured on onnxruntime", "",
         f"Generated by `{command}` (torch {torch.__version__}, onnxruntime {_ort_version()}, "
         f"{os.cpu_count()} CPU cores, 2 threads, {time.strftime('%Y-%m-%d')}). Random weights, batch 1, 224x224, "
-        f"importance `sp_lamp`, `fxprune.compile(model, Latency(b))`. Latencies are the {QUANTILE:.0%} quantile "
-        f"of runs in rounds of 0.1 s, the fastest of {args.rounds} rounds; all the models of one network (the "
-        "baseline and every plan) are timed in the same interleaved rounds: this machine's speed drifts "
-        "([machine_noise.md](machine_noise.md)).", "",
+        f"importance `sp_lamp`, `fxprune.compile(model, Latency(b), refine={args.refine})`. "
+        f"Each pruned model is timed against the unpruned one in {args.rounds} pairs of rounds of 0.1 s (a round's "
+        f"latency is the {QUANTILE:.0%} quantile of its runs); its *measured share* is the median over pairs of "
+        "pruned / unpruned. This machine's speed drifts by tens of percent within a minute "
+        "([machine_noise.md](machine_noise.md)); a ratio of rounds run back to back survives that, separate "
+        "fastest rounds did not (the previous version of this page).", "",
+        "*Prediction*: what `fxprune.report(pruned).predicted_latency_ms_after` says, as a share of the unpruned "
+        "model. With `refine` > 0, compile times the plans it solves against the unpruned model and solves "
+        "again through those measurements (`passes/refine.py`); a plan it timed is predicted by that timing "
+        f"(here {measured_in_compile} of {len(cases)} plans), any other through the corrected tables. *Tables "
+        "alone* is the tables' own prediction for the same plan (two calibration points), what `refine=0` "
+        "would report for it.", "",
         "## Summary", "",
-        f"- Prediction error, median over {len(cases)} cases: **{statistics.median(errors):.1%}** "
-        f"(90th percentile {np.quantile(errors, 0.9):.1%}, worst {max(errors):.1%}); in ms, against the "
-        f"baseline measured when the tables were built: median {statistics.median(raw):.1%}.",
+        _summary_line("Prediction error |predicted / measured - 1|", [abs(c["error"]) for _, c in cases]),
+        _summary_line("Tables alone, same plans", [abs(c["tables_error"]) for _, c in cases]),
         f"- Measured latency within 1.03 x budget: **{sum(within)} of {len(within)}** ({np.mean(within):.0%}).",
+        *([_summary_line(f"The same plan timed twice, by compile and here (the {len(twice)} plans compile "
+                         "timed): |difference|", twice)] if twice else []),
         f"- At equal FLOPs, the latency-aware plan measures faster than the FLOPs-only plan on the same channel "
         f"grid in {sum(faster)} of {len(faster)} cases, and faster than a FLOPs-only plan with `round_to=1` in "
         f"{sum(faster_free)} of {len(faster_free)}" + (f"; in {unreachable} more cases no FLOPs-only plan on the grid "
         "reaches the FLOPs the latency-aware plan kept" if unreachable else "") + ".", "",
-        "*Baseline drift*: the unpruned model's latency in the comparison rounds over its latency when the "
-        "tables were built (both the fastest of interleaved rounds); far from 1, the machine ran at another "
-        "speed between the two, and the shares measured in the comparison rounds carry that for the "
-        "models the slowdown hits unevenly (cache-bound ones most).", "",
-        "| model | cold table build (s) | warm compile (s, median) | baseline ms (tables / comparison) | "
-        "baseline drift |", "|---|---|---|---|---|",
+        "| model | cold table build (s) | warm compile (s, median): tables only / with refine | baseline ms "
+        "(tables / comparison) |", "|---|---|---|---|",
     ]
     for r in results:
         built, compared = r["cases"][0]["predicted_before_ms"], r["cases"][0]["measured_before_ms"]
-        lines.append(f"| {r['model']} | {r['cold_build_s']:.0f} | {r['warm_compile_s']:.1f} | {built:.2f} / "
-                     f"{compared:.2f} | {compared / built:.2f} |")
+        lines.append(f"| {r['model']} | {r['cold_build_s']:.0f} | {r['warm_tables_compile_s']:.1f} / "
+                     f"{r['warm_compile_s']:.1f} | {built:.2f} / {compared:.2f} |")
     lines += ["", "## Prediction and budgets", "",
-              "`share` = latency / baseline latency. *error* compares the predicted share with the measured one; "
-              "*ms error* compares the predicted ms with the measured ms.", "",
-              "| model | budget | predicted share | measured share | error | ms error | within 1.03 x budget | FLOPs kept |",
-              "|---|---|---|---|---|---|---|---|"]
+              "`share` = latency / unpruned latency. *points*: the whole models compile timed, as (tables' "
+              "predicted share, measured share): the reduced copy from the table build, then each plan.", "",
+              "| model | budget | predicted share (source) | tables alone | measured share | error | tables-alone "
+              "error | within 1.03 x budget | FLOPs kept | points |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cases:
-        lines.append(f"| {name} | {c['budget']} | {c['predicted_share']:.3f} | {c['measured_share']:.3f} | "
-                     f"{c['error']:+.1%} | {c['raw_error']:+.1%} | {'yes' if c['within_budget'] else '**no**'} | "
-                     f"{c['flops_share']:.1%} |")
+        points = ", ".join(f"{p:.3f}->{m:.3f}" for p, m, source in c["points"] if source != "full")
+        lines.append(f"| {name} | {c['budget']} | {c['predicted_share']:.3f} ({c['prediction']}) | "
+                     f"{c['tables_share']:.3f} | {c['measured_share']:.3f} | {c['error']:+.1%} | "
+                     f"{c['tables_error']:+.1%} | {'yes' if c['within_budget'] else '**no**'} | "
+                     f"{c['flops_share']:.1%} | {points} |")
     lines += ["", "## Latency-aware vs FLOPs-only at equal FLOPs", "",
               "Same importance (`sp_lamp`), FLOPs budget = the FLOPs the latency-aware plan kept. *grid*: FLOPs-only "
               "on the same channel grid (the engine's latency step); *round_to=1*: FLOPs-only with any width. "
-              "Measured shares of the baseline, in the same interleaved rounds.", "",
+              "Measured shares of the unpruned model, timed as above.", "",
               "| model | budget | FLOPs kept (latency / grid / round_to=1) | latency-aware | FLOPs-only, grid | "
               "FLOPs-only, round_to=1 |", "|---|---|---|---|---|---|"]
     for name, c in cases:
@@ -183,7 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=16, help="pairs of rounds per pruned model")
+    parser.add_argument("--refine", type=int, default=1, help="compile's refine: plans measured while solving")
     parser.add_argument("--out", default="out/latency", help="per-model results; a model found there is not re-run")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -194,7 +217,7 @@ def main() -> None:
         for name in args.models:
             saved = out / f"{name}.json"
             if not saved.exists():
-                result = run_model(name, args.budgets, args.rounds, Path(cache_root))
+                result = run_model(name, args.budgets, args.rounds, Path(cache_root), args.refine)
                 saved.write_text(json.dumps(result, indent=1) + "\n")
             results.append(json.loads(saved.read_text()))
     write_docs(results, args)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.errors import AnalysisRequiredError, ExampleInputsError
+from fxprune.errors import AnalysisRequiredError, ExampleInputsError, FxpruneError
 from fxprune.ir import META_KEY, ChannelGroup, Plan
 from fxprune.passes.dependency import Analysis, DependencyPass
 from fxprune.passes.rewrite import PLAN_KEY, RewritePass
@@ -133,6 +133,7 @@ def compile(
     loss_fn: Any = None,
     resolution: int = 4000,
     measure: bool = False,
+    refine: int = 1,
     leaf_modules: Iterable[type | str] = (),
     autowrap_functions: Iterable = (),
     cache: Any = None,
@@ -146,6 +147,8 @@ def compile(
     counts on multiples of this (default: the engine's latency step for latency budgets, else 8).
     ``cache``: a ``LatencyCache`` or a folder for the latency tables (default ``~/.cache/fxprune``).
     ``measure``: also time the model before and after on ``engine`` for the report.
+    ``refine``: for latency budgets, how many solved plans may be timed on ``engine`` and solved again
+    through the measurements (``passes/refine.py``); 0 trusts the tables alone.
     """
     from fxprune.budgets import as_budget
     from fxprune.cache import LatencyCache
@@ -153,10 +156,13 @@ def compile(
     from fxprune.passes.engines import get_engine
     from fxprune.passes.latency import LATENCY_KEY, LatencyPass, latency_cost
     from fxprune.passes.plan import solve_plan
+    from fxprune.passes.refine import solve_measured
     from fxprune.passes.score import ScorePass
     from fxprune.reports import GroupReport, Report
 
     budget = as_budget(budget)
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise FxpruneError(f"refine must be a number of measured solves >= 0, got {refine!r}")
     engine = get_engine(engine, threads, check=budget.metric == "latency" or measure)
     example_inputs = infer_example_inputs(model) if example_inputs is None else example_inputs
     gm = analyze(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
@@ -171,8 +177,15 @@ def compile(
         costs["latency"] = latency_cost(gm)
         granularity = gm.meta[LATENCY_KEY].granularity
     cost = costs[budget.metric]
-    result = solve_plan(gm, cost, budget.capacity(cost.baseline), round_to=granularity, solver=solver,
-                        resolution=resolution)
+    measured_solve = None
+    if budget.metric == "latency" and refine:
+        measured_solve = solve_measured(gm, cost, budget.capacity(cost.baseline) / cost.baseline, engine,
+                                        example_inputs, steps=refine, cache=cache, round_to=granularity,
+                                        solver=solver, resolution=resolution)
+        result = measured_solve.result
+    else:
+        result = solve_plan(gm, cost, budget.capacity(cost.baseline), round_to=granularity, solver=solver,
+                            resolution=resolution)
     pruned = prune(gm, result.plan)
     groups = analysis(gm).groups
     report = Report(
@@ -190,14 +203,32 @@ def compile(
         report.predicted_latency_ms_before = costs["latency"].baseline
         report.predicted_latency_ms_after = result.predicted_cost
         report.latency_step = calibration_.step
+        if measured_solve is not None:
+            _report_measured_solve(report, measured_solve, costs["latency"].baseline)
         report.notes.append(f"latency tables on {engine.name} ({engine.threads} threads): {calibration_.tables} "
                             f"layers, {calibration_.tables_measured} measured now, the rest from the cache; "
                             f"latency step {calibration_.step} channels")
     if measure:
-        report.measured_latency_ms_before, report.measured_latency_ms_after = engine.compare([gm, pruned],
-                                                                                            example_inputs)
+        before_ms, (share,) = engine.compare_to(gm, [pruned], example_inputs)
+        report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
     pruned.meta[REPORT_KEY] = report
     return pruned
+
+
+def _report_measured_solve(report, solved, baseline_ms: float) -> None:
+    """What the closed loop measured, and where the plan's predicted latency comes from."""
+    report.predicted_latency_ms_tables_after = solved.tables_share * baseline_ms
+    report.predicted_latency_ms_after = report.predicted_after = solved.predicted_share * baseline_ms
+    report.latency_points = [(p.predicted, p.measured, p.source) for p in solved.points]
+    plans = sum(p.source == "plan" for p in solved.points)
+    report.latency_prediction = "measured" if solved.measured else "corrected" if plans else "tables"
+    report.notes.append(
+        f"{plans} plan(s) timed on the engine while solving; the returned plan's prediction is "
+        + ("its measurement" if solved.measured else "the tables' corrected by the measured points")
+        + f" (tables alone: {solved.tables_share:.3f} of the model)")
+    if solved.predicted_share > report.capacity / baseline_ms * (1 + 1e-9):
+        report.notes.append(f"the smallest plan the tables allow is predicted at {solved.predicted_share:.3f} of "
+                            f"the model, above the budget; a lower budget than this cannot be met on this engine")
 
 
 def report(gm: torch.fx.GraphModule):

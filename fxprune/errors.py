@@ -28,7 +28,12 @@ class ExportError(FxpruneError):
 
 
 class BudgetError(FxpruneError):
-    """A budget is malformed (<= 0, > 1, wrong type) or cannot be met by any plan."""
+    """A budget is malformed (<= 0, > 1, wrong type) or cannot be met by any plan; in the second case
+    ``smallest`` is the smallest cost a plan reaches (in the budget's metric)."""
+
+    def __init__(self, message: str, smallest: float | None = None) -> None:
+        super().__init__(message)
+        self.smallest = smallest
 
 
 class EngineUnavailableError(FxpruneError):

@@ -36,6 +36,12 @@ class Report:
     measured_latency_ms_after: float | None = None
     engine: str | None = None
     latency_step: int | None = None  # channels the engine's latency moves in (latency budgets)
+    # the closed loop (passes/refine.py): the tables' own prediction for the returned plan, the whole
+    # models timed (predicted share, measured share, source), and what predicted_latency_ms_after is:
+    # "tables", "corrected" (by the points) or "measured" (the plan itself was timed)
+    predicted_latency_ms_tables_after: float | None = None
+    latency_points: list = field(default_factory=list)
+    latency_prediction: str = "tables"
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -62,18 +68,23 @@ class Report:
 
     def _latency_lines(self) -> list[str]:
         """Predicted and measured latency side by side, with the share kept and the prediction's error."""
+        predicted = f"predicted ({self.latency_prediction})"
         rows = [(name, before, after) for name, before, after in (
-            ("predicted", self.predicted_latency_ms_before, self.predicted_latency_ms_after),
-            ("measured", self.measured_latency_ms_before, self.measured_latency_ms_after)) if before is not None]
+            ("tables alone", self.predicted_latency_ms_before,
+             self.predicted_latency_ms_tables_after if self.latency_prediction != "tables" else None),
+            (predicted, self.predicted_latency_ms_before, self.predicted_latency_ms_after),
+            ("measured", self.measured_latency_ms_before, self.measured_latency_ms_after))
+            if before is not None and after is not None]
         if not rows:
             return []
         lines = [f"  latency on {self.engine}    {'before':>10} {'after':>10} {'after/before':>13}"]
         lines += [f"    {name:<21}{before:>8.3f} ms{after:>8.3f} ms{after / before:>13.3f}" for name, before, after in rows]
-        if len(rows) == 2:
+        if self.measured_latency_ms_after is not None and self.predicted_latency_ms_after is not None:
             error = (self.predicted_latency_ms_after - self.measured_latency_ms_after) / self.measured_latency_ms_after
-            ratio_error = (rows[0][2] / rows[0][1]) / (rows[1][2] / rows[1][1]) - 1
+            ratio_error = ((self.predicted_latency_ms_after / self.predicted_latency_ms_before)
+                           / (self.measured_latency_ms_after / self.measured_latency_ms_before) - 1)
             lines.append(f"    prediction error: {error:+.1%} in ms, {ratio_error:+.1%} in after/before")
-        elif rows[0][0] == "predicted":
+        elif self.predicted_latency_ms_after is not None:
             lines.append("    measured: pass measure=True to fxprune.compile")
         return lines
 

@@ -207,7 +207,8 @@ class ChannelBuilder:
         It is right when it sets the size of an axis in the same group with the same width, or when the
         shape op that uses it is replaced by a gather. When it sets the size of an untracked axis (whose
         width never changes, e.g. the output of an attention einsum), the traced literal is written
-        back instead. Any other use (arithmetic, asserts, factories) freezes the measured group.
+        back instead. Any other use (arithmetic, asserts, factories) freezes the measured group, and
+        the group of the axis it sizes, if any: that axis must keep the measured width.
         """
         frozen_components = {component_of[i] for i in self.frozen}
         for measured, target, user, position in self.width_uses:
@@ -223,6 +224,8 @@ class ChannelBuilder:
                 info.rewrite_args.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
                 continue
             self.freeze(measured, f"its width is read at run time and used by {user.name}")
+            if target is not None:  # the axis it sizes must keep that width too (timm's pvt_v2: reshape(B, C, -1))
+                self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
 
     def _fixed_width(self, node: torch.fx.Node, dim: int, component_of, frozen_components) -> bool:
         """True when axis ``dim`` of ``node``'s output can never change width: untracked, or frozen."""

@@ -172,6 +172,37 @@ class Engine(ABC):
                 best[index] = min(best[index], self.time_round(run, seconds, self.warmup if round_ == 0 else 1))
         return best
 
+    def time_shares(self, reference: Callable[[], Any], runners: list[Callable[[], Any]], rounds: int = ROUNDS,
+                    seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:
+        """The reference's quiet latency (ms) and each runner's latency as a share of it.
+
+        Each runner is timed in pairs with the reference, a round of each back to back (the reference
+        first in every other pair); its share is the median over pairs of the two rounds' ratio. A
+        slowdown longer than a pair hits both sides of the ratio, so shares hold on a machine whose
+        speed moves between rounds, where the fastest round of each model would need the quiet moments
+        to fall evenly."""
+        ratios: list[list[float]] = [[] for _ in runners]
+        reference_ms = float("inf")
+        for round_ in range(rounds):
+            for index, run in enumerate(runners):
+                warmup = self.warmup if round_ == 0 else 1
+                if (round_ + index) % 2 == 0:
+                    before = self.time_round(reference, seconds, warmup)
+                    after = self.time_round(run, seconds, warmup)
+                else:
+                    after = self.time_round(run, seconds, warmup)
+                    before = self.time_round(reference, seconds, warmup)
+                ratios[index].append(after / before)
+                reference_ms = min(reference_ms, before)
+        return reference_ms, [float(np.median(values)) for values in ratios]
+
+    def compare_to(self, reference: nn.Module, modules: list[nn.Module], example_inputs: tuple,
+                   rounds: int = ROUNDS, seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:
+        """Quiet latency (ms) of ``reference`` and each module's share of it (see ``time_shares``)."""
+        with ExitStack() as stack:
+            deploy = lambda module: stack.enter_context(self.deploy(module, example_inputs)).run  # noqa: E731
+            return self.time_shares(deploy(reference), [deploy(module) for module in modules], rounds, seconds)
+
     def _sync(self) -> None:
         """Wait for queued device work (GPU engines)."""
 

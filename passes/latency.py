@@ -166,7 +166,7 @@ class LatencyPass(PassBase):
         on a machine whose speed comes and goes, the fastest of rounds far apart is the quiet latency.
         """
         model_key = {"kind": "model", "engine": self.engine.identity(), "model": model_digest(gm, self.example_inputs),
-                     "reduced": Plan(reduced.keep).to_json(), "protocol": self._protocol()}
+                     "reduced": Plan(reduced.keep).to_json(), "protocol": {**self._protocol(), "batch": "static"}}
         timing = self.cache.lookup(model_key, _model_timing)
         distinct = {_digest(key): key for key in keys.values()}
         tables: dict[str, LatencyTable] = {}

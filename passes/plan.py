@@ -173,7 +173,8 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     minimum = cost.total(smallest)
     if minimum > capacity * (1 + 1e-9):
         raise BudgetError(f"the {cost.metric} budget {capacity:.6g} cannot be met: the smallest achievable is "
-                          f"{minimum:.6g} ({minimum / cost.baseline:.3f} of the model); raise the budget")
+                          f"{minimum:.6g} ({minimum / cost.baseline:.3f} of the model); raise the budget",
+                          smallest=minimum)
     start = time.perf_counter()
     target, iterations, best = capacity, 0, None
     for _ in range(8):  # tighten the target while no solve gave a plan whose exact cost fits

@@ -35,7 +35,15 @@ def test_prune_to_a_latency_budget_with_weights_and_plots(tmp_path, capsys):
                  "--threads", "1", "--measure", "--plot", str(plots)]) == 0
     text = capsys.readouterr().out
     assert "latency on onnxruntime" in text and "measured" in text
+    assert "1 plan(s) timed on the engine while solving" in text  # refine=1 by default
     assert {p.name for p in plots.iterdir()} == {"widths.png", "latency_vs_width.png", "predicted_vs_measured.png"}
+
+
+def test_refine_zero_trusts_the_tables(capsys):
+    assert main(["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "0.6", "--threads", "1",
+                 "--refine", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted (tables)" in text and "timed on the engine" not in text
 
 
 def test_profile_prints_a_per_layer_table(capsys):

@@ -273,6 +273,32 @@ def test_width_read_used_in_arithmetic_freezes_the_group():
     assert not group.prunable and "read at run time" in group.frozen_reason
 
 
+class ReshapedByAnotherWidth(nn.Module):
+    """timm's pvt_v2 attention: a spatial-reduction conv's output reshaped with the width of its input,
+    read at run time (``B, C, H, W = x.shape; sr(x).reshape(B, C, -1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.sr = nn.Conv2d(16, 16, 2, stride=2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        batch, channels, _, _ = x.shape
+        reduced = self.sr(x).reshape(batch, channels, -1).permute(0, 2, 1)
+        return self.head(reduced.mean(1))
+
+
+def test_a_width_read_sizing_another_group_freezes_both():
+    inputs = (torch.randn(1, 3, 8, 8),)
+    gm, _ = _check_equivalent(ReshapedByAnotherWidth().eval(), inputs)
+    for node in ("stem", "sr"):
+        group, _ = _group_of(gm, node)
+        assert not group.prunable, node
+    assert "another group" in _group_of(gm, "sr")[0].frozen_reason
+
+
 def test_conv1d_conv3d_and_transposed_convs():
     class Mixed(nn.Module):
         def __init__(self):

@@ -1,0 +1,80 @@
+"""The closed loop: measured plans correct the tables' prediction, and compile lands on the budget."""
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fxprune.passes.refine import MARGIN, Correction, LatencyPoint
+from fxprune.testing import SyntheticEngine, tiny_cnn
+
+INPUTS = (torch.randn(1, 3, 32, 32),)
+
+
+class CurvedEngine(SyntheticEngine):
+    """A whole model takes its units' sum to the power 1.5: two calibration points (full, reduced) and
+    a straight line between them mispredict every plan in between, as real engines do less smoothly."""
+
+    name = "synthetic-curved"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deployed = 0
+
+    def model_ms(self, module, example_inputs) -> float:
+        self.deployed += 1
+        return super().model_ms(module, example_inputs) ** 1.5
+
+
+def points(*pairs) -> Correction:
+    return Correction([LatencyPoint(p, m, "plan") for p, m in pairs])
+
+
+def test_the_correction_passes_through_its_points_and_inverts():
+    correction = points((1.0, 1.0), (0.2, 0.1), (0.6, 0.5))
+    for predicted, measured in ((1.0, 1.0), (0.2, 0.1), (0.6, 0.5)):
+        assert correction.measured_share(predicted) == pytest.approx(measured)
+        assert correction.predicted_share(measured) == pytest.approx(predicted)
+    assert correction.measured_share(0.4) == pytest.approx(0.3)  # linear between points
+    assert correction.measured_share(0.1) == pytest.approx(0.05)  # proportional below the smallest
+    for share in np.linspace(0.05, 1.0, 20):
+        assert correction.measured_share(correction.predicted_share(share)) == pytest.approx(share)
+
+
+def test_a_measured_dip_is_read_as_noise():
+    correction = points((1.0, 1.0), (0.5, 0.6), (0.6, 0.55))  # a larger plan measured faster
+    predicted, measured = correction.curve()
+    assert np.all(np.diff(measured) >= 0)
+    assert correction.predicted_share(0.6) == pytest.approx(0.5)  # the smallest plan that measures 0.6
+
+
+def _true_share(engine, pruned, model) -> float:
+    return engine.model_ms(pruned, INPUTS) / engine.model_ms(model, INPUTS)
+
+
+def test_measuring_plans_brings_a_mispredicted_budget_home(tmp_path):
+    model, engine = tiny_cnn().eval(), CurvedEngine()
+    compile_ = lambda refine: fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path, round_to=1,  # noqa: E731
+                                              refine=refine, progress=False)
+    tables_only = compile_(0)
+    assert abs(_true_share(engine, tables_only, model) / 0.5 - 1) > 0.05  # the tables alone miss
+
+    refined = compile_(3)
+    report = fxprune.report(refined)
+    share = _true_share(engine, refined, model)
+    assert 0.5 * (1 - 2 * MARGIN) - 1e-6 <= share <= 0.5 * (1 - MARGIN / 2) + 1e-6  # aimed under the budget
+    assert report.latency_prediction in ("measured", "corrected")
+    predicted = report.predicted_latency_ms_after / report.predicted_latency_ms_before
+    assert predicted == pytest.approx(share, rel=0.02)
+    assert [source for _, _, source in report.latency_points][:2] == ["full", "reduced"]
+    assert "tables alone" in str(report)
+
+    deployed = engine.deployed
+    again = compile_(3)  # every plan's timing is cached: the same plan, no model deployed
+    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(refined).to_json()
+    assert engine.deployed == deployed
+
+
+def test_refine_must_be_a_count():
+    with pytest.raises(fxprune.FxpruneError, match="refine"):
+        fxprune.compile(tiny_cnn().eval(), 0.5, INPUTS, engine=SyntheticEngine(), refine=-1)
