@@ -227,8 +227,9 @@ def _report_measured_solve(report, solved, baseline_ms: float) -> None:
         + ("its measurement" if solved.measured else "the tables' corrected by the measured points")
         + f" (tables alone: {solved.tables_share:.3f} of the model)")
     if solved.predicted_share > report.capacity / baseline_ms * (1 + 1e-9):
-        report.notes.append(f"the smallest plan the tables allow is predicted at {solved.predicted_share:.3f} of "
-                            f"the model, above the budget; a lower budget than this cannot be met on this engine")
+        report.notes.append(f"the returned plan is predicted at {solved.predicted_share:.3f} of the model, above "
+                            "the budget: no timed or corrected plan fit it (the tables allow nothing smaller, or "
+                            "timings disagree); raise the budget, or compile with a larger refine")
 
 
 def report(gm: torch.fx.GraphModule):
