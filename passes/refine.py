@@ -13,6 +13,7 @@ timing) or is predicted through the correction; the tables' own prediction is ke
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -118,43 +119,30 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, budget_share: floa
         result = solve(aim)
     except BudgetError:  # within the margin of the smallest plan: the budget itself decides (as with the tables)
         result = solve(budget_share)
-    measured: dict[tuple, float] = {}
-    results: dict[tuple, PlanResult] = {}
+    timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
     cache = cache if cache is not None else LatencyCache(None)
     with ExitStack() as stack:
-        full = _Lazy(lambda: stack.enter_context(engine.deploy(gm, example_inputs)))  # only if a plan is timed
+        full = functools.cache(lambda: stack.enter_context(engine.deploy(gm, example_inputs)))  # if a plan is timed
         for _ in range(steps):
             key = _plan_key(result)
-            if key in measured or not result.plan.keep:  # measured already, or the full model (share 1)
+            if key in timed or not result.plan.keep:  # timed already, or the full model (share 1)
                 break
-            measured[key], results[key] = _measure_share(gm, result, engine, full, example_inputs, cache), result
-            correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, measured[key], "plan"))
-            if budget_share * (1 - 2 * margin) <= measured[key] <= budget_share * (1 - margin / 2):
+            share = _measure_share(gm, result, engine, full, example_inputs, cache)
+            timed[key] = share, result
+            correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, share, "plan"))
+            if budget_share * (1 - 2 * margin) <= share <= budget_share * (1 - margin / 2):
                 break
             try:
                 result = solve(correction.predicted_share(aim))
             except BudgetError:  # the correction asks for less than the tables can reach: keep the smallest
                 result = solve(_smallest_share(gm, cost, round_to, solver, resolution))
-    key = _plan_key(result)
-    fitting = [k for k, share in measured.items() if share <= budget_share]
-    if measured.get(key, 0.0) > budget_share and fitting:  # back to the largest plan timed within budget
-        key = max(fitting, key=lambda k: measured[k])
-        result = results[key]
+    fitting = [entry for entry in timed.values() if entry[0] <= budget_share]
+    if timed.get(_plan_key(result), (0.0,))[0] > budget_share and fitting:  # the largest timed plan within budget
+        result = max(fitting, key=lambda entry: entry[0])[1]
     tables_share = result.predicted_cost / cost.baseline
-    return MeasuredSolve(result, tables_share, measured.get(key, correction.measured_share(tables_share)),
-                         key in measured, correction.points)
-
-
-class _Lazy:
-    """A value made on first use."""
-
-    def __init__(self, make) -> None:
-        self._make, self._value = make, None
-
-    def __call__(self):
-        if self._value is None:
-            self._value = self._make()
-        return self._value
+    key = _plan_key(result)
+    predicted = timed[key][0] if key in timed else correction.measured_share(tables_share)
+    return MeasuredSolve(result, tables_share, predicted, key in timed, correction.points)
 
 
 def _plan_key(result: PlanResult) -> tuple:
