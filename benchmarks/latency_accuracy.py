@@ -10,7 +10,9 @@ For each model (random weights, batch 1, 224x224, onnxruntime CPU, 2 threads):
    latency plan kept (same importance): one on the same channel grid, one with ``round_to=1``, as
    FLOPs-driven pruners pick widths;
 3. the baseline and the three pruned models exported and timed in interleaved rounds (the machine's
-   speed drifts; ratios measured in the same rounds are what we compare).
+   speed drifts; ratios measured in the same rounds are what we compare);
+4. each latency plan's timing graph as compile's closed loop builds it (the unpruned model's exported
+   graph resized to the plan's widths, carrying the plan's weights) timed against the plan's own export.
 
 The prediction error is that of the predicted share of the baseline (predicted after / predicted before)
 against the measured share, i.e. the prediction carried onto the baseline measured in the same rounds;
@@ -33,7 +35,7 @@ import torchvision
 
 import fxprune
 from fxprune.cache import LatencyCache
-from fxprune.passes.engines import QUANTILE, get_engine
+from fxprune.passes.engines import QUANTILE, QUIET_SLACK, get_engine
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -51,7 +53,7 @@ def run_model(name: str, budgets, rounds: int, cache_root: Path, refine: int) ->
     start = time.perf_counter()
     fxprune.compile(model, budgets[0], inputs, cache=cache, progress=False, refine=0)
     cold_s = time.perf_counter() - start
-    cases, modules = [], []
+    cases, modules, latency_plans = [], [], []
     for budget in budgets:
         start = time.perf_counter()
         fxprune.compile(model, budget, inputs, cache=cache, progress=False, refine=0)
@@ -66,6 +68,7 @@ def run_model(name: str, budgets, rounds: int, cache_root: Path, refine: int) ->
         flops_grid = _flops_only(model, flops_share, inputs, round_to=report.latency_step)
         flops_free = _flops_only(model, flops_share, inputs, round_to=1)
         modules += [latency_plan] + [m for m in (flops_grid, flops_free) if m is not None]
+        latency_plans.append(latency_plan)
         cases.append({"budget": budget, "compile_s": compile_s, "tables_compile_s": tables_compile_s,
                       "flops_share": flops_share, "predicted_before_ms": before_ms,
                       "predicted_after_ms": report.predicted_latency_ms_after,
@@ -94,9 +97,27 @@ def run_model(name: str, budgets, rounds: int, cache_root: Path, refine: int) ->
               f"tables {case['tables_error']:+.1%}); FLOPs {case['flops_share']:.2f}; FLOPs-only plans measure "
               f"{_share(grid)} (grid) {_share(free)} (round_to=1); compile {case['compile_s']:.1f}s "
               f"(tables only {case['tables_compile_s']:.1f}s)", flush=True)
+    for case, ratio in zip(cases, _resized_vs_exported(model, latency_plans, inputs, rounds // 2)):
+        case["resized_vs_exported"] = ratio
     return {"model": name, "cold_build_s": cold_s, "refine": refine,
             "warm_compile_s": statistics.median(c["compile_s"] for c in cases),
             "warm_tables_compile_s": statistics.median(c["tables_compile_s"] for c in cases), "cases": cases}
+
+
+def _resized_vs_exported(model, plans: list, inputs, rounds: int) -> list[float | None]:
+    """Each plan's timing graph as compile's closed loop builds it (the unpruned model's exported graph
+    resized to the plan, with its weights) timed against the plan's own export, in pairs of rounds: the
+    loop relies on this ratio being 1. None where the graph could not be resized (compile exports then)."""
+    engine = get_engine("onnxruntime")
+    ratios: list[float | None] = []
+    with engine.deploy(fxprune.analyze(model, inputs), inputs) as full:
+        for plan in plans:
+            with engine.deploy(plan, inputs) as exported, engine.deploy_pruned(full, plan, inputs) as resized:
+                if resized.origin.startswith("resized"):
+                    ratios.append(engine.time_shares(exported.run, [resized.run], rounds=rounds, seconds=0.1)[1][0])
+                else:
+                    ratios.append(None)
+    return ratios
 
 
 def _flops_only(model, flops_share: float, inputs, round_to: int):
@@ -117,6 +138,18 @@ def _share(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "unreachable" if value is None else f"{value:.1%}"
+
+
+def _resize_lines(cases) -> list[str]:
+    ratios = [c.get("resized_vs_exported") for _, c in cases]
+    timed = [r for r in ratios if r is not None]
+    if not timed:
+        return []
+    return [f"- The closed loop times plans from the unpruned model's exported graph resized to the plan "
+            f"(`passes/onnx_resize.py`) instead of exporting each: against the plan's own export "
+            f"timed in pairs, that graph ran at a median ratio of **{statistics.median(timed):.3f}** "
+            f"(range {min(timed):.3f}-{max(timed):.3f}, {len(timed)} plans; {len(ratios) - len(timed)} could not be "
+            "resized)."]
 
 
 def _summary_line(label: str, errors: list[float]) -> str:
@@ -142,10 +175,15 @@ def write_docs(results: list[dict], args) -> None:
         f"{os.cpu_count()} CPU cores, 2 threads, {time.strftime('%Y-%m-%d')}). Random weights, batch 1, 224x224, "
         f"importance `sp_lamp`, `fxprune.compile(model, Latency(b), refine={args.refine})`. "
         f"Each pruned model is timed against the unpruned one in {args.rounds} pairs of rounds of 0.1 s (a round's "
-        f"latency is the {QUANTILE:.0%} quantile of its runs); its *measured share* is the median over pairs of "
-        "pruned / unpruned. This machine's speed drifts by tens of percent within a minute "
-        "([machine_noise.md](machine_noise.md)); a ratio of rounds run back to back survives that, separate "
-        "fastest rounds did not (the previous version of this page).", "",
+        f"latency is the {QUANTILE:.0%} quantile of its runs); its *measured share* is the median of pruned / "
+        f"unpruned over the quiet pairs, those whose two rounds both ran within {QUIET_SLACK} x their model's "
+        "fastest round (`engines.quiet_ratios`; at least a quarter of the pairs are kept). This machine's speed "
+        "drifts by tens of percent within a minute ([machine_noise.md](machine_noise.md)); a ratio of rounds "
+        "run back to back survives a slowdown that hits both alike, but a contended machine slows a small model "
+        "more than a large one (threads wait on each other at every kernel, and both have as many kernels): in "
+        "a development run of this benchmark that had all pairs count, resnet18's pruned models measured "
+        "0.43-0.93 of the unpruned one in a contended stretch where compile had timed the same plans at "
+        "0.27-0.87 minutes before.", "",
         "*Prediction*: what `fxprune.report(pruned).predicted_latency_ms_after` says, as a share of the unpruned "
         "model. With `refine` > 0, compile times the plans it solves against the unpruned model and solves "
         "again through those measurements (`passes/refine.py`); a plan it timed is predicted by that timing "
@@ -158,6 +196,7 @@ def write_docs(results: list[dict], args) -> None:
         f"- Measured latency within 1.03 x budget: **{sum(within)} of {len(within)}** ({np.mean(within):.0%}).",
         *([_summary_line(f"The same plan timed twice, by compile and here (the {len(twice)} plans compile "
                          "timed): |difference|", twice)] if twice else []),
+        *_resize_lines(cases),
         f"- At equal FLOPs, the latency-aware plan measures faster than the FLOPs-only plan on the same channel "
         f"grid in {sum(faster)} of {len(faster)} cases, and faster than a FLOPs-only plan with `round_to=1` in "
         f"{sum(faster_free)} of {len(faster_free)}" + (f"; in {unreachable} more cases no FLOPs-only plan on the grid "

@@ -21,14 +21,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import EngineUnavailableError, FxpruneError
 from fxprune.passes.units import REFERENCE, Activation, UnitSpec
+
+if TYPE_CHECKING:
+    from fxprune.cache import LatencyCache
 
 
 @dataclass
@@ -76,6 +80,21 @@ def cpu_identity() -> dict[str, str]:
 # quantile estimates the latency of a quiet machine; tables, whole models and benchmarks all use it.
 QUANTILE = 0.1
 ROUNDS, ROUND_SECONDS = 8, 0.15  # whole-model timing: rounds of this length, interleaved between models
+QUIET_SLACK = 1.15  # a round slower than this x its model's fastest ran on a contended machine
+
+
+def quiet_ratios(before: list[float], after: list[float], reference_ms: float | None = None) -> list[float]:
+    """Ratios after / before of the pairs in which both rounds ran within QUIET_SLACK of their model's
+    fastest round (``reference_ms`` for ``before`` where given); at least a quarter of the pairs (and 3),
+    the quietest, are kept."""
+    before_ms, after_ms = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    slowdown = np.maximum(before_ms / (reference_ms or before_ms.min()), after_ms / after_ms.min())
+    keep = slowdown <= QUIET_SLACK
+    least = min(len(slowdown), max(3, len(slowdown) // 4))
+    if keep.sum() < least:
+        keep = np.zeros(len(slowdown), dtype=bool)
+        keep[np.argsort(slowdown, kind="stable")[:least]] = True
+    return (after_ms[keep] / before_ms[keep]).tolist()
 
 
 def quiet(values) -> float:
@@ -141,6 +160,16 @@ class Engine(ABC):
     def deploy(self, module: nn.Module, example_inputs: tuple) -> ContextManager["Deployed"]:
         """``module`` made ready to run on this engine (exported, loaded), for the ``with`` block."""
 
+    def deploy_traced(self, gm: torch.fx.GraphModule, example_inputs: tuple,
+                      cache: "LatencyCache") -> ContextManager["Deployed"]:
+        """The analysed model deployed; an engine whose deployment is slow to build keeps it in ``cache``."""
+        return self.deploy(gm, example_inputs)
+
+    def deploy_pruned(self, full: "Deployed", module: nn.Module, example_inputs: tuple) -> ContextManager["Deployed"]:
+        """``module``, a pruned copy of the model ``full`` runs; an engine that can derive it from ``full``
+        faster than deploying it anew does."""
+        return self.deploy(module, example_inputs)
+
     def measure_model(self, module: nn.Module, example_inputs: tuple) -> ModelTiming:
         """Quiet latency of one forward pass of the whole model as deployed, and how that time divides."""
         with self.deploy(module, example_inputs) as deployed:
@@ -177,24 +206,26 @@ class Engine(ABC):
         """The reference's quiet latency (ms) and each runner's latency as a share of it.
 
         Each runner is timed in pairs with the reference, a round of each back to back (the reference
-        first in every other pair); its share is the median over pairs of the two rounds' ratio. A
-        slowdown longer than a pair hits both sides of the ratio, so shares hold on a machine whose
-        speed moves between rounds, where the fastest round of each model would need the quiet moments
-        to fall evenly."""
-        ratios: list[list[float]] = [[] for _ in runners]
-        reference_ms = float("inf")
+        first in every other pair); its share is the median over quiet pairs of the two rounds' ratio.
+        A slowdown longer than a pair hits both sides of the ratio, so shares hold on a machine whose
+        speed moves between rounds. A contended machine does not slow all models alike, though (threads
+        wait on each other at every kernel, and a small model has the same number of kernels), so pairs
+        in which either round ran over QUIET_SLACK x its model's fastest round are left out
+        (``quiet_ratios``)."""
+        befores: list[list[float]] = [[] for _ in runners]
+        afters: list[list[float]] = [[] for _ in runners]
         for round_ in range(rounds):
             for index, run in enumerate(runners):
                 warmup = self.warmup if round_ == 0 else 1
                 if (round_ + index) % 2 == 0:
-                    before = self.time_round(reference, seconds, warmup)
-                    after = self.time_round(run, seconds, warmup)
+                    befores[index].append(self.time_round(reference, seconds, warmup))
+                    afters[index].append(self.time_round(run, seconds, warmup))
                 else:
-                    after = self.time_round(run, seconds, warmup)
-                    before = self.time_round(reference, seconds, warmup)
-                ratios[index].append(after / before)
-                reference_ms = min(reference_ms, before)
-        return reference_ms, [float(np.median(values)) for values in ratios]
+                    afters[index].append(self.time_round(run, seconds, warmup))
+                    befores[index].append(self.time_round(reference, seconds, warmup))
+        reference_ms = min(min(values) for values in befores)
+        return reference_ms, [float(np.median(quiet_ratios(before, after, reference_ms)))
+                              for before, after in zip(befores, afters)]
 
     def compare_to(self, reference: nn.Module, modules: list[nn.Module], example_inputs: tuple,
                    rounds: int = ROUNDS, seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:

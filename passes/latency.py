@@ -172,8 +172,11 @@ class LatencyPass(PassBase):
         tables: dict[str, LatencyTable] = {}
         rounds: list[list[float]] = []
         with ExitStack() as stack:
-            models = [] if timing is not None else [
-                stack.enter_context(self.engine.deploy(module, self.example_inputs)) for module in (gm, prune(gm, reduced))]
+            models = []
+            if timing is None:
+                models.append(stack.enter_context(self.engine.deploy_traced(gm, self.example_inputs, self.cache)))
+                models.append(stack.enter_context(self.engine.deploy_pruned(models[0], prune(gm, reduced),
+                                                                            self.example_inputs)))
 
             def time_a_round() -> None:
                 warmup = 1 if rounds else self.engine.warmup

@@ -10,7 +10,9 @@ only says how that time divides between layer kernels and memory-bound kernels.
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import tempfile
 from collections import defaultdict
@@ -22,11 +24,15 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
+import torch.fx
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
+from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.passes.engines import Deployed, Engine, UnitTiming, quiet
+from fxprune.passes.onnx_resize import ResizeError, fill, name_transposes, resize, strip
 from fxprune.passes.units import REFERENCE, UnitSpec
 
 # Kernel op types of convolution and matrix-product layers, and the kind of layer they are.
@@ -43,6 +49,8 @@ ORT_MEMORY_OPS = frozenset({
 SESSION_WEIGHT_BYTES = 256 << 20  # weights of one measuring session; more points go to another session
 OVERHEAD_CHAIN = 64  # trivial kernels timed to measure what the profiler adds
 REFERENCES = 2  # reference branches in every measuring session
+GRAPH_FORMAT = 1  # of cached exported graphs: raise it when passes/export.py changes what a graph holds
+logger = logging.getLogger("fxprune")
 
 
 @dataclass
@@ -186,17 +194,82 @@ class OnnxRuntimeEngine(Engine):
     def deploy(self, module: nn.Module, example_inputs: tuple) -> Iterator[_OrtDeployed]:
         with _exported(module, example_inputs) as path:
             session = self.session(path)
-            yield _OrtDeployed(self, path, session, _feeds(session, example_inputs))
+            yield _OrtDeployed(self, path, session, _feeds(session, example_inputs), module.state_dict(),
+                               "exported")
+
+    @contextmanager
+    def deploy_traced(self, gm: torch.fx.GraphModule, example_inputs: tuple,
+                      cache: LatencyCache) -> Iterator[_OrtDeployed]:
+        """The analysed model from its exported graph, which the cache keeps without weights (``fill``
+        puts the module's back), so a warm compile exports nothing."""
+        from fxprune.passes.latency import model_digest
+
+        key = {"kind": "onnx", "model": model_digest(gm, example_inputs), "exporter": _exporter_versions(),
+               "batch": "static"}
+
+        def export() -> dict:
+            with _exported(gm, example_inputs) as path:
+                graph = onnx.load(path)
+            name_transposes(graph, gm.state_dict())
+            graph = strip(graph)
+            return {"onnx": base64.b64encode(graph.SerializeToString()).decode("ascii")}
+
+        graph = cache.get_or_measure(key, export, _parse_graph)
+        tensors = gm.state_dict()
+        yield self._load(graph, fill(strip(graph), tensors), example_inputs, tensors, "exported graph")
+
+    @contextmanager
+    def deploy_pruned(self, full: Deployed, module: nn.Module, example_inputs: tuple) -> Iterator[Deployed]:
+        """``module``, a pruned copy of the model ``full`` runs, from ``full``'s graph resized to its widths
+        (``passes/onnx_resize.py``: milliseconds where an export takes seconds); exported where the graph
+        holds a width that cannot be resized with certainty."""
+        try:
+            if not isinstance(full, _OrtDeployed):
+                raise ResizeError("the full model was not deployed on onnxruntime")
+            graph = resize(full.graph(), _shapes(full.tensors), _shapes(module.state_dict()))
+            with torch.no_grad():
+                expected = [tuple(x.shape) for x in _leaves(module(*example_inputs))]
+            try:
+                tensors = module.state_dict()
+                deployed = self._load(graph, fill(graph, tensors), example_inputs, tensors, "resized graph")
+                got = [tuple(np.shape(x)) for x in deployed.run()]
+            except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception family
+                raise ResizeError(f"onnxruntime rejects the resized graph: {error}") from error
+            if got != expected:
+                raise ResizeError(f"the resized graph's outputs are {got}, the model's {expected}")
+        except ResizeError as why:
+            logger.info("fxprune: exporting the pruned model for timing (%s)", why)
+            with self.deploy(module, example_inputs) as deployed:
+                yield deployed
+            return
+        yield deployed
+
+    def _load(self, graph: onnx.ModelProto, filled: onnx.ModelProto, example_inputs: tuple,
+              tensors: dict[str, torch.Tensor], origin: str) -> _OrtDeployed:
+        source = filled.SerializeToString()
+        session = self.session(source)
+        return _OrtDeployed(self, source, session, _feeds(session, example_inputs), tensors, origin, graph)
 
 
 class _OrtDeployed(Deployed):
-    """A model exported as fxprune exports it and loaded in an onnxruntime session."""
+    """A model in an onnxruntime session: its file (or bytes), the module's parameters and buffers by
+    name, and where its graph came from (``origin``: exported, or resized from another's)."""
 
-    def __init__(self, engine: OnnxRuntimeEngine, path: str, session, feeds: dict) -> None:
+    def __init__(self, engine: OnnxRuntimeEngine, path: str | bytes, session, feeds: dict,
+                 tensors: dict[str, torch.Tensor], origin: str, graph: onnx.ModelProto | None = None) -> None:
         self.engine, self.path, self.session, self.feeds = engine, path, session, feeds
+        self.tensors, self.origin, self._graph = tensors, origin, graph
 
     def run(self) -> Any:
         return self.session.run(None, self.feeds)
+
+    def graph(self) -> onnx.ModelProto:
+        """The model's ONNX graph without its large weights (what ``resize`` starts from)."""
+        if self._graph is None:
+            graph = onnx.load(self.path) if isinstance(self.path, str) else onnx.load_from_string(self.path)
+            name_transposes(graph, self.tensors)
+            self._graph = strip(graph)
+        return self._graph
 
     def split(self) -> tuple[float, float]:
         """From a profiled session of the same file: the shares of a run spent in memory-bound kernels
@@ -222,6 +295,37 @@ def _exported(module: nn.Module, example_inputs: tuple) -> Iterator[str]:
         path = Path(tmp) / "model.onnx"
         export_onnx(module, path, example_inputs, verify=False, dynamic_batch=False)
         yield str(path)
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of a nested output, in the exporter's order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return []
+
+
+def _exporter_versions() -> dict[str, str]:
+    """What an exported graph depends on besides the model: the exporter's libraries and fxprune's cleaning."""
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnxscript": onnxscript.__version__, "onnx": onnx.__version__,
+            "format": GRAPH_FORMAT}
+
+
+def _parse_graph(value: dict) -> onnx.ModelProto:
+    """A cached graph, checked: it parses and has nodes, inputs and outputs."""
+    graph = onnx.load_from_string(base64.b64decode(value["onnx"], validate=True))
+    if not (graph.graph.node and graph.graph.input and graph.graph.output):
+        raise ValueError("the cached ONNX graph is empty")
+    return graph
 
 
 def _feeds(session, example_inputs: tuple) -> dict[str, np.ndarray]:

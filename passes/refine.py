@@ -122,7 +122,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, budget_share: floa
     timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
     cache = cache if cache is not None else LatencyCache(None)
     with ExitStack() as stack:
-        full = functools.cache(lambda: stack.enter_context(engine.deploy(gm, example_inputs)))  # if a plan is timed
+        full = functools.cache(lambda: stack.enter_context(engine.deploy_traced(gm, example_inputs, cache)))
         for _ in range(steps):
             key = _plan_key(result)
             if key in timed or not result.plan.keep:  # timed already, or the full model (share 1)
@@ -169,7 +169,7 @@ def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, engine: Engine,
                                                        "batch": "static"}}
 
     def measure() -> dict:
-        with engine.deploy(prune(gm, result.plan), example_inputs) as pruned:
+        with engine.deploy_pruned(full(), prune(gm, result.plan), example_inputs) as pruned:
             reference_ms, (share,) = engine.time_shares(full().run, [pruned.run], rounds=PAIRS)
         return {"share": share, "reference_ms": reference_ms}
 

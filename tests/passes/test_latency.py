@@ -12,6 +12,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.cache import LatencyCache
 from fxprune.ir import META_KEY, LatencyTable, Plan
+from fxprune.passes.engines import quiet_ratios
 from fxprune.passes.latency import LATENCY_KEY, LatencyPass, _kept_counts, detect_step, latency_cost
 from fxprune.passes.units import Activation, find_units
 from fxprune.testing import SyntheticEngine
@@ -251,3 +252,31 @@ def test_predicted_latency_orders_plans_as_onnxruntime_measures_them(tmp_path):
     measured = engine.compare([fxprune.prune(gm, plan) for plan in plans], inputs)
     assert np.argsort(predicted).tolist() == np.argsort(measured).tolist() == [0, 1, 2]
     assert predicted[-1] == pytest.approx(cost.baseline)
+
+
+def test_pairs_timed_on_a_contended_machine_are_left_out():
+    # A full model at 10 ms and a pruned one at 4 ms (share 0.4); in half the pairs the machine was
+    # contended and the small model slowed more (share 0.7): a paired ratio does not cancel that.
+    before = [10.0, 10.2, 14.0, 10.1, 16.0, 10.0, 15.0, 14.5]
+    after = [4.0, 4.1, 9.8, 4.0, 11.2, 4.05, 10.5, 10.2]
+    ratios = quiet_ratios(before, after)
+    assert len(ratios) == 4 and max(ratios) < 0.41
+    assert np.median(np.array(after) / np.array(before)) > 0.5  # what all pairs would give
+    everything_slow = quiet_ratios([20.0, 10.0, 30.0, 40.0], [8.0, 4.0, 12.0, 16.0])
+    assert len(everything_slow) == 3 and np.allclose(everything_slow, 0.4)  # at least three, the quietest
+
+
+def test_time_shares_uses_the_quiet_pairs():
+    class Scripted(SyntheticEngine):
+        """Rounds of a scripted length: 10 ms and 4 ms, both 50% and 150% slower in pairs 2 and 3."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def time_round(self, run, seconds=0.0, warmup=1) -> float:
+            pair, self.calls = self.calls // 2, self.calls + 1
+            return run() * (1.5 if pair == 2 else 2.5 if pair == 3 else 1.0)
+
+    full_ms, shares = Scripted().time_shares(lambda: 10.0, [lambda: 4.0], rounds=8)
+    assert full_ms == 10.0 and shares == [pytest.approx(0.4)]
