@@ -165,7 +165,7 @@ def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, engine: Engine,
     """The plan's latency as a share of the full model's, timed in pairs of rounds (cached per plan)."""
     key = {"kind": "plan", "engine": engine.identity(), "model": model_digest(gm, example_inputs),
            "plan": result.plan.to_json(), "protocol": {"rounds": PAIRS, "seconds": ROUND_SECONDS,
-                                                       "warmup": engine.warmup, "pairs": "median",
+                                                       "warmup": engine.warmup, "pairs": "quiet median",
                                                        "batch": "static"}}
 
     def measure() -> dict:
