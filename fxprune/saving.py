@@ -67,12 +67,18 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     path = Path(path)
     if not path.exists():
         raise SaveError(f"no such file: {path}")
-    if path.suffix == ".pt2":
-        extra = {"fxprune.json": ""}
-        module = torch.export.load(path, extra_files=extra).module()
-        header = json.loads(extra["fxprune.json"] or "{}")
-    else:
-        header = torch.load(path, weights_only=False, map_location="cpu")
+    try:
+        if path.suffix == ".pt2":
+            extra = {"fxprune.json": ""}
+            module = torch.export.load(path, extra_files=extra).module()
+            header = json.loads(extra["fxprune.json"] or "{}")
+        else:
+            header = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - torch.load and torch.export.load raise many kinds
+        raise SaveError(f"{path} is not a file fxprune.save wrote ({type(error).__name__}: {str(error)[:120]}); "
+                        "load and report read the .pt or .pt2 written by `fxprune prune -o X.pt` or fxprune.save "
+                        "(an ONNX file keeps no plan or report)") from error
+    if path.suffix != ".pt2":
         if not is_saved(header):
             raise SaveError(f"{path} was not written by fxprune.save (format {FORMAT}); load it with torch.load")
         module = header["module"]

@@ -161,3 +161,6 @@ def test_saving_mistakes_are_explained(tmp_path):
     torch.save({"some": "dict"}, tmp_path / "other.pt")
     with pytest.raises(fxprune.saving.SaveError, match="not written by fxprune.save"):
         fxprune.load(tmp_path / "other.pt")
+    fxprune.export_onnx(pruned, tmp_path / "small.onnx", INPUTS)
+    with pytest.raises(fxprune.saving.SaveError, match="ONNX file keeps no plan"):
+        fxprune.load(tmp_path / "small.onnx")
