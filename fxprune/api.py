@@ -133,7 +133,7 @@ def compile(
     loss_fn: Any = None,
     resolution: int = 4000,
     measure: bool = False,
-    refine: int = 1,
+    refine: int = 2,
     leaf_modules: Iterable[type | str] = (),
     autowrap_functions: Iterable = (),
     cache: Any = None,

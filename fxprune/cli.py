@@ -266,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--solver", default="sp_lamp", choices=("sp_lamp", "halp"))
     prune.add_argument("--round-to", type=int, help="keep counts on multiples of this (default: the engine's step)")
     prune.add_argument("--measure", action="store_true", help="time the model before and after on the engine")
-    prune.add_argument("--refine", type=int, default=1, metavar="N",
+    prune.add_argument("--refine", type=int, default=2, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
-                            "the measurements (default 1; 0 trusts the tables alone)")
+                            "the measurements (default 2; 0 trusts the tables alone)")
     prune.add_argument("-o", "--output", action="append", default=[],
                        help="write the pruned model: .onnx (checked export), .pt (GraphModule) or .pt2 (torch.export)")
     sub.choices["profile"].add_argument("--sort", action="store_true", help="costliest layers first")

@@ -75,6 +75,42 @@ def test_measuring_plans_brings_a_mispredicted_budget_home(tmp_path):
     assert engine.deployed == deployed
 
 
+class CliffEngine(SyntheticEngine):
+    """Pruned models run 0.8 x their units' sum below ``cliff`` x the full model's and 1.25 x above it:
+    a plan's error changes from one plan to the next, so a plan solved through one timed neighbour can
+    land far from where that neighbour predicts (kernels that switch algorithm with width do this)."""
+
+    name = "synthetic-cliff"
+
+    def __init__(self, full_ms: float, cliff: float) -> None:
+        super().__init__()
+        self.full_ms, self.cliff = full_ms, cliff
+
+    def model_ms(self, module, example_inputs) -> float:
+        ms = super().model_ms(module, example_inputs)
+        if ms >= self.full_ms * (1 - 1e-9):
+            return ms
+        return ms * (0.8 if ms < self.cliff * self.full_ms else 1.25)
+
+
+@pytest.mark.parametrize("cliff, plans_over", [(0.5, 1), (0.6, 0)])
+def test_the_plan_returned_is_the_largest_timed_plan_within_budget(tmp_path, cliff, plans_over):
+    model = tiny_cnn().eval()
+    full_ms = SyntheticEngine().model_ms(model, INPUTS)
+    for refine in (1, 2):
+        engine = CliffEngine(full_ms, cliff)
+        pruned = fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path / f"{refine}", round_to=1,
+                                 refine=refine, progress=False)
+        report = fxprune.report(pruned)
+        timed = [measured for _, measured, source in report.latency_points if source == "plan"]
+        assert len(timed) == refine
+        assert timed[0] < 0.5 * (1 - 2 * MARGIN)  # the first plan measured well under: the loop solved again
+        share = _true_share(engine, pruned, model)
+        assert report.latency_prediction == "measured"  # not the re-solved plan predicted from one neighbour
+        assert share == pytest.approx(max(m for m in timed if m <= 0.5))
+        assert sum(m > 0.5 for m in timed) == (plans_over if refine == 2 else 0)
+
+
 def test_refine_must_be_a_count():
     with pytest.raises(fxprune.FxpruneError, match="refine"):
         fxprune.compile(tiny_cnn().eval(), 0.5, INPUTS, engine=SyntheticEngine(), refine=-1)
