@@ -3,6 +3,8 @@ that end in a message instead of a traceback."""
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import pytest
 import torch
@@ -35,7 +37,8 @@ def test_prune_to_a_latency_budget_with_weights_and_plots(tmp_path, capsys):
                  "--threads", "1", "--measure", "--plot", str(plots)]) == 0
     text = capsys.readouterr().out
     assert "latency on onnxruntime" in text and "measured" in text
-    assert "1 plan(s) timed on the engine while solving" in text  # refine=1 by default
+    # refine=2 by default: a second plan is timed only when the first lands off the aim
+    assert re.search(r"\b[12] plan\(s\) timed on the engine while solving", text)
     assert {p.name for p in plots.iterdir()} == {"widths.png", "latency_vs_width.png", "predicted_vs_measured.png"}
 
 
