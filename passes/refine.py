@@ -123,6 +123,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, budget_share: floa
     except BudgetError:  # within the margin of the smallest plan: the budget itself decides (as with the tables)
         result = solve(budget_share)
     timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
+    fitting = lambda: [entry for entry in timed.values() if entry[0] <= budget_share]  # noqa: E731
     cache = cache if cache is not None else LatencyCache(None)
     with ExitStack() as stack:
         full = functools.cache(lambda: stack.enter_context(engine.deploy_traced(gm, example_inputs, cache)))
@@ -135,15 +136,14 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, budget_share: floa
             correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, share, "plan"))
             if budget_share * (1 - 2 * margin) <= share <= budget_share * (1 - margin / 2):
                 break
-            if step == steps - 1 and any(entry[0] <= budget_share for entry in timed.values()):
+            if step == steps - 1 and fitting():
                 break  # a timed plan fits: an untimed re-solve would not be returned
             try:
                 result = solve(correction.predicted_share(aim))
             except BudgetError:  # the correction asks for less than the tables can reach: keep the smallest
                 result = solve(_smallest_share(gm, cost, round_to, solver, resolution))
-    fitting = [entry for entry in timed.values() if entry[0] <= budget_share]
-    if fitting:
-        result = max(fitting, key=lambda entry: entry[0])[1]
+    if fits := fitting():
+        result = max(fits, key=lambda entry: entry[0])[1]
     tables_share = result.predicted_cost / cost.baseline
     key = _plan_key(result)
     predicted = timed[key][0] if key in timed else correction.measured_share(tables_share)
