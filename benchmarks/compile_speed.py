@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.passes.cost import measure_flops
+from fxprune.passes.cost import count_flops
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -42,7 +42,7 @@ def run(name: str, fraction: float, repeats: int, solver: str) -> dict:
     report = reports[-1]
     return {"model": name, "solver": solver, "budget": fraction, "compile_s": statistics.median(totals),
             "solver_s": statistics.median(solves), "solves": report.iterations,
-            "flops_share": measure_flops(pruned, inputs) / measure_flops(model, inputs),
+            "flops_share": count_flops(pruned, inputs) / count_flops(model, inputs),
             "params_share": report.params_after / report.params_before}
 
 

@@ -26,7 +26,7 @@ def measure(name: str) -> dict:
     import torch
 
     import fxprune
-    from fxprune.passes.cost import measure_flops
+    from fxprune.passes.cost import count_flops
     from fxprune.testing import build_torchvision_model
 
     torch.set_num_threads(2)
@@ -37,7 +37,7 @@ def measure(name: str) -> dict:
         try:
             pruned = fxprune.compile(model, fxprune.FLOPs(FRACTION), inputs, importance=criterion)
             report = fxprune.report(pruned)
-            flops = measure_flops(pruned, inputs)
+            flops = count_flops(pruned, inputs)
             with torch.no_grad():
                 pruned(*inputs)
             within = flops <= FRACTION * report.predicted_before * (1 + 1e-9)

@@ -41,7 +41,8 @@ import torchvision
 
 import fxprune
 from fxprune.cache import LatencyCache
-from fxprune.passes.engines import QUANTILE, QUIET_SLACK, get_engine
+from fxprune.backends.engines import QUANTILE, QUIET_SLACK
+from fxprune.backends.registry import get_engine
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -21,7 +21,8 @@ import torchvision
 
 import fxprune
 from fxprune.ir import Plan
-from fxprune.passes.engines import QUANTILE, get_engine
+from fxprune.backends.engines import QUANTILE
+from fxprune.backends.registry import get_engine
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 WINDOW_S, WINDOWS = 0.15, 120

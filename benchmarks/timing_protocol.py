@@ -24,7 +24,7 @@ import torchvision
 
 import fxprune
 from fxprune.cache import LatencyCache
-from fxprune.passes.engines import get_engine
+from fxprune.backends.registry import get_engine
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 import fxprune
-from fxprune.errors import FxpruneError
-
-
-class ModelNotFoundError(FxpruneError):
-    """The MODEL argument names no torchvision or timm model, no importable factory, no model file."""
+from fxprune import plots
+from fxprune.errors import FxpruneError, ModelNotFoundError
+from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
+from fxprune.passes.context import Context
+from fxprune.passes.latency import LatencyPass
 
 
 def load_model(spec: str, weights: str | None = None) -> torch.nn.Module:
@@ -170,8 +170,6 @@ def cmd_prune(args) -> None:
                 note = "reload with fxprune.load"
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {note})")
     if args.plot:
-        from fxprune import plots
-
         folder = Path(args.plot)
         written = [plots.widths(report, folder)]
         if report.predicted_latency_ms_before is not None:  # the tables are in the cache now: no measuring
@@ -183,17 +181,13 @@ def cmd_prune(args) -> None:
 
 def _with_tables(model: torch.nn.Module, inputs: tuple, args) -> torch.fx.GraphModule:
     """The analysed model with its latency tables (measured, or from the cache) on its nodes."""
-    from fxprune.passes.latency import LatencyPass
-
     gm = fxprune.analyze(model, inputs)
-    LatencyPass(inputs, args.engine, threads=args.threads, round_to=getattr(args, "round_to", None))(gm)
+    with Context(inputs, args.engine, threads=args.threads) as context:
+        LatencyPass(context, round_to=getattr(args, "round_to", None))(gm)
     return gm
 
 
 def cmd_profile(args) -> None:
-    from fxprune.ir import META_KEY, NodeChannels
-    from fxprune.passes.latency import LATENCY_KEY
-
     step = Steps()
     model, inputs = _load(args, step)
     with step(f"latency tables on {args.engine}"):
@@ -205,7 +199,7 @@ def cmd_profile(args) -> None:
     print(f"  {'layer':<32} {'as deployed':<46} {'ms':>8} {'share':>7}")
     rows = []
     for node in gm.graph.nodes:
-        latency = node.meta.get(META_KEY, NodeChannels()).latency
+        latency = node.meta.get(LAYER_LATENCY_KEY)
         if latency is not None:
             full = latency.table.at(latency.unit.spec.in_channels, latency.unit.spec.out_channels)
             rows.append((node.name, latency.unit.spec.describe(), full))
@@ -217,8 +211,6 @@ def cmd_profile(args) -> None:
     print(f"latency step: {calibration.step} channels; {calibration.tables} tables, {calibration.tables_measured} "
           f"measured now ({calibration.seconds:.1f} s)")
     if args.plot:
-        from fxprune import plots
-
         print(f"plot: {plots.latency_curves(gm, Path(args.plot))}")
 
 

@@ -50,3 +50,28 @@ class UnsupportedModelError(FxpruneError):
 
 class InvalidWeightsError(FxpruneError):
     """The model's weights hold NaN or infinite values."""
+
+
+class ScoreError(FxpruneError):
+    """An importance criterion was misnamed, or lacks the data it needs."""
+
+
+class SolverError(FxpruneError):
+    """A solver setting is invalid: an unknown solver name, a ``resolution`` or ``round_to`` that is not a
+    positive integer."""
+
+
+class SaveError(FxpruneError):
+    """A model could not be saved or loaded (unknown suffix, not an fxprune file, export failed...)."""
+
+
+class PrunerError(FxpruneError):
+    """The training-time pruner was set up or stepped in a way it cannot work with."""
+
+
+class SSRError(FxpruneError):
+    """SSR was set up with values it cannot work with."""
+
+
+class ModelNotFoundError(FxpruneError):
+    """The command line's MODEL names no torchvision or timm model, no importable factory, no model file."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch.fx
 
 from fxprune.errors import FxpruneError
-from fxprune.ir import META_KEY, NodeChannels
+from fxprune.ir.keys import LAYER_LATENCY_KEY
 
 
 def _pyplot():
@@ -40,8 +40,8 @@ def widths(report, folder: Path) -> Path:
 def latency_curves(gm: torch.fx.GraphModule, folder: Path, layers: int = 6) -> Path:
     """Latency against output width (input at full width) for the costliest layers, from their tables."""
     plt = _pyplot()
-    tables = [(node.name, info.latency.table) for node in gm.graph.nodes
-              if (info := node.meta.get(META_KEY, NodeChannels())).latency is not None]
+    tables = [(node.name, node.meta[LAYER_LATENCY_KEY].table) for node in gm.graph.nodes
+              if LAYER_LATENCY_KEY in node.meta]
     tables.sort(key=lambda item: -item[1].ms.max())
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for name, table in tables[:layers]:

@@ -18,18 +18,14 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.api import REPORT_KEY
-from fxprune.errors import FxpruneError
+from fxprune.errors import SaveError
 from fxprune.ir import Plan
-from fxprune.passes.rewrite import PLAN_KEY
-from fxprune.passes.export import double_batch
-from fxprune.passes.trace import eval_mode
+from fxprune.ir.keys import PLAN_KEY, REPORT_KEY
+from fxprune.backends.export import double_batch
+from fxprune.ir.graph import inference
+from fxprune.reports import Report
 
 FORMAT = "fxprune-model/1"
-
-
-class SaveError(FxpruneError):
-    """A model could not be saved or loaded (unknown suffix, not an fxprune file, export failed...)."""
 
 
 def save(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any = None) -> Path:
@@ -48,7 +44,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any 
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         dims = tuple({0: torch.export.Dim.DYNAMIC} if x.dim() else None for x in inputs)
         try:
-            with eval_mode(gm):  # traced at a batch of 2, so that the batch size stays free (not 0/1-specialized)
+            with inference(gm, grad=None):  # traced at a batch of 2, so that the batch size stays free (not 0/1-specialized)
                 program = torch.export.export(gm, double_batch(inputs), dynamic_shapes=dims)
         except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
             raise SaveError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}; save to .pt "
@@ -100,8 +96,6 @@ def restore(module: torch.nn.Module, header: dict) -> torch.nn.Module:
     if header.get("plan"):
         meta[PLAN_KEY] = Plan.from_json(header["plan"])
     if header.get("report"):
-        from fxprune.reports import Report
-
         meta[REPORT_KEY] = Report.from_dict(header["report"])
     return module
 

@@ -10,9 +10,12 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.ir import META_KEY, NodeChannels, Plan
-from fxprune.passes.engines import Deployed, Engine, UnitTiming
+from fxprune.ir import graph
+from fxprune.ir.channels import Plan
+from fxprune.backends.engines import Deployed, Engine, UnitTiming
+from fxprune.passes.pipeline import analyze
 from fxprune.passes.rewrite import keep_masks
+from fxprune.passes.units import find_units
 
 
 class MaskedInterpreter(torch.fx.Interpreter):
@@ -28,7 +31,7 @@ class MaskedInterpreter(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
-        spaces = n.meta.get(META_KEY, NodeChannels()).spaces
+        spaces = graph.channels(n).spaces
         if not spaces:
             return result
         if isinstance(result, torch.Tensor):
@@ -161,9 +164,6 @@ class SyntheticEngine(Engine):
         return UnitTiming(np.array([self.unit_ms(spec, i, o) for i, o in points]), np.full(len(points), 0.5))
 
     def model_ms(self, module: torch.nn.Module, example_inputs: tuple) -> float:
-        from fxprune.api import analyze
-        from fxprune.passes.units import find_units
-
         units = find_units(analyze(module, example_inputs))
         total = sum(self.unit_ms(u.spec, u.spec.in_channels, u.spec.out_channels) for u in units)
         return total / (1 - self.memory_share - self.overhead_share)

@@ -7,18 +7,20 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.passes.cost import count_params, measure_flops
+from fxprune.passes.cost import count_params, count_flops
 from fxprune.testing import build_torchvision_model
 
 DATA_FREE = ("sp_lamp", "lamp", "l1", "l2", "bn_scale")
 
 
 def test_compile_meets_a_flops_budget_on_every_family(zoo_model, zoo_criterion):
+    """One FLOP count for the budget, the solver and the report: on vit_b_32 the solver's baseline was
+    869.8M where the report counted 586.6M, and a FLOPs(0.5) model measured 0.740 of the model."""
     model, inputs = build_torchvision_model(zoo_model)
     pruned = fxprune.compile(model, fxprune.FLOPs(0.6), inputs, importance=zoo_criterion)
     report = fxprune.report(pruned)
-    assert measure_flops(pruned, inputs) <= 0.6 * report.predicted_before * (1 + 1e-9)
-    assert report.flops_after == measure_flops(pruned, inputs)
+    assert report.predicted_before == report.flops_before == count_flops(model, inputs)
+    assert report.flops_after == count_flops(pruned, inputs) <= 0.6 * count_flops(model, inputs)
     assert report.params_after == count_params(pruned) < count_params(model)
     with torch.no_grad():
         out, expected = pruned(*inputs), model(*inputs)
@@ -33,7 +35,7 @@ def test_every_data_free_criterion_meets_budgets(importance, budget):
     model, inputs = build_torchvision_model("mobilenet_v3_small")
     pruned = fxprune.compile(model, budget, inputs, importance=importance)
     if isinstance(budget, fxprune.FLOPs):
-        assert measure_flops(pruned, inputs) <= budget.fraction * measure_flops(model, inputs)
+        assert count_flops(pruned, inputs) <= budget.fraction * count_flops(model, inputs)
     else:
         assert count_params(pruned) <= budget.fraction * count_params(model)
     assert fxprune.report(pruned).importance == importance
@@ -86,7 +88,7 @@ def test_example_inputs_are_inferred_for_image_models():
 
 
 def test_latency_budget_is_met_by_the_prediction(tmp_path):
-    from fxprune.passes.ort_engine import OnnxRuntimeEngine
+    from fxprune.backends.ort import OnnxRuntimeEngine
 
     model, inputs = build_torchvision_model("resnet18")
     engine = OnnxRuntimeEngine(threads=1, repeats=5)  # one thread: the other test worker has the other core
@@ -131,7 +133,7 @@ def test_taylor_importance_uses_calibration_data():
     batches = [(torch.randn(2, 3, 64, 64), torch.tensor([1, 7])) for _ in range(2)]
     pruned = fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="taylor", calibration=batches,
                              loss_fn=nn.functional.cross_entropy)
-    assert measure_flops(pruned, inputs) <= 0.5 * measure_flops(model, inputs)
+    assert count_flops(pruned, inputs) <= 0.5 * count_flops(model, inputs)
     with pytest.raises(fxprune.FxpruneError, match="calibration"):
         fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="taylor")
 
@@ -141,5 +143,5 @@ def test_planner_grows_from_the_smallest_plan_when_re_solves_never_fit():
     # fitting plan, and the planner must still return one (the smallest plan, grown by exact costs).
     model, inputs = build_torchvision_model("deeplabv3_mobilenet_v3_large")
     pruned = fxprune.compile(model, fxprune.FLOPs(0.5), inputs, importance="l1")
-    share = measure_flops(pruned, inputs) / fxprune.report(pruned).predicted_before
+    share = count_flops(pruned, inputs) / fxprune.report(pruned).predicted_before
     assert 0.45 < share <= 0.5

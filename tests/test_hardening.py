@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.passes.cost import measure_flops
+from fxprune.passes.cost import count_flops
 from fxprune.testing import build_torchvision_model, tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
@@ -39,6 +39,23 @@ def test_the_model_is_never_modified(mode, budget):
     assert pruned.training == (mode == "train")
 
 
+@pytest.mark.parametrize("importance", ["sp_lamp", "taylor"])
+def test_a_model_in_train_mode_keeps_its_batchnorm_statistics(importance):
+    """The cost pass and Taylor scoring run the graph; in train mode that used to move the returned
+    model's running statistics away from the user's (zeros became [0.017, -0.049, ...]). A fresh
+    BatchNorm holds means 0 and variances 1: any batch seen would move them."""
+    model = tiny_cnn().train()
+    calibration = [((torch.randn(2, 3, 32, 32),), torch.randn(2, 10)) for _ in range(2)]
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.5), INPUTS, round_to=4, importance=importance,
+                             calibration=calibration, loss_fn=nn.functional.mse_loss)
+    norms = [m for m in pruned.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 3 and pruned.training
+    for norm in norms:
+        assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+        assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+        assert int(norm.num_batches_tracked) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_compile_in_their_dtype(dtype):
     model = tiny_cnn().to(dtype).eval()
@@ -46,7 +63,7 @@ def test_half_precision_models_compile_in_their_dtype(dtype):
     pruned = fxprune.compile(model, fxprune.FLOPs(0.5), inputs, round_to=4)
     assert all(p.dtype == dtype for p in pruned.parameters())
     assert pruned(*inputs).dtype == dtype
-    assert measure_flops(pruned, inputs) <= 0.5 * measure_flops(model, inputs)
+    assert count_flops(pruned, inputs) <= 0.5 * count_flops(model, inputs)
 
 
 def test_half_precision_and_onnxruntime_latency_say_what_to_do(tmp_path):

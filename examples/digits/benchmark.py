@@ -42,8 +42,8 @@ from examples.digits.data import digits
 from examples.models import resnet20
 from examples.training import accuracy, loader, make_optimizer, train
 from fxprune.ir import Plan
-from fxprune.passes.cost import measure_flops
-from fxprune.passes.engines import get_engine
+from fxprune.passes.cost import count_flops
+from fxprune.backends.registry import get_engine
 
 METHODS = ("fxprune sp_lamp", "fxprune halp", "fxprune ssr", "torch-pruning magnitude", "torch-pruning lamp",
            "uniform")
@@ -210,7 +210,7 @@ def run(args) -> list[dict]:
                 result = {"seed": seed, "method": method, "budget": budget, "base_accuracy": base_accuracy,
                           "accuracy": accuracy(pruned, test_data),
                           "latency_share": bench.latency_share(base, pruned),
-                          "flops_share": measure_flops(pruned, EXAMPLE) / measure_flops(base, EXAMPLE),
+                          "flops_share": count_flops(pruned, EXAMPLE) / count_flops(base, EXAMPLE),
                           "seconds": time.perf_counter() - start}
                 results.append(result)
                 results_path.write_text(json.dumps(results, indent=1))

@@ -8,13 +8,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.ir import META_KEY
+from fxprune.ir import graph
 from fxprune.testing import masked_forward
 
 
 def _group_of(gm, node_name: str):
     node = next(n for n in gm.graph.nodes if n.name == node_name)
-    space = node.meta[META_KEY].space
+    space = graph.space(node)
     return fxprune.analysis(gm).groups[space.group_id], space
 
 

@@ -11,10 +11,14 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.cache import LatencyCache
-from fxprune.ir import META_KEY, LatencyTable, Plan
-from fxprune.passes.engines import quiet_ratios
-from fxprune.passes.latency import LATENCY_KEY, LatencyPass, _kept_counts, detect_step, latency_cost
-from fxprune.passes.units import Activation, find_units
+from fxprune.ir import LatencyTable, Plan
+from fxprune.ir.keys import LAYER_LATENCY_KEY
+from fxprune.backends.engines import quiet_ratios
+from fxprune.ir.keys import LATENCY_KEY
+from fxprune.passes.context import Context
+from fxprune.passes.latency import LatencyPass, _kept_counts, detect_step, latency_cost
+from fxprune.ir.units import Activation
+from fxprune.passes.units import find_units
 from fxprune.testing import SyntheticEngine
 
 
@@ -141,7 +145,8 @@ def _analysed():
 
 def _run_known(gm, cache):
     engine = SyntheticEngine()
-    LatencyPass((torch.randn(1, 3, 16, 16),), engine, cache=cache, progress=False)(gm)
+    with Context((torch.randn(1, 3, 16, 16),), engine, cache=cache, progress=False) as context:
+        LatencyPass(context)(gm)
     return engine, find_units(gm)
 
 
@@ -172,7 +177,7 @@ def test_tables_land_on_the_graph_and_a_second_run_measures_nothing(tmp_path):
     engine, units = _run_known(gm, LatencyCache(tmp_path))
     calls = engine.unit_calls
     assert calls == len(units) + 1  # every unit's table and the step probe
-    assert all(u.layer.meta[META_KEY].latency.unit.spec == u.spec for u in units)
+    assert all(u.layer.meta[LAYER_LATENCY_KEY].unit.spec == u.spec for u in units)
     again = _analysed()
     engine2, _ = _run_known(again, LatencyCache(tmp_path))
     assert engine2.unit_calls == 0
@@ -191,7 +196,8 @@ def test_identical_layers_are_measured_once():
 
     gm = fxprune.analyze(Twice().eval(), (torch.randn(1, 32, 8, 8),))
     engine = SyntheticEngine()
-    LatencyPass((torch.randn(1, 32, 8, 8),), engine, cache=LatencyCache(None), progress=False)(gm)
+    with Context((torch.randn(1, 32, 8, 8),), engine, cache=LatencyCache(None), progress=False) as context:
+        LatencyPass(context)(gm)
     calibration = gm.meta[LATENCY_KEY]
     # convs 1 and 2 vary both widths alike; conv 0's input and conv 3's output are the model's, fixed
     assert len(find_units(gm)) == 4 and calibration.tables == 3 and engine.unit_calls == 3 + 1  # + the step probe
@@ -233,12 +239,13 @@ class Ladder(nn.Module):
 
 @pytest.mark.export
 def test_predicted_latency_orders_plans_as_onnxruntime_measures_them(tmp_path):
-    from fxprune.passes.ort_engine import OnnxRuntimeEngine
+    from fxprune.backends.ort import OnnxRuntimeEngine
 
     inputs = (torch.randn(1, 16, 56, 56),)
     gm = fxprune.analyze(Ladder().eval(), inputs)
     engine = OnnxRuntimeEngine(threads=1, repeats=10)
-    LatencyPass(inputs, engine, cache=LatencyCache(tmp_path), grid_points=4, progress=False)(gm)
+    with Context(inputs, engine, cache=LatencyCache(tmp_path), progress=False) as context:
+        LatencyPass(context, grid_points=4)(gm)
     cost = latency_cost(gm)
     analysis = fxprune.analysis(gm)
     stream = [g.id for g in analysis.prunable_groups()]

@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.passes.score import ScoreError, ScorePass, lamp_scores
+from fxprune.ir.keys import IMPORTANCE_KEY
+from fxprune.errors import ScoreError
+from fxprune.passes.score import ScorePass, lamp_scores
 
 
 class TwoBranch(nn.Module):
@@ -33,7 +35,8 @@ def _scored(criterion, model=None, inputs=(torch.randn(1, 1, 2, 2),), **kwargs):
     gm = fxprune.analyze((model or TwoBranch()).eval(), inputs)
     ScorePass(criterion, **kwargs)(gm)
     first_layer = next(n.name for n in gm.graph.nodes if n.op == "call_module")
-    return gm, next(g for g in fxprune.groups(gm) if any(m.node == first_layer for m in g.members))
+    group = next(g for g in fxprune.groups(gm) if any(m.node == first_layer for m in g.members))
+    return gm, fxprune.importance(gm)[group.id]
 
 
 def test_lamp_formula_by_hand():
@@ -42,16 +45,16 @@ def test_lamp_formula_by_hand():
 
 
 def test_sp_lamp_sums_coupled_layers_and_top_filter_scores_one():
-    _, group = _scored("sp_lamp")
+    gm, scores = _scored("sp_lamp")
     # layer a: energies 4, 1, 9 -> 4/13, 1/14, 1; layer b: energies 1, 4, 0 -> 1/5, 1, 0
-    np.testing.assert_allclose(group.importance, [4 / 13 + 1 / 5, 1 / 14 + 1.0, 1.0 + 0.0])
-    assert group.criterion == "sp_lamp"
+    np.testing.assert_allclose(scores, [4 / 13 + 1 / 5, 1 / 14 + 1.0, 1.0 + 0.0])
+    assert gm.meta[IMPORTANCE_KEY].criterion == "sp_lamp"
 
 
 def test_lamp_scores_every_weight_then_sums_per_filter():
-    _, group = _scored("lamp")
+    _, scores = _scored("lamp")
     # one weight per filter here, so LAMP on weights equals LAMP on filter energies
-    np.testing.assert_allclose(group.importance, [4 / 13 + 1 / 5, 1 / 14 + 1.0, 1.0 + 0.0])
+    np.testing.assert_allclose(scores, [4 / 13 + 1 / 5, 1 / 14 + 1.0, 1.0 + 0.0])
 
 
 def test_lamp_on_multi_weight_filters_differs_from_sp_lamp():
@@ -67,24 +70,24 @@ def test_lamp_on_multi_weight_filters_differs_from_sp_lamp():
     per_weight = lamp_scores(flat)
     expected_a = per_weight.reshape(3, 4).sum(1)
     expected_b = lamp_scores(np.zeros(12)).reshape(3, 4).sum(1)  # only the last weight scores 1
-    np.testing.assert_allclose(lamp.importance, expected_a + expected_b)
+    np.testing.assert_allclose(lamp, expected_a + expected_b)
 
 
 def test_l1_l2_and_bn_scale():
     _, l1 = _scored("l1")
-    np.testing.assert_allclose(l1.importance, [3.0, 3.0, 3.0])
+    np.testing.assert_allclose(l1, [3.0, 3.0, 3.0])
     _, l2 = _scored("l2")
-    np.testing.assert_allclose(l2.importance, [2 + 1, 1 + 2, 3 + 0])
+    np.testing.assert_allclose(l2, [2 + 1, 1 + 2, 3 + 0])
     _, bn = _scored("bn_scale")
-    np.testing.assert_allclose(bn.importance, [0.5, 2.0, 1.0])
+    np.testing.assert_allclose(bn, [0.5, 2.0, 1.0])
 
 
 def test_taylor_needs_data_and_scores_with_it():
     with pytest.raises(ScoreError, match="calibration"):
         ScorePass("taylor")
     batches = [(torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)) for _ in range(3)]
-    gm, group = _scored("taylor", calibration=batches, loss_fn=nn.functional.mse_loss)
-    assert group.importance.shape == (3,) and (group.importance >= 0).all() and group.importance.sum() > 0
+    gm, scores = _scored("taylor", calibration=batches, loss_fn=nn.functional.mse_loss)
+    assert scores.shape == (3,) and (scores >= 0).all() and scores.sum() > 0
     assert all(p.grad is None for p in gm.parameters())
 
 
@@ -96,8 +99,8 @@ def test_dead_channels_score_lowest_under_every_criterion():
             model[0].weight[dead] = 0
             model[1].weight[dead] = 0
     for criterion in ("sp_lamp", "lamp", "l1", "l2", "bn_scale"):
-        _, group = _scored(criterion, model, inputs=(torch.randn(1, 3, 5, 5),))
-        order = np.argsort(group.importance)
+        _, scores = _scored(criterion, model, inputs=(torch.randn(1, 3, 5, 5),))
+        order = np.argsort(scores)
         assert set(order[:2]) == {1, 5}, criterion
 
 

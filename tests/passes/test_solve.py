@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxprune.errors import BudgetError
+from fxprune.errors import BudgetError, SolverError
 from fxprune.passes.solve import Choice, KnapsackResult, solve_group_knapsack, solve_halp
 
 SOLVERS = [solve_group_knapsack, solve_halp]
@@ -160,7 +160,7 @@ def test_non_finite_capacity_raises(solver):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_bad_resolution_raises(solver):
     classes = [Choice(np.array([8, 16]), np.array([1.0, 2.0]), np.array([1.5, 2.5]))]
-    with pytest.raises(ValueError, match="resolution"):
+    with pytest.raises(SolverError, match="resolution"):
         solver(classes, 2.0, resolution=0)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.passes.trace import VALUE_KEY
+from fxprune.ir.keys import VALUE_KEY
 
 
 class DataDependent(nn.Module):

@@ -1,0 +1,1 @@
+"""Where models are deployed and timed: engines (onnxruntime, torch, CUDA), ONNX export, timing graphs."""

@@ -1,0 +1,347 @@
+"""Latency engines: what a model is deployed on, and how fxprune times units and whole models there.
+
+An engine does two things: time a unit (``passes/units.py``) at a list of kept widths, and time a whole
+model, saying how much of that time went to memory-bound ops between layers (pooling, elementwise
+products, layout changes), which shrink with the widths around them. ``identity()`` is what makes two
+measurements comparable; it is part of every cache key. A new engine (TensorRT, say) is one subclass.
+
+- ``onnxruntime`` (default): the CPU execution provider with all graph optimizations, as export
+  pipelines deploy. Units are timed from onnxruntime's profiler (kernel time of the unit's own kernels).
+- ``torch``: eager PyTorch on the CPU.
+- ``cuda``: eager PyTorch on a CUDA GPU; unavailable, with a message saying so, where there is none.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from abc import ABC, abstractmethod
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.cache import LatencyCache
+from fxprune.errors import EngineUnavailableError, FxpruneError
+from fxprune.ir.units import REFERENCE, Activation, UnitSpec
+
+
+@dataclass
+class UnitTiming:
+    """A unit's latency at each measured point, and the latency of the REFERENCE unit timed in the same
+    runs (tables are kept relative to it)."""
+
+    ms: np.ndarray
+    reference_ms: np.ndarray
+
+
+@lru_cache(maxsize=1)
+def cpu_identity() -> dict[str, str]:
+    """The CPU as cache keys see it: model name, architecture and a digest of its instruction-set flags."""
+    import hashlib
+
+    name, flags = platform.processor() or "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("unknown", "", platform.machine()):
+                name = value.strip()
+            if key.strip() in ("flags", "Features") and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return {"cpu": name, "machine": platform.machine(), "isa": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+# Every latency fxprune measures is this quantile of its repeats, not their median: on a shared machine
+# other tenants slow some runs, and a low quantile estimates the latency of a quiet machine
+# (docs/machine_noise.md). Tables, whole models and benchmarks all use it.
+QUANTILE = 0.1
+ROUNDS, ROUND_SECONDS = 8, 0.15  # whole-model timing: rounds of this length, interleaved between models
+QUIET_SLACK = 1.15  # a round slower than this x its model's fastest ran on a contended machine
+
+
+def quiet_ratios(before: list[float], after: list[float], reference_ms: float | None = None) -> list[float]:
+    """Ratios after / before of the pairs in which both rounds ran within QUIET_SLACK of their model's
+    fastest round (``reference_ms`` for ``before`` where given); at least a quarter of the pairs (and 3),
+    the quietest, are kept."""
+    before_ms, after_ms = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    slowdown = np.maximum(before_ms / (reference_ms or before_ms.min()), after_ms / after_ms.min())
+    keep = slowdown <= QUIET_SLACK
+    least = min(len(slowdown), max(3, len(slowdown) // 4))
+    if keep.sum() < least:
+        keep = np.zeros(len(slowdown), dtype=bool)
+        keep[np.argsort(slowdown, kind="stable")[:least]] = True
+    return (after_ms[keep] / before_ms[keep]).tolist()
+
+
+def quiet(values) -> float:
+    """The QUANTILE of repeated timings: what a run takes when nothing else gets in the way."""
+    return float(np.quantile(np.asarray(values, dtype=np.float64), QUANTILE))
+
+
+def _quiet_ms(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: float = 0.0,
+              sync: Callable[[], None] = lambda: None) -> float:
+    """Quiet wall time of ``fn`` in ms after ``warmup`` calls, from at least ``repeats`` calls and ``min_seconds``."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        begin = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - begin)
+    return quiet(times) * 1e3
+
+
+class Deployed(ABC):
+    """A model loaded on an engine: ``run()`` runs one forward pass as deployed; ``split()`` says which
+    shares of a run go to memory-bound ops between layers and to the overhead between kernels."""
+
+    @abstractmethod
+    def run(self) -> Any: ...
+
+    @abstractmethod
+    def split(self) -> tuple[float, float]: ...
+
+
+class Engine(ABC):
+    """Times units and whole models on one deployment target, with a fixed thread count."""
+
+    name = ""
+
+    def __init__(self, threads: int | None = None, warmup: int = 3, repeats: int = 30) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise FxpruneError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads or torch.get_num_threads()
+        self.warmup, self.repeats = warmup, repeats
+
+    def identity(self) -> dict[str, Any]:
+        """What two measurements must share to be interchangeable: engine, version, hardware, threads."""
+        return {"engine": self.name, "version": self.version(), **self.device(), "threads": self.threads}
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    def device(self) -> dict[str, str]:
+        return cpu_identity()
+
+    def check_available(self) -> None:
+        """Raise EngineUnavailableError, saying what to do, when this engine cannot run here."""
+
+    @abstractmethod
+    def measure_units(self, spec: UnitSpec, points: list[tuple[int, int]]) -> UnitTiming:
+        """Quiet latency (ms) of the unit at each (kept input width, kept output width)."""
+
+    @abstractmethod
+    def deploy(self, module: nn.Module, example_inputs: tuple) -> ContextManager["Deployed"]:
+        """``module`` made ready to run on this engine (exported, loaded), for the ``with`` block."""
+
+    def deploy_traced(self, gm: torch.fx.GraphModule, example_inputs: tuple, cache: LatencyCache,
+                      digest: str) -> ContextManager["Deployed"]:
+        """The analysed model deployed; an engine whose deployment is slow to build keeps it in ``cache``
+        under the model's ``digest`` (``ir.graph.model_digest``)."""
+        return self.deploy(gm, example_inputs)
+
+    def deploy_pruned(self, full: "Deployed", module: nn.Module, example_inputs: tuple) -> ContextManager["Deployed"]:
+        """``module``, a pruned copy of the model ``full`` runs; an engine that can derive it from ``full``
+        faster than deploying it anew does."""
+        return self.deploy(module, example_inputs)
+
+    def compare(self, modules: list[nn.Module], example_inputs: tuple, rounds: int = ROUNDS,
+                seconds: float = ROUND_SECONDS) -> list[float]:
+        """Quiet latency (ms) of each module, timed in interleaved rounds (see ``time_interleaved``)."""
+        with ExitStack() as stack:
+            runs = [stack.enter_context(self.deploy(module, example_inputs)).run for module in modules]
+            return self.time_interleaved(runs, rounds, seconds)
+
+    def time_round(self, run: Callable[[], Any], seconds: float = ROUND_SECONDS, warmup: int = 1) -> float:
+        """One round: the quiet latency (ms) of ``run`` over ``seconds``."""
+        with torch.no_grad(), _threads(self.threads):
+            return _quiet_ms(run, warmup, 3, min_seconds=seconds, sync=self._sync)
+
+    def time_interleaved(self, runners: list[Callable[[], Any]], rounds: int = ROUNDS,
+                         seconds: float = ROUND_SECONDS) -> list[float]:
+        """Quiet latency (ms) of each runner: in each round every runner is timed for ``seconds``; the
+        result is its fastest round. Other tenants of this machine slow it down for stretches of a
+        second or more, models that rely on the shared cache most; interleaving gives every runner the
+        same chances of a quiet round, so the ratios between them hold even when no single round does."""
+        best = [float("inf")] * len(runners)
+        for round_ in range(rounds):
+            for index, run in enumerate(runners):
+                best[index] = min(best[index], self.time_round(run, seconds, self.warmup if round_ == 0 else 1))
+        return best
+
+    def time_shares(self, reference: Callable[[], Any], runners: list[Callable[[], Any]], rounds: int = ROUNDS,
+                    seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:
+        """The reference's quiet latency (ms) and each runner's latency as a share of it.
+
+        Each runner is timed in pairs with the reference, a round of each back to back (the reference
+        first in every other pair); its share is the median over quiet pairs of the two rounds' ratio.
+        A slowdown longer than a pair hits both sides of the ratio, so shares hold on a machine whose
+        speed moves between rounds. A contended machine does not slow all models alike, though (threads
+        wait on each other at every kernel, and a small model has the same number of kernels), so pairs
+        in which either round ran over QUIET_SLACK x its model's fastest round are left out
+        (``quiet_ratios``)."""
+        befores: list[list[float]] = [[] for _ in runners]
+        afters: list[list[float]] = [[] for _ in runners]
+        for round_ in range(rounds):
+            for index, run in enumerate(runners):
+                warmup = self.warmup if round_ == 0 else 1
+                if (round_ + index) % 2 == 0:
+                    befores[index].append(self.time_round(reference, seconds, warmup))
+                    afters[index].append(self.time_round(run, seconds, warmup))
+                else:
+                    afters[index].append(self.time_round(run, seconds, warmup))
+                    befores[index].append(self.time_round(reference, seconds, warmup))
+        reference_ms = min(min(values) for values in befores)
+        return reference_ms, [float(np.median(quiet_ratios(before, after, reference_ms)))
+                              for before, after in zip(befores, afters)]
+
+    def compare_to(self, reference: nn.Module, modules: list[nn.Module], example_inputs: tuple,
+                   rounds: int = ROUNDS, seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:
+        """Quiet latency (ms) of ``reference`` and each module's share of it (see ``time_shares``)."""
+        with ExitStack() as stack:
+            deploy = lambda module: stack.enter_context(self.deploy(module, example_inputs)).run  # noqa: E731
+            return self.time_shares(deploy(reference), [deploy(module) for module in modules], rounds, seconds)
+
+    def _sync(self) -> None:
+        """Wait for queued device work (GPU engines)."""
+
+
+# --- torch ----------------------------------------------------------------------------------------
+TORCH_MEMORY_OPS = frozenset({
+    "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div", "aten::mean",
+    "aten::sum", "aten::max_pool2d_with_indices", "aten::max_pool2d", "aten::avg_pool2d",
+    "aten::adaptive_avg_pool2d", "aten::_adaptive_avg_pool2d", "aten::cat", "aten::copy_",
+    "aten::upsample_bilinear2d", "aten::upsample_nearest2d", "aten::layer_norm", "aten::native_layer_norm",
+    "aten::softmax", "aten::_softmax", "aten::index_select", "aten::clone", "aten::contiguous",
+})
+
+
+def _activation_module(act: Activation | None) -> nn.Module:
+    if act is None:
+        return nn.Identity()
+    build = {"relu": lambda: nn.ReLU(), "clip": lambda: nn.Hardtanh(*act.args), "silu": lambda: nn.SiLU(),
+             "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
+             "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "gelu": lambda: nn.GELU(),
+             "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": lambda: nn.LeakyReLU(*act.args),
+             "elu": lambda: nn.ELU(*act.args), "mish": lambda: nn.Mish()}
+    return build[act.name]()
+
+
+def unit_module(spec: UnitSpec, width_in: int, width_out: int) -> tuple[nn.Module, torch.Tensor]:
+    """The unit as torch runs it (layer, BatchNorm, activation), and an input of its kept width."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.op == "conv":
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spec.kernel) - 1]
+        groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
+        spatial = len(spec.kernel)
+        padding = tuple(spec.padding[:spatial])
+        layer = conv(width_in, width_out, spec.kernel, spec.stride, padding, spec.dilation, groups,
+                     bias=spec.bias and not spec.batch_norm)
+        shape = (spec.input_shape[0], width_in, *spec.input_shape[2:])
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial - 1](width_out) if spec.batch_norm else nn.Identity()
+    else:
+        layer = nn.Linear(width_in, width_out, bias=spec.bias and not spec.batch_norm)
+        shape = (*spec.input_shape[:-1], width_in)
+        norm = nn.BatchNorm1d(width_out) if spec.batch_norm else nn.Identity()
+    module = nn.Sequential(layer, norm, _activation_module(spec.activation)).eval().to(dtype)
+    return module, torch.randn(shape).to(dtype)
+
+
+class TorchEngine(Engine):
+    """Eager PyTorch on ``device``: each unit timed as its modules run, one after the other."""
+
+    name = "torch"
+    device_type = "cpu"
+
+    def __init__(self, threads: int | None = None, warmup: int = 3, repeats: int = 10) -> None:
+        super().__init__(threads, warmup, repeats)  # each point is its own call here: fewer repeats than a profile
+
+    def version(self) -> str:
+        return torch.__version__
+
+    def _sync(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+
+    def measure_units(self, spec: UnitSpec, points: list[tuple[int, int]]) -> UnitTiming:
+        """Each point timed, then the REFERENCE unit right after it."""
+        reference, reference_x = unit_module(REFERENCE, REFERENCE.in_channels, REFERENCE.out_channels)
+        reference, reference_x = reference.to(self.device_type), reference_x.to(self.device_type)
+        results, references = [], []
+        with torch.no_grad(), _threads(self.threads):
+            for width_in, width_out in points:
+                module, x = unit_module(spec, int(width_in), int(width_out))
+                module, x = module.to(self.device_type), x.to(self.device_type)
+                results.append(_quiet_ms(lambda: module(x), self.warmup, self.repeats, sync=self._sync))
+                references.append(_quiet_ms(lambda: reference(reference_x), 1, self.repeats, sync=self._sync))
+        return UnitTiming(np.asarray(results), np.asarray(references))
+
+    @contextmanager
+    def deploy(self, module: nn.Module, example_inputs: tuple) -> Iterator[Deployed]:
+        if self.device_type != "cpu":  # .to() moves a module in place: move a copy
+            module = copy.deepcopy(module).to(self.device_type)
+        yield _TorchDeployed(self, module, tuple(x.to(self.device_type) for x in example_inputs))
+
+
+class _TorchDeployed(Deployed):
+    def __init__(self, engine: TorchEngine, module: nn.Module, inputs: tuple) -> None:
+        self.engine, self.module, self.inputs = engine, module, inputs
+
+    def run(self) -> Any:
+        with torch.no_grad():
+            return self.module(*self.inputs)
+
+    def split(self) -> tuple[float, float]:
+        """From torch's profiler (CPU only; on a GPU the whole time counts as the layers')."""
+        if self.engine.device_type != "cpu":
+            return 0.0, 0.0
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), _threads(self.engine.threads), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(self.engine.repeats):
+                self.module(*self.inputs)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        memory = sum(e.self_cpu_time_total for e in events if e.key in TORCH_MEMORY_OPS)
+        return (memory / total if total else 0.0), 0.0
+
+
+class CudaEngine(TorchEngine):
+    """Eager PyTorch on the first CUDA GPU (the interface a GPU engine such as TensorRT also fills)."""
+
+    name = "cuda"
+    device_type = "cuda"
+
+    def device(self) -> dict[str, str]:
+        self.check_available()
+        return {"gpu": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda)}
+
+    def check_available(self) -> None:
+        if not torch.cuda.is_available():
+            raise EngineUnavailableError("engine 'cuda' needs a CUDA GPU, and torch.cuda.is_available() is False "
+                                         "here; use engine='onnxruntime' or engine='torch' for the CPU")
+
+
+class _threads:
+    """Run torch with a fixed intra-op thread count, restoring the previous count after."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.previous)

@@ -1,0 +1,276 @@
+"""Export a model to ONNX, clean it with onnx-graphsurgeon, check it and verify it against torch in onnxruntime."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import torch
+from onnx.external_data_helper import load_external_data_for_model
+
+from fxprune.errors import ExampleInputsError, ExportError
+from fxprune.ir.graph import inference
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weight bytes above which they go to "<file>.data" (protobuf caps at 2 GiB)
+
+Case = tuple[str, tuple[torch.Tensor, ...], list[tuple[str, torch.Tensor]]]  # label, inputs, named torch outputs
+
+
+@dataclass
+class ExportResult:
+    """What export_onnx wrote, with which exporter, and how far onnxruntime was from torch."""
+
+    path: Path
+    exporter: str
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    max_abs_diff: float | None
+    num_nodes: int
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What both exporters are asked for: trace inputs, ONNX names, a dynamic dim 0 or not, the opset."""
+
+    inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: bool
+    opset: int | None
+
+
+def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Reject example inputs that are not a non-empty tuple of tensors, before any export work."""
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        got = "an empty tuple" if isinstance(example_inputs, tuple) else f"a {type(example_inputs).__name__}"
+        raise ExampleInputsError(f"example_inputs must be a non-empty tuple of tensors, got {got}; "
+                                 "wrap a single tensor as (x,).")
+    bad = [f"[{i}] is a {type(x).__name__}" for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise ExampleInputsError(f"example_inputs must hold only tensors, but {', '.join(bad)}.")
+    return example_inputs
+
+
+def _flatten(value: Any, name: str) -> list[tuple[str, torch.Tensor]]:
+    """Name and list the tensors of a nested output in torch.export's order (dicts in insertion order)."""
+    if isinstance(value, torch.Tensor):
+        return [(name, value)]
+    if value is None:
+        return []
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, item in enumerate(value) for leaf in _flatten(item, f"{name}.{i}")]
+    if isinstance(value, Mapping):
+        prefix = "" if name == "output" else f"{name}."  # a top-level dict names the outputs by its keys
+        return [leaf for key, item in value.items() for leaf in _flatten(item, f"{prefix}{key}")]
+    raise ExportError(f"Output {name!r} has type {type(value).__name__}; ONNX outputs must be tensors "
+                      "(alone or in tuples, lists and dicts).")
+
+
+def _run_torch(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, torch.Tensor]]:
+    """Run the model without autograd and return its named output tensors."""
+    with torch.no_grad():
+        return _flatten(model(*inputs), "output")
+
+
+def _input_names(model: torch.nn.Module, count: int) -> list[str]:
+    """Name the ONNX inputs after forward's positional parameters, so users see their own names."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    except (TypeError, ValueError):
+        params = []
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def double_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Concatenate each input with a perturbed copy along dim 0: a batch > 1 whose items differ."""
+    generator = torch.Generator().manual_seed(0)
+    doubled = []
+    for x in (t.detach() for t in inputs):
+        copy = x
+        if x.is_floating_point():
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            copy = x + 0.1 * (x.abs().mean() + 1e-3) * noise
+        doubled.append(torch.cat([x, copy]) if x.dim() else x)
+    return tuple(doubled)
+
+
+def _summary(exc: BaseException) -> str:
+    """A one-line digest of a long exporter or runtime error (ANSI colours and boilerplate dropped)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split("## Exception summary", 1)[-1]
+    return f"{type(exc).__name__}: {' '.join(text.split())[:400]}"
+
+
+def _export_dynamo(model: torch.nn.Module, request: _Request, file: str) -> None:
+    """torch.export-based export asking for a symbolic dim 0 on every input (verification catches a pinned one)."""
+    dims = tuple({0: torch.export.Dim.DYNAMIC} if x.dim() else None for x in request.inputs)
+    program = torch.onnx.export(model, request.inputs, file, dynamo=True, input_names=request.input_names,
+                                output_names=request.output_names, dynamic_shapes=dims if request.dynamic else None,
+                                opset_version=request.opset, external_data=True, verbose=False)
+    opset = program.model.opset_imports.get("")
+    if request.opset is not None and opset != request.opset:  # below 18 the version converter may give up quietly
+        raise ExportError(f"the dynamo exporter produced opset {opset} instead of {request.opset}")
+
+
+def _export_torchscript(model: torch.nn.Module, request: _Request, file: str) -> None:
+    """Legacy TorchScript export, the fallback when torch.export cannot capture the model."""
+    names = request.input_names + request.output_names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, request.inputs, file, dynamo=False, input_names=request.input_names,
+                          output_names=request.output_names, opset_version=request.opset,
+                          dynamic_axes={n: {0: "batch"} for n in names} if request.dynamic else None)
+
+
+def _export_any(model: torch.nn.Module, request: _Request, file: str) -> str:
+    """Try the dynamo exporter, then TorchScript; return the name of the one that worked."""
+    errors = []
+    for exporter, export in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
+        try:
+            export(model, request, file)
+            return exporter
+        except Exception as exc:  # noqa: BLE001 - any exporter failure moves on to the next exporter
+            errors.append(f"{exporter}: {_summary(exc)}")
+    hint = " If the errors are about shapes, pass dynamic_batch=False." if request.dynamic else ""
+    raise ExportError("torch.onnx.export failed with both exporters:\n  " + "\n  ".join(errors)
+                      + f"\nRewrite or register an ONNX translation for the failing op, or try another opset.{hint}")
+
+
+def _clean(raw: Path) -> onnx.ModelProto:
+    """Drop dead nodes and toposort with onnx-graphsurgeon, keeping the opsets and a valid IR version."""
+    # Weights stay in the side file while graphsurgeon copies tensor protos: protobuf cannot copy one over 2 GiB.
+    model = onnx.load(str(raw), load_external_data=False)
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    needed = onnx.helper.find_min_ir_version_for(list(cleaned.opset_import), ignore_unknown=True)
+    cleaned.ir_version = max(model.ir_version, needed)
+    load_external_data_for_model(cleaned, str(raw.parent))
+    return cleaned
+
+
+def _save(model: onnx.ModelProto, path: Path) -> int:
+    """Save the model (weights in a side file when they would not fit in one protobuf); return bytes on disk."""
+    external = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    data_file = path.with_name(path.name + ".data")
+    if external and data_file.exists():
+        data_file.unlink()  # onnx appends to an existing data file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data_file.name, size_threshold=1024)
+    return path.stat().st_size + (data_file.stat().st_size if external and data_file.exists() else 0)
+
+
+def _check(path: Path) -> None:
+    """Run the full ONNX checker on the file (given by path, which also works beyond 2 GiB)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker and shape-inference errors have several types
+        raise ExportError(f"onnx.checker rejected {path}: {_summary(exc)}. "
+                          "Try another opset, or report the model with this message.") from exc
+
+
+def run_onnxruntime(path: str | os.PathLike, inputs: tuple[torch.Tensor, ...], *,
+                    intra_op_num_threads: int = 1) -> list[np.ndarray]:
+    """Run an ONNX file on CPU with a fixed thread count (for repeatable timing and numerics), inputs in order."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = intra_op_num_threads, 1
+    options.log_severity_level = 3  # mismatches are reported by the caller, not as runtime warnings
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [arg.name for arg in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise ValueError(f"the file has {len(names)} inputs but {len(inputs)} tensors were given")
+        return session.run(None, {name: x.detach().cpu().numpy() for name, x in zip(names, inputs)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception family
+        raise ExportError(f"onnxruntime could not run {path}: {_summary(exc)}") from exc
+
+
+def _compare(got: list[np.ndarray], case: Case, rtol: float, atol: float) -> float:
+    """Check onnxruntime outputs against torch's (count, shape, max|a-b| <= atol + rtol*max|b|); return the diff."""
+    label, _, want = case
+    if len(got) != len(want):
+        raise ExportError(f"At {label}: the ONNX file has {len(got)} outputs, torch returned {len(want)}.")
+    worst = 0.0
+    for array, (name, tensor) in zip(got, want):
+        ref = tensor.detach().cpu().numpy().astype(np.float64)
+        if array.shape != ref.shape:
+            raise ExportError(f"At {label}: output {name!r} has shape {array.shape} in onnxruntime but {ref.shape} "
+                              "in torch. The graph baked in a size; pass dynamic_batch=False or fix the model.")
+        array = array.astype(np.float64)  # equal values (infs, NaN pairs) count as no difference
+        diffs = np.where((array == ref) | (np.isnan(array) & np.isnan(ref)), 0.0, np.abs(array - ref))
+        diff, scale = float(diffs.max(initial=0.0)), float(np.abs(ref[np.isfinite(ref)]).max(initial=0.0))
+        if not diff <= atol + rtol * scale:
+            raise ExportError(f"At {label}: output {name!r} differs from torch by {diff:.3g} (max |torch| "
+                              f"{scale:.3g}, rtol={rtol}, atol={atol}). Raise the tolerances if the op is numerically "
+                              "sensitive, or look for random, data-dependent or batch-dependent code in forward.")
+        worst = max(worst, diff)
+    return worst
+
+
+def _verify(path: Path, cases: list[Case], rtol: float, atol: float) -> float:
+    """Run the file on every case and compare with torch; return the worst absolute difference."""
+    worst = 0.0
+    for case in cases:
+        try:
+            got = run_onnxruntime(path, case[1])
+        except ExportError as exc:
+            raise ExportError(f"At {case[0]}: {exc}. If only the doubled batch fails, the graph baked in the "
+                              "batch size; pass dynamic_batch=False or make forward batch-agnostic.") from exc
+        worst = max(worst, _compare(got, case, rtol, atol))
+    return worst
+
+
+def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool) -> tuple[list[Case], tuple]:
+    """Torch outputs for the verification cases, and the inputs to trace (a doubled batch when dim 0 is dynamic)."""
+    try:
+        cases = [("the example batch", inputs, _run_torch(model, inputs))]
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever forward raises means the inputs do not fit
+        raise ExampleInputsError(f"The model raised on example_inputs: {_summary(exc)}") from exc
+    if not dynamic:
+        return cases, inputs
+    doubled = double_batch(inputs)  # tracing at batch > 1 avoids 0/1 specialization and batch-1-only branches
+    if verify:
+        try:
+            cases.append(("a doubled batch", doubled, _run_torch(model, doubled)))
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"The model raised on a doubled batch: {_summary(exc)}. "
+                              "Pass dynamic_batch=False if it only supports the example batch size.") from exc
+    return cases, doubled
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple, *,
+                dynamic_batch: bool = True, opset: int | None = None, verify: bool = True,
+                rtol: float = 1e-4, atol: float = 1e-4) -> ExportResult:
+    """Export the model (in eval mode, left unchanged) to a cleaned, checked ONNX file verified in onnxruntime."""
+    inputs, path = _check_inputs(example_inputs), Path(path)
+    with inference(model, grad=None):
+        cases, trace_inputs = _reference(model, inputs, dynamic_batch, verify)
+        request = _Request(trace_inputs, _input_names(model, len(inputs)), [name for name, _ in cases[0][2]],
+                           dynamic_batch, opset)
+        with tempfile.TemporaryDirectory() as tmp:
+            exporter = _export_any(model, request, str(Path(tmp) / "raw.onnx"))
+            proto = _clean(Path(tmp) / "raw.onnx")
+    file_bytes = _save(proto, path)
+    _check(path)
+    return ExportResult(
+        path=path, exporter=exporter, opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        input_names=[i.name for i in proto.graph.input], output_names=[o.name for o in proto.graph.output],
+        max_abs_diff=_verify(path, cases, rtol, atol) if verify else None, num_nodes=len(proto.graph.node),
+        file_bytes=file_bytes,
+    )

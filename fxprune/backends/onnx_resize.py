@@ -1,0 +1,380 @@
+"""Resize an exported model's ONNX graph to a pruned copy's widths, instead of exporting the copy.
+
+Exporting through torch.export takes seconds (docs/latency_model.md), and the closed latency loop
+times pruned copies of one model again and again. A pruned copy's graph is the full model's with
+smaller tensors: the same nodes, smaller initializers, and a few constants that
+record a width (reshape targets, convolution groups). ``resize`` walks the full graph in order with
+ONNX's per-node shape inference, gives each initializer the pruned module's shape, rewrites the
+constants it understands, and raises ``ResizeError`` for anything else a changed width reaches, so the
+caller exports the copy instead. Only shapes are carried (a cached graph stays small, ``strip``); a
+timing graph gets its values from the module it stands for (``fill``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+STRIP_ELEMENTS = 64  # float initializers larger than this are kept as shapes only
+TRANSPOSE_TAG = "fxprune:transposes:"  # doc_string of an initializer that is a parameter's transpose
+# Ops no constant of which records a width: they follow their inputs' shapes (ONNX infers the rest).
+WIDTH_FREE = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Erf",
+    "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Pow", "Cast", "Identity",
+    "Dropout", "Add", "Sub", "Mul", "Div", "Max", "Min", "Where", "Equal", "Less", "Greater", "Not",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "ReduceMean", "ReduceSum",
+    "ReduceMax", "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "Concat", "Transpose", "Flatten",
+    "Squeeze", "Unsqueeze", "Shape", "Size", "MatMul", "Gemm", "Conv", "ConvTranspose", "Reshape",
+    "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Resize",
+    "Pad", "Einsum",
+})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "PRelu", "Where", "Max", "Min", "Pow", "Equal", "Less",
+                         "Greater"})
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+class ResizeError(Exception):
+    """The graph holds a width ``resize`` cannot update with certainty; export the pruned copy instead."""
+
+
+def strip(model: onnx.ModelProto, elements: int = STRIP_ELEMENTS) -> onnx.ModelProto:
+    """A copy whose float initializers of more than ``elements`` values keep their shapes, not their values."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    for tensor in stripped.graph.initializer:
+        if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims)) > elements:
+            _clear_data(tensor)
+    return stripped
+
+
+def fill(model: onnx.ModelProto, tensors: Mapping[str, torch.Tensor] | None = None,
+         seed: int = 0) -> onnx.ModelProto:
+    """Values for every initializer left without data, in place: the module's own tensor where the
+    initializer names it (or its transpose, see ``name_transposes``) with that shape, else random:
+    matrices and kernels normal with variance 1 / fan-in, vectors uniform in [0.5, 1.5] (positive, as
+    scales and variances must be). The module's values keep a timing graph's numbers like the deployed
+    one's (a CPU slows down on denormal numbers, and only values decide where those appear)."""
+    tensors = tensors or {}
+    rng = np.random.default_rng(seed)
+    for tensor in model.graph.initializer:
+        if _has_data(tensor):
+            continue
+        shape = tuple(tensor.dims)
+        source = tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else None
+        if tensor.name in tensors and tuple(tensors[tensor.name].shape) == shape:
+            values = tensors[tensor.name].detach().cpu().numpy()
+        elif source in tensors and tuple(tensors[source].shape)[::-1] == shape:
+            values = tensors[source].detach().cpu().t().numpy()
+        elif len(shape) >= 2:
+            values = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(int(np.prod(shape[1:])), 1))
+        else:
+            values = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        doc = tensor.doc_string
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values).astype(dtype), tensor.name))
+        tensor.doc_string = doc
+    return model
+
+
+def name_transposes(model: onnx.ModelProto, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Mark each unnamed 2-D float initializer that holds a parameter's transpose (the exporter folds a
+    linear layer's ``weight.T`` into a new constant) with that parameter's name, so ``resize`` can tell
+    its pruned shape. In place; needs the initializers' values."""
+    sources: dict[tuple, str | None] = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and tensor.is_floating_point():
+            array = tensor.detach().cpu().t().contiguous().numpy()
+            key = (array.shape, str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest())
+            sources[key] = None if key in sources else name  # two parameters alike: neither is named
+    for tensor in model.graph.initializer:
+        if tensor.name in tensors or len(tensor.dims) != 2 or tensor.data_type not in FLOAT_TYPES:
+            continue
+        array = numpy_helper.to_array(tensor)
+        source = sources.get((array.shape, str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest()))
+        if source is not None:
+            tensor.doc_string = TRANSPOSE_TAG + source
+
+
+def resize(model: onnx.ModelProto, full_shapes: Mapping[str, tuple[int, ...]],
+           pruned_shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """``model`` (exported from a module whose state_dict has ``full_shapes``) with the widths of its
+    pruned copy (state_dict ``pruned_shapes``), weights left for ``fill``. Raises ResizeError."""
+    resized = strip(model)
+    try:
+        old = _value_shapes(shape_inference.infer_shapes(resized, strict_mode=True, data_prop=True))
+    except (shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        raise ResizeError(f"ONNX shape inference fails on the full model: {error}") from error
+    graph = resized.graph
+    opset = next((o.version for o in resized.opset_import if o.domain in ("", "ai.onnx")), None)
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {name: numpy_helper.to_array(t) for name, t in initializers.items()
+                 if t.data_type not in FLOAT_TYPES and _has_data(t)}
+    types: dict[str, onnx.TypeProto] = {v.name: v.type for v in graph.input}
+    new: dict[str, tuple[int, ...]] = {v.name: old[v.name] for v in graph.input}
+    pending: set[str] = set()  # float initializers whose width only their consumer can tell
+    for name, tensor in initializers.items():
+        shape = tuple(tensor.dims)
+        source = tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else None
+        if name in full_shapes and tuple(full_shapes[name]) == shape and name in pruned_shapes:
+            shape = tuple(pruned_shapes[name])
+        elif source in pruned_shapes and tuple(full_shapes.get(source, ()))[::-1] == shape:
+            shape = tuple(pruned_shapes[source])[::-1]
+        elif tensor.data_type in FLOAT_TYPES and any(d > 1 for d in shape):  # a scalar records no width
+            pending.add(name)
+        _set_shape(tensor, shape)
+        new[name] = shape
+    for node in graph.node:
+        if node.op_type == "Constant":
+            _constant(node, constants, types, new)
+            continue
+        changed = any(new.get(i) != old.get(i) for i in node.input if i)
+        if not changed:
+            for name in node.input:
+                pending.discard(name)
+        else:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in WIDTH_FREE:
+                raise ResizeError(f"{node.op_type} node {node.name!r} takes a pruned tensor, and fxprune does not "
+                                  "know which of its constants record a width")
+            _settle_pending(node, pending, initializers, old, new)
+            _update_constants(node, graph, initializers, constants, old, new)
+        for name in node.input:
+            if name in initializers:
+                types[name] = helper.make_tensor_type_proto(initializers[name].data_type, new[name])
+        inferred = _infer(node, types, constants, opset)
+        for name in filter(None, node.output):
+            if name not in inferred or not inferred[name].tensor_type.HasField("shape"):
+                raise ResizeError(f"ONNX cannot infer the shape of {name!r} ({node.op_type} {node.name!r})")
+            types[name] = inferred[name]
+            new[name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in inferred[name].tensor_type.shape.dim)
+            if -1 in new[name]:
+                raise ResizeError(f"{name!r} ({node.op_type} {node.name!r}) has a symbolic dimension")
+    read = {name for node in graph.node for name in node.input}
+    unread = [t for t in graph.initializer if t.name not in read]  # constants the walk replaced
+    for tensor in unread:
+        graph.initializer.remove(tensor)
+    del graph.value_info[:]
+    for output in graph.output:
+        output.type.CopyFrom(types[output.name])
+    return resized
+
+
+# --- the walk -----------------------------------------------------------------------------------------
+def _settle_pending(node: onnx.NodeProto, pending: set[str], initializers: dict, old: dict, new: dict) -> None:
+    """Give the float initializers ``node`` reads, whose names say nothing, the shape their role implies."""
+    for index, name in enumerate(node.input):
+        if name not in pending:
+            continue
+        shape = _implied_shape(node, index, old, new)
+        if shape is None:
+            raise ResizeError(f"{node.op_type} node {node.name!r} reads {name!r}, an initializer no parameter of "
+                              "the model names, and fxprune cannot tell its pruned shape")
+        pending.discard(name)
+        new[name] = shape
+        _set_shape(initializers[name], shape)
+
+
+def _implied_shape(node: onnx.NodeProto, index: int, old: dict, new: dict) -> tuple[int, ...] | None:
+    op, inputs = node.op_type, list(node.input)
+    if op == "Conv" and index == 2:
+        return (new[inputs[1]][0],)
+    if op == "ConvTranspose" and index == 2:
+        return (new[inputs[1]][1] * _attribute(node, "group", 1),)
+    if op == "Gemm" and index == 2:
+        weight = new[inputs[1]]
+        columns = weight[0] if _attribute(node, "transB", 0) else weight[1]
+        return _follow(old[inputs[2]], (old[inputs[0]][0], _old_columns(node, old)), (new[inputs[0]][0], columns))
+    if op in ("BatchNormalization", "InstanceNormalization") and index > 0:
+        return (new[inputs[0]][1],)
+    if op == "LayerNormalization" and index > 0:
+        return new[inputs[0]][len(new[inputs[0]]) - len(old[inputs[index]]):]
+    if op == "Concat":  # every axis but the concatenated one follows the other inputs
+        axis = _attribute(node, "axis", 0) % len(old[inputs[index]])
+        other = next((i for j, i in enumerate(inputs) if j != index and old[i] != new[i]), None)
+        if other is not None:
+            followed = _follow(old[inputs[index]], old[other], new[other])
+            return tuple(old[inputs[index]][d] if d == axis else followed[d] for d in range(len(followed)))
+        return old[inputs[index]]
+    if op in ELEMENTWISE:
+        others = [i for j, i in enumerate(inputs) if j != index and i]
+        if len(others) == 1:
+            return _follow(old[inputs[index]], old[others[0]], new[others[0]])
+    return None
+
+
+def _old_columns(node: onnx.NodeProto, old: dict) -> int:
+    weight = old[node.input[1]]
+    return weight[0] if _attribute(node, "transB", 0) else weight[1]
+
+
+def _follow(shape: tuple, old_other: tuple, new_other: tuple) -> tuple[int, ...]:
+    """A broadcast operand's new shape: each dim that matched the other operand's (and was not 1)
+    follows it; dims of 1 broadcast and stay."""
+    result = list(shape)
+    for offset in range(1, min(len(shape), len(old_other)) + 1):
+        if shape[-offset] != 1 and shape[-offset] == old_other[-offset]:
+            result[-offset] = new_other[-offset]
+    return tuple(result)
+
+
+def _update_constants(node: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict, constants: dict,
+                      old: dict, new: dict) -> None:
+    """Rewrite the width-recording constants of ``node``, whose inputs changed shape."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        _set_group(node, old, new)
+    elif node.op_type == "Reshape":
+        data, target = node.input[0], node.input[1]
+        if target not in constants:
+            raise ResizeError(f"Reshape node {node.name!r} reads a computed shape, not a constant")
+        shape = _reshape_target(old[data], old[node.output[0]], new[data])
+        if shape is None:
+            raise ResizeError(f"Reshape node {node.name!r} regroups a pruned axis ({old[data]} -> "
+                              f"{old[node.output[0]]}) in a way fxprune cannot follow")
+        _replace_constant(node, 1, np.asarray(shape, dtype=np.int64), graph, initializers, constants, new)
+    elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+        sizes = constants.get(node.input[3])
+        if sizes is None:
+            raise ResizeError(f"Resize node {node.name!r} reads computed sizes")
+        followed = _follow(tuple(int(s) for s in sizes), old[node.input[0]], new[node.input[0]])
+        _replace_constant(node, 3, np.asarray(followed, dtype=np.int64), graph, initializers, constants, new)
+    elif node.op_type == "Pad" and any(new[i] != old[i] for i in node.input[1:] if i):
+        raise ResizeError(f"Pad node {node.name!r} reads pruned pads")
+
+
+def _set_group(node: onnx.NodeProto, old: dict, new: dict) -> None:
+    group = _attribute(node, "group", 1)
+    data, weight = node.input[0], node.input[1]
+    if node.op_type == "ConvTranspose":
+        if group != 1 and new[data] != old[data]:
+            raise ResizeError(f"grouped ConvTranspose node {node.name!r} takes a pruned input")
+        return
+    in_channels, per_group, out_channels = new[data][1], new[weight][1], new[weight][0]
+    if group == 1:
+        if in_channels != per_group:
+            raise ResizeError(f"Conv node {node.name!r}: input has {in_channels} channels, weight {per_group}")
+        return
+    if per_group == 0 or in_channels % per_group or out_channels % (in_channels // per_group):
+        raise ResizeError(f"Conv node {node.name!r}: {in_channels} input channels do not divide into groups of "
+                          f"{per_group} for {out_channels} outputs")
+    for attribute in node.attribute:
+        if attribute.name == "group":
+            attribute.i = in_channels // per_group
+
+
+def _reshape_target(old_in: tuple, old_out: tuple, new_in: tuple) -> list[int] | None:
+    """The new target of a reshape that took ``old_in`` to ``old_out``, now given ``new_in``: axes are
+    matched in runs of equal element count; a run that changed size must end in one output axis."""
+    if len(old_in) != len(new_in):
+        return None
+    target: list[int] = []
+    i = o = 0
+    while i < len(old_in) or o < len(old_out):
+        run_in, run_out = [i], [o]
+        size_in, size_out = _at(old_in, i), _at(old_out, o)
+        while size_in != size_out:
+            if size_in < size_out:
+                i += 1
+                if i >= len(old_in):
+                    return None
+                run_in.append(i)
+                size_in *= old_in[i]
+            else:
+                o += 1
+                if o >= len(old_out):
+                    return None
+                run_out.append(o)
+                size_out *= old_out[o]
+        new_size = int(np.prod([new_in[k] for k in run_in if k < len(new_in)]))
+        if new_size == size_in:
+            target += [old_out[k] for k in run_out if k < len(old_out)]
+        elif len(run_out) == 1 and run_out[0] < len(old_out):
+            target.append(new_size)
+        else:
+            return None
+        i, o = i + 1, o + 1
+    return target
+
+
+def _at(shape: tuple, index: int) -> int:
+    return shape[index] if index < len(shape) else 1
+
+
+def _replace_constant(node: onnx.NodeProto, index: int, value: np.ndarray, graph: onnx.GraphProto,
+                      initializers: dict, constants: dict, new: dict) -> None:
+    """Point input ``index`` of ``node`` at a new initializer holding ``value`` (constants may be shared)."""
+    if np.array_equal(constants[node.input[index]], value):
+        return
+    name = f"{node.input[index]}__resized_{node.name or len(initializers)}"
+    tensor = numpy_helper.from_array(value, name)
+    graph.initializer.append(tensor)
+    initializers[name], constants[name], new[name] = graph.initializer[-1], value, tuple(value.shape)
+    node.input[index] = name
+
+
+def _constant(node: onnx.NodeProto, constants: dict, types: dict, new: dict) -> None:
+    value = next((a for a in node.attribute if a.name == "value"), None)
+    if value is None:
+        raise ResizeError(f"Constant node {node.name!r} holds something other than a tensor")
+    array = numpy_helper.to_array(value.t)
+    if value.t.data_type not in FLOAT_TYPES:
+        constants[node.output[0]] = array
+    new[node.output[0]] = tuple(array.shape)
+    types[node.output[0]] = helper.make_tensor_type_proto(value.t.data_type, array.shape)
+
+
+def _infer(node: onnx.NodeProto, types: dict, constants: dict, opset: int | None) -> dict[str, onnx.TypeProto]:
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset or onnx.defs.onnx_opset_version(), node.domain)
+        inputs = {name: types[name] for name in node.input if name}
+        data = {name: numpy_helper.from_array(constants[name], name) for name in node.input if name in constants}
+        return shape_inference.infer_node_outputs(schema, node, inputs, data)
+    except (KeyError, onnx.defs.SchemaError, shape_inference.InferenceError) as error:
+        raise ResizeError(f"ONNX shape inference failed at {node.op_type} node {node.name!r}: {error}") from error
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else -1
+                                       for d in value.type.tensor_type.shape.dim)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                shapes[node.output[0]] = tuple(value.t.dims)
+    return shapes
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _has_data(tensor: TensorProto) -> bool:
+    if int(np.prod(tensor.dims)) == 0:
+        return True
+    return bool(tensor.raw_data or tensor.float_data or tensor.int32_data or tensor.int64_data
+                or tensor.double_data or tensor.uint64_data or tensor.string_data or tensor.external_data)
+
+
+def _clear_data(tensor: TensorProto) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+
+
+def _set_shape(tensor: TensorProto, shape: tuple[int, ...]) -> None:
+    """New dims; the values go (``fill`` gives new ones)."""
+    if tuple(tensor.dims) == tuple(shape):
+        return
+    if tensor.data_type not in FLOAT_TYPES:
+        raise ResizeError(f"initializer {tensor.name!r} ({TensorProto.DataType.Name(tensor.data_type)}) would change shape")
+    _clear_data(tensor)
+    del tensor.dims[:]
+    tensor.dims.extend(shape)

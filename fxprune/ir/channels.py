@@ -1,0 +1,117 @@
+"""Channel spaces, groups and plans: what the dependency pass finds and what a plan keeps."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ChannelSpace:
+    """One channel axis of one tensor (the output of one fx node) and where its channels sit in a group.
+
+    ``channel_index[j]`` is the group channel that element ``j`` of this axis belongs to. Several elements
+    may share a group channel: a flatten maps one channel to a block of features, a grouped convolution
+    or a GroupNorm makes a whole block one pruning unit.
+    """
+
+    node: str
+    dim: int
+    size: int
+    output_index: int = 0  # which output of the node, for split/chunk results
+    id: int = -1  # position in the dependency pass's space list
+    group_id: int = -1
+    channel_index: np.ndarray | None = None
+
+    def kept_positions(self, keep_mask: np.ndarray) -> np.ndarray:
+        """Positions along ``dim`` that survive, given the group's boolean keep mask over its channels."""
+        return np.flatnonzero(keep_mask[self.channel_index])
+
+
+@dataclass
+class NodeChannels:
+    """What the dependency pass learned about one node (``node.meta["fxprune"]``).
+
+    ``spaces``: the channel axis of each tensor the node outputs (one entry per output; ``None`` where
+    an output has no tracked axis). ``rule``: the name of the rule that handled the node, which the
+    rewrite applies again; ``notes``: what that rule decided while coupling (a gather's permutation,
+    traced sizes to write back) for its own rewrite.
+    """
+
+    spaces: list[ChannelSpace | None] = field(default_factory=list)
+    rule: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def space(self) -> ChannelSpace | None:
+        return self.spaces[0] if self.spaces else None
+
+
+@dataclass
+class GroupMember:
+    """A channel space that belongs to a group, as a reference a user can read."""
+
+    node: str
+    dim: int
+    size: int
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be pruned together: keeping group channel i keeps it in every member."""
+
+    id: int
+    size: int
+    members: list[GroupMember]
+    frozen_reason: str | None = None
+    norm_coupled: bool = False  # a normalization computes statistics across these channels
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen_reason is None and self.size > 1
+
+    def describe(self) -> str:
+        state = "prunable" if self.prunable else f"frozen: {self.frozen_reason or 'single unit'}"
+        names = ", ".join(m.node for m in self.members[:4]) + (" ..." if len(self.members) > 4 else "")
+        return f"group {self.id}: {self.size} channels, {len(self.members)} members ({names}); {state}"
+
+
+@dataclass
+class Analysis:
+    """The dependency pass's graph-level result (``gm.meta["fxprune"]``): groups and every space."""
+
+    groups: dict[int, ChannelGroup]
+    spaces: list[ChannelSpace] = field(default_factory=list, repr=False)
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups.values() if g.prunable]
+
+    def member_channels(self, group_id: int) -> list[np.ndarray]:
+        """Group channels present in each member space; a plan must keep one of each to be valid."""
+        return [np.unique(s.channel_index) for s in self.spaces if s.group_id == group_id]
+
+
+@dataclass
+class Importance:
+    """The score pass's result (``gm.meta["fxprune_importance"]``): one score per channel of every group."""
+
+    criterion: str
+    scores: dict[int, np.ndarray]
+
+
+@dataclass
+class Plan:
+    """Kept group channels per group id: the one object a solver produces and the rewrite consumes."""
+
+    keep: dict[int, np.ndarray]
+
+    def to_json(self) -> str:
+        return json.dumps({str(gid): [int(i) for i in idx] for gid, idx in sorted(self.keep.items())})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        raw = json.loads(text)
+        return cls({int(gid): np.asarray(idx, dtype=np.int64) for gid, idx in raw.items()})

@@ -1,0 +1,78 @@
+"""Reading and running a traced graph: shapes, recorded values, the channels on a node, one way to run it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxprune.ir.channels import ChannelSpace, NodeChannels
+from fxprune.ir.keys import CHANNELS_KEY, VALUE_KEY
+
+
+def shape(node: Any) -> tuple[int, ...] | None:
+    """Shape of a node's tensor output, or None for non-tensors and tuples."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
+
+
+def value(arg: Any) -> Any:
+    """Concrete value of an argument: constants as is, nodes through the value the trace recorded."""
+    if isinstance(arg, torch.fx.Node):
+        if VALUE_KEY not in arg.meta:
+            raise KeyError(arg.name)
+        return arg.meta[VALUE_KEY]
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(value(a) for a in arg)
+    return arg
+
+
+def channels(node: Any) -> NodeChannels:
+    """The dependency pass's record of a node (empty for nodes it left alone, and for non-nodes)."""
+    if not isinstance(node, torch.fx.Node):
+        return NodeChannels()
+    return node.meta.get(CHANNELS_KEY) or NodeChannels()
+
+
+def space(node: Any, index: int = 0) -> ChannelSpace | None:
+    """The channel space of output ``index`` of a node, or None."""
+    spaces = channels(node).spaces
+    return spaces[index] if index < len(spaces) else None
+
+
+def attribute(module: torch.nn.Module, target: str) -> Any:
+    """The tensor (or module) at a qualified name, as ``get_attr`` reads it."""
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner), name)
+
+
+@contextmanager
+def inference(model: torch.nn.Module, grad: bool | None = False) -> Iterator[None]:
+    """The one way fxprune runs a model: eval mode, so no BatchNorm statistic moves (and dropout is off),
+    and no autograd unless ``grad`` (None: as the caller has it); every module's own training flag is
+    restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    for module, _ in flags:  # not model.eval(): torch.export's modules refuse it
+        module.training = False
+    try:
+        with torch.set_grad_enabled(torch.is_grad_enabled() if grad is None else grad):
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def model_digest(gm: torch.fx.GraphModule, example_inputs: tuple) -> str:
+    """What a whole-model timing depends on: the graph, every node's shape, the parameters' shapes, the
+    inputs' shapes and dtypes (not the weights' values)."""
+    parts = [gm.code]
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        parts.append(f"{node.name}:{node.op}:{tuple(meta.shape) if hasattr(meta, 'shape') else ''}")
+    parts += [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
+    parts += [f"input:{tuple(x.shape)}:{x.dtype}" for x in example_inputs if isinstance(x, torch.Tensor)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -1,0 +1,59 @@
+"""Plan pass: solve for the plan that meets the budget, under the cost model of the budget's metric.
+
+FLOPs and parameter budgets are solved once under the cost pass's exact models. Latency budgets are
+solved under the latency tables and, with ``refine`` > 0, through the closed loop that times the solved
+plans on the engine (``passes/refine.py``). Writes ``gm.meta["fxprune_solution"]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.errors import AnalysisRequiredError, FxpruneError
+from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, SOLUTION_KEY
+from fxprune.ir.solution import Solution
+from fxprune.passes.context import Context
+from fxprune.passes.latency import latency_cost
+from fxprune.passes.plan import check_solver, solve_plan
+from fxprune.passes.refine import solve_measured
+
+
+class PlanPass(PassBase):
+    """The plan for ``budget`` (an ``fxprune`` budget), with ``solver``; see the module docstring."""
+
+    def __init__(self, context: Context, budget: Any, *, solver: str = "sp_lamp", resolution: int = 4000,
+                 round_to: int | None = None, refine: int = 0) -> None:
+        super().__init__()
+        check_solver(solver, round_to)
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise FxpruneError(f"refine must be a number of measured solves >= 0, got {refine!r}")
+        self.context, self.budget, self.solver, self.resolution = context, budget, solver, resolution
+        self.round_to, self.refine = round_to, refine
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        needed = [IMPORTANCE_KEY, LATENCY_KEY if self.budget.metric == "latency" else COST_KEY]
+        missing = [key for key in needed if key not in graph_module.meta]
+        if missing:
+            raise AnalysisRequiredError(f"the plan pass needs {', '.join(missing)} on the graph: run the score "
+                                        "pass and the cost (or latency) pass first")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        latency = self.budget.metric == "latency"
+        cost = latency_cost(graph_module) if latency else graph_module.meta[COST_KEY][self.budget.metric]
+        capacity = self.budget.capacity(cost.baseline)
+        round_to = graph_module.meta[LATENCY_KEY].granularity if latency else self.round_to or 8
+        options = dict(round_to=round_to, solver=self.solver, resolution=self.resolution)
+        if latency and self.refine:
+            measured = solve_measured(graph_module, cost, capacity, self.context, steps=self.refine, **options)
+            solution = Solution(measured.result, cost, capacity, measured)
+        else:
+            solution = Solution(solve_plan(graph_module, cost, capacity, **options), cost, capacity)
+        graph_module.meta[SOLUTION_KEY] = solution
+        return PassResult(graph_module, modified=False)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        assert isinstance(graph_module.meta[SOLUTION_KEY], Solution)

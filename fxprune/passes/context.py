@@ -1,0 +1,61 @@
+"""What the passes of one compile share, made once: the example inputs, the engine, the latency cache,
+each graph's digest, the analysed model deployed on the engine, and the pruned copies already built."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxprune.backends.engines import Deployed, Engine
+from fxprune.backends.registry import get_engine
+from fxprune.cache import LatencyCache
+from fxprune.ir.channels import Plan
+from fxprune.ir.graph import model_digest
+from fxprune.passes.rewrite import RewritePass
+
+
+class Context:
+    """Shared state of one pipeline run; use it in a ``with`` block so deployed models are released."""
+
+    def __init__(self, example_inputs: Any, engine: str | Engine | None = None, *, threads: int | None = None,
+                 cache: LatencyCache | str | None = None, progress: bool = True, check: bool = True) -> None:
+        self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        self.engine = get_engine(engine, threads, check=check) if engine is not None else None
+        self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(*(() if cache is None else (cache,)))
+        self.progress = progress
+        self._stack = ExitStack()
+        self._memo: dict[tuple, tuple[torch.fx.GraphModule, Any]] = {}  # the graph is kept alive with its id
+
+    def _once(self, what: str, gm: torch.fx.GraphModule, extra: str, make) -> Any:
+        key = (what, id(gm), extra)
+        if key not in self._memo:
+            self._memo[key] = gm, make()
+        return self._memo[key][1]
+
+    def digest(self, gm: torch.fx.GraphModule) -> str:
+        """``ir.graph.model_digest`` of ``gm`` at these inputs (what cached timings of it are keyed by)."""
+        return self._once("digest", gm, "", lambda: model_digest(gm, self.example_inputs))
+
+    def deployed(self, gm: torch.fx.GraphModule) -> Deployed:
+        """The analysed model deployed on the engine, for as long as this context is open."""
+        if self.engine is None:
+            raise ValueError("this context has no engine")
+        return self._once("deployed", gm, "", lambda: self._stack.enter_context(
+            self.engine.deploy_traced(gm, self.example_inputs, self.cache, self.digest(gm))))
+
+    def pruned(self, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+        """``gm`` pruned to ``plan`` (the rewrite pass's result), built once per plan."""
+        return self._once("pruned", gm, plan.to_json(), lambda: RewritePass(plan)(gm).graph_module)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._memo.clear()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

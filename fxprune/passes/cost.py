@@ -1,0 +1,168 @@
+"""Cost pass: FLOPs and parameter counts of the model as functions of the kept channels.
+
+Every cost is a sum of terms ``full * prod(kept_s / size_s)`` over the channel spaces ``s`` that scale
+it. For parameters, ``full`` is a tensor's element count and the spaces are the axes the rewrite indexes
+(``passes/params.py``), which makes the count exact. For FLOPs, ``full`` is the node's count at full width
+by ``FlopCounterMode``; a rule with bilinear FLOPs (convolutions, linear layers) scales with its weight's
+input and output widths (exact), and a rule with a FLOP probe (attention) is fitted as a bilinear
+function of its widths from four counted evaluations (exact: its projections are linear in them).
+
+There is one FLOP count: ``count_flops``, which the cost pass, the budget's baseline and the report all
+use. It runs the model as ``ir.graph.inference`` does, with torch's fused ``nn.MultiheadAttention`` fast
+path off: that kernel is invisible to FlopCounterMode, and the pruned model's attention is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.errors import AnalysisRequiredError
+from fxprune.ir import graph
+from fxprune.ir.cost import CostModel, CostTerm
+from fxprune.ir.graph import inference
+from fxprune.ir.keys import ANALYSIS_KEY, COST_KEY
+from fxprune.passes.params import parameter_axes
+from fxprune.rules import RULES, input_space
+
+
+@contextmanager
+def flop_counting(module: nn.Module) -> Iterator[FlopCounterMode]:
+    """Run ``module`` inside this to count its FLOPs the one way fxprune does (see the module docstring)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with inference(module), FlopCounterMode(display=False) as counter:
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def count_flops(module: nn.Module, example_inputs: tuple) -> int:
+    """FLOPs of one forward pass (the count the budget, the solver and the report share)."""
+    with flop_counting(module) as counter:
+        module(*example_inputs)
+    return counter.get_total_flops()
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _scaling(gm: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    """Per parameter (qualified name): the spaces that scale it, the ones it reads first, then the ones it
+    produces (the planner charges a term to its last space: the output side)."""
+    axes: dict[str, list] = {}
+    for axis in parameter_axes(gm):
+        axes.setdefault(axis.name, []).append(axis)
+    return {name: tuple(dict.fromkeys([a.space.id for a in entries if not a.produces] +
+                                      [a.space.id for a in entries if a.produces]))
+            for name, entries in axes.items()}
+
+
+def param_cost(gm: torch.fx.GraphModule) -> CostModel:
+    """Exact parameter count as a function of kept widths."""
+    scaling = _scaling(gm)
+    model = CostModel("params")
+    for name, param in gm.named_parameters():  # shared parameters are listed once
+        model.terms.append(CostTerm(name, float(param.numel()), scaling.get(name, ())))
+    model.baseline = model.total({})
+    return model
+
+
+class _FlopInterpreter(torch.fx.Interpreter):
+    """Runs the graph once, counting each node's FLOPs separately."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.flops: dict[torch.fx.Node, int] = {}
+        self.terms: list[CostTerm] = []
+
+    def run_node(self, n: torch.fx.Node):
+        name = graph.channels(n).rule
+        if name is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            probe = RULES.by_name[name].flop_probe(self.module, n, args, kwargs)
+            if probe is not None:
+                self._fit_bilinear(n, probe)
+                return super().run_node(n)
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        if counter.get_total_flops():
+            self.flops[n] = counter.get_total_flops()
+        return result
+
+    def _fit_bilinear(self, n: torch.fx.Node, probe: Callable[[int, int], Callable[[], Any]]) -> None:
+        """FLOPs = a + b*in + c*out + d*in*out from counts at full and half widths."""
+
+        def count(kin: int, kout: int) -> int:
+            with FlopCounterMode(display=False) as counter:
+                probe(kin, kout)()
+            return counter.get_total_flops()
+
+        in_space, out_space = input_space(n), graph.space(n)
+        width_in = in_space.size if in_space is not None else None
+        width_out = out_space.size
+        half_in = max(1, width_in // 2) if width_in else None
+        half_out = max(1, width_out // 2)
+        if width_in is None or half_in == width_in or half_out == width_out:
+            self.flops[n] = count(width_in or graph.shape(n.args[0])[-1], width_out)
+            return
+        f = {(i, o): count(i, o) for i in (width_in, half_in) for o in (width_out, half_out)}
+        d = (f[width_in, width_out] - f[half_in, width_out] - f[width_in, half_out] + f[half_in, half_out]) \
+            / ((width_in - half_in) * (width_out - half_out))
+        b = (f[width_in, half_out] - f[half_in, half_out]) / (width_in - half_in) - d * half_out
+        c = (f[half_in, width_out] - f[half_in, half_out]) / (width_out - half_out) - d * half_in
+        a = f[half_in, half_out] - b * half_in - c * half_out - d * half_in * half_out
+        name = n.name
+        self.terms += [CostTerm(f"{name} (fixed)", a), CostTerm(f"{name} (input width)", b * width_in, (in_space.id,)),
+                       CostTerm(f"{name} (output width)", c * width_out, (out_space.id,)),
+                       CostTerm(f"{name} (input x output)", d * width_in * width_out, (in_space.id, out_space.id))]
+
+
+def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple) -> CostModel:
+    """FLOPs as a function of kept widths, from one counted forward pass at full width."""
+    counter = _FlopInterpreter(gm)
+    with flop_counting(gm):
+        counter.run(*example_inputs)
+    scaling = _scaling(gm)
+    model = CostModel("flops", terms=list(counter.terms))
+    for node, flops in counter.flops.items():
+        spaces: tuple[int, ...] = ()
+        name = graph.channels(node).rule
+        if name is not None and RULES.by_name[name].bilinear_flops:
+            weight = next((axis.name for axis in RULES.by_name[name].tensor_axes(gm, node)), None)
+            spaces = scaling.get(weight, ())
+        model.terms.append(CostTerm(node.name, float(flops), spaces))
+    model.baseline = model.total({})
+    return model
+
+
+class CostPass(PassBase):
+    """Attach FLOPs and parameter cost models to an analysed graph (``gm.meta["fxprune_cost"]``)."""
+
+    def __init__(self, example_inputs: tuple) -> None:
+        super().__init__()
+        self.example_inputs = example_inputs
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if ANALYSIS_KEY not in graph_module.meta:
+            raise AnalysisRequiredError("costs need channel groups: run fxprune.analyze(model, inputs) first")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph_module.meta[COST_KEY] = {
+            "flops": flop_cost(graph_module, self.example_inputs),
+            "params": param_cost(graph_module),
+        }
+        return PassResult(graph_module, modified=False)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        costs = graph_module.meta[COST_KEY]
+        assert {"flops", "params"} <= set(costs) and all(cost.baseline >= 0 for cost in costs.values())

@@ -1,0 +1,346 @@
+"""Latency pass: per-layer lookup tables measured on the deployment engine, and the model's remainder.
+
+What it writes:
+
+- ``node.meta["fxprune_layer_latency"]`` on every prunable convolution and linear layer: its *unit* (the
+  layer with the BatchNorm folded into it and the activation after it, at the input shape it sees in
+  this model) and the unit's ``LatencyTable``, measured over a grid of kept (input, output) widths and
+  calibrated to milliseconds inside this model.
+- ``gm.meta["fxprune_latency"]``: a ``LatencyCalibration``: the engine, the latency step found on it,
+  the channel granularity per group, and the whole model measured (with a uniformly reduced copy, the
+  second calibration point): its latency, the part spent in memory-bound ops between layers (which
+  scales with the widths of the tensors those ops touch) and the fixed rest.
+
+``latency_cost(gm)`` turns both into the ``CostModel`` the planner solves with: the latency of a plan is
+its units' table entries + the memory-bound ops scaled by kept width + the fixed rest. At full width it
+equals the measured latency. Every measurement goes through ``fxprune.cache.LatencyCache``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from tqdm.auto import tqdm
+
+from fxprune.backends.engines import QUANTILE, ROUNDS
+from fxprune.errors import AnalysisRequiredError, LatencyError
+from fxprune.ir import graph
+from fxprune.ir.channels import ChannelSpace, Plan
+from fxprune.ir.cost import CostModel, CostTerm, TableTerm
+from fxprune.ir.keys import ANALYSIS_KEY, LATENCY_KEY, LAYER_LATENCY_KEY
+from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
+from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.passes.context import Context
+from fxprune.passes.plan import uniform_plan
+from fxprune.passes.rewrite import kept_shares
+from fxprune.passes.units import Unit, find_units
+
+GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
+REDUCED_SHARE = 0.35  # the second calibration point: every group at this share of its channels
+STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
+STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
+STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
+
+__all__ = ["LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost"]
+
+
+def detect_step(latency_ms: np.ndarray, tolerance: float = STEP_TOLERANCE, agreement: float = 0.9) -> int:
+    """The engine's latency step from a probe timed at widths 1..K: the largest step s such that, for at
+    least ``agreement`` of the widths above s, rounding up to a multiple of s costs at most ``tolerance``
+    more (widths between multiples buy nothing). Widths below the first step are not checked (one channel
+    is cheaper than sixteen), and a few exceptions are allowed: a probe on a busy machine has outliers."""
+    widths = np.arange(1, latency_ms.size + 1)
+    for step in STEP_CANDIDATES:
+        if 2 * step > latency_ms.size:
+            continue
+        rounded = -(-widths // step) * step
+        inside = (rounded <= latency_ms.size) & (widths > step)
+        free = latency_ms[rounded[inside] - 1] <= latency_ms[inside] * (1 + tolerance) + 1e-4
+        if free.mean() >= agreement:
+            return step
+    return 1
+
+
+def channel_granularity(gm: torch.fx.GraphModule, step: int) -> dict[int, int]:
+    """Keep-count granularity per prunable group, in group channels, for tensor widths on multiples of
+    ``step``: a group channel may span several positions (a conv group of 8 channels is one unit)."""
+    analysis = gm.meta[ANALYSIS_KEY]
+    positions: dict[int, int] = {}
+    for space in analysis.spaces:
+        per_channel = space.size // max(1, np.unique(space.channel_index).size)
+        positions[space.group_id] = min(positions.get(space.group_id, per_channel), per_channel)
+    return {g.id: max(1, step // math.gcd(step, positions.get(g.id, 1))) for g in analysis.prunable_groups()}
+
+
+def _kept_counts(size: int, granularity: int, points: int) -> np.ndarray:
+    """Keep counts a table measures for a group of ``size``: one, and up to ``points`` multiples of
+    ``granularity`` spread evenly up to the full size."""
+    multiples = size // granularity
+    if multiples <= 1:
+        chosen = np.array([granularity] if multiples == 1 else [], dtype=np.int64)
+    else:
+        chosen = np.unique(np.round(np.linspace(1, multiples, min(points - 1, multiples))).astype(np.int64)) * granularity
+    return np.unique(np.concatenate([[1], chosen[chosen <= size], [size]])).astype(np.int64)
+
+
+class LatencyPass(PassBase):
+    """Measure (or load) the latency tables of every unit and the model's remainder on the context's
+    engine, through its cache; the full model is deployed through the context (shared with the closed loop)."""
+
+    def __init__(self, context: Context, *, round_to: int | None = None, grid_points: int = GRID_POINTS) -> None:
+        super().__init__()
+        if context.engine is None:
+            raise LatencyError("latency tables need an engine: make the Context with engine='onnxruntime' (or "
+                               "'torch', 'cuda', an Engine)")
+        self.context, self.engine, self.cache = context, context.engine, context.cache
+        self.example_inputs, self.progress = context.example_inputs, context.progress
+        self.round_to = round_to
+        self.grid_points = grid_points
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if ANALYSIS_KEY not in graph_module.meta:
+            raise AnalysisRequiredError("latency tables need channel groups: run fxprune.analyze(model, inputs) first")
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        calibration = graph_module.meta[LATENCY_KEY]
+        assert calibration.measured_ms > 0 and calibration.step >= 1
+        assert all(LAYER_LATENCY_KEY in unit.layer.meta for unit in find_units(graph_module))
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        start = time.perf_counter()
+        step = self.step()
+        granularity = (channel_granularity(graph_module, step) if self.round_to is None else
+                       {g.id: self.round_to for g in graph_module.meta[ANALYSIS_KEY].prunable_groups()})
+        units = find_units(graph_module)
+        keys = {id(unit): self._table_key(unit, *self._grid(graph_module, unit, granularity)) for unit in units}
+        reduced = uniform_plan(graph_module, REDUCED_SHARE, granularity)
+        measured_before = self.cache.measured
+        tables, timing = self._measure(graph_module, keys, reduced)
+        for unit in units:
+            unit.layer.meta[LAYER_LATENCY_KEY] = LayerLatency(unit, tables[_digest(keys[id(unit)])])
+        scale, offset = _fit(latency_sum(graph_module, {}), latency_sum(graph_module, kept_shares(graph_module, reduced)),
+                             timing, len(units), min((t.ms.min() for t in tables.values()), default=0.0))
+        for unit in units:  # the tables, in the reference unit's latency, become ms inside this model
+            table = unit.layer.meta[LAYER_LATENCY_KEY].table
+            unit.layer.meta[LAYER_LATENCY_KEY] = LayerLatency(unit, table.affine(scale, offset))
+        graph_module.meta[LATENCY_KEY] = LatencyCalibration(
+            engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
+            units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
+            context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], reduced=reduced, tables=len(tables),
+            tables_measured=self.cache.measured - measured_before, seconds=time.perf_counter() - start)
+        return PassResult(graph_module, modified=False)
+
+    def _measure(self, gm: torch.fx.GraphModule, keys: dict[int, dict],
+                 reduced: Plan) -> tuple[dict[str, LatencyTable], dict]:
+        """Every distinct table (from the cache or measured, with a progress bar), and the timing of the
+        whole model and of a copy ``reduced`` prunes.
+
+        Without a cached timing, both models are timed in interleaved rounds spread over the table build:
+        on a machine whose speed comes and goes, the fastest of rounds far apart is the quiet latency.
+        """
+        model_key = {"kind": "model", "engine": self.engine.identity(), "model": self.context.digest(gm),
+                     "reduced": Plan(reduced.keep).to_json(), "protocol": {**self._protocol(), "batch": "static"}}
+        timing = self.cache.lookup(model_key, _model_timing)
+        distinct = {_digest(key): key for key in keys.values()}
+        tables: dict[str, LatencyTable] = {}
+        rounds: list[list[float]] = []
+        with ExitStack() as stack:
+            models = []
+            if timing is None:
+                models.append(self.context.deployed(gm))
+                models.append(stack.enter_context(self.engine.deploy_pruned(models[0], self.context.pruned(gm, reduced),
+                                                                            self.example_inputs)))
+
+            def time_a_round() -> None:
+                warmup = 1 if rounds else self.engine.warmup
+                rounds.append([self.engine.time_round(model.run, warmup=warmup) for model in models])
+
+            for digest, key in tqdm(distinct.items(), desc=f"fxprune latency tables ({self.engine.name}, "
+                                    f"{self.engine.threads} threads)", unit="layer", disable=not self.progress):
+                tables[digest] = self._table(key)
+                if models:
+                    time_a_round()
+            if models:
+                while len(rounds) < ROUNDS:
+                    time_a_round()
+                fastest = np.min(rounds, axis=0)
+                parts = {}
+                for prefix, ms, model in zip(("", "reduced_"), fastest, models):
+                    memory, overhead = model.split()
+                    parts.update({f"{prefix}ms": float(ms), f"{prefix}memory_ms": ms * memory,
+                                  f"{prefix}overhead_ms": ms * overhead})
+                timing = self.cache.store(model_key, parts, _model_timing)
+        return tables, timing
+
+    def _protocol(self) -> dict:
+        return {"warmup": self.engine.warmup, "repeats": self.engine.repeats, "quantile": QUANTILE,
+                "reference": REFERENCE.to_key()}
+
+    def _table_key(self, unit: Unit, widths_in: np.ndarray, widths_out: np.ndarray) -> dict:
+        return {"kind": "table", "engine": self.engine.identity(), "unit": unit.spec.to_key(), "tied": unit.spec.tied,
+                "widths_in": widths_in.tolist(), "widths_out": widths_out.tolist(), "protocol": self._protocol()}
+
+    def step(self) -> int:
+        """The engine's latency step, from a probe convolution timed at widths 1..64 (cached)."""
+        points = [(k, k) for k in range(1, STEP_PROBE.out_channels + 1)]
+        key = {"kind": "step", "engine": self.engine.identity(), "probe": STEP_PROBE.to_key(),
+               "protocol": self._protocol()}
+        return self.cache.get_or_measure(
+            key, lambda: {"ms": self.engine.measure_units(STEP_PROBE, points).ms.tolist()},
+            lambda value: detect_step(_checked_ms(value["ms"], len(points))))
+
+    def _grid(self, gm: torch.fx.GraphModule, unit: Unit, granularity: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Kept input and output widths (tensor extents) to measure; one width where it cannot change."""
+        groups = gm.meta[ANALYSIS_KEY].groups
+
+        def widths(space: ChannelSpace | None, full: int) -> np.ndarray:
+            if space is None or space.group_id not in granularity:
+                return np.array([full])
+            group = groups[space.group_id]
+            counts = _kept_counts(group.size, granularity[space.group_id], self.grid_points)
+            return np.unique(np.maximum(1, np.round(counts * full / group.size))).astype(np.int64)
+
+        widths_out = widths(unit.out_space, unit.spec.out_channels)
+        if unit.spec.tied:  # the input follows the output: one input width per output width
+            return np.round(widths_out * unit.spec.in_channels / unit.spec.out_channels).astype(np.int64), widths_out
+        return widths(unit.in_space, unit.spec.in_channels), widths_out
+
+    def _table(self, key: dict) -> LatencyTable:
+        spec = UnitSpec.from_key(key["unit"])
+        widths_in, widths_out = np.asarray(key["widths_in"]), np.asarray(key["widths_out"])
+        points = (list(zip(widths_in, widths_out)) if key["tied"]
+                  else [(i, o) for i in widths_in for o in widths_out])
+        rows = 1 if key["tied"] else widths_in.size
+
+        def measure() -> dict:
+            timing = self.engine.measure_units(spec, points)
+            return {"ms": timing.ms.tolist(), "reference_ms": timing.reference_ms.tolist()}
+
+        def parse(value: dict) -> LatencyTable:
+            """The table in units of the reference unit's latency in the same runs (see ``units.REFERENCE``)."""
+            ms, reference = (_checked_ms(value[name], rows * widths_out.size).reshape(rows, widths_out.size)
+                             for name in ("ms", "reference_ms"))
+            if np.any(reference <= 0):
+                raise ValueError("a reference latency is not positive")
+            return LatencyTable(widths_in[:1] if key["tied"] else widths_in, widths_out, ms / reference, key["tied"])
+
+        return self.cache.get_or_measure(key, measure, parse)
+
+
+
+def _model_timing(value: dict) -> dict:
+    """A cached timing of a model and its reduced copy, validated: every part finite, within its whole."""
+    parts = {f"{prefix}{name}": float(value[f"{prefix}{name}"]) for prefix in ("", "reduced_")
+             for name in ("ms", "memory_ms", "overhead_ms")}
+    for prefix in ("", "reduced_"):
+        ms, memory, overhead = (parts[f"{prefix}{name}"] for name in ("ms", "memory_ms", "overhead_ms"))
+        if not (np.isfinite([ms, memory, overhead]).all() and ms > 0 and memory >= 0 and overhead >= 0
+                and memory + overhead <= ms * (1 + 1e-9)):
+            raise ValueError(f"implausible model timing {value}")
+    return parts
+
+
+def _fit(full: float, reduced: float, timing: dict, units: int, smallest: float) -> tuple[float, float]:
+    """Scale and per-layer offset that turn table entries (reference units) into ms inside the model:
+    the layers' time in the whole model and in its reduced copy, timed in the same rounds, against the
+    tables' sums for both (``full``, ``reduced``). One point fixes the scale; the second finds what a
+    layer costs in the model beyond its table alone (or less), whatever its width. The offset is kept
+    where no table entry turns negative; with no usable second point it is zero."""
+    layers = timing["ms"] - timing["memory_ms"] - timing["overhead_ms"]
+    layers_reduced = timing["reduced_ms"] - timing["reduced_memory_ms"] - timing["reduced_overhead_ms"]
+    if not (full > 0 and layers > 0):
+        return 1.0, 0.0
+    if units and full - reduced > 1e-9 * full:
+        scale = (layers - layers_reduced) / (full - reduced)
+        offset = (layers - scale * full) / units
+        if scale > 0 and scale * smallest + offset >= 0:
+            return scale, offset
+    return layers / full, 0.0
+
+
+def _checked_ms(values, count: int) -> np.ndarray:
+    """Latencies as measured: ``count`` finite, non-negative numbers, or ValueError."""
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size != count or not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError(f"expected {count} finite non-negative latencies, got {array.size}")
+    return array
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+# --- the cost model ---------------------------------------------------------------------------------
+_FREE_FUNCTIONS = {"getitem", "getattr", "size", "dim", "numel", "view", "reshape", "flatten", "unflatten",
+                   "squeeze", "unsqueeze", "expand", "dropout", "stochastic_depth", "_assert", "type_as", "detach"}
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
+
+
+def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Nodes that move no data as deployed: views, metadata reads, dropout in eval."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return True
+    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part
+        return isinstance(gm.get_submodule(node.target), _FREE_MODULES + _LAYERS)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return name in _FREE_FUNCTIONS
+
+
+def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str, float, ChannelSpace | None]]:
+    """(node, elements read or written, channel space of that tensor) for every memory-moving node
+    outside the units."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.name in units_nodes or _is_free(gm, node):
+            continue
+        tensors = [node] + [a for a in node.all_input_nodes if hasattr(a.meta.get("tensor_meta"), "shape")]
+        for tensor in tensors:
+            meta = tensor.meta.get("tensor_meta")
+            if hasattr(meta, "shape"):
+                found.append((node.name, float(np.prod(meta.shape)), graph.space(tensor)))
+    return found
+
+
+def latency_sum(gm: torch.fx.GraphModule, kept_share: dict[int, float]) -> float:
+    """The units' table entries at the given kept shares (space id -> share; missing: all), summed."""
+    return sum(_table_term(node).price(kept_share) for node in gm.graph.nodes if LAYER_LATENCY_KEY in node.meta)
+
+
+def _table_term(node: torch.fx.Node) -> TableTerm:
+    unit, table = node.meta[LAYER_LATENCY_KEY].unit, node.meta[LAYER_LATENCY_KEY].table
+    return TableTerm(node.name, table, unit.in_space.id if unit.in_space else None, unit.out_space.id,
+                     unit.spec.in_channels, unit.spec.out_channels)
+
+
+def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
+    """Latency in ms as a function of kept widths, read from the latency pass's results on the graph."""
+    if LATENCY_KEY not in gm.meta:
+        raise AnalysisRequiredError("no latency tables on this graph: run LatencyPass(example_inputs)(gm) first")
+    calibration: LatencyCalibration = gm.meta[LATENCY_KEY]
+    model = CostModel("latency")
+    units_nodes: set[str] = set()
+    for node in gm.graph.nodes:
+        if LAYER_LATENCY_KEY in node.meta:
+            units_nodes.update(node.meta[LAYER_LATENCY_KEY].unit.nodes)
+            model.terms.append(_table_term(node))
+    traffic = _traffic(gm, units_nodes)
+    total = sum(elements for _, elements, _ in traffic)
+    for name, elements, space in traffic:
+        share = calibration.memory_ms * elements / total if total else 0.0
+        model.terms.append(CostTerm(f"{name} (memory)", share, (space.id,) if space is not None else ()))
+    if not total:
+        model.terms.append(CostTerm("memory-bound ops", calibration.memory_ms))
+    model.terms.append(CostTerm("fixed (overhead, frozen layers)", calibration.fixed_ms))
+    model.baseline = model.total({})
+    return model

@@ -1,0 +1,58 @@
+"""The passes put together: analysis (trace, shapes, groups) and a runner that checks every pass."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase
+
+from fxprune.errors import ExampleInputsError
+from fxprune.ir.channels import Plan
+from fxprune.passes.dependency import DependencyPass
+from fxprune.passes.rewrite import RewritePass
+from fxprune.passes.trace import propagate_shapes, trace, unfed_defaults
+
+logger = logging.getLogger("fxprune")
+
+
+def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type | str] = (),
+            concrete_args: dict[str, Any] | None = None, autowrap_functions: Iterable = ()) -> torch.fx.GraphModule:
+    """Trace a copy of ``model``, propagate shapes and find its channel groups; the model is not modified.
+
+    The result is fxprune's own GraphModule: it shares nothing writable with the passes that follow
+    (the rewrite copies before it writes).
+    """
+    if example_inputs is None:
+        raise ExampleInputsError("example_inputs is required: pass e.g. (torch.randn(1, 3, 224, 224),)")
+    concrete_args = {**unfed_defaults(model, example_inputs), **(concrete_args or {})} or None
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, autowrap_functions=autowrap_functions)
+    propagate_shapes(gm, example_inputs)
+    run_passes(gm, [DependencyPass()])
+    return gm
+
+
+def run_passes(gm: torch.fx.GraphModule, passes: Iterable[PassBase]) -> torch.fx.GraphModule:
+    """Run each pass on ``gm`` in order (``PassBase.__call__`` checks its ``requires`` before and its
+    ``ensures`` after); returns the last pass's module."""
+    for each in passes:
+        gm = each(gm).graph_module
+    return gm
+
+
+def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """A new, physically smaller GraphModule keeping ``plan``'s channels; ``gm`` is left as it was."""
+    return run_passes(gm, [RewritePass(plan)])
+
+
+def infer_example_inputs(model: torch.nn.Module) -> tuple:
+    """Batch 1, the first convolution's input channels, 224x224: what image classifiers take."""
+    first_conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first_conv is None:
+        raise ExampleInputsError("could not infer example inputs (the model has no Conv2d); "
+                                 "pass example_inputs=(tensor, ...)")
+    shape = (1, first_conv.in_channels, 224, 224)
+    logger.info("fxprune: example_inputs not given; using torch.randn%s", shape)
+    return (torch.randn(*shape),)

@@ -1,0 +1,265 @@
+"""Plan pass: turn importance and a cost model into a Plan that meets a budget.
+
+Each prunable group is one knapsack class whose options are "keep the top-k channels" for k on a grid.
+A cost term (a layer's FLOPs, a tensor's size) depends on the widths of its input and output groups,
+so each term is owned by one group and priced with the other widths held at their current values
+(HALP's approximation); the knapsack is re-solved with updated widths until the plan stops changing.
+The exact cost of the final plan is then checked, and the capacity tightened if it is over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import ChainMap
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch.fx
+
+from fxprune.errors import AnalysisRequiredError, BudgetError, SolverError
+from fxprune.ir.channels import Analysis, ChannelGroup, ChannelSpace, Plan
+from fxprune.ir.cost import CostModel
+from fxprune.ir.keys import ANALYSIS_KEY, IMPORTANCE_KEY
+from fxprune.ir.solution import PlanResult
+from fxprune.passes.solve import Choice, solve_group_knapsack, solve_halp
+
+SOLVERS = {"sp_lamp": solve_group_knapsack, "halp": solve_halp}
+
+
+@dataclass
+class _GroupOptions:
+    """Everything the planner needs about one prunable group."""
+
+    group: ChannelGroup
+    order: np.ndarray  # channels by decreasing importance
+    options: np.ndarray  # allowed keep counts, ascending
+    values: np.ndarray  # kept importance per option
+    shares: dict[int, np.ndarray]  # member space id -> kept share of its positions per option
+
+
+def analysis(gm: torch.fx.GraphModule) -> Analysis:
+    """The dependency pass's result on ``gm``, or an error saying how to get it."""
+    if ANALYSIS_KEY not in gm.meta:
+        raise AnalysisRequiredError("this GraphModule has not been analysed; call fxprune.analyze(model, inputs)")
+    return gm.meta[ANALYSIS_KEY]
+
+
+def random_plan(gm: torch.fx.GraphModule, keep_ratio: float = 0.5, seed: int = 0,
+                include_norm_coupled: bool = True) -> Plan:
+    """Keep a random ``keep_ratio`` share of every prunable group's channels.
+
+    At least one channel of every member survives (a concat member may own only a few channels), so
+    the share kept can be slightly above ``keep_ratio``.
+    """
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for group in analysis(gm).groups.values():
+        if not group.prunable or (group.norm_coupled and not include_norm_coupled):
+            continue
+        count = max(1, int(round(group.size * keep_ratio)))
+        keep[group.id] = rng.choice(group.size, size=count, replace=False)
+    return with_every_member(gm, keep, rng)
+
+
+def uniform_plan(gm: torch.fx.GraphModule, keep_ratio: float, round_to: int | Mapping[int, int] = 1) -> Plan:
+    """Keep the first ``keep_ratio`` share of every prunable group's channels, on multiples of ``round_to``
+    (one number, or one per group id), at least one multiple."""
+    keep = {}
+    for group in analysis(gm).prunable_groups():
+        step = round_to.get(group.id, 1) if isinstance(round_to, Mapping) else round_to
+        count = min(group.size, max(step, int(round(group.size * keep_ratio / step)) * step))
+        if count < group.size:
+            keep[group.id] = np.arange(count)
+    return with_every_member(gm, keep)
+
+
+def with_every_member(gm: torch.fx.GraphModule, keep: dict[int, np.ndarray],
+                      rng: np.random.Generator | None = None) -> Plan:
+    """A plan from kept channels per group, adding one channel to any member left without one (the
+    first of its channels, or a random one with ``rng``): a plan must leave every member a channel."""
+    result = analysis(gm)
+    plan = {}
+    for gid, channels in keep.items():
+        kept = set(np.asarray(channels).tolist())
+        for member in result.member_channels(gid):
+            if not kept.intersection(member.tolist()):
+                kept.add(int(rng.choice(member)) if rng is not None else int(member[0]))
+        plan[gid] = np.array(sorted(kept), dtype=np.int64)
+    return Plan(plan)
+
+
+MAX_OPTIONS = 128  # per group: wide groups step by a multiple of round_to so the DP stays fast
+
+
+def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[ChannelSpace],
+                   round_to: int) -> _GroupOptions:
+    importance = np.asarray(importance, dtype=np.float64)
+    order = np.argsort(-importance, kind="stable")
+    rank = np.empty(group.size, dtype=np.int64)
+    rank[order] = np.arange(group.size)
+    smallest = max(int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces)  # one channel per member
+    # On the grid only: an off-grid width (one channel, say) can make the engine leave its fast layout
+    # around the layer, which no per-layer cost sees. A group narrower than one step stays whole.
+    lowest = min(-(-smallest // round_to) * round_to, group.size)
+    step = round_to * max(1, -(-group.size // (round_to * MAX_OPTIONS)))
+    grid = np.arange(step, group.size + 1, step)
+    options = np.unique(np.concatenate([[lowest, group.size], grid[grid >= lowest]]))
+    values = np.concatenate([[0.0], np.cumsum(importance[order])])[options]
+    shares = {}
+    for space in spaces:
+        positions = np.bincount(space.channel_index, minlength=group.size)[order]
+        shares[space.id] = np.concatenate([[0], np.cumsum(positions)])[options] / space.size
+    return _GroupOptions(group, order, options, values, shares)
+
+
+def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int]) -> int | None:
+    """The group a cost term is charged to: the last prunable one among its spaces (the output side)."""
+    owners = [group_of[s] for s in term_spaces if s in group_of]
+    return owners[-1] if owners else None
+
+
+def _option_costs(entry: _GroupOptions, terms, current: dict[int, float]) -> np.ndarray:
+    """Cost of each option of one group, other groups' widths held at ``current``."""
+    shares = ChainMap(entry.shares, current)  # this group's spaces: one share per option
+    costs = np.zeros(entry.options.size)
+    for term in terms:
+        costs += term.price(shares)
+    return costs
+
+
+def _index(entry: _GroupOptions, keep: int) -> int:
+    return int(np.searchsorted(entry.options, keep))
+
+
+def _solve_once(entries, owned, current, target, solve, resolution) -> dict[int, int]:
+    """One knapsack solve with every group's neighbour widths held at ``current``."""
+    classes, ids = [], []
+    for gid, entry in entries.items():
+        classes.append(Choice(entry.options, entry.values, _option_costs(entry, owned.get(gid, []), current)))
+        ids.append(gid)
+    fixed = sum(t.price(current) for t in owned.get(None, []))
+    solved = solve(classes, target - fixed, resolution=resolution)
+    return {gid: int(k) for gid, k in zip(ids, solved.keep)}
+
+
+def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[int, int],
+          capacity: float) -> tuple[dict[int, int], float]:
+    """Greedily grow groups while the exact cost fits: spends budget the width approximation left over.
+
+    Each step takes the next option of the group with the best importance gained per exact cost added.
+    Only the terms touching a group are priced, and after a step only that group and the groups sharing
+    a term with it are re-priced.
+    """
+    index = {g: _index(entries[g], k) for g, k in keep_counts.items()}
+    share = {s: float(entries[g].shares[s][i]) for g, i in index.items() for s in entries[g].shares}
+    group_of = {s: g for g, e in entries.items() for s in e.shares}
+    touching: dict[int, list] = {g: [] for g in entries}
+    neighbours: dict[int, set[int]] = {g: {g} for g in entries}
+    for term in cost.terms:
+        groups = {group_of[s] for s in term.spaces if s in group_of}
+        for g in groups:
+            touching[g].append(term)
+            neighbours[g] |= groups
+
+    def priced(g: int) -> tuple[float, float] | None:
+        """(gain per cost, added cost) of group g's next option, or None if it has none."""
+        entry, i = entries[g], index[g]
+        if i + 1 >= entry.options.size:
+            return None
+        grown = ChainMap({s: float(entry.shares[s][i + 1]) for s in entry.shares}, share)  # no copy of share
+        added = sum(term.price(grown) - term.price(share) for term in touching[g])
+        gain = float(entry.values[i + 1] - entry.values[i])
+        return (gain / added if added > 0 else float("inf")), added
+
+    total = cost.total(share)
+    candidates = {g: priced(g) for g in entries}
+    while True:
+        fitting = [(c[0], g) for g, c in candidates.items() if c is not None and total + c[1] <= capacity * (1 + 1e-9)]
+        if not fitting:
+            break
+        _, g = max(fitting)
+        total += candidates[g][1]
+        index[g] += 1
+        share.update({s: float(entries[g].shares[s][index[g]]) for s in entries[g].shares})
+        for h in neighbours[g]:
+            candidates[h] = priced(h)
+    return {g: int(entries[g].options[i]) for g, i in index.items()}, cost.total(share)
+
+
+def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None) -> None:
+    """SolverError, saying what is allowed, for an unknown solver or a round_to that is not a positive integer."""
+    if solver not in SOLVERS:
+        raise SolverError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    values = [] if round_to is None else list(round_to.values()) if isinstance(round_to, Mapping) else [round_to]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise SolverError(f"round_to must be a positive integer, got {value!r}")
+
+
+def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
+               importance: Mapping[int, np.ndarray] | None = None, round_to: int | Mapping[int, int] = 8,
+               solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10) -> PlanResult:
+    """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``.
+
+    ``importance``: one score per channel of each prunable group (default: the score pass's).
+    ``round_to``: keep counts on multiples of this, one number for every group or one per group id.
+    """
+    check_solver(solver, round_to)
+    per_group = round_to if isinstance(round_to, Mapping) else {}
+    groups = analysis(gm)
+    if importance is None:
+        if IMPORTANCE_KEY not in gm.meta:
+            raise AnalysisRequiredError("groups have no importance yet: run the score pass first")
+        importance = gm.meta[IMPORTANCE_KEY].scores
+    members: dict[int, list[ChannelSpace]] = {}
+    for space in groups.spaces:
+        members.setdefault(space.group_id, []).append(space)
+    prunable = groups.prunable_groups()
+    entries = {g.id: _group_options(g, importance[g.id], members[g.id],
+                                    int(per_group.get(g.id, 1) if per_group else round_to))
+               for g in prunable}
+    group_of = {s.id: g.id for g in prunable for s in members[g.id]}
+    owned: dict[int | None, list] = {}
+    for term in cost.terms:
+        owned.setdefault(_owner(term.spaces, group_of), []).append(term)
+    smallest = {s: float(e.shares[s][0]) for e in entries.values() for s in e.shares}  # every group at its min
+    minimum = cost.total(smallest)
+    if minimum > capacity * (1 + 1e-9):
+        raise BudgetError(f"the {cost.metric} budget {capacity:.6g} cannot be met: the smallest achievable is "
+                          f"{minimum:.6g} ({minimum / cost.baseline:.3f} of the model); raise the budget",
+                          smallest=minimum)
+    start = time.perf_counter()
+    target, iterations, best = capacity, 0, None
+    for _ in range(8):  # tighten the target while no solve gave a plan whose exact cost fits
+        current: dict[int, float] = {}  # start from full widths: costs are over- rather than underestimated
+        previous: dict[int, int] = {}
+        for _ in range(max_iterations):
+            iterations += 1
+            try:
+                keep_counts = _solve_once(entries, owned, current, target, SOLVERS[solver], resolution)
+            except BudgetError:
+                if current == smallest:
+                    raise
+                current = dict(smallest)  # infeasible with these neighbour widths: restart from the smallest
+                continue
+            shares = {s: float(entries[g].shares[s][_index(entries[g], k)])
+                      for g, k in keep_counts.items() for s in entries[g].shares}
+            exact = cost.total(shares)
+            value = sum(float(entries[g].values[_index(entries[g], k)]) for g, k in keep_counts.items())
+            if exact <= capacity * (1 + 1e-9) and (best is None or value > best[0]):
+                best = (value, keep_counts, exact)
+            if keep_counts == previous:
+                break
+            previous = keep_counts
+            # damped update: widths move halfway, which stops the plan from oscillating between solves
+            current = {s: 0.5 * (current.get(s, 1.0) + shares[s]) for s in shares}
+        if best is not None:
+            break
+        target *= capacity / exact * 0.999
+    if best is None:  # the width approximation never produced a fitting plan: grow from the smallest one,
+        best = (0.0, {g: int(e.options[0]) for g, e in entries.items()}, minimum)  # which fits (checked above)
+    keep_counts, predicted = _fill(entries, cost, best[1], capacity)
+    plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
+                 if k < entries[gid].group.size})
+    return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)

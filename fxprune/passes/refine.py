@@ -1,0 +1,159 @@
+"""Closed-loop latency solving: time the solved plan on the engine, correct the prediction, solve again.
+
+The latency tables predict a plan from its layers, each timed alone, scaled by two whole-model
+measurements (the full model and a uniformly reduced copy). Between and beyond those two points a plan
+can run several percent off the prediction on a CPU engine: inside the model a layer finds other data
+in cache, and kernels change algorithm with width. ``solve_measured`` closes the loop: it times the
+solved plan against the full model on the engine (a share, from pairs of rounds), adds it to the points
+(predicted share -> measured share) of a ``Correction``, and solves again for the predicted share the
+points map onto the budget. Plans are aimed ``MARGIN`` under the budget (a second timing of one plan
+moves by a few percent on a shared machine). The plan returned is the largest timed plan that measured
+within the budget; only when none did is it a plan predicted through the correction. A re-solved plan
+is not trusted untimed where a timed one fits: the tables' error moves from plan to plan
+(docs/latency_model.md). The tables' own prediction is kept beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxprune.errors import BudgetError
+from fxprune.ir.cost import CostModel
+from fxprune.ir.keys import LATENCY_KEY
+from fxprune.ir.latency import LatencyCalibration
+from fxprune.ir.solution import LatencyPoint, MeasuredSolve, PlanResult
+from fxprune.passes.context import Context
+from fxprune.passes.plan import solve_plan
+from fxprune.passes.rewrite import kept_shares
+
+# One plan timed in two sessions moves by a few percent (docs/latency_model.md). A plan is aimed MARGIN
+# under the budget, so a second timing stays within it, and a timed plan is kept as it is when it
+# measured between 2 x MARGIN and MARGIN / 2 under the budget.
+MARGIN = 0.03
+PAIRS, PAIR_SECONDS = 16, 0.1  # per timed plan (engines.time_shares): the median of 16 ratios of 0.1 s rounds
+
+__all__ = ["Correction", "LatencyPoint", "MeasuredSolve", "solve_measured"]
+
+
+@dataclass
+class Correction:
+    """Measured share as a function of the tables' predicted share: piecewise linear through the
+    points, proportional below the smallest, made non-decreasing (a smaller plan never measures slower
+    in this model: a measured dip is noise)."""
+
+    points: list[LatencyPoint]
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        ordered = sorted(self.points, key=lambda p: p.predicted)
+        predicted = np.array([p.predicted for p in ordered])
+        measured = np.maximum.accumulate(np.array([p.measured for p in ordered]))
+        return predicted, measured
+
+    def measured_share(self, predicted: float) -> float:
+        xs, ys = self.curve()
+        if predicted <= xs[0]:
+            return float(predicted * ys[0] / xs[0])
+        return float(np.interp(predicted, xs, ys, right=ys[-1] * predicted / xs[-1]))
+
+    def predicted_share(self, measured: float) -> float:
+        """The predicted share that measures ``measured`` (the inverse of ``measured_share``)."""
+        xs, ys = self.curve()
+        if measured <= ys[0]:
+            return float(measured * xs[0] / ys[0])
+        rising = np.concatenate([[True], np.diff(ys) > 0])  # on a flat stretch, the smallest prediction
+        return float(np.interp(measured, ys[rising], xs[rising], right=xs[-1] * measured / ys[-1]))
+
+
+def calibration_points(gm: torch.fx.GraphModule, cost: CostModel) -> list[LatencyPoint]:
+    """The latency pass's two whole-model measurements as points: the full model, and its copy with
+    every group at REDUCED_SHARE (when it was timed)."""
+    calibration: LatencyCalibration = gm.meta[LATENCY_KEY]
+    points = [LatencyPoint(1.0, 1.0, "full")]
+    if calibration.reduced_ms > 0 and calibration.measured_ms > 0 and calibration.reduced is not None:
+        predicted = cost.total(kept_shares(gm, calibration.reduced)) / cost.baseline
+        if 0 < predicted < 1:
+            points.append(LatencyPoint(predicted, calibration.reduced_ms / calibration.measured_ms, "reduced"))
+    return points
+
+
+def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, context: Context, *,
+                   steps: int = 1, margin: float = MARGIN, round_to: int | Mapping[int, int] = 8,
+                   solver: str = "sp_lamp", resolution: int = 4000) -> MeasuredSolve:
+    """Solve for ``capacity`` (ms) of the full model's latency (less ``margin``) under ``cost`` (the latency
+    tables), then up to ``steps`` times: time the plan on the context's engine, add the point, solve again
+    through the correction. Returns the largest timed plan within the budget, else the last plan solved."""
+    budget_share = capacity / cost.baseline
+    correction = Correction(calibration_points(gm, cost))
+    solve = lambda share: solve_plan(gm, cost, share * cost.baseline, round_to=round_to,  # noqa: E731
+                                     solver=solver, resolution=resolution)
+    aim = budget_share * (1 - margin)
+    try:
+        result = solve(aim)
+    except BudgetError:  # within the margin of the smallest plan: the budget itself decides (as with the tables)
+        result = solve(budget_share)
+    timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
+    fitting = lambda: [entry for entry in timed.values() if entry[0] <= budget_share]  # noqa: E731
+    for step in range(steps):
+        key = _plan_key(result)
+        if key in timed or not result.plan.keep:  # timed already, or the full model (share 1)
+            break
+        share = _measure_share(gm, result, context)
+        timed[key] = share, result
+        correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, share, "plan"))
+        if budget_share * (1 - 2 * margin) <= share <= budget_share * (1 - margin / 2):
+            break
+        if step == steps - 1 and fitting():
+            break  # a timed plan fits: an untimed re-solve would not be returned
+        try:
+            result = solve(correction.predicted_share(aim))
+        except BudgetError:  # the correction asks for less than the tables can reach: keep the smallest
+            result = solve(_smallest_share(gm, cost, round_to, solver, resolution))
+    if fits := fitting():
+        result = max(fits, key=lambda entry: entry[0])[1]
+    tables_share = result.predicted_cost / cost.baseline
+    key = _plan_key(result)
+    predicted = timed[key][0] if key in timed else correction.measured_share(tables_share)
+    return MeasuredSolve(result, tables_share, predicted, key in timed, correction.points)
+
+
+def _plan_key(result: PlanResult) -> tuple:
+    return tuple(sorted(result.keep_counts.items()))
+
+
+def _smallest_share(gm, cost, round_to, solver, resolution) -> float:
+    """The smallest predicted share a plan reaches (solving at zero capacity asks for it)."""
+    try:
+        solve_plan(gm, cost, 0.0, round_to=round_to, solver=solver, resolution=resolution)
+    except BudgetError as error:
+        if error.smallest is not None:
+            return error.smallest / cost.baseline * (1 + 1e-9)
+        raise
+    return 0.0
+
+
+def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> float:
+    """The plan's latency as a share of the full model's, timed in pairs of rounds (cached per plan)."""
+    engine = context.engine
+    key = {"kind": "plan", "engine": engine.identity(), "model": context.digest(gm),
+           "plan": result.plan.to_json(), "protocol": {"rounds": PAIRS, "seconds": PAIR_SECONDS,
+                                                       "warmup": engine.warmup, "pairs": "quiet median",
+                                                       "batch": "static"}}
+
+    def measure() -> dict:
+        full = context.deployed(gm)
+        with engine.deploy_pruned(full, context.pruned(gm, result.plan), context.example_inputs) as pruned:
+            reference_ms, (share,) = engine.time_shares(full.run, [pruned.run], rounds=PAIRS, seconds=PAIR_SECONDS)
+        return {"share": share, "reference_ms": reference_ms}
+
+    def parse(value: dict) -> float:
+        share = float(value["share"])
+        if not (np.isfinite(share) and share > 0):
+            raise ValueError(f"implausible share {share}")
+        return share
+
+    return context.cache.get_or_measure(key, measure, parse)

@@ -1,0 +1,135 @@
+"""Rewrite pass: build a new, physically smaller GraphModule from an analysed one and a Plan.
+
+Works on a deep copy, so the analysed graph (and the user's model behind it) is only read. Every tensor
+axis a rule lists (``passes/params.py``) is indexed with ``index_select`` into a new tensor; then each
+node's rule updates the op's own fields (``in_channels``, ``groups``, view sizes, split sizes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.errors import AnalysisRequiredError, PlanError
+from fxprune.ir import graph
+from fxprune.ir.channels import Plan
+from fxprune.ir.keys import ANALYSIS_KEY, PLAN_KEY
+from fxprune.passes.params import tensor_axes
+from fxprune.rules import RULES, Kept
+
+
+def keep_masks(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, np.ndarray]:
+    """Boolean keep mask per group, checked against the analysis; raises PlanError on a bad plan."""
+    analysis = gm.meta.get(ANALYSIS_KEY)
+    if analysis is None:
+        raise AnalysisRequiredError("this GraphModule has not been analysed; call fxprune.analyze(model, inputs)")
+    masks = {gid: np.ones(g.size, dtype=bool) for gid, g in analysis.groups.items()}
+    for gid, kept in plan.keep.items():
+        group = analysis.groups.get(gid)
+        if group is None:
+            raise PlanError(f"the plan names group {gid}, which does not exist; valid ids are 0..{len(masks) - 1} "
+                            "(see fxprune.groups(gm))")
+        kept = np.asarray(kept, dtype=np.int64).reshape(-1)
+        if kept.size == 0:
+            raise PlanError(f"the plan keeps no channel of group {gid}; keep at least one channel per group")
+        if kept.min() < 0 or kept.max() >= group.size or np.unique(kept).size != kept.size:
+            raise PlanError(f"the plan for group {gid} must list distinct channel indices in [0, {group.size}); "
+                            f"got {kept.size} indices from {kept.min()} to {kept.max()}")
+        if kept.size < group.size and not group.prunable:
+            raise PlanError(f"group {gid} is frozen ({group.frozen_reason or 'a single unit'}) and cannot be "
+                            "pruned; leave it out of the plan")
+        masks[gid] = np.zeros(group.size, dtype=bool)
+        masks[gid][kept] = True
+    return masks
+
+
+def kept_shares(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, float]:
+    """Per channel space id: the share of its positions ``plan`` keeps (what cost models price)."""
+    masks = keep_masks(gm, plan)
+    return {s.id: len(s.kept_positions(masks[s.group_id])) / s.size for s in gm.meta[ANALYSIS_KEY].spaces}
+
+
+class RewritePass(PassBase):
+    """Apply a Plan: returns a new GraphModule; the input GraphModule is left as it was."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        keep_masks(graph_module, self.plan)  # raises on a graph without groups, or a plan that does not fit
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        kept = _kept_positions(graph_module, keep_masks(graph_module, self.plan))
+        meta, graph_module.meta = graph_module.meta, {}  # the passes' results describe the old model
+        try:
+            new_gm = copy.deepcopy(graph_module)
+        finally:
+            graph_module.meta = meta
+        _index_tensors(new_gm, kept)
+        updated_modules: set[str] = set()
+        for node in list(new_gm.graph.nodes):
+            name = graph.channels(node).rule
+            if name is None or (node.op == "call_module" and node.target in updated_modules):
+                continue
+            if node.op == "call_module":
+                updated_modules.add(node.target)
+            RULES.by_name[name].update(new_gm, node, kept)
+        new_gm.graph.eliminate_dead_code()
+        new_gm.delete_all_unused_submodules()
+        for node in new_gm.graph.nodes:  # shapes and channel spaces describe the old model now
+            for key in [k for k in node.meta if k.startswith("fxprune") or k == "tensor_meta"]:
+                del node.meta[key]
+        new_gm.meta[PLAN_KEY] = self.plan
+        new_gm.graph.lint()
+        new_gm.recompile()
+        return PassResult(new_gm, modified=True)
+
+
+def _kept_positions(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray]) -> Kept:
+    """Kept positions of every channel space that loses channels, keyed by space id.
+
+    Keyed by space rather than node name so a rule that replaces a node (the gather) keeps working for
+    the nodes after it: the replacement carries the same ``node.meta``.
+    """
+    kept: Kept = {}
+    for space in gm.meta[ANALYSIS_KEY].spaces:
+        if masks[space.group_id].all():
+            continue
+        positions = space.kept_positions(masks[space.group_id])
+        if positions.size == 0:
+            raise PlanError(f"the plan removes every channel of {space.node} (group {space.group_id}); "
+                            "keep at least one of the group channels that feed it")
+        kept[space.id] = torch.as_tensor(positions)
+    return kept
+
+
+def _index_tensors(gm: torch.fx.GraphModule, kept: Kept) -> None:
+    """Replace every tensor a rule lists by its kept positions along each listed axis."""
+    by_tensor: dict[str, list] = {}
+    for axis in tensor_axes(gm, owned=False):
+        if axis.space.id in kept:
+            by_tensor.setdefault(axis.name, []).append(axis)
+    for name, axes in by_tensor.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        tensor = getattr(owner, attr).detach()
+        for axis in axes:
+            tensor = tensor.index_select(axis.dim, kept[axis.space.id])
+        _replace_tensor(owner, attr, tensor.clone())
+
+
+def _replace_tensor(owner: nn.Module, name: str, new: torch.Tensor) -> None:
+    """Swap a parameter or buffer for a smaller one, keeping its kind and requires_grad."""
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = new
+    else:
+        setattr(owner, name, new)

@@ -1,0 +1,59 @@
+"""Activations an engine fuses into the layer before them, as every engine can build them again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.ir.units import Activation
+from fxprune.rules.base import arg
+
+_ACTIVATION_MODULES: dict[type, Any] = {
+    nn.ReLU: lambda m: Activation("relu"),
+    nn.ReLU6: lambda m: Activation("clip", (0.0, 6.0)),
+    nn.Hardtanh: lambda m: Activation("clip", (float(m.min_val), float(m.max_val))),
+    nn.SiLU: lambda m: Activation("silu"),
+    nn.Hardswish: lambda m: Activation("hardswish"),
+    nn.Hardsigmoid: lambda m: Activation("hardsigmoid"),
+    nn.Sigmoid: lambda m: Activation("sigmoid"),
+    nn.Tanh: lambda m: Activation("tanh"),
+    nn.GELU: lambda m: Activation("gelu_tanh" if m.approximate == "tanh" else "gelu"),
+    nn.LeakyReLU: lambda m: Activation("leaky_relu", (float(m.negative_slope),)),
+    nn.ELU: lambda m: Activation("elu", (float(m.alpha),)),
+    nn.Mish: lambda m: Activation("mish"),
+}
+
+
+_ACTIVATION_FUNCTIONS: dict[Any, Any] = {
+    **{f: lambda n: Activation("relu") for f in (F.relu, torch.relu, F.relu_, torch.relu_)},
+    F.relu6: lambda n: Activation("clip", (0.0, 6.0)),
+    F.hardtanh: lambda n: Activation("clip", (float(arg(n, 1, "min_val", -1.0)), float(arg(n, 2, "max_val", 1.0)))),
+    F.silu: lambda n: Activation("silu"),
+    F.hardswish: lambda n: Activation("hardswish"),
+    F.hardsigmoid: lambda n: Activation("hardsigmoid"),
+    **{f: lambda n: Activation("sigmoid") for f in (torch.sigmoid, F.sigmoid)},
+    **{f: lambda n: Activation("tanh") for f in (torch.tanh, F.tanh)},
+    F.gelu: lambda n: Activation("gelu_tanh" if n.kwargs.get("approximate") == "tanh" else "gelu"),
+    F.leaky_relu: lambda n: Activation("leaky_relu", (float(arg(n, 1, "negative_slope", 0.01)),)),
+    F.elu: lambda n: Activation("elu", (float(arg(n, 1, "alpha", 1.0)),)),
+    F.mish: lambda n: Activation("mish"),
+}
+_ACTIVATION_METHODS = {"relu": Activation("relu"), "relu_": Activation("relu"), "sigmoid": Activation("sigmoid"),
+                       "tanh": Activation("tanh")}
+
+
+def activation_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Activation | None:
+    """The activation a node computes on its first argument, or None if it is not one we know."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        make = next((f for cls, f in _ACTIVATION_MODULES.items() if type(module) is cls), None)
+        return make(module) if make else None
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        return _ACTIVATION_FUNCTIONS[node.target](node)
+    if node.op == "call_method":
+        return _ACTIVATION_METHODS.get(node.target)
+    return None

@@ -1,0 +1,122 @@
+"""Attention: ``nn.MultiheadAttention`` used as self-attention, and Swin's ``shifted_window_attention``.
+
+Both keep their heads whole; what is prunable is the residual stream they read and write.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.ir import graph
+from fxprune.modules import PrunedMultiheadAttention, shifted_window_attention
+from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, tensor_inputs
+from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.shape import ensure_space
+
+Probe = Callable[[int, int], Callable[[], Any]]
+
+
+class MultiheadAttention(Rule):
+    """Self-attention without masks or returned weights: embedding in and out prunable, heads frozen.
+
+    ``nn.MultiheadAttention`` ties its input and output width to its head width, so the rewrite replaces
+    it by ``fxprune.modules.PrunedMultiheadAttention``, whose input and output widths are its own.
+    """
+
+    name = "multihead_attention"
+    owns_tensors = True
+    modules = (nn.MultiheadAttention,)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        query, key, value = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+        masks = [arg(node, i, n) for i, n in ((3, "key_padding_mask"), (5, "attn_mask"))]
+        need_weights = arg(node, 4, "need_weights", True)
+        if not (query is key is value) or any(m is not None for m in masks) or need_weights:
+            for src in tensor_inputs(node):
+                b.freeze(b.space_of(src), f"{node.name}: only self-attention without masks or returned "
+                         "weights is supported")
+            return
+        in_space = ensure_space(b, query, -1)
+        b.new_space(node, len(b.shape(query)) - 1, size=in_space.size, index=0)
+        for axis in self.tensor_axes(b.gm, node):
+            b.claim(axis.name, axis.dim, axis.space)
+
+    def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        out, inp, target = graph.space(node), input_space(node), node.target
+        if out is None:
+            return []
+        module = gm.get_submodule(target)
+        axes = [TensorAxis(f"{target}.out_proj.weight", 0, out, True)]
+        if module.out_proj.bias is not None:
+            axes.append(TensorAxis(f"{target}.out_proj.bias", 0, out, True))
+        if inp is not None:
+            axes.append(TensorAxis(f"{target}.in_proj_weight", 1, inp, False))
+        return axes
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        keep_in, keep_out = kept_of(input_space(node), kept), kept_of(graph.space(node), kept)
+        if keep_in is None and keep_out is None:
+            return
+        module = gm.get_submodule(node.target)
+        embed = torch.arange(module.embed_dim)
+        new = PrunedMultiheadAttention.from_attention(module, embed if keep_in is None else keep_in,
+                                                      embed if keep_out is None else keep_out)
+        parent, _, name = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent), name, new)
+
+    def importance_rows(self, gm, node):
+        return f"{node.target}.out_proj.weight", lambda w: w
+
+    def flop_probe(self, gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
+        """FLOPs as fxprune's kernel computes them at kept widths (torch's fused eval-mode kernel is
+        invisible to FlopCounterMode)."""
+        mha = gm.get_submodule(node.target)
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or graph.space(node) is None:
+            return None
+        x = args[0]
+
+        def probe(kin: int, kout: int) -> Callable[[], Any]:
+            module = PrunedMultiheadAttention.from_attention(mha, torch.arange(kin), torch.arange(kout))
+            return lambda: module(x[..., :kin])
+        return probe
+
+
+class WindowAttention(Rule):
+    """Swin's shifted_window_attention: the stream width in (qkv columns) and out (proj rows) prunable.
+
+    torchvision's kernel derives the head width from the input width, so the rewrite swaps in
+    ``fxprune.modules.shifted_window_attention``, which reads every width from the weights.
+    """
+
+    name = "window_attention"
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        x, qkv_weight, proj_weight = node.args[:3]
+        proj_bias = arg(node, 10, "proj_bias")
+        params = [qkv_weight, proj_weight] + ([proj_bias] if proj_bias is not None else [])
+        if not all(isinstance(p, torch.fx.Node) and p.op == "get_attr" for p in params):
+            Rule.couple(self, b, node)
+            return
+        b.couple(ensure_space(b, x, -1), ensure_space(b, qkv_weight, 1))
+        out = b.new_space(node, len(b.shape(node)) - 1)
+        for param in params[1:]:
+            b.couple(out, ensure_space(b, param, 0))
+        b.info(node).notes["prunable"] = True
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        if kept_of(input_space(node), kept) is not None or kept_of(graph.space(node), kept) is not None:
+            node.target = shifted_window_attention
+
+    def flop_probe(self, gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
+        if not graph.channels(node).notes.get("prunable"):
+            return None
+        x, qkv_weight, proj_weight, *rest = args
+
+        def probe(kin: int, kout: int) -> Callable[[], Any]:
+            return lambda: shifted_window_attention(x[..., :kin], qkv_weight[:, :kin], proj_weight[:kout], *rest,
+                                                    **{**kwargs, "proj_bias": None})
+        return probe

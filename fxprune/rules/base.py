@@ -1,0 +1,198 @@
+"""A rule holds everything fxprune knows about one kind of operation; the registry finds a node's rule.
+
+A rule is keyed by operation, not only by module class: the convolution rule serves ``nn.Conv2d``
+(``call_module``), ``F.conv2d`` and ``aten.convolution`` (``call_function`` with weights from
+``get_attr``). A module subclass resolves to its nearest base's rule. A node no rule claims is frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.ir import graph
+from fxprune.ir.channels import ChannelSpace
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.coupling import ChannelBuilder
+
+Kept = dict[int, torch.Tensor]  # channel space id -> kept positions, for spaces that lose channels
+
+
+@dataclass(frozen=True)
+class TensorAxis:
+    """Axis ``dim`` of the model tensor ``name`` (qualified, as in ``state_dict``) runs over ``space``.
+
+    ``produces``: the axis indexes the op's outputs (a filter, a bias, a norm's scale); otherwise the op
+    reads those channels (its input columns). ``parameter``: False for buffers (running statistics).
+    """
+
+    name: str
+    dim: int
+    space: ChannelSpace
+    produces: bool
+    parameter: bool = True
+
+
+class Rule:
+    """An operation fxprune does not know: its tensor inputs keep all their channels.
+
+    Subclasses override what applies to their operation:
+
+    - ``couple``: how channels flow from inputs to outputs (dependency pass);
+    - ``tensor_axes``: which axes of which parameters and buffers run over which channel space (the
+      rewrite shrinks them; masks, regularizers and parameter counts read them);
+    - ``update``: the op's own fields after its tensors shrank (a module's ``in_channels``, a call's
+      ``groups`` argument, a view's sizes);
+    - ``unit``: the layer as an engine times it (latency tables), for convolutions and linear layers;
+    - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
+    - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
+    - ``flop_probe``: FLOPs at given kept widths, for ops whose count is not a product of shares.
+    """
+
+    name = "frozen"
+    owns_tensors = False  # True: ``update`` replaces the module, so the rewrite does not index its tensors
+    bilinear_flops = False  # True: FLOPs scale with the kept shares of its weight's input and output axes
+    modules: tuple[type, ...] = ()
+    functions: tuple[Any, ...] = ()
+    methods: tuple[str, ...] = ()
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        what = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+        if node.op == "call_module":
+            what = type(b.module(node)).__name__
+        for src in tensor_inputs(node):
+            b.freeze(b.space_of(src), f"consumed by {what} ({node.name}), which fxprune does not support")
+
+    def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        return []
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        """Called once per node (once per module for ``call_module``) after the tensors were indexed."""
+
+    def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
+        return None
+
+    def importance_rows(self, gm: torch.fx.GraphModule,
+                        node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        return None
+
+    def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
+        return None
+
+    def flop_probe(self, gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple,
+                   kwargs: dict) -> Callable[[int, int], int] | None:
+        return None
+
+
+# --- helpers rules share ----------------------------------------------------------------------------
+def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if graph.shape(a) else a)
+    return list(dict.fromkeys(found))
+
+
+def arg(node: torch.fx.Node, index: int, name: str, default=None):
+    """A call's argument by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def set_arg(node: torch.fx.Node, index: int, name: str, value) -> None:
+    """Set a call's argument where it was given (by position or keyword), else by keyword."""
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def parameter_name(node: Any) -> str | None:
+    """The qualified name a ``get_attr`` node reads, or None for anything else."""
+    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def input_space(node: torch.fx.Node) -> ChannelSpace | None:
+    """The channel space of a node's first argument."""
+    return graph.space(node.args[0]) if node.args else None
+
+
+def kept_of(space: ChannelSpace | None, kept: Kept) -> torch.Tensor | None:
+    return None if space is None else kept.get(space.id)
+
+
+def tensor_names(prefix: str, module: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Attribute name -> qualified name of each of ``names`` the module holds (a tensor, not None)."""
+    return {n: f"{prefix}.{n}" if prefix else n for n in names if getattr(module, n, None) is not None}
+
+
+def same_position(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) -> None:
+    """Output keeps the input's channel axis at the same dim, element for element (size checked)."""
+    space = b.space_of(src)
+    out_shape = b.shape(node)
+    if space is None or out_shape is None:
+        return
+    dim = space.dim + len(out_shape) - len(b.shape(src))
+    if not 0 <= dim < len(out_shape) or out_shape[dim] != space.size:
+        b.freeze(space, f"{node.name} changes the size of its channel axis")
+        return
+    b.couple(space, b.new_space(node, dim))
+
+
+# --- the registry -----------------------------------------------------------------------------------
+class Registry:
+    """Rules by module class, function (an ATen overload also by its packet) and method name."""
+
+    def __init__(self, rules: Iterable[Rule], *, fallback: Rule, by_name_of_function: dict[str, Rule] = {}) -> None:
+        self.rules = list(rules)
+        self.fallback = fallback
+        self.by_name = {rule.name: rule for rule in [*self.rules, fallback]}
+        if len(self.by_name) != len(self.rules) + 1:
+            raise ValueError("two rules share a name")
+        self.by_module: dict[type, Rule] = {}
+        self.by_function: dict[Any, Rule] = {}
+        self.by_method: dict[str, Rule] = {}
+        self.by_function_name = dict(by_name_of_function)
+        for rule in self.rules:
+            for table, keys in ((self.by_module, rule.modules), (self.by_function, rule.functions),
+                                (self.by_method, rule.methods)):
+                for key in keys:
+                    if key in table:
+                        raise ValueError(f"{key} has two rules: {table[key].name} and {rule.name}")
+                    table[key] = rule
+
+    def module_rule(self, module: nn.Module) -> Rule | None:
+        """The rule of a module's class, or of its nearest base class that has one."""
+        for cls in type(module).__mro__:
+            if cls in self.by_module:
+                return self.by_module[cls]
+        return None
+
+    def function_rule(self, target: Any) -> Rule | None:
+        rule = self.by_function.get(target)
+        if rule is None and isinstance(target, torch._ops.OpOverload):
+            rule = self.by_function.get(target.overloadpacket)
+        if rule is None:
+            rule = self.by_function_name.get(getattr(target, "__name__", None))
+        return rule
+
+    def __call__(self, gm: torch.nn.Module, node: torch.fx.Node) -> Rule:
+        """The rule that handles ``node``."""
+        if node.op in ("placeholder", "get_attr"):
+            return self.by_name["no_channels"]
+        if node.op == "output":
+            return self.by_name["output"]
+        if node.op == "call_module":
+            return self.module_rule(gm.get_submodule(node.target)) or self.fallback
+        if node.op == "call_method":
+            return self.by_method.get(node.target, self.fallback)
+        rule = self.function_rule(node.target)
+        if rule is None and not tensor_inputs(node):
+            return self.by_name["no_channels"]
+        return rule or self.fallback

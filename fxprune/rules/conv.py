@@ -1,0 +1,179 @@
+"""Convolutions of any rank, plain, grouped, depthwise and transposed: as modules, functions or ATen ops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.ir import graph
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, parameter_name, set_arg
+from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.shape import ensure_space
+
+aten = torch.ops.aten
+
+# Where each call form keeps its arguments: (stride, padding, dilation, groups, transposed, output_padding);
+# an int is a position (also accepted by keyword), a bool a constant.
+_FUNCTION_ARGS = {
+    **{f: (3, 4, 5, 6, False, None) for f in (F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d)},
+    **{f: (3, 4, 7, 6, True, 5) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+    aten.convolution: (3, 4, 5, 8, 6, 7),
+}
+_NAMES = ("stride", "padding", "dilation", "groups", "transposed", "output_padding")
+
+
+@dataclass
+class ConvView:
+    """One convolution, whatever form the graph holds it in."""
+
+    weight: str  # qualified parameter names
+    bias: str | None
+    shape: tuple[int, ...]  # the weight's
+    groups: int
+    transposed: bool
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    padding_mode: str = "zeros"
+    groups_arg: tuple[int, str] | None = None  # where a call keeps ``groups``; None for a module
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[1] * self.groups if self.transposed else self.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.shape[0] if self.transposed else self.shape[1] * self.groups
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+
+def _tuple(value, rank: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
+
+
+class Conv(Rule):
+    """In and out channels are independent, except across conv groups: with groups > 1 (grouped,
+    depthwise, depthwise with a channel multiplier) conv group k's input and output channels form one
+    pruning unit, so the layer stays a valid grouped convolution with fewer groups."""
+
+    name = "conv"
+    bilinear_flops = True
+    modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    functions = tuple(_FUNCTION_ARGS)
+
+    def view(self, gm: torch.nn.Module, node: torch.fx.Node) -> ConvView | None:
+        """The convolution's weights and settings; None where its weight is not a parameter."""
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+            return ConvView(f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+                            tuple(m.weight.shape), m.groups, transposed, tuple(m.stride),
+                            m.padding if isinstance(m.padding, str) else tuple(m.padding), tuple(m.dilation),
+                            m.padding_mode)
+        target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
+        weight, bias = parameter_name(arg(node, 1, "weight")), arg(node, 2, "bias")
+        if weight is None or (bias is not None and parameter_name(bias) is None):
+            return None
+        shape = tuple(graph.attribute(gm, weight).shape)
+        rank = len(shape) - 2
+        positions = _FUNCTION_ARGS[target]
+        defaults = (1, 0, 1, 1, False, 0)
+        value = {name: (pos if isinstance(pos, bool) else arg(node, pos, name, default) if pos is not None else default)
+                 for name, pos, default in zip(_NAMES, positions, defaults)}
+        padding = value["padding"] if isinstance(value["padding"], str) else _tuple(value["padding"], rank)
+        return ConvView(weight, parameter_name(bias), shape, int(value["groups"]), bool(value["transposed"]),
+                        _tuple(value["stride"], rank), padding, _tuple(value["dilation"], rank),
+                        groups_arg=(positions[3], "groups"))
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        view = self.view(b.gm, node)
+        if view is None:
+            Rule.couple(self, b, node)
+            return
+        src = node.args[0]
+        channel_dim = len(b.shape(src)) - (len(view.kernel) + 1)
+        in_space = ensure_space(b, src, channel_dim)
+        out = b.new_space(node, channel_dim)
+        if view.groups > 1:
+            in_per_group = view.in_channels // view.groups
+            out_per_group = view.out_channels // view.groups
+            b.couple_blocks(in_space, in_per_group)
+            b.couple_blocks(out, out_per_group)
+            b.couple(in_space, out, np.arange(0, view.in_channels, in_per_group),
+                     np.arange(0, view.out_channels, out_per_group))
+        for axis in self.tensor_axes(b.gm, node):
+            b.claim(axis.name, axis.dim, axis.space)
+
+    def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        view = self.view(gm, node)
+        out, inp = graph.space(node), input_space(node)
+        if view is None or out is None:
+            return []
+        out_dim, in_dim = (1, 0) if view.transposed else (0, 1)
+        if view.groups == 1:
+            axes = [(view.weight, out_dim, out, True), (view.weight, in_dim, inp, False)]
+        else:  # whole conv groups go: the weight's rows are indexed by the side whose width is the groups'
+            axes = [(view.weight, 0, inp if view.transposed else out, True)]
+        if view.bias is not None:
+            axes.append((view.bias, 0, out, True))
+        return [TensorAxis(name, dim, space, produces) for name, dim, space, produces in axes if space is not None]
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        view = self.view(gm, node)  # its weight is indexed already: read the old widths off the spaces
+        out_space = graph.space(node)
+        keep_in, keep_out = kept_of(input_space(node), kept), kept_of(out_space, kept)
+        groups = view.groups
+        if groups > 1 and keep_out is not None:
+            groups = groups * len(keep_out) // out_space.size
+        if view.groups_arg is not None:
+            if groups != view.groups:
+                set_arg(node, *view.groups_arg, groups)
+            return
+        module = gm.get_submodule(node.target)
+        module.groups = groups
+        if keep_in is not None:
+            module.in_channels = len(keep_in)
+        if keep_out is not None:
+            module.out_channels = len(keep_out)
+
+    def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
+        view = self.view(gm, node)
+        input_shape = graph.shape(node.args[0])
+        if view is None or view.transposed or view.padding_mode != "zeros" or input_shape is None \
+                or len(input_shape) != len(view.kernel) + 2:
+            return None
+        if isinstance(view.padding, str):
+            if view.padding == "valid":
+                padding = (0,) * (2 * len(view.kernel))
+            else:  # "same"
+                total = [d * (k - 1) for d, k in zip(view.dilation, view.kernel)]
+                padding = tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+        else:
+            padding = tuple(view.padding) * 2
+        dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
+        return UnitSpec("conv", input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation,
+                        view.groups, view.bias is not None, dtype=dtype)
+
+    def importance_rows(self, gm: torch.fx.GraphModule,
+                        node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        view = self.view(gm, node)
+        if view is None:
+            return None
+        if not view.transposed:
+            return view.weight, lambda w: w.reshape(w.shape[0], -1)
+        groups, out = view.groups, view.out_channels
+
+        def rows(w: torch.Tensor) -> torch.Tensor:  # [in, out/groups, k...] -> [out, -1]
+            w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
+            return w.reshape(out, -1)
+        return view.weight, rows

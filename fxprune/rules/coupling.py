@@ -1,0 +1,229 @@
+"""The coupling API rules call: channel spaces, element couplings, freezing, and the grouping at the end.
+
+Every tracked axis gets a range of element ids. A rule *couples* elements ("element i of this axis is
+element j of that one"); coupled elements become one group channel (connected components over all
+elements, scipy), coupled axes one group (connected components over axes, networkx).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import networkx as nx
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+import torch.fx
+
+from fxprune.ir import graph
+from fxprune.ir.channels import Analysis, ChannelGroup, ChannelSpace, GroupMember, NodeChannels
+from fxprune.ir.keys import CHANNELS_KEY
+
+
+@dataclass
+class Pending:
+    """A channel axis split over several dims by a chain of shape ops (e.g. a channel shuffle)."""
+
+    origin: ChannelSpace
+    origin_node: torch.fx.Node
+    labels: torch.Tensor  # origin element index at every position of this node's output
+    chain: tuple[torch.fx.Node, ...] = ()  # the shape ops from the origin to here
+
+
+class ChannelBuilder:
+    """Mutable state of one dependency analysis; rules call its methods.
+
+    ``rule_for`` is the registry's lookup (a rule asks which rule handles another node, e.g. whether a
+    parameter reaches it through shape ops only).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, rule_for: Callable[[torch.nn.Module, torch.fx.Node], Any]) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self._rule_for = rule_for
+        self.spaces: list[ChannelSpace] = []
+        self.base: list[int] = []  # first element id of each space
+        self.num_elements = 0
+        self.edges_a: list[np.ndarray] = []
+        self.edges_b: list[np.ndarray] = []
+        self.space_graph = nx.Graph()
+        self.frozen: dict[int, str] = {}
+        self.norm_coupled: set[int] = set()
+        self.pending: dict[torch.fx.Node, Pending] = {}
+        self.tensor_claims: dict[tuple[str, int], ChannelSpace] = {}
+        # Channel widths read at run time (x.size(), x.shape): which space each value measures, and
+        # the uses that stay correct after pruning only if a condition holds once groups are known.
+        self.widths: dict[torch.fx.Node, dict[int | None, ChannelSpace]] = {}
+        self.width_uses: list[tuple[ChannelSpace, ChannelSpace | None, torch.fx.Node, int | None]] = []
+        self.replaced_chains: set[torch.fx.Node] = set()
+
+    # --- reading the traced graph -------------------------------------------------------------
+    shape = staticmethod(graph.shape)
+    value = staticmethod(graph.value)
+
+    def rule_for(self, node: torch.fx.Node) -> Any:
+        """The ``fxprune.rules.Rule`` that handles ``node``."""
+        return self._rule_for(self.gm, node)
+
+    def module(self, node: torch.fx.Node) -> torch.nn.Module:
+        return self.modules[node.target]
+
+    def info(self, node: torch.fx.Node) -> NodeChannels:
+        if CHANNELS_KEY not in node.meta:
+            node.meta[CHANNELS_KEY] = NodeChannels()
+        return node.meta[CHANNELS_KEY]
+
+    def space_of(self, node, index: int = 0) -> ChannelSpace | None:
+        """The tracked channel space of a node's output (``index`` for tuple outputs)."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node in self.pending:
+            pend = self.pending.pop(node)
+            self.freeze(pend.origin, f"its channel axis is split over several dims by {pend.origin_node.name} "
+                        f"and the result is used by an op that is not a pure rearrangement")
+            return None
+        return graph.space(node, index)
+
+    # --- building spaces and couplings --------------------------------------------------------
+    def new_space(self, node: torch.fx.Node, dim: int, size: int | None = None, index: int = 0) -> ChannelSpace:
+        """Create the channel space of output ``index`` of ``node`` along ``dim``."""
+        if size is None:
+            size = self.shape(node)[dim]
+        space = ChannelSpace(node=node.name, dim=dim, size=int(size), output_index=index, id=len(self.spaces))
+        self.spaces.append(space)
+        self.base.append(self.num_elements)
+        self.num_elements += int(size)
+        self.space_graph.add_node(space.id)
+        spaces = self.info(node).spaces
+        while len(spaces) <= index:
+            spaces.append(None)
+        spaces[index] = space
+        return space
+
+    def ensure_space(self, node: torch.fx.Node, dim: int) -> ChannelSpace:
+        """The space of ``node`` along ``dim``; created on demand, frozen unless node is a parameter."""
+        shape = self.shape(node)
+        dim = dim % len(shape)
+        space = self.space_of(node)
+        if space is not None:
+            if space.dim != dim:
+                self.freeze(space, f"{node.name} is used with channels on dim {dim} and on dim {space.dim}")
+            return space
+        space = self.new_space(node, dim)
+        if node.op == "placeholder":
+            self.freeze(space, f"model input {node.name}")
+        elif node.op != "get_attr":
+            self.freeze(space, f"{node.name} comes from an op whose channel mapping fxprune does not know")
+        return space
+
+    def couple(self, a: ChannelSpace, b: ChannelSpace, a_pos=None, b_pos=None) -> None:
+        """Say that element a_pos[k] of ``a`` and b_pos[k] of ``b`` are the same channel (default: all, in order)."""
+        a_pos = np.arange(a.size) if a_pos is None else np.asarray(a_pos)
+        b_pos = np.arange(b.size) if b_pos is None else np.asarray(b_pos)
+        if a_pos.shape != b_pos.shape:
+            raise ValueError(f"cannot couple {a.node} ({a_pos.size}) with {b.node} ({b_pos.size})")
+        self.edges_a.append(self.base[a.id] + a_pos)
+        self.edges_b.append(self.base[b.id] + b_pos)
+        self.space_graph.add_edge(a.id, b.id)
+
+    def couple_blocks(self, space: ChannelSpace, block: int) -> None:
+        """Make every run of ``block`` consecutive elements of ``space`` one pruning unit."""
+        if block <= 1:
+            return
+        positions = np.arange(space.size)
+        firsts = positions - positions % block
+        self.edges_a.append(self.base[space.id] + positions)
+        self.edges_b.append(self.base[space.id] + firsts)
+
+    def claim(self, tensor: str, dim: int, space: ChannelSpace | None) -> None:
+        """Axis ``dim`` of model tensor ``tensor`` runs over ``space``: a tensor read by several ops (a
+        module called at several sites, a tied weight) couples the spaces each of them gives that axis,
+        or freezes them where their widths differ."""
+        if space is None:
+            return
+        first = self.tensor_claims.setdefault((tensor, dim), space)
+        if first is space:
+            return
+        if first.size == space.size:
+            self.couple(first, space)
+        else:
+            reason = f"{tensor} is used with {first.size} and {space.size} channels on dim {dim}"
+            self.freeze(first, reason)
+            self.freeze(space, reason)
+
+    def freeze(self, space: ChannelSpace | None, reason: str) -> None:
+        if space is not None and space.id not in self.frozen:
+            self.frozen[space.id] = reason
+
+    def mark_norm(self, *spaces: ChannelSpace) -> None:
+        self.norm_coupled.update(s.id for s in spaces)
+
+    # --- results ---------------------------------------------------------------------------------
+    def finish(self) -> Analysis:
+        """Group channels and spaces, write ``group_id``/``channel_index`` on every space."""
+        for pending in list(self.pending.values()):
+            self.freeze(pending.origin, f"its channel axis is split over several dims by {pending.origin_node.name}")
+        n = self.num_elements
+        if self.edges_a:
+            rows = np.concatenate(self.edges_a)
+            cols = np.concatenate(self.edges_b)
+        else:
+            rows = cols = np.zeros(0, dtype=np.int64)
+        adjacency = scipy.sparse.coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n, n))
+        _, element_label = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
+        groups: dict[int, ChannelGroup] = {}
+        components = sorted(nx.connected_components(self.space_graph), key=min)
+        self._check_width_uses({i: k for k, comp in enumerate(components) for i in comp})
+        for group_id, component in enumerate(components):
+            members = [self.spaces[i] for i in sorted(component)]
+            labels = [element_label[self.base[s.id]: self.base[s.id] + s.size] for s in members]
+            widest = max(range(len(members)), key=lambda k: (len(np.unique(labels[k])), -k))
+            order = [labels[widest]] + labels[:widest] + labels[widest + 1:]
+            _, first = np.unique(np.concatenate(order), return_index=True)
+            unique_in_order = np.concatenate(order)[np.sort(first)]
+            sorter = np.argsort(unique_in_order)
+            for space, lab in zip(members, labels):
+                space.group_id = group_id
+                space.channel_index = sorter[np.searchsorted(unique_in_order, lab, sorter=sorter)].astype(np.int64)
+            reasons = [self.frozen[s.id] for s in members if s.id in self.frozen]
+            groups[group_id] = ChannelGroup(
+                id=group_id,
+                size=len(unique_in_order),
+                members=[GroupMember(s.node, s.dim, s.size) for s in members],
+                frozen_reason="; ".join(dict.fromkeys(reasons)) if reasons else None,
+                norm_coupled=any(s.id in self.norm_coupled for s in members),
+            )
+        return Analysis(groups=groups, spaces=self.spaces)
+
+    def _check_width_uses(self, component_of: dict[int, int]) -> None:
+        """A width read at run time must still be right after pruning, or its group is frozen.
+
+        It is right when it sets the size of an axis in the same group with the same width, or when the
+        shape op that uses it is replaced by a gather. When it sets the size of an untracked axis (whose
+        width never changes, e.g. the output of an attention einsum), the traced literal is written
+        back instead. Any other use (arithmetic, asserts, factories) freezes the measured group, and
+        the group of the axis it sizes, if any: that axis must keep the measured width.
+        """
+        frozen_components = {component_of[i] for i in self.frozen}
+        for measured, target, user, position in self.width_uses:
+            if user in self.replaced_chains:
+                continue  # the rewrite replaces this shape op with a gather
+            if target is not None and component_of[target.id] == component_of[measured.id] \
+                    and target.size == measured.size:
+                continue
+            if position is not None and target is None and self._fixed_width(user, position, component_of,
+                                                                             frozen_components):
+                self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
+                continue
+            self.freeze(measured, f"its width is read at run time and used by {user.name}")
+            if target is not None:  # the axis it sizes must keep that width too (timm's pvt_v2: reshape(B, C, -1))
+                self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
+
+    def _fixed_width(self, node: torch.fx.Node, dim: int, component_of, frozen_components) -> bool:
+        """True when axis ``dim`` of ``node``'s output can never change width: untracked, or frozen."""
+        space = graph.space(node)
+        if node in self.pending:
+            return False
+        return space is None or space.dim != dim or component_of[space.id] in frozen_components

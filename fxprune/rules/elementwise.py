@@ -1,0 +1,160 @@
+"""Ops whose channels pass through unchanged: activations, dropout, pooling, binary arithmetic,
+reductions over other dims, softmax over other dims; and the graph's inputs and outputs."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.rules.base import Rule, arg, same_position, tensor_inputs
+from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.shape import ensure_space
+
+aten = torch.ops.aten
+
+
+class Passthrough(Rule):
+    """Activations, dropout, pooling, interpolation, casts: channels pass unchanged (secondary tensor
+    inputs, e.g. a clamp bound, keep theirs)."""
+
+    name = "passthrough"
+    modules = (
+        nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU,
+        nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool2d,
+        nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+        nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    )
+    functions = (
+        F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
+        F.elu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate, F.pad,
+        torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.clamp,
+        operator.neg, torch.clone,
+        aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardswish, aten.hardswish_, aten.hardsigmoid,
+        aten.sigmoid, aten.tanh, aten.hardtanh, aten.hardtanh_, aten.clamp, aten.dropout, aten.clone,
+        aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.upsample_nearest2d,
+        aten.upsample_bilinear2d,
+    )
+    methods = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "clamp", "clamp_",
+               "clone", "detach", "float", "half", "bfloat16", "to", "type_as")
+    wrapped = ("stochastic_depth",)  # functions fx keeps as calls (torch.fx.wrap), known by name
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        inputs = tensor_inputs(node)
+        if inputs:
+            same_position(b, node, inputs[0])
+            for other in inputs[1:]:
+                b.freeze(b.space_of(other), f"used as a secondary input of {node.name}")
+
+
+class Elementwise(Rule):
+    """add/sub/mul/div and friends with broadcasting: channels at the same output position are one."""
+
+    name = "elementwise"
+    functions = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+                 operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+                 torch.minimum, aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div)
+    methods = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__mul__", "__sub__",
+               "__truediv__", "__radd__", "__rmul__")
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        out_shape = b.shape(node)
+        inputs = tensor_inputs(node)
+        if out_shape is None or not inputs:
+            return
+        out_dim = None
+        for src in inputs:
+            space = b.space_of(src)
+            if space is not None:
+                out_dim = space.dim + len(out_shape) - len(b.shape(src))
+                break
+        if out_dim is None:
+            return
+        out = b.new_space(node, out_dim)
+        for src in inputs:
+            shape = b.shape(src)
+            dim = out_dim - (len(out_shape) - len(shape))
+            space = b.space_of(src)
+            if dim < 0 or shape[dim] == 1:
+                if space is not None:  # a broadcast operand whose own channels sit elsewhere
+                    b.freeze(space, f"broadcast against a wider tensor in {node.name}")
+                    b.freeze(out, f"{node.name} broadcasts a tensor with tracked channels")
+                continue
+            if space is not None and space.dim != dim:
+                b.freeze(space, f"{node.name} combines channel axes on different dims")
+                b.freeze(out, f"{node.name} combines channel axes on different dims")
+                continue
+            b.couple(out, ensure_space(b, src, dim))
+
+
+class Reduction(Rule):
+    """mean/sum/amax over some dims: channels survive unless their dim is reduced."""
+
+    name = "reduction"
+    functions = (torch.mean, torch.sum, torch.amax, torch.amin, aten.mean, aten.sum, aten.amax)
+    methods = ("mean", "sum", "amax", "amin")
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        src = node.args[0]
+        space = b.space_of(src)
+        if space is None or b.shape(node) is None:
+            return
+        rank = len(b.shape(src))
+        dims = arg(node, 1, "dim", None)
+        dims = range(rank) if dims is None else ([dims] if isinstance(dims, int) else dims)
+        dims = sorted(d % rank for d in dims)
+        if space.dim in dims:
+            b.freeze(space, f"{node.name} reduces over the channel axis")
+            return
+        keepdim = arg(node, 2, "keepdim", False)
+        dim = space.dim if keepdim else space.dim - sum(d < space.dim for d in dims)
+        b.couple(space, b.new_space(node, dim))
+
+
+class Softmax(Rule):
+    """softmax over another dim passes channels through; over the channel dim it mixes them (frozen)."""
+
+    name = "softmax"
+    modules = (nn.Softmax,)
+    functions = (F.softmax, F.log_softmax, torch.softmax, aten._softmax, aten.softmax)
+    methods = ("softmax", "log_softmax")
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        src = node.args[0]
+        space = b.space_of(src)
+        dim = b.module(node).dim if node.op == "call_module" else arg(node, 1, "dim", None)
+        if space is not None and (dim is None or dim % len(b.shape(src)) == space.dim):
+            b.freeze(space, f"{node.name} normalizes across channels")
+            return
+        Passthrough.couple(self, b, node)
+
+
+class Output(Rule):
+    """The model's outputs keep their channels: the caller reads them."""
+
+    name = "output"
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        for src in tensor_inputs(node):
+            b.freeze(b.space_of(src), "model output")
+
+
+class NoChannels(Rule):
+    """Inputs, parameters, and ops that only read metadata (size, dim) or check conditions."""
+
+    name = "no_channels"
+    functions = (getattr, torch._assert, len, int, float)
+    methods = ("size", "dim", "numel", "__len__")
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        pass

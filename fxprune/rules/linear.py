@@ -1,0 +1,119 @@
+"""Linear layers and embeddings, as modules, functions or ATen ops."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.ir import graph
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, parameter_name
+from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.shape import ensure_space
+
+aten = torch.ops.aten
+
+
+def _claim(rule: Rule, b: ChannelBuilder, node: torch.fx.Node) -> None:
+    for axis in rule.tensor_axes(b.gm, node):
+        b.claim(axis.name, axis.dim, axis.space)
+
+
+class Linear(Rule):
+    """Input features (last dim) and output features are independent channel axes."""
+
+    name = "linear"
+    bilinear_flops = True
+    modules = (nn.Linear,)
+    functions = (F.linear, aten.linear)
+
+    def tensors(self, node: torch.fx.Node) -> tuple[str, str | None] | None:
+        """Qualified names of (weight, bias); None where the weight is not a parameter."""
+        if node.op == "call_module":
+            return f"{node.target}.weight", f"{node.target}.bias"
+        weight, bias = parameter_name(arg(node, 1, "weight")), arg(node, 2, "bias")
+        if weight is None or (bias is not None and parameter_name(bias) is None):
+            return None
+        return weight, parameter_name(bias)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        if self.tensors(node) is None:
+            Rule.couple(self, b, node)
+            return
+        ensure_space(b, node.args[0], -1)
+        b.new_space(node, len(b.shape(node)) - 1)
+        _claim(self, b, node)
+
+    def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        names, out, inp = self.tensors(node), graph.space(node), input_space(node)
+        if names is None or out is None:
+            return []
+        weight, bias = names
+        axes = [TensorAxis(weight, 0, out, True)] + ([TensorAxis(weight, 1, inp, False)] if inp is not None else [])
+        if bias is not None and _exists(gm, bias):
+            axes.append(TensorAxis(bias, 0, out, True))
+        return axes
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        if node.op != "call_module":
+            return
+        module = gm.get_submodule(node.target)
+        module.out_features, module.in_features = module.weight.shape
+
+    def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
+        names, input_shape = self.tensors(node), graph.shape(node.args[0])
+        if names is None or input_shape is None:
+            return None
+        weight, bias = names
+        dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
+        return UnitSpec("linear", input_shape, graph.attribute(gm, weight).shape[0],
+                        bias=bias is not None and _exists(gm, bias), dtype=dtype)
+
+    def importance_rows(self, gm: torch.fx.GraphModule,
+                        node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        names = self.tensors(node)
+        return None if names is None else (names[0], lambda w: w.reshape(w.shape[0], -1))
+
+
+class Embedding(Rule):
+    """A lookup table: its output's last dim is the table's columns; the indices carry no channels."""
+
+    name = "embedding"
+    modules = (nn.Embedding,)
+    functions = (F.embedding, aten.embedding)
+
+    def weight(self, node: torch.fx.Node) -> str | None:
+        if node.op == "call_module":
+            return f"{node.target}.weight"
+        index = 0 if isinstance(node.target, torch._ops.OpOverload) else 1  # aten.embedding(weight, indices)
+        return parameter_name(arg(node, index, "weight"))
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        if self.weight(node) is None or b.shape(node) is None:
+            Rule.couple(self, b, node)
+            return
+        b.new_space(node, len(b.shape(node)) - 1)
+        _claim(self, b, node)
+
+    def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        weight, out = self.weight(node), graph.space(node)
+        return [] if weight is None or out is None else [TensorAxis(weight, 1, out, True)]
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            module.embedding_dim = module.weight.shape[1]
+
+    def importance_rows(self, gm: torch.fx.GraphModule,
+                        node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        weight = self.weight(node)
+        return None if weight is None else (weight, lambda w: w.t())
+
+
+def _exists(gm: torch.nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr, None) is not None

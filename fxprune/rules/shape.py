@@ -1,0 +1,307 @@
+"""Shape ops, understood by replaying them on a tensor of channel labels; concat, stack, split, indexing.
+
+Label replay: the op is run on an integer tensor whose entries are 1 + the channel index of each
+position (0 marks "no channel"), and the output says where each channel went. If labels vary along one
+output dim, that dim is the channel axis; spread over several dims (the middle of a channel shuffle),
+the result stays *pending* until a later shape op merges them; a chain that ends as a pure permutation of
+its origin is rewritten as one gather.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.ir import graph
+from fxprune.rules.base import Kept, Rule, arg, kept_of
+from fxprune.rules.coupling import ChannelBuilder, Pending
+
+aten = torch.ops.aten
+
+
+def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
+    """``ChannelBuilder.ensure_space``, but a parameter seen through shape ops gets its axis inferred.
+
+    ``class_token.expand(n, -1, -1)`` has no channel axis of its own until it meets the residual
+    stream; replaying the shape ops on each candidate axis of the parameter finds which one it is.
+    """
+    if node.op != "get_attr" and b.space_of(node) is None and node not in b.pending \
+            and _reshaped_parameter(b, node):
+        src = node.args[0]
+        rank = len(b.shape(node))
+        for candidate in range(len(b.shape(src))):
+            try:
+                out = _replay(b, node, src, _labels(b.shape(src), candidate))
+            except Exception:
+                continue
+            varying = [d for d in range(out.dim()) if not _constant_along(out, d)]
+            if varying == [dim % rank]:
+                ensure_space(b, src, candidate)
+                SHAPE.couple(b, node)
+                break
+    return b.ensure_space(node, dim)
+
+
+def _reshaped_parameter(b: ChannelBuilder, node: torch.fx.Node) -> bool:
+    """True for a chain of shape ops that starts at a parameter or buffer (get_attr)."""
+    if node.op == "get_attr":
+        return True
+    src = node.args[0] if node.args else None
+    return (node.op in ("call_function", "call_method") and isinstance(src, torch.fx.Node)
+            and isinstance(b.rule_for(node), (Shape, GetItem)) and _reshaped_parameter(b, src))
+
+
+class Shape(Rule):
+    """view/reshape/permute/flatten/transpose/expand...: channels go where the label replay says."""
+
+    name = "shape"
+    modules = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
+    functions = (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                 torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
+                 aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.flatten,
+                 aten.squeeze, aten.unsqueeze, aten.expand, aten.t)
+    methods = ("view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
+               "expand", "movedim", "swapaxes", "swapdims", "t", "narrow", "repeat", "contiguous")
+    wrapped = ("_patch_merging_pad",)  # torchvision: pads H/W, then concatenates the 2x2 neighbours on channels
+    sized = ("view", "reshape", "expand", torch.reshape, aten.view.default, aten.reshape.default,
+             aten._unsafe_view.default, aten.expand.default)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        """view/reshape/permute/flatten/getitem...: replay the op on a tensor of channel labels.
+
+        Each position of the label tensor holds the index of its channel element, so the op's output says
+        exactly where every channel went. An output whose labels vary along one dim only is a channel
+        axis again; labels spread over several dims (a channel shuffle's intermediate) stay pending until a
+        later shape op merges them back.
+        """
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or b.shape(src) is None:
+            return
+        pending = b.pending.pop(src, None)
+        if pending is not None:
+            origin, labels_in = pending.origin, pending.labels
+        else:
+            origin = b.space_of(src)
+            if origin is None:
+                return
+            labels_in = _labels(b.shape(src), origin.dim)
+        try:
+            out = _replay(b, node, src, labels_in)
+        except Exception as exc:  # an argument we cannot evaluate (a tensor index, say)
+            b.freeze(origin, f"{node.name} could not be replayed on channel labels ({type(exc).__name__})")
+            return
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != b.shape(node):
+            b.freeze(origin, f"{node.name} does not map channels to one output tensor")
+            return
+        present = np.unique(out.numpy())
+        if present[0] == 0:  # label 0 marks positions that hold no channel (padding)
+            b.freeze(origin, f"{node.name} pads or fills positions with no channel")
+            return
+        if present.size != origin.size:
+            b.freeze(origin, f"{node.name} selects individual channels")
+            return
+        dims = [d for d in range(out.dim()) if not _constant_along(out, d)]  # dims the labels vary along
+        if len(dims) == 1:
+            dim = dims[0]
+            element_map = _along(out, dim)
+            space = b.new_space(node, dim)
+            b.couple(space, origin, None, element_map)
+            if pending is not None:
+                _mark_gather(b, node, pending, space, element_map)
+        elif len(dims) > 1:
+            origin_node = src if pending is None else pending.origin_node
+            chain = (pending.chain if pending is not None else ()) + (node,)
+            b.pending[node] = Pending(origin=origin, origin_node=origin_node, labels=out, chain=chain)
+        else:
+            b.freeze(origin, f"{node.name} reduces its channel axis to one element")
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        if "origin" in graph.channels(node).notes:
+            _gather(gm, node, kept)
+        elif node.target in self.sized:
+            _resize(node, kept)
+
+
+SHAPE = Shape()
+
+
+def _labels(shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Label tensor of ``shape``: 1 + the element index along ``dim`` (0 is left for 'no channel')."""
+    view = [1] * len(shape)
+    view[dim] = shape[dim]
+    return torch.arange(1, shape[dim] + 1).view(view).expand(shape).contiguous()
+
+
+def _replay(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node, labels: torch.Tensor):
+    """Evaluate ``node`` with ``labels`` in place of ``src`` and recorded values for the other args."""
+    args = torch.fx.node.map_arg(node.args, lambda a: labels if a is src else b.value(a))
+    kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: labels if a is src else b.value(a))
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return b.modules[node.target](*args, **kwargs)
+
+
+def _constant_along(t: torch.Tensor, dim: int) -> bool:
+    """True when every slice of ``t`` along ``dim`` equals the first one."""
+    return bool((t == t.narrow(dim, 0, 1)).all())
+
+
+def _along(t: torch.Tensor, dim: int) -> np.ndarray:
+    index = [0] * t.dim()
+    index[dim] = slice(None)
+    return t[tuple(index)].numpy().astype(np.int64) - 1
+
+
+def _mark_gather(b, node, pending, space, element_map) -> None:
+    """The end of a pending chain: a pure permutation of the origin's channels becomes one gather."""
+    shape_ok = b.shape(node) == b.shape(pending.origin_node) and space.dim == pending.origin.dim
+    if not shape_ok or np.unique(element_map).size != element_map.size:
+        b.freeze(pending.origin, f"{node.name} rearranges channels in a way that is not a permutation")
+        return
+    b.replaced_chains.update(pending.chain)
+    b.info(node).notes.update(origin=pending.origin_node.name, element_map=element_map)
+
+
+def _resize(node: torch.fx.Node, kept: Kept) -> None:
+    """view/reshape/expand sizes: the kept count on the channel axis; traced literals where asked.
+
+    A literal channel count becomes the kept count. A width read at run time that sets an axis whose
+    width never changes (the dependency pass's ``literal_sizes``) becomes the traced number again.
+    """
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    for position, value in graph.channels(node).notes.get("literal_sizes", {}).items():
+        sizes[position] = value
+    space = graph.space(node)
+    new = kept_of(space, kept)
+    if new is not None and isinstance(sizes[space.dim], int) and sizes[space.dim] != -1:
+        sizes[space.dim] = len(new)
+    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+def _gather(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+    """A channel permutation built from shape ops becomes one index_select of the kept channels."""
+    notes = graph.channels(node).notes
+    origin = next(n for n in gm.graph.nodes if n.name == notes["origin"])
+    element_map = torch.as_tensor(notes["element_map"])
+    origin_kept, out_kept = kept_of(graph.space(origin), kept), kept_of(graph.space(node), kept)
+    if out_kept is not None:
+        element_map = element_map[out_kept]
+    if origin_kept is not None:
+        rank = torch.full((int(graph.space(origin).size),), -1, dtype=torch.long)
+        rank[origin_kept] = torch.arange(len(origin_kept))
+        element_map = rank[element_map]
+    buffer_name = f"fxprune_gather_{node.name}"
+    gm.register_buffer(buffer_name, element_map.clone())
+    with gm.graph.inserting_before(node):
+        index = gm.graph.get_attr(buffer_name)
+        gathered = gm.graph.call_function(torch.index_select, (origin, graph.space(node).dim, index))
+    node.replace_all_uses_with(gathered)
+    gathered.meta = dict(node.meta)
+
+
+class Cat(Rule):
+    """cat along channels: output slice [offset, offset + n) is the input's axis; along another dim,
+    every input's channels are the output's."""
+
+    name = "cat"
+    functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        tensors = list(arg(node, 0, "tensors"))
+        out_shape = b.shape(node)
+        cat_dim = arg(node, 1, "dim", 0) % len(out_shape)
+        spaces = [b.space_of(t) for t in tensors]
+        known = [s for s in spaces if s is not None]
+        if not known:
+            return
+        channel_dim = known[0].dim
+        out = b.new_space(node, channel_dim)
+        offset = 0
+        for t in tensors:
+            width = b.shape(t)[channel_dim]
+            positions = np.arange(offset, offset + width) if cat_dim == channel_dim else None
+            b.couple(out, ensure_space(b, t, channel_dim), positions)
+            offset += width if cat_dim == channel_dim else 0
+
+
+class Stack(Rule):
+    name = "stack"
+    functions = (torch.stack, aten.stack)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        tensors = list(arg(node, 0, "tensors"))
+        stack_dim = arg(node, 1, "dim", 0) % len(b.shape(node))
+        known = [b.space_of(t) for t in tensors if b.space_of(t) is not None]
+        if not known:
+            return
+        in_dim = known[0].dim
+        out = b.new_space(node, in_dim + (1 if stack_dim <= in_dim else 0))
+        for t in tensors:
+            b.couple(out, ensure_space(b, t, in_dim))
+
+
+class Split(Rule):
+    """split/chunk: each piece is an output of the node; along the channel axis it is a slice, and the
+    rewrite splits with the kept width of each piece."""
+
+    name = "split"
+    functions = (torch.split, torch.chunk, torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk)
+    methods = ("split", "chunk", "tensor_split")
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        """split/chunk: each piece is an output of the node; along the channel axis it is a slice."""
+        src = node.args[0]
+        space = b.space_of(src)
+        pieces = node.meta.get("tensor_meta")
+        if space is None or not isinstance(pieces, (tuple, list)):
+            return
+        dim = arg(node, 2, "dim", 0) % len(b.shape(src))
+        offset = 0
+        for index, piece in enumerate(pieces):
+            out = b.new_space(node, space.dim, size=piece.shape[space.dim], index=index)
+            if dim == space.dim:
+                b.couple(out, space, None, np.arange(offset, offset + out.size))
+                offset += out.size
+            else:
+                b.couple(out, space)
+        if dim == space.dim:
+            b.info(node).notes["dim"] = dim
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        notes, spaces = graph.channels(node).notes, graph.channels(node).spaces
+        if "dim" not in notes:
+            return
+        sizes = [len(kept[s.id]) if s.id in kept else s.size for s in spaces]
+        if sizes != [s.size for s in spaces]:
+            node.op, node.target = "call_function", torch.split
+            node.args, node.kwargs = (node.args[0], sizes), {"dim": notes["dim"]}
+
+
+class GetItem(Rule):
+    """Indexing a tuple picks one output's space; indexing a tensor is a shape op."""
+
+    name = "getitem"
+    functions = (operator.getitem,)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        """Indexing a tuple picks one output's space; indexing a tensor is a shape op."""
+        src, index = node.args
+        if b.shape(src) is not None:
+            SHAPE.couple(b, node)
+            return
+        if not isinstance(index, int) or b.shape(node) is None:
+            return
+        space = b.space_of(src, index)
+        if space is not None:
+            b.couple(space, b.new_space(node, space.dim))
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        if graph.shape(node.args[0]) is not None:
+            SHAPE.update(gm, node, kept)

@@ -1,0 +1,131 @@
+"""A model being trained, seen through fxprune's analysis: what training-time pruning shares.
+
+The analysis runs on fxprune's own traced copy (``fxprune.analyze``); the training happens on the
+user's model. Both name their parameters alike (fx keeps qualified names), which is how a channel group
+maps to the live tensors the optimizer updates. Training-time methods write only those tensors' values
+(zeroing pruned channels), never the model's structure; ``compile`` returns a new, smaller GraphModule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.fx
+import torch.nn as nn
+
+from fxprune.errors import FxpruneError
+from fxprune.ir.channels import Plan
+from fxprune.ir.keys import COST_KEY, LATENCY_KEY
+from fxprune.passes.context import Context
+from fxprune.passes.cost import CostPass
+from fxprune.passes.latency import LatencyPass, latency_cost
+from fxprune.passes.params import parameter_axes
+from fxprune.passes.pipeline import analyze, infer_example_inputs, prune
+from fxprune.passes.plan import analysis, solve_plan
+from fxprune.rules import TensorAxis
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class LiveModel:
+    """The user's model (possibly DDP-wrapped) with fxprune's analysis of it."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, leaf_modules=()) -> None:
+        if not isinstance(model, nn.Module):
+            raise FxpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        self.module = unwrap(model)
+        if example_inputs is None:
+            example_inputs = infer_example_inputs(self.module)
+        self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        device = next(self.module.parameters()).device
+        # fxprune analyses a copy on the CPU: example inputs there, the live model wherever it trains
+        self.gm = analyze(self.module, tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x
+                                             for x in self.example_inputs), leaf_modules=leaf_modules)
+        self.gm.to("cpu")
+        self.device = device
+        self.groups = analysis(self.gm).groups
+        self.params = dict(self.module.named_parameters())
+        self.axes: list[TensorAxis] = [a for a in parameter_axes(self.gm) if a.name in self.params]
+
+    def live(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+    def masks_of(self, plan: Plan) -> dict[int, np.ndarray]:
+        masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.groups.items()}
+        for gid, kept in plan.keep.items():
+            masks[gid] = np.isin(np.arange(self.groups[gid].size), kept)
+        return masks
+
+    @torch.no_grad()
+    def apply(self, masks: dict[int, np.ndarray]) -> None:
+        """Zero, in the live parameters, every position of a channel the masks remove."""
+        for axis in self.axes:
+            keep = masks[axis.space.group_id]
+            if keep.all():
+                continue
+            removed = np.flatnonzero(~keep[axis.space.channel_index])
+            if removed.size:
+                tensor = self.params[axis.name]
+                tensor.index_fill_(axis.dim, torch.as_tensor(removed, device=tensor.device), 0.0)
+
+    def cost_model(self, budget, engine: Any = "onnxruntime", threads: int | None = None, round_to: int | None = None,
+                   cache: Any = None, progress: bool = False):
+        """The cost model of ``budget``'s metric (latency tables measured or loaded, as ``fxprune.compile``
+        does), and the keep-count granularity to solve with."""
+        inputs = tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+        if budget.metric == "latency":
+            with Context(inputs, engine, threads=threads, cache=cache, progress=progress) as context:
+                LatencyPass(context, round_to=round_to)(self.gm)
+            return latency_cost(self.gm), self.gm.meta[LATENCY_KEY].granularity
+        CostPass(inputs)(self.gm)
+        return self.gm.meta[COST_KEY][budget.metric], round_to or 8
+
+    def solve(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any, solver: str):
+        """The best plan under ``capacity`` for the given per-group importance (``solve_plan``)."""
+        return solve_plan(self.gm, cost, capacity, importance=importance, round_to=granularity, solver=solver)
+
+    def agreed(self, solve: Callable[[], Plan]) -> Plan:
+        """The plan ``solve()`` gives on rank 0, on every rank (latency tables measured on each rank could
+        differ; the plan must not)."""
+        masks = self.masks_of(solve()) if rank() == 0 else {g: np.ones(x.size, bool) for g, x in self.groups.items()}
+        masks = broadcast_masks(masks)
+        return Plan({gid: np.flatnonzero(m) for gid, m in masks.items() if not m.all()})
+
+    def compile(self, plan: Plan) -> torch.fx.GraphModule:
+        """A new, physically smaller GraphModule with the live model's current weights and ``plan``."""
+        state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
+        self.gm.load_state_dict(state, strict=False)
+        pruned = prune(self.gm, plan)
+        pruned.train(self.module.training)
+        return pruned.to(self.device)
+
+
+def broadcast_masks(masks: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Rank 0's masks on every rank (unchanged when not distributed)."""
+    if not distributed():
+        return masks
+    order = sorted(masks)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flat = torch.as_tensor(np.concatenate([masks[g] for g in order]).astype(np.uint8), device=device)
+    dist.broadcast(flat, src=0)
+    values, out, start = flat.cpu().numpy().astype(bool), {}, 0
+    for gid in order:
+        out[gid] = values[start:start + masks[gid].size]
+        start += masks[gid].size
+    return out
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0

@@ -1,0 +1,140 @@
+"""HALP's schedule in the user's own training loop: prune a little every N iterations, keep training.
+
+    pruner = fxprune.Pruner(model, fxprune.Latency(0.5), example_inputs, optimizer=optimizer, steps=30)
+    for iteration, (x, y) in enumerate(loader):
+        loss_fn(model(x), y).backward()
+        optimizer.step()               # the pruner reads the gradients before, and re-zeroes pruned channels after
+        optimizer.zero_grad()
+        if (iteration + 1) % 40 == 0 and not pruner.done:
+            pruner.step()              # latency target t of T: exp((t/T) log L_target + (1 - t/T) log L0)
+    small = pruner.compile()           # a new, physically smaller GraphModule
+
+Importance is HALP's Taylor score accumulated between steps (or any data-free criterion, from the
+current weights). Every step solves HALP's augmented knapsack (or SP-LAMP's) against the cost model
+of ``fxprune.compile``, with the latency tables measured once at the start. Under DDP the gradients
+the scores come from are already averaged across ranks; rank 0 solves and broadcasts the masks, so
+every rank holds the same ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxprune.budgets import as_budget
+from fxprune.errors import PrunerError
+from fxprune.ir.channels import Plan
+from fxprune.ir.keys import IMPORTANCE_KEY
+from fxprune.passes.score import CRITERIA, ScorePass, TaylorAccumulator
+from fxprune.training.live import LiveModel, rank
+
+
+@dataclass
+class PruneStep:
+    """What one step did: its target on the budget's metric, the plan's predicted cost, channels kept."""
+
+    step: int
+    target: float
+    predicted: float
+    kept: int
+
+
+def geometric_targets(start: float, end: float, steps: int) -> list[float]:
+    """HALP's schedule: L_t = exp((t/T) log end + (1 - t/T) log start) for t = 1..T."""
+    return [math.exp((t / steps) * math.log(end) + (1 - t / steps) * math.log(start)) for t in range(1, steps + 1)]
+
+
+class Pruner:
+    """Prune ``model`` to ``budget`` over ``steps`` steps while the user trains it (HALP)."""
+
+    def __init__(self, model: nn.Module, budget: Any, example_inputs: Any = None, *, steps: int = 30,
+                 optimizer: torch.optim.Optimizer | None = None, importance: str = "taylor", solver: str = "halp",
+                 engine: Any = "onnxruntime", threads: int | None = None, round_to: int | None = None,
+                 cache: Any = None, progress: bool = False, leaf_modules=()) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise PrunerError(f"steps must be a positive integer, got {steps!r}")
+        if importance not in CRITERIA:
+            raise PrunerError(f"unknown importance {importance!r}; choose one of {', '.join(CRITERIA)}")
+        self.budget, self.steps, self.importance, self.solver = as_budget(budget), steps, importance, solver
+        self.live = LiveModel(model, example_inputs, leaf_modules)
+        self.taylor = TaylorAccumulator(self.live.gm, self.live.live) if importance == "taylor" else None
+        self.masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.live.groups.items()}
+        self.plan = Plan({})
+        self.history: list[PruneStep] = []
+        self._scores_seen: dict[int, np.ndarray] | None = None
+        self.passes_read = 0  # backward passes whose gradients the Taylor score has read
+        self.targets: list[float] = []
+        if rank() == 0:  # the cost model is needed where the plan is solved
+            self.cost, self.granularity = self.live.cost_model(self.budget, engine, threads, round_to, cache, progress)
+            self.targets = geometric_targets(self.cost.baseline, self.budget.capacity(self.cost.baseline), steps)
+        self.hooks = [optimizer.register_step_pre_hook(lambda *_: self.accumulate()),
+                      optimizer.register_step_post_hook(lambda *_: self.apply_masks())] if optimizer else []
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.steps
+
+    def accumulate(self) -> None:
+        """Read the gradients of the backward pass just done (before the optimizer step)."""
+        if self.taylor is not None and not self.done:
+            self.taylor.add()
+            self.passes_read += 1
+
+    def apply_masks(self) -> None:
+        """Zero the pruned channels again (after every optimizer step)."""
+        self.live.apply(self.masks)
+
+    def step(self) -> Plan:
+        """Prune to the next target of the schedule; returns the plan (the same on every rank)."""
+        if self.done:
+            raise PrunerError(f"the pruner has done all its {self.steps} steps; call pruner.compile()")
+        if self.taylor is not None and self.passes_read == 0:
+            raise PrunerError("no gradients were read yet: pass optimizer= to Pruner, or call "
+                              "pruner.accumulate() after loss.backward()")
+        index = len(self.history)
+        solved: list[float] = []
+
+        def solve() -> Plan:
+            plan, predicted = self._solve(self.targets[index])
+            solved.append(predicted)
+            return plan
+
+        self.plan = self.live.agreed(solve)
+        self.masks = self.live.masks_of(self.plan)
+        kept = int(sum(m.sum() for m in self.masks.values()))
+        target = self.targets[index] if self.targets else float("nan")  # known where the plan is solved: rank 0
+        self.history.append(PruneStep(index + 1, target, solved[0] if solved else float("nan"), kept))
+        if self.taylor is not None:
+            self.taylor.reset()
+        self.apply_masks()
+        return self.plan
+
+    def _solve(self, target: float) -> tuple[Plan, float]:
+        scores = self._scores()
+        importance = {gid: np.where(self.masks[gid], scores[gid], 0.0) for gid in scores}  # pruned channels stay last
+        result = self.live.solve(self.cost, target, importance, self.granularity, self.solver)
+        return result.plan, result.predicted_cost
+
+    def _scores(self) -> dict[int, np.ndarray]:
+        if self.taylor is not None:  # no new gradients since the last step: the scores of that step again
+            self._scores_seen = self.taylor.mean() if self.taylor.count else self._scores_seen
+            return self._scores_seen
+        state = {name: value.detach().cpu() for name, value in self.live.module.state_dict().items()}
+        self.live.gm.load_state_dict(state, strict=False)
+        ScorePass(self.importance)(self.live.gm)
+        return self.live.gm.meta[IMPORTANCE_KEY].scores
+
+    def compile(self) -> torch.fx.GraphModule:
+        """The model as trained so far, with the pruned channels removed: a new, smaller GraphModule."""
+        return self.live.compile(self.plan)
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []

@@ -1,0 +1,106 @@
+"""fxprune.Pruner: HALP's geometric schedule in a training loop, masks kept through optimizer steps, and a
+final model that meets the budget."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.passes.cost import count_params, count_flops
+from fxprune.training.pruner import PrunerError, geometric_targets
+from fxprune.testing import SyntheticEngine
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _train(pruner, model, optimizer, iterations, every, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for iteration in range(iterations):
+        x = torch.randn(8, 3, 16, 16, generator=generator)
+        y = torch.randint(0, 10, (8,), generator=generator)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if (iteration + 1) % every == 0 and not pruner.done:
+            pruner.step()
+
+
+def test_the_schedule_is_geometric_and_the_end_meets_a_latency_budget(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs = (torch.randn(1, 3, 16, 16),)
+    pruner = fxprune.Pruner(model, fxprune.Latency(0.4), inputs, steps=5, optimizer=optimizer,
+                            engine=SyntheticEngine(), cache=tmp_path)
+    start, end = pruner.cost.baseline, 0.4 * pruner.cost.baseline
+    expected = [math.exp((t / 5) * math.log(end) + (1 - t / 5) * math.log(start)) for t in range(1, 6)]
+    np.testing.assert_allclose(pruner.targets, expected)
+    np.testing.assert_allclose(geometric_targets(start, end, 5), expected)
+    _train(pruner, model, optimizer, iterations=25, every=5)
+    assert pruner.done and [s.step for s in pruner.history] == [1, 2, 3, 4, 5]
+    assert all(s.predicted <= s.target * (1 + 1e-9) for s in pruner.history)
+    kept = [s.kept for s in pruner.history]
+    assert kept == sorted(kept, reverse=True) and kept[-1] < kept[0]  # a little more every step
+    small = pruner.compile()
+    engine = SyntheticEngine()
+    assert engine.model_ms(small, inputs) <= 0.4 * engine.model_ms(Net(), inputs) * 1.001
+    assert count_params(small) < count_params(model)
+
+
+def test_masks_survive_optimizer_steps_and_the_compiled_model_computes_the_same():
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    inputs = (torch.randn(1, 3, 16, 16),)
+    pruner = fxprune.Pruner(model, fxprune.FLOPs(0.5), inputs, steps=3, optimizer=optimizer, round_to=4)
+    _train(pruner, model, optimizer, iterations=12, every=3)
+    conv = model.features[3]
+    removed = np.flatnonzero(~pruner.masks[next(g for g, m in pruner.masks.items() if m.size == 64 and not m.all())])
+    _train(pruner, model, optimizer, iterations=3, every=100, seed=1)  # more steps: momentum pushes, masks hold
+    assert removed.size and torch.count_nonzero(conv.weight[removed]) == 0
+    small = pruner.compile()
+    assert count_flops(small, inputs) <= 0.5 * count_flops(Net(), inputs)
+    model.eval()
+    small.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)  # removing zeros changes nothing
+
+
+@pytest.mark.parametrize("importance", ["sp_lamp", "l1"])
+def test_data_free_importance_needs_no_gradients(importance):
+    model = Net()
+    pruner = fxprune.Pruner(model, fxprune.Params(0.6), (torch.randn(1, 3, 16, 16),), steps=2, importance=importance)
+    pruner.step()
+    pruner.step()
+    assert count_params(pruner.compile()) <= 0.6 * count_params(Net())
+
+
+def test_misuse_is_explained():
+    model = Net()
+    with pytest.raises(PrunerError, match="steps"):
+        fxprune.Pruner(model, 0.5, (torch.randn(1, 3, 16, 16),), steps=0)
+    pruner = fxprune.Pruner(model, fxprune.FLOPs(0.5), (torch.randn(1, 3, 16, 16),), steps=1)
+    with pytest.raises(PrunerError, match="optimizer="):
+        pruner.step()  # Taylor importance, and no gradient was read
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.arange(4)).backward()
+    pruner.accumulate()
+    pruner.step()
+    with pytest.raises(PrunerError, match="compile"):
+        pruner.step()

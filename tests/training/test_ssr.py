@@ -1,0 +1,83 @@
+"""fxprune.SSR: AULM drives whole channel groups to exactly zero, and removing them changes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.passes.cost import count_params
+from fxprune.training.ssr import SSRError
+
+
+class Residual(nn.Module):
+    """A residual stream (one group across three layers) and two inner groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.inner = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                   nn.Conv2d(24, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.inner(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _regularize(norm: str, strength: float, iterations: int = 150):
+    torch.manual_seed(0)
+    model = Residual()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ssr = fxprune.SSR(model, (torch.randn(1, 3, 8, 8),), optimizer=optimizer, strength=strength, penalty=0.1,
+                      every=5, norm=norm)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 8, 8, generator=generator)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
+    for _ in range(iterations):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, ssr
+
+
+@pytest.mark.parametrize("norm, strength", [("l21", 0.03), ("l20", 0.1)])
+def test_aulm_zeroes_whole_groups_and_removing_them_changes_nothing(norm, strength):
+    model, ssr = _regularize(norm, strength)
+    zero = ssr.zero_channels()
+    assert sum(len(c) for c in zero.values()) >= 4, "the regularizer should have emptied some channels"
+    for axis in ssr.rows:  # a zero channel is zero in every layer that produces it: the whole row set
+        channels = zero.get(axis.space.group_id, np.array([], dtype=int))
+        positions = np.flatnonzero(np.isin(axis.space.channel_index, channels))
+        row = ssr.auxiliary[axis.name].index_select(axis.dim, torch.as_tensor(positions, dtype=torch.long))
+        assert torch.count_nonzero(row) == 0
+    small = ssr.compile()  # sets the live rows to exactly zero, then removes them
+    assert count_params(small) < count_params(model)
+    model.eval()
+    small.eval()
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_ssr_then_a_budget_removes_the_weakest_rows_first():
+    model, ssr = _regularize("l21", 0.03)
+    zero = {gid: set(c.tolist()) for gid, c in ssr.zero_channels().items()}
+    small = ssr.compile(fxprune.Params(0.5), round_to=1)
+    assert count_params(small) <= 0.5 * count_params(Residual())
+    plan = fxprune.plan_of(small)
+    for gid, channels in zero.items():
+        assert not channels & set(plan.keep.get(gid, np.arange(1000)).tolist()) or len(plan.keep.get(gid, [])) == 1
+
+
+def test_bad_settings_are_explained():
+    model = Residual()
+    with pytest.raises(SSRError, match="norm"):
+        fxprune.SSR(model, (torch.randn(1, 3, 8, 8),), norm="l1")
+    with pytest.raises(SSRError, match="strength"):
+        fxprune.SSR(model, (torch.randn(1, 3, 8, 8),), strength=-1)
+    with pytest.raises(SSRError, match="every"):
+        fxprune.SSR(model, (torch.randn(1, 3, 8, 8),), every=0)
