@@ -206,13 +206,6 @@ class Engine(ABC):
         return reference_ms, [float(np.median(quiet_ratios(before, after, reference_ms)))
                               for before, after in zip(befores, afters)]
 
-    def compare_to(self, reference: nn.Module, modules: list[nn.Module], example_inputs: tuple,
-                   rounds: int = ROUNDS, seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:
-        """Quiet latency (ms) of ``reference`` and each module's share of it (see ``time_shares``)."""
-        with ExitStack() as stack:
-            deploy = lambda module: stack.enter_context(self.deploy(module, example_inputs)).run  # noqa: E731
-            return self.time_shares(deploy(reference), [deploy(module) for module in modules], rounds, seconds)
-
     def _sync(self) -> None:
         """Wait for queued device work (GPU engines)."""
 

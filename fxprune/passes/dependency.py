@@ -64,10 +64,10 @@ _SIZE_ARG_METHODS = ("view", "reshape", "expand")
 def _width_args(b: ChannelBuilder, node: torch.fx.Node) -> list[tuple[int | None, ChannelSpace]]:
     """(position in the size list or None, measured space) for each width-valued argument of node."""
     found = []
-    for arg in node.all_input_nodes:
-        measured = b.widths.get(arg, {}).get(None)
+    for source in node.all_input_nodes:
+        measured = b.widths.get(source, {}).get(None)
         if measured is not None:
-            found.append((_size_position(node, arg), measured))
+            found.append((_size_position(node, source), measured))
     return found
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fxprune.ir import graph
 from fxprune.ir.units import UnitSpec
-from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, parameter_name
+from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, parameter_name
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.shape import ensure_space
 
