@@ -168,7 +168,7 @@ def _resize_lines(cases) -> list[str]:
     if not timed:
         return []
     return [f"- The closed loop times plans from the unpruned model's exported graph resized to the plan "
-            f"(`passes/onnx_resize.py`) instead of exporting each: against the plan's own export "
+            f"(`backends/onnx_resize.py`) instead of exporting each: against the plan's own export "
             f"timed in pairs, that graph ran at a median ratio of **{statistics.median(timed):.3f}** "
             f"(range {min(timed):.3f}-{max(timed):.3f}, {len(timed)} plans; {len(ratios) - len(timed)} could not be "
             "resized)."]

@@ -78,8 +78,8 @@ def compile(
     budget = as_budget(budget)
     latency = budget.metric == "latency"
     example_inputs = infer_example_inputs(model) if example_inputs is None else example_inputs
-    with Context(example_inputs, engine if latency or measure else None, threads=threads, cache=cache,
-                 progress=progress) as context:
+    with Context(example_inputs, engine, threads=threads, cache=cache, progress=progress,
+                 check=latency or measure) as context:
         plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine)
         gm = analyze(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
         run_passes(gm, [ScorePass(importance, calibration, loss_fn), CostPass(context.example_inputs),
@@ -103,7 +103,7 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         params_before=count_params(gm), params_after=count_params(pruned),
         predicted_before=solution.cost.baseline, predicted_after=result.predicted_cost, capacity=solution.capacity,
         solver_seconds=result.solver_seconds, iterations=result.iterations,
-        engine=context.engine.name if context.engine else None,
+        engine=context.engine.name,
     )
     if LATENCY_KEY in gm.meta:
         calibration = gm.meta[LATENCY_KEY]

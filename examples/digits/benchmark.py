@@ -42,7 +42,10 @@ from examples.digits.data import digits
 from examples.models import resnet20
 from examples.training import accuracy, loader, make_optimizer, train
 from fxprune.ir import Plan
+from fxprune.ir.keys import LATENCY_KEY
+from fxprune.passes.context import Context
 from fxprune.passes.cost import count_flops
+from fxprune.passes.latency import LatencyPass, latency_cost
 from fxprune.backends.registry import get_engine
 
 METHODS = ("fxprune sp_lamp", "fxprune halp", "fxprune ssr", "torch-pruning magnitude", "torch-pruning lamp",
@@ -159,10 +162,9 @@ def torch_pruning_lamp(bench, base, budget, seed):
 def uniform(bench: Bench, base: nn.Module, budget: float, seed: int) -> nn.Module:
     """Every prunable group keeps the same share, on the engine's channel grid, searched with fxprune's
     predicted latency."""
-    from fxprune.passes.latency import LATENCY_KEY, LatencyPass, latency_cost
-
     gm = fxprune.analyze(base, EXAMPLE)
-    LatencyPass(EXAMPLE, bench.engine, cache=bench.cache, progress=False)(gm)
+    with Context(EXAMPLE, bench.engine, cache=bench.cache, progress=False) as context:
+        LatencyPass(context)(gm)
     cost, step = latency_cost(gm), gm.meta[LATENCY_KEY].step
     groups = fxprune.analysis(gm)
 

@@ -14,6 +14,7 @@ measurements comparable; it is part of every cache key. A new engine (TensorRT, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import platform
 import time
 from abc import ABC, abstractmethod
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
 
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, FxpruneError
+from fxprune.ir.graph import inference
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 
 
@@ -45,8 +48,6 @@ class UnitTiming:
 @lru_cache(maxsize=1)
 def cpu_identity() -> dict[str, str]:
     """The CPU as cache keys see it: model name, architecture and a digest of its instruction-set flags."""
-    import hashlib
-
     name, flags = platform.processor() or "unknown", ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -292,16 +293,14 @@ class _TorchDeployed(Deployed):
         self.engine, self.module, self.inputs = engine, module, inputs
 
     def run(self) -> Any:
-        with torch.no_grad():
+        with inference(self.module):
             return self.module(*self.inputs)
 
     def split(self) -> tuple[float, float]:
         """From torch's profiler (CPU only; on a GPU the whole time counts as the layers')."""
         if self.engine.device_type != "cpu":
             return 0.0, 0.0
-        from torch.profiler import ProfilerActivity, profile
-
-        with torch.no_grad(), _threads(self.engine.threads), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with inference(self.module), _threads(self.engine.threads), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(self.engine.repeats):
                 self.module(*self.inputs)
         events = prof.key_averages()

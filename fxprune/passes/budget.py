@@ -28,7 +28,7 @@ class PlanPass(PassBase):
     def __init__(self, context: Context, budget: Any, *, solver: str = "sp_lamp", resolution: int = 4000,
                  round_to: int | None = None, refine: int = 0) -> None:
         super().__init__()
-        check_solver(solver, round_to)
+        check_solver(solver, round_to, resolution)
         if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
             raise FxpruneError(f"refine must be a number of measured solves >= 0, got {refine!r}")
         self.context, self.budget, self.solver, self.resolution = context, budget, solver, resolution

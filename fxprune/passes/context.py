@@ -12,6 +12,7 @@ import torch.fx
 from fxprune.backends.engines import Deployed, Engine
 from fxprune.backends.registry import get_engine
 from fxprune.cache import LatencyCache
+from fxprune.errors import LatencyError
 from fxprune.ir.channels import Plan
 from fxprune.ir.graph import model_digest
 from fxprune.passes.rewrite import RewritePass
@@ -42,7 +43,8 @@ class Context:
     def deployed(self, gm: torch.fx.GraphModule) -> Deployed:
         """The analysed model deployed on the engine, for as long as this context is open."""
         if self.engine is None:
-            raise ValueError("this context has no engine")
+            raise LatencyError("deploying a model needs an engine: make the Context with engine='onnxruntime' "
+                               "(or 'torch', 'cuda', an Engine)")
         return self._once("deployed", gm, "", lambda: self._stack.enter_context(
             self.engine.deploy_traced(gm, self.example_inputs, self.cache, self.digest(gm))))
 

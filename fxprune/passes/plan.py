@@ -187,10 +187,13 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
     return {g: int(entries[g].options[i]) for g, i in index.items()}, cost.total(share)
 
 
-def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None) -> None:
-    """SolverError, saying what is allowed, for an unknown solver or a round_to that is not a positive integer."""
+def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None, resolution: int = 4000) -> None:
+    """SolverError, saying what is allowed, for an unknown solver, or a round_to or resolution that is not a
+    positive integer."""
     if solver not in SOLVERS:
         raise SolverError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise SolverError(f"resolution must be a positive integer (budget steps of the knapsack), got {resolution!r}")
     values = [] if round_to is None else list(round_to.values()) if isinstance(round_to, Mapping) else [round_to]
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

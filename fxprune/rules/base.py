@@ -148,7 +148,7 @@ def same_position(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) ->
 class Registry:
     """Rules by module class, function (an ATen overload also by its packet) and method name."""
 
-    def __init__(self, rules: Iterable[Rule], *, fallback: Rule, by_name_of_function: dict[str, Rule] = {}) -> None:
+    def __init__(self, rules: Iterable[Rule], *, fallback: Rule, by_name_of_function: dict[str, Rule] | None = None) -> None:
         self.rules = list(rules)
         self.fallback = fallback
         self.by_name = {rule.name: rule for rule in [*self.rules, fallback]}
@@ -157,7 +157,7 @@ class Registry:
         self.by_module: dict[type, Rule] = {}
         self.by_function: dict[Any, Rule] = {}
         self.by_method: dict[str, Rule] = {}
-        self.by_function_name = dict(by_name_of_function)
+        self.by_function_name = dict(by_name_of_function or {})
         for rule in self.rules:
             for table, keys in ((self.by_module, rule.modules), (self.by_function, rule.functions),
                                 (self.by_method, rule.methods)):
