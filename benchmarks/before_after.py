@@ -14,7 +14,11 @@ is used: internal module paths differ between the trees.
    subprocess with a warm-up and ``--repeats`` timed compiles. The trees alternate and the order flips
    from one model (and round) to the next, so drift on a noisy machine hits both.
 
-Writes docs/refactor_check.md, and the raw results to docs/refactor_check.json.
+3. Analysis of timm models (``--timm NAME ...``: one subprocess per tree for all of them, each model
+   under a time limit): channel groups, prunable groups and channels, and the masked-reference error of a
+   random plan, with timm's own untraceable modules kept opaque as ``benchmarks/coverage.py`` does.
+
+Writes docs/<output>.md (default refactor_check), and the raw results to docs/<output>.json.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +81,8 @@ def child(spec: dict) -> dict:
             case["error"] = f"{type(error).__name__}: {error}"[:300]
         case["seconds"] = time.perf_counter() - start
         result["cases"].append(case)
+    if spec["task"] == "analysis":
+        result["models"] = {name: _analysis(name, spec["timeout"]) for name in spec["models"]}
     if spec["task"] == "speed":
         import torchvision
         torch.manual_seed(0)
@@ -88,6 +95,43 @@ def child(spec: dict) -> dict:
         result["times"] = result["times"][1:]
     check_tree(spec["tree"])  # again: compile imports its passes lazily
     return result
+
+
+def _analysis(name: str, timeout: int) -> dict:
+    """Groups of one timm model (random weights, seed 0) and the masked-reference error of a random plan."""
+    import timm
+    import timm.layers._fx as timm_fx
+    import torch
+
+    import fxprune
+    from fxprune.testing import masked_forward, randomize_parameters
+
+    def give_up(*_):
+        raise TimeoutError(f"over {timeout} s")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(timeout)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = randomize_parameters(timm.create_model(name, pretrained=False).eval())
+        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        inputs = (torch.randn(1, *size, generator=torch.Generator().manual_seed(0)),)
+        gm = fxprune.analyze(model, inputs, leaf_modules=list(timm_fx.get_notrace_modules()),
+                             autowrap_functions=list(timm_fx.get_notrace_functions()))
+        groups = fxprune.groups(gm)
+        record = {"groups": len(groups), "prunable_groups": sum(g.prunable for g in groups),
+                  "prunable_channels": sum(g.size for g in groups if g.prunable)}
+        plan = fxprune.random_plan(gm, 0.5, seed=0, include_norm_coupled=False)
+        with torch.no_grad():
+            expected, actual = masked_forward(gm, plan, *inputs), fxprune.prune(gm, plan)(*inputs)
+        record["masked_rel_err"] = float((actual - expected).abs().max() / expected.abs().max())
+    except Exception as error:  # noqa: BLE001 - recorded per model
+        record = {"error": f"{type(error).__name__}: {error}"[:200]}
+    finally:
+        signal.alarm(0)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -134,7 +178,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="source tree of fxprune before the refactor")
     parser.add_argument("--after", type=Path, help="source tree after it")
-    parser.add_argument("--models", nargs="+", default=PLAN_MODELS, help="models for the plan comparison")
+    parser.add_argument("--models", nargs="*", default=PLAN_MODELS, help="models for the plan comparison")
+    parser.add_argument("--timm", nargs="*", default=[], help="timm models for the analysis comparison")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per timm model")
+    parser.add_argument("--output", default="refactor_check", help="docs/<output>.md and .json")
     parser.add_argument("--speed-models", nargs="*", default=SPEED_MODELS)
     parser.add_argument("--repeats", type=int, default=3, help="timed compiles per subprocess")
     parser.add_argument("--rounds", type=int, default=1, help="subprocesses per tree and speed model")
@@ -149,7 +196,7 @@ def main() -> None:
     command = "python " + shlex.join(sys.argv)
     out: dict = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "trees": {k: str(t) for k, t in trees.items()}, "plans": {k: {} for k in trees},
-                 "speed": {k: {m: [] for m in args.speed_models} for k in trees}}
+                 "speed": {k: {m: [] for m in args.speed_models} for k in trees}, "analysis": {}}
     for key, tree in trees.items():
         probe = run_child(tree, task="probe")
         assert "error" not in probe, f"{key} tree {tree}: {probe['error']}"
@@ -159,6 +206,11 @@ def main() -> None:
             result = out["plans"][key][model] = run_child(tree, task="plans", model=model)
             failed = [c for c in result.get("cases", [result]) if "error" in c]
             print(f"plans {model} {key}: {len(failed)} error(s)", *(c["error"] for c in failed[:1]), flush=True)
+    for key, tree in trees.items():
+        if args.timm:
+            result = run_child(tree, task="analysis", models=args.timm, timeout=args.timeout)
+            out["analysis"][key] = result.get("models") or {m: result for m in args.timm}
+            print(f"analysis {key}: {sum('error' in r for r in out['analysis'][key].values())} error(s)", flush=True)
     out["load_before_timing"] = os.getloadavg()[0]
     for r in range(args.rounds):
         for i, model in enumerate(args.speed_models):
@@ -168,9 +220,9 @@ def main() -> None:
                 print(f"speed {model} {key}: {result.get('error', result['times'])}", flush=True)
     out["load_after_timing"] = os.getloadavg()[0]
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "refactor_check.json").write_text(json.dumps(out, indent=1) + "\n")
+    (DOCS / f"{args.output}.json").write_text(json.dumps(out, indent=1) + "\n")
     text = markdown(out, args)
-    (DOCS / "refactor_check.md").write_text(text)
+    (DOCS / f"{args.output}.md").write_text(text)
     print(text)
 
 
@@ -204,7 +256,33 @@ def markdown(out: dict, args: argparse.Namespace) -> str:
             continue
         median = {key: statistics.median(t for run in runs[key] for t in run["times"]) for key in trees}
         lines.append(row(model, *(f"{median[k]:.2f}" for k in trees), f"{median['after'] / median['before']:.2f}"))
+    if args.timm:
+        lines += _analysis_markdown(out["analysis"], args.timm)
     return "\n".join(lines) + "\n"
+
+
+def _analysis_markdown(analysis: dict, models: list[str]) -> list[str]:
+    """One row per timm model whose analysis differs between the trees (or failed), and the count of the rest."""
+    fields = ("groups", "prunable_groups", "prunable_channels")
+    lines = ["", "## timm analysis", "", "Random weights (seed 0), the configured input size, timm's untraceable "
+             "modules kept opaque; a random plan keeping half of every group no LayerNorm mixes, against the "
+             "masked reference. Rows: the models whose groups differ between the trees, or that failed.", "",
+             "| model | groups | prunable groups | prunable channels | masked error (after) | note |",
+             "|---|---|---|---|---|---|"]
+    same = 0
+    for model in models:
+        before, after = analysis["before"][model], analysis["after"][model]
+        if "error" not in before and "error" not in after and all(before[f] == after[f] for f in fields):
+            same += 1
+            continue
+        cells = [" / ".join(str(r.get(f, "-")) for r in (before, after)) for f in fields]
+        error = f"{after['masked_rel_err']:.1e}" if "masked_rel_err" in after else "-"
+        note = "; ".join(f"{k}: {r['error']}" for k, r in (("before", before), ("after", after)) if "error" in r)
+        lines.append(row(model, *cells, error, note))
+    worst = max((r["masked_rel_err"] for r in analysis["after"].values() if "masked_rel_err" in r), default=None)
+    lines += ["", f"{same} of {len(models)} models: the same groups, prunable groups and prunable channels in "
+              f"both trees. Largest masked-reference error after: {worst:.1e}." if worst is not None else ""]
+    return lines
 
 
 if __name__ == "__main__":

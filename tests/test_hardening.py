@@ -39,16 +39,18 @@ def test_the_model_is_never_modified(mode, budget):
     assert pruned.training == (mode == "train")
 
 
-@pytest.mark.parametrize("importance, budget", [("sp_lamp", fxprune.FLOPs(0.5)), ("taylor", fxprune.FLOPs(0.5)),
-                                                ("sp_lamp", fxprune.Latency(0.6))],
-                         ids=["flops", "taylor", "torch-engine-latency"])
-def test_a_model_in_train_mode_keeps_its_batchnorm_statistics(importance, budget, tmp_path):
-    """The cost pass, Taylor scoring and the torch engine run the graph; in train mode that used to move the
-    returned model's running statistics away from the user's (zeros became [0.017, -0.049, ...]). A fresh
-    BatchNorm holds means 0 and variances 1: any batch seen would move them."""
+@pytest.mark.parametrize("importance, budget, engine", [
+    ("sp_lamp", fxprune.FLOPs(0.5), "torch"), ("taylor", fxprune.FLOPs(0.5), "torch"),
+    ("sp_lamp", fxprune.Latency(0.6), "torch"), ("sp_lamp", fxprune.Latency(0.6), "onnxruntime")],
+    ids=["flops", "taylor", "torch-engine-latency", "onnxruntime-latency"])
+def test_a_model_in_train_mode_keeps_its_batchnorm_statistics(importance, budget, engine, tmp_path):
+    """The cost pass, Taylor scoring, the engines and the closed loop (whose timed copy is the module
+    returned) run the graph; in train mode that used to move the returned model's running statistics
+    away from the user's (zeros became [0.017, -0.049, ...]). A fresh BatchNorm holds means 0 and
+    variances 1: any batch seen would move them."""
     model = tiny_cnn().train()
     calibration = [((torch.randn(2, 3, 32, 32),), torch.randn(2, 10)) for _ in range(2)]
-    pruned = fxprune.compile(model, budget, INPUTS, round_to=4, importance=importance, engine="torch",
+    pruned = fxprune.compile(model, budget, INPUTS, round_to=4, importance=importance, engine=engine,
                              calibration=calibration, loss_fn=nn.functional.mse_loss, refine=1,
                              cache=tmp_path, progress=False)
     norms = [m for m in pruned.modules() if isinstance(m, nn.BatchNorm2d)]

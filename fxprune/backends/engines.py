@@ -32,7 +32,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, FxpruneError
-from fxprune.ir.graph import inference
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 
 
@@ -283,8 +282,10 @@ class TorchEngine(Engine):
 
     @contextmanager
     def deploy(self, module: nn.Module, example_inputs: tuple) -> Iterator[Deployed]:
-        if self.device_type != "cpu":  # .to() moves a module in place: move a copy
-            module = copy.deepcopy(module).to(self.device_type)
+        """The module as deployed: in eval mode (a copy, where it is not: its statistics must not move, and
+        switching modes on every run would be timed too), on the device (a copy: .to() moves in place)."""
+        if self.device_type != "cpu" or any(m.training for m in module.modules()):
+            module = copy.deepcopy(module).eval().to(self.device_type)
         yield _TorchDeployed(self, module, tuple(x.to(self.device_type) for x in example_inputs))
 
 
@@ -293,14 +294,14 @@ class _TorchDeployed(Deployed):
         self.engine, self.module, self.inputs = engine, module, inputs
 
     def run(self) -> Any:
-        with inference(self.module):
+        with torch.no_grad():
             return self.module(*self.inputs)
 
     def split(self) -> tuple[float, float]:
         """From torch's profiler (CPU only; on a GPU the whole time counts as the layers')."""
         if self.engine.device_type != "cpu":
             return 0.0, 0.0
-        with inference(self.module), _threads(self.engine.threads), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.no_grad(), _threads(self.engine.threads), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(self.engine.repeats):
                 self.module(*self.inputs)
         events = prof.key_averages()

@@ -80,8 +80,8 @@ def _flatten(value: Any, name: str) -> list[tuple[str, torch.Tensor]]:
 
 
 def _run_torch(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, torch.Tensor]]:
-    """Run the model without autograd and return its named output tensors."""
-    with torch.no_grad():
+    """Run the model (``ir.graph.inference``: eval mode, no autograd) and return its named output tensors."""
+    with inference(model):
         return _flatten(model(*inputs), "output")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxprune.backends.engines import Deployed, Engine
+from fxprune.backends.engines import Deployed
 from fxprune.backends.registry import get_engine
 from fxprune.cache import LatencyCache
 from fxprune.errors import LatencyError
@@ -18,13 +18,16 @@ from fxprune.ir.graph import model_digest
 from fxprune.passes.rewrite import RewritePass
 
 
+NO_ENGINE = object()  # a Context for passes that time nothing
+
+
 class Context:
     """Shared state of one pipeline run; use it in a ``with`` block so deployed models are released."""
 
-    def __init__(self, example_inputs: Any, engine: str | Engine | None = None, *, threads: int | None = None,
+    def __init__(self, example_inputs: Any, engine: Any = NO_ENGINE, *, threads: int | None = None,
                  cache: LatencyCache | str | None = None, progress: bool = True, check: bool = True) -> None:
         self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        self.engine = get_engine(engine, threads, check=check) if engine is not None else None
+        self.engine = None if engine is NO_ENGINE else get_engine(engine, threads, check=check)
         self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(*(() if cache is None else (cache,)))
         self.progress = progress
         self._stack = ExitStack()

@@ -42,7 +42,7 @@ class DependencyPass(PassBase):
             width_args = _width_args(builder, node)
             rule.couple(builder, node)
             if node.op.startswith("call_"):
-                builder.info(node).rule = rule.name
+                builder.info(node).rule = RULES.fallback.name if node in builder.fell_back else rule.name
             _track_widths(builder, node, rule, width_args)
         graph_module.meta[ANALYSIS_KEY] = builder.finish()
         return PassResult(graph_module, modified=False)

@@ -150,7 +150,7 @@ class TaylorAccumulator:
 
     def __init__(self, gm: torch.fx.GraphModule, source: Callable[[str], torch.Tensor] | None = None) -> None:
         self.groups = gm.meta[ANALYSIS_KEY].groups
-        parameters = dict(gm.named_parameters())
+        parameters = dict(gm.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
         source = source or parameters.__getitem__
         norms = [entry for entry in _norm_members(gm) if entry[2] in parameters]
         norm_groups = {space.group_id for _, space, _, _ in norms}

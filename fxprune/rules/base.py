@@ -61,6 +61,7 @@ class Rule:
     methods: tuple[str, ...] = ()
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        b.fell_back.add(node)  # a rule that falls back to this one is not asked about the node again
         what = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
         if node.op == "call_module":
             what = type(b.module(node)).__name__

@@ -90,6 +90,10 @@ class Conv(Rule):
         defaults = (1, 0, 1, 1, False, 0)
         value = {name: (pos if isinstance(pos, bool) else arg(node, pos, name, default) if pos is not None else default)
                  for name, pos, default in zip(_NAMES, positions, defaults)}
+        found: list[torch.fx.Node] = []
+        torch.fx.node.map_arg(list(value.values()), found.append)
+        if found:  # a setting computed in the graph (groups from a width read at run time): not a known conv
+            return None
         padding = value["padding"] if isinstance(value["padding"], str) else _tuple(value["padding"], rank)
         return ConvView(weight, parameter_name(bias), shape, int(value["groups"]), bool(value["transposed"]),
                         _tuple(value["stride"], rank), padding, _tuple(value["dilation"], rank),

@@ -58,6 +58,8 @@ class ChannelBuilder:
         self.widths: dict[torch.fx.Node, dict[int | None, ChannelSpace]] = {}
         self.width_uses: list[tuple[ChannelSpace, ChannelSpace | None, torch.fx.Node, int | None]] = []
         self.replaced_chains: set[torch.fx.Node] = set()
+        self.fell_back: set[torch.fx.Node] = set()  # nodes whose rule froze them as an unknown op would be
+        self._canonical: dict[str, str] | None = None
 
     # --- reading the traced graph -------------------------------------------------------------
     shape = staticmethod(graph.shape)
@@ -143,7 +145,7 @@ class ChannelBuilder:
         or freezes them where their widths differ."""
         if space is None:
             return
-        first = self.tensor_claims.setdefault((tensor, dim), space)
+        first = self.tensor_claims.setdefault((self.canonical(tensor), dim), space)
         if first is space:
             return
         if first.size == space.size:
@@ -152,6 +154,16 @@ class ChannelBuilder:
             reason = f"{tensor} is used with {first.size} and {space.size} channels on dim {dim}"
             self.freeze(first, reason)
             self.freeze(space, reason)
+
+    def canonical(self, name: str) -> str:
+        """The first qualified name of the tensor ``name`` names (a tied weight has several)."""
+        if self._canonical is None:
+            first: dict[int, str] = {}
+            self._canonical = {}
+            for each, tensor in [*self.gm.named_parameters(remove_duplicate=False),
+                                 *self.gm.named_buffers(remove_duplicate=False)]:
+                self._canonical[each] = first.setdefault(id(tensor), each)
+        return self._canonical.get(name, name)
 
     def freeze(self, space: ChannelSpace | None, reason: str) -> None:
         if space is not None and space.id not in self.frozen:

@@ -27,9 +27,17 @@ def _module_axes(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAx
             for name in _AFFINE + _STATISTICS if getattr(module, name, None) is not None]
 
 
-def _claim(b: ChannelBuilder, axes: list[TensorAxis]) -> None:
+def _claim(b: ChannelBuilder, node: torch.fx.Node, axes: list[TensorAxis]) -> None:
+    """Couple this call's channels with the module's other calls: through its tensors, and through the
+    module itself (one without affine tensors still has one width, in ``num_features`` or ``normalized_shape``)."""
+    b.claim(f"{node.target}:<channels>", 0, graph.space(node))
     for axis in axes:
         b.claim(axis.name, axis.dim, axis.space)
+
+
+def _shared_slope(module: nn.Module) -> bool:
+    """A PReLU with one slope for every channel: an activation, with nothing per channel."""
+    return isinstance(module, nn.PReLU) and module.num_parameters == 1
 
 
 class ChannelNorm(Rule):
@@ -41,20 +49,20 @@ class ChannelNorm(Rule):
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         module = b.module(node)
-        if isinstance(module, nn.PReLU) and module.num_parameters == 1:
+        if _shared_slope(module):
             Passthrough.couple(self, b, node)
             return
         in_space = ensure_space(b, node.args[0], 1)
         b.couple(in_space, b.new_space(node, 1))
-        _claim(b, self.tensor_axes(b.gm, node))
+        _claim(b, node, self.tensor_axes(b.gm, node))
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
-        return _module_axes(gm, node)
+        return [] if _shared_slope(gm.get_submodule(node.target)) else _module_axes(gm, node)
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         module = gm.get_submodule(node.target)
         width = kept_of(graph.space(node), kept)
-        if width is None:
+        if width is None or _shared_slope(module):
             return
         for field in ("num_features", "num_parameters"):
             if hasattr(module, field):
@@ -79,7 +87,7 @@ class GroupNorm(ChannelNorm):
         out = b.new_space(node, 1)
         b.couple_blocks(in_space, module.num_channels // module.num_groups)
         b.couple(in_space, out)
-        _claim(b, self.tensor_axes(b.gm, node))
+        _claim(b, node, self.tensor_axes(b.gm, node))
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         module = gm.get_submodule(node.target)
@@ -111,7 +119,7 @@ class LayerNorm(Rule):
         b.couple(in_space, out)
         b.mark_norm(in_space, out)
         if node.op == "call_module":
-            _claim(b, self.tensor_axes(b.gm, node))
+            _claim(b, node, self.tensor_axes(b.gm, node))
             return
         for index, name in ((2, "weight"), (3, "bias")):  # parameters read through get_attr: their own space
             param = arg(node, index, name)

@@ -122,7 +122,7 @@ class Shape(Rule):
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         if "origin" in graph.channels(node).notes:
             _gather(gm, node, kept)
-        elif node.target in self.sized:
+        elif node.op != "call_module" and node.target in self.sized:
             _resize(node, kept)
 
 

@@ -57,10 +57,11 @@ class LiveModel:
         self.device = device
         self.groups = analysis(self.gm).groups
         self.params = dict(self.module.named_parameters())
+        self._every_name = dict(self.module.named_parameters(remove_duplicate=False))  # tied weights too
         self.axes: list[TensorAxis] = [a for a in parameter_axes(self.gm) if a.name in self.params]
 
     def live(self, name: str) -> torch.Tensor:
-        return self.params[name]
+        return self._every_name[name]
 
     def masks_of(self, plan: Plan) -> dict[int, np.ndarray]:
         masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.groups.items()}

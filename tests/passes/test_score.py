@@ -10,7 +10,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.ir.keys import IMPORTANCE_KEY
 from fxprune.errors import ScoreError
-from fxprune.passes.score import ScorePass, lamp_scores
+from fxprune.passes.score import ScorePass, TaylorAccumulator, lamp_scores
 
 
 class TwoBranch(nn.Module):
@@ -107,3 +107,28 @@ def test_dead_channels_score_lowest_under_every_criterion():
 def test_unknown_criterion():
     with pytest.raises(ScoreError, match="choose one of"):
         ScorePass("magic")
+
+
+class Tied(nn.Module):
+    """Two branches whose layers share one weight (``b.weight`` is ``a.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_a, self.stem_b = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(torch.relu(self.stem_a(x)))) + torch.relu(self.b(torch.relu(self.stem_b(x)))))
+
+
+def test_a_tied_weight_couples_its_users_and_is_scored_under_either_name():
+    gm = fxprune.analyze(Tied().eval(), (torch.randn(2, 6),))
+    stems = [g for g in fxprune.groups(gm) if {m.node for m in g.members} >= {"stem_a", "stem_b"}]
+    assert len(stems) == 1 and stems[0].prunable  # the tie makes both stems' widths one group
+    producers = {space.node for space, _, _ in TaylorAccumulator(gm).filters}
+    assert {"a", "b", "stem_a", "stem_b"} <= producers  # b's filters read through the tie's second name
+    batches = [((torch.randn(4, 6),), torch.randint(0, 3, (4,))) for _ in range(2)]
+    ScorePass("taylor", batches, nn.functional.cross_entropy)(gm)
+    assert fxprune.importance(gm)[stems[0].id].sum() > 0

@@ -92,3 +92,40 @@ def test_aten_convolutions_from_torch_export_are_pruned_by_the_same_rule(decompo
     DependencyPass()(gm)
     assert [g.size for g in fxprune.groups(gm) if g.prunable] == [2]  # conv a's output: two groups of conv b
     _prunes_exactly(gm, inputs)
+
+
+class StandardizedWeight(nn.Module):
+    """timm's StdConv2d in small: the convolution's weight is computed in the graph, not a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    def forward(self, x):
+        w = (self.w - self.w.mean()) / (self.w.std() + 1e-5)
+        return self.c(F.conv2d(torch.relu(self.a(x)), w, None, 1, 1))
+
+
+class WidthAsGroups(nn.Module):
+    """A depthwise call whose groups argument is a width read at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.w = nn.Parameter(torch.randn(8, 1, 3, 3))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(F.conv2d(h, self.w, None, 1, 1, 1, h.shape[1]))
+
+
+@pytest.mark.parametrize("model", [StandardizedWeight(), WidthAsGroups()], ids=["computed-weight", "traced-groups"])
+def test_a_convolution_call_the_rule_cannot_read_is_frozen_and_the_rest_still_prunes(model):
+    inputs = (torch.randn(1, 3, 6, 6),)
+    gm = fxprune.analyze(model.eval(), inputs)
+    conv = next(n for n in gm.graph.nodes if n.target is F.conv2d)
+    assert any(m.node == conv.args[0].name for g in fxprune.groups(gm) if not g.prunable for m in g.members)
+    fxprune.prune(gm, fxprune.Plan({}))  # the frozen call is left as it is
+    with torch.no_grad():
+        assert torch.equal(fxprune.prune(gm, fxprune.Plan({}))(*inputs), model(*inputs))
