@@ -11,7 +11,7 @@ import torch.fx
 from fxprune.budgets import as_budget
 from fxprune.errors import AnalysisRequiredError
 from fxprune.ir.channels import ChannelGroup, Plan
-from fxprune.ir.keys import IMPORTANCE_KEY, LATENCY_KEY, PLAN_KEY, REPORT_KEY, SOLUTION_KEY
+from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, PLAN_KEY, REPORT_KEY, SOLUTION_KEY
 from fxprune.ir.solution import Solution
 from fxprune.passes.budget import PlanPass
 from fxprune.passes.context import Context
@@ -99,7 +99,7 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         groups=[GroupReport(g.id, g.members[0].node, g.size, result.keep_counts[g.id], float(scores[g.id].sum()),
                             float(np.sort(scores[g.id])[::-1][:result.keep_counts[g.id]].sum()))
                 for g in groups(gm) if g.id in result.keep_counts],
-        flops_before=count_flops(gm, inputs), flops_after=count_flops(pruned, inputs),
+        flops_before=int(gm.meta[COST_KEY]["flops"].baseline), flops_after=count_flops(pruned, inputs),
         params_before=count_params(gm), params_after=count_params(pruned),
         predicted_before=solution.cost.baseline, predicted_after=result.predicted_cost, capacity=solution.capacity,
         solver_seconds=result.solver_seconds, iterations=result.iterations,

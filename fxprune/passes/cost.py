@@ -34,20 +34,20 @@ from fxprune.rules import RULES, input_space
 
 
 @contextmanager
-def flop_counting(module: nn.Module) -> Iterator[FlopCounterMode]:
-    """Run ``module`` inside this to count its FLOPs the one way fxprune does (see the module docstring)."""
+def countable(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` as fxprune counts its FLOPs (see the module docstring): ``inference``, fast path off."""
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with inference(module), FlopCounterMode(display=False) as counter:
-            yield counter
+        with inference(module):
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def count_flops(module: nn.Module, example_inputs: tuple) -> int:
     """FLOPs of one forward pass (the count the budget, the solver and the report share)."""
-    with flop_counting(module) as counter:
+    with countable(module), FlopCounterMode(display=False) as counter:
         module(*example_inputs)
     return counter.get_total_flops()
 
@@ -130,7 +130,7 @@ class _FlopInterpreter(torch.fx.Interpreter):
 def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple) -> CostModel:
     """FLOPs as a function of kept widths, from one counted forward pass at full width."""
     counter = _FlopInterpreter(gm)
-    with flop_counting(gm):
+    with countable(gm):  # each node is counted by a counter of its own
         counter.run(*example_inputs)
     scaling = _scaling(gm)
     model = CostModel("flops", terms=list(counter.terms))
