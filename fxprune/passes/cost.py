@@ -67,9 +67,9 @@ def _scaling(gm: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
             for name, entries in axes.items()}
 
 
-def param_cost(gm: torch.fx.GraphModule) -> CostModel:
-    """Exact parameter count as a function of kept widths."""
-    scaling = _scaling(gm)
+def param_cost(gm: torch.fx.GraphModule, scaling: dict[str, tuple[int, ...]] | None = None) -> CostModel:
+    """Exact parameter count as a function of kept widths (``scaling``: ``_scaling(gm)``, if made already)."""
+    scaling = _scaling(gm) if scaling is None else scaling
     model = CostModel("params")
     for name, param in gm.named_parameters():  # shared parameters are listed once
         model.terms.append(CostTerm(name, float(param.numel()), scaling.get(name, ())))
@@ -127,12 +127,13 @@ class _FlopInterpreter(torch.fx.Interpreter):
                        CostTerm(f"{name} (input x output)", d * width_in * width_out, (in_space.id, out_space.id))]
 
 
-def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple) -> CostModel:
+def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
+              scaling: dict[str, tuple[int, ...]] | None = None) -> CostModel:
     """FLOPs as a function of kept widths, from one counted forward pass at full width."""
     counter = _FlopInterpreter(gm)
     with countable(gm):  # each node is counted by a counter of its own
         counter.run(*example_inputs)
-    scaling = _scaling(gm)
+    scaling = _scaling(gm) if scaling is None else scaling
     model = CostModel("flops", terms=list(counter.terms))
     for node, flops in counter.flops.items():
         spaces: tuple[int, ...] = ()
@@ -157,9 +158,10 @@ class CostPass(PassBase):
             raise AnalysisRequiredError("costs need channel groups: run fxprune.analyze(model, inputs) first")
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        scaling = _scaling(graph_module)
         graph_module.meta[COST_KEY] = {
-            "flops": flop_cost(graph_module, self.example_inputs),
-            "params": param_cost(graph_module),
+            "flops": flop_cost(graph_module, self.example_inputs, scaling),
+            "params": param_cost(graph_module, scaling),
         }
         return PassResult(graph_module, modified=False)
 

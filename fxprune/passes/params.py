@@ -16,11 +16,11 @@ from fxprune.ir import graph
 from fxprune.rules import RULES, TensorAxis
 
 
-def tensor_axes(gm: torch.fx.GraphModule, *, owned: bool = True) -> list[TensorAxis]:
+def tensor_axes(gm: torch.fx.GraphModule, *, include_replaced: bool = True) -> list[TensorAxis]:
     """Every (tensor, axis, space) of an analysed graph, once each (a module called twice counts once).
 
-    ``owned=False`` leaves out the tensors of rules that replace their module (the rewrite does not
-    index those: the rule builds the replacement from the originals).
+    ``include_replaced=False`` leaves out the tensors of rules that replace their module (the rewrite does
+    not index those: the rule builds the replacement from the originals).
     """
     found: dict[tuple[str, int], TensorAxis] = {}
     for node in gm.graph.nodes:
@@ -35,7 +35,7 @@ def tensor_axes(gm: torch.fx.GraphModule, *, owned: bool = True) -> list[TensorA
         if name is None:
             continue
         rule = RULES.by_name[name]
-        if rule.owns_tensors and not owned:
+        if rule.owns_tensors and not include_replaced:
             continue
         for axis in rule.tensor_axes(gm, node):
             found.setdefault((axis.name, axis.dim), axis)

@@ -62,7 +62,8 @@ class RewritePass(PassBase):
         self.plan = plan
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
-        keep_masks(graph_module, self.plan)  # raises on a graph without groups, or a plan that does not fit
+        if ANALYSIS_KEY not in graph_module.meta:  # the plan itself is checked by keep_masks in call
+            raise AnalysisRequiredError("this GraphModule has not been analysed; call fxprune.analyze(model, inputs)")
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         kept = _kept_positions(graph_module, keep_masks(graph_module, self.plan))
@@ -112,7 +113,7 @@ def _kept_positions(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray]) -> K
 def _index_tensors(gm: torch.fx.GraphModule, kept: Kept) -> None:
     """Replace every tensor a rule lists by its kept positions along each listed axis."""
     by_tensor: dict[str, list] = {}
-    for axis in tensor_axes(gm, owned=False):
+    for axis in tensor_axes(gm, include_replaced=False):
         if axis.space.id in kept:
             by_tensor.setdefault(axis.name, []).append(axis)
     for name, axes in by_tensor.items():

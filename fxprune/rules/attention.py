@@ -42,8 +42,7 @@ class MultiheadAttention(Rule):
             return
         in_space = ensure_space(b, query, -1)
         b.new_space(node, len(b.shape(query)) - 1, size=in_space.size, index=0)
-        for axis in self.tensor_axes(b.gm, node):
-            b.claim(axis.name, axis.dim, axis.space)
+        self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         out, inp, target = graph.space(node), input_space(node), node.target

@@ -71,6 +71,11 @@ class Rule:
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         return []
 
+    def claim_tensors(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        """Couple this call's axes with every other use of the same tensors (``ChannelBuilder.claim``)."""
+        for axis in self.tensor_axes(b.gm, node):
+            b.claim(axis.name, axis.dim, axis.space)
+
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         """Called once per node (once per module for ``call_module``) after the tensors were indexed."""
 

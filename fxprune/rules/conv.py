@@ -115,8 +115,7 @@ class Conv(Rule):
             b.couple_blocks(out, out_per_group)
             b.couple(in_space, out, np.arange(0, view.in_channels, in_per_group),
                      np.arange(0, view.out_channels, out_per_group))
-        for axis in self.tensor_axes(b.gm, node):
-            b.claim(axis.name, axis.dim, axis.space)
+        self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         view = self.view(gm, node)

@@ -18,11 +18,6 @@ from fxprune.rules.shape import ensure_space
 aten = torch.ops.aten
 
 
-def _claim(rule: Rule, b: ChannelBuilder, node: torch.fx.Node) -> None:
-    for axis in rule.tensor_axes(b.gm, node):
-        b.claim(axis.name, axis.dim, axis.space)
-
-
 class Linear(Rule):
     """Input features (last dim) and output features are independent channel axes."""
 
@@ -46,7 +41,7 @@ class Linear(Rule):
             return
         ensure_space(b, node.args[0], -1)
         b.new_space(node, len(b.shape(node)) - 1)
-        _claim(self, b, node)
+        self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         names, out, inp = self.tensors(node), graph.space(node), input_space(node)
@@ -97,7 +92,7 @@ class Embedding(Rule):
             Rule.couple(self, b, node)
             return
         b.new_space(node, len(b.shape(node)) - 1)
-        _claim(self, b, node)
+        self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         weight, out = self.weight(node), graph.space(node)

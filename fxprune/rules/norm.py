@@ -27,12 +27,11 @@ def _module_axes(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAx
             for name in _AFFINE + _STATISTICS if getattr(module, name, None) is not None]
 
 
-def _claim(b: ChannelBuilder, node: torch.fx.Node, axes: list[TensorAxis]) -> None:
+def _claim(rule: Rule, b: ChannelBuilder, node: torch.fx.Node) -> None:
     """Couple this call's channels with the module's other calls: through its tensors, and through the
     module itself (one without affine tensors still has one width, in ``num_features`` or ``normalized_shape``)."""
     b.claim(f"{node.target}:<channels>", 0, graph.space(node))
-    for axis in axes:
-        b.claim(axis.name, axis.dim, axis.space)
+    rule.claim_tensors(b, node)
 
 
 def _shared_slope(module: nn.Module) -> bool:
@@ -54,7 +53,7 @@ class ChannelNorm(Rule):
             return
         in_space = ensure_space(b, node.args[0], 1)
         b.couple(in_space, b.new_space(node, 1))
-        _claim(b, node, self.tensor_axes(b.gm, node))
+        _claim(self, b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         return [] if _shared_slope(gm.get_submodule(node.target)) else _module_axes(gm, node)
@@ -87,7 +86,7 @@ class GroupNorm(ChannelNorm):
         out = b.new_space(node, 1)
         b.couple_blocks(in_space, module.num_channels // module.num_groups)
         b.couple(in_space, out)
-        _claim(b, node, self.tensor_axes(b.gm, node))
+        _claim(self, b, node)
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         module = gm.get_submodule(node.target)
@@ -119,7 +118,7 @@ class LayerNorm(Rule):
         b.couple(in_space, out)
         b.mark_norm(in_space, out)
         if node.op == "call_module":
-            _claim(b, node, self.tensor_axes(b.gm, node))
+            _claim(self, b, node)
             return
         for index, name in ((2, "weight"), (3, "bias")):  # parameters read through get_attr: their own space
             param = arg(node, index, name)
