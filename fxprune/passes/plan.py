@@ -233,7 +233,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                           f"{minimum:.6g} ({minimum / cost.baseline:.3f} of the model); raise the budget",
                           smallest=minimum)
     start = time.perf_counter()
-    target, iterations, best = capacity, 0, None
+    target, iterations, best, exact = capacity, 0, None, None
     for _ in range(8):  # tighten the target while no solve gave a plan whose exact cost fits
         current: dict[int, float] = {}  # start from full widths: costs are over- rather than underestimated
         previous: dict[int, int] = {}
@@ -243,7 +243,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                 keep_counts = _solve_once(entries, owned, current, target, SOLVERS[solver], resolution)
             except BudgetError:
                 if current == smallest:
-                    raise
+                    break  # a tightened target below every plan: the fallback below grows the smallest plan
                 current = dict(smallest)  # infeasible with these neighbour widths: restart from the smallest
                 continue
             shares = {s: float(entries[g].shares[s][_index(entries[g], k)])
@@ -257,7 +257,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
             previous = keep_counts
             # damped update: widths move halfway, which stops the plan from oscillating between solves
             current = {s: 0.5 * (current.get(s, 1.0) + shares[s]) for s in shares}
-        if best is not None:
+        if best is not None or exact is None or target < minimum:
             break
         target *= capacity / exact * 0.999
     if best is None:  # the width approximation never produced a fitting plan: grow from the smallest one,
