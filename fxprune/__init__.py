@@ -1,39 +1,59 @@
 """fxprune: latency-aware structured channel pruning for PyTorch, as passes over one torch.fx graph."""
 
-from fxprune.api import analysis, analyze, compile, groups, importance, plan_of, prune, random_plan, report
+from fxprune.api import (
+                         analysis,
+                         analyze,
+                         capture_of,
+                         compile,
+                         graph_inputs,
+                         groups,
+                         importance,
+                         plan_of,
+                         prune,
+                         random_plan,
+                         report,
+)
 from fxprune.backends.engines import Engine
 from fxprune.backends.export import export_onnx
 from fxprune.budgets import FLOPs, Latency, Params
 from fxprune.cache import LatencyCache
 from fxprune.errors import (
-    AnalysisRequiredError,
-    BudgetError,
-    EngineUnavailableError,
-    ExampleInputsError,
-    ExportError,
-    FxpruneError,
-    FxpruneTraceError,
-    InvalidWeightsError,
-    LatencyError,
-    ModelNotFoundError,
-    PlanError,
-    PrunerError,
-    SaveError,
-    ScoreError,
-    SolverError,
-    SSRError,
-    UnsupportedModelError,
+                         AnalysisRequiredError,
+                         BudgetError,
+                         CaptureError,
+                         EngineUnavailableError,
+                         ExampleInputsError,
+                         ExportError,
+                         FxpruneError,
+                         FxpruneTraceError,
+                         InvalidWeightsError,
+                         LatencyError,
+                         ModelNotFoundError,
+                         PlanError,
+                         PrunerError,
+                         SaveError,
+                         ScoreError,
+                         SolverError,
+                         SSRError,
+                         UnsupportedModelError,
 )
-from fxprune.ir import ChannelGroup, ChannelSpace, GroupMember, LatencyTable, NodeChannels, Plan
+from fxprune.ir import (
+                         ChannelGroup,
+                         ChannelSpace,
+                         GroupMember,
+                         LatencyTable,
+                         NodeChannels,
+                         Plan,
+)
 from fxprune.passes.cost import count_flops, count_params
 from fxprune.saving import load, save
 from fxprune.training import SSR, Pruner
 
 __all__ = [
-    "analysis", "analyze", "compile", "groups", "importance", "plan_of", "prune", "random_plan", "report",
+    "analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
     "count_flops", "count_params", "export_onnx", "load", "save",
     "FLOPs", "Latency", "Params", "Engine", "LatencyCache", "Pruner", "SSR",
-    "AnalysisRequiredError", "BudgetError", "EngineUnavailableError", "ExampleInputsError", "ExportError",
+    "AnalysisRequiredError", "BudgetError", "CaptureError", "EngineUnavailableError", "ExampleInputsError", "ExportError",
     "FxpruneError", "FxpruneTraceError", "InvalidWeightsError", "LatencyError", "ModelNotFoundError", "PlanError",
     "PrunerError", "SaveError", "ScoreError", "SolverError", "SSRError", "UnsupportedModelError",
     "ChannelGroup", "ChannelSpace", "GroupMember", "LatencyTable", "NodeChannels", "Plan",

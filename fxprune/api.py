@@ -10,19 +10,36 @@ import torch.fx
 
 from fxprune.budgets import as_budget
 from fxprune.errors import AnalysisRequiredError
+from fxprune.ir.capture import capture_of, structured
 from fxprune.ir.channels import ChannelGroup, Plan
-from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, PLAN_KEY, REPORT_KEY, SOLUTION_KEY
+from fxprune.ir.graph import channels as channels_of
+from fxprune.ir.graph import space as graph_space
+from fxprune.ir.keys import (
+    COST_KEY,
+    IMPORTANCE_KEY,
+    LATENCY_KEY,
+    PLAN_KEY,
+    REPORT_KEY,
+    SOLUTION_KEY,
+)
 from fxprune.ir.solution import Solution
 from fxprune.passes.budget import PlanPass
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.latency import LatencyPass
-from fxprune.passes.pipeline import analyze, infer_example_inputs, prune, run_passes
+from fxprune.passes.pipeline import (
+    analyze,
+    analyze_inputs,
+    graph_inputs,
+    infer_example_inputs,
+    run_passes,
+)
+from fxprune.passes.pipeline import prune as prune_graph
 from fxprune.passes.plan import analysis, random_plan, uniform_plan, with_every_member
 from fxprune.passes.score import ScorePass
 from fxprune.reports import GroupReport, Report
 
-__all__ = ["analysis", "analyze", "compile", "groups", "importance", "plan_of", "prune", "random_plan", "report",
+__all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
            "uniform_plan", "with_every_member"]
 
 
@@ -49,6 +66,8 @@ def compile(
     budget: Any,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict | None = None,
+    capture: str = "auto",
     importance: str = "sp_lamp",
     engine: Any = "onnxruntime",
     threads: int | None = None,
@@ -74,19 +93,31 @@ def compile(
     ``measure``: also time the model before and after on ``engine`` for the report.
     ``refine``: for latency budgets, how many solved plans may be timed on ``engine`` and solved again
     through the measurements (``passes/refine.py``); 0 trusts the tables alone.
+    ``example_inputs``: a tensor, a tuple of positional inputs (a list of images is one input), or a
+    dict of keyword inputs; ``example_kwargs`` adds keyword inputs. ``capture``: ``"auto"`` (torch.fx,
+    then torch.export non-strict, then strict), ``"fx"``, ``"export"`` or ``"export-strict"``. The
+    module returned is called like ``model`` and returns the same structure.
     """
     budget = as_budget(budget)
     latency = budget.metric == "latency"
-    example_inputs = infer_example_inputs(model) if example_inputs is None else example_inputs
-    with Context(example_inputs, engine, threads=threads, cache=cache, progress=progress,
-                 check=latency or measure) as context:
+    if example_inputs is None and not example_kwargs:
+        example_inputs = infer_example_inputs(model)
+    with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure) as context:
         plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine)
-        gm = analyze(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
+                                                    capture=capture, leaf_modules=leaf_modules,
+                                                    autowrap_functions=autowrap_functions)
         run_passes(gm, [ScorePass(importance, calibration, loss_fn), CostPass(context.example_inputs),
                         *([LatencyPass(context, round_to=round_to)] if latency else []), plan_pass])
         pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
         pruned.meta[REPORT_KEY] = _report(gm, pruned, context, str(budget), importance, solver, measure)
-    return pruned
+    return structured(pruned)
+
+
+def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """A new, physically smaller module keeping ``plan``'s channels of an analysed ``gm`` (left as it was),
+    called like the model ``gm`` was captured from."""
+    return structured(prune_graph(gm, plan))
 
 
 def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: str,
@@ -105,6 +136,11 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         solver_seconds=result.solver_seconds, iterations=result.iterations,
         engine=context.engine.name,
     )
+    if heads := _heads_kept(gm, result.keep_counts):
+        report.notes.append("attention heads kept per layer: " + ", ".join(heads))
+    if (capture := capture_of(gm)) is not None:
+        report.capture = capture.path
+        report.notes.append(f"model {capture.describe()}")
     if LATENCY_KEY in gm.meta:
         calibration = gm.meta[LATENCY_KEY]
         report.predicted_latency_ms_before = solution.cost.baseline
@@ -121,6 +157,17 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
             before_ms, (share,) = engine.time_shares(context.deployed(gm).run, [deployed.run])
         report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
     return report
+
+
+def _heads_kept(gm: torch.fx.GraphModule, keep_counts: dict[int, int]) -> list[str]:
+    """``name kept/total`` for every attention whose heads are a channel group."""
+    found = []
+    for node in gm.graph.nodes:
+        space = graph_space(node)
+        if channels_of(node).rule == "scaled_dot_product_attention" and space is not None:
+            total = analysis(gm).groups[space.group_id].size
+            found.append(f"{node.name} {keep_counts.get(space.group_id, total)}/{total}")
+    return found
 
 
 def _report_measured_solve(report: Report, solved, baseline_ms: float) -> None:

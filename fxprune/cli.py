@@ -150,13 +150,29 @@ def _load(args, step: Steps) -> tuple[torch.nn.Module, tuple]:
     return model, _inputs(args, model)
 
 
+def _capture(args) -> dict:
+    """The capture options of a model command, as compile and analyze take them."""
+    return {"capture": args.capture, "leaf_modules": args.leaf_module}
+
+
+# API words in fxprune's messages, and the flags a command-line user gives instead
+_FLAGS = {"capture='export'": "--capture export", "capture='auto'": "--capture auto",
+          "leaf_modules=[...]": "--leaf-module NAME"}
+
+
+def _in_flags(message: str) -> str:
+    for words, flag in _FLAGS.items():
+        message = message.replace(words, flag)
+    return message
+
+
 def cmd_prune(args) -> None:
     step = Steps()
     model, inputs = _load(args, step)
     with step(f"compiling to {args.budget}"):
         pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
                                  engine=args.engine, threads=args.threads, round_to=args.round_to,
-                                 measure=args.measure, refine=args.refine)
+                                 measure=args.measure, refine=args.refine, **_capture(args))
     report = fxprune.report(pruned)
     print(report)
     for output in args.output:
@@ -181,7 +197,8 @@ def cmd_prune(args) -> None:
 
 def _with_tables(model: torch.nn.Module, inputs: tuple, args) -> torch.fx.GraphModule:
     """The analysed model with its latency tables (measured, or from the cache) on its nodes."""
-    gm = fxprune.analyze(model, inputs)
+    gm = fxprune.analyze(model, inputs, **_capture(args))
+    inputs = fxprune.graph_inputs(gm, inputs)
     with Context(inputs, args.engine, threads=args.threads) as context:
         LatencyPass(context, round_to=getattr(args, "round_to", None))(gm)
     return gm
@@ -221,9 +238,10 @@ def cmd_report(args) -> None:
 
 def cmd_analyze(args) -> None:
     model = load_model(args.model, args.weights)
-    gm = fxprune.analyze(model, _inputs(args, model))
+    gm = fxprune.analyze(model, _inputs(args, model), **_capture(args))
     groups = fxprune.groups(gm)
-    print(f"{args.model}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
+    print(f"{args.model}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable "
+          f"({fxprune.capture_of(gm).describe()})")
     for group in groups:
         print("  " + group.describe())
 
@@ -244,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("model", help="torchvision or timm name, package.module:factory, or a model file")
         cmd.add_argument("--weights", help="a state dict (checkpoint) to load into the model")
         cmd.add_argument("--input-shape", type=parse_shape, help="example input shape (default: 1,C,224,224)")
+        cmd.add_argument("--capture", default="auto", choices=("auto", "fx", "export", "export-strict"),
+                         help="how to capture the model: torch.fx, then torch.export (auto, the default), or one alone")
+        cmd.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
+                         help="a submodule (qualified name) to keep opaque: its channels are kept (repeatable)")
         cmd.set_defaults(func=func)
         return cmd
 
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FxpruneError as err:
-        print(f"fxprune: error: {err}", file=sys.stderr)
+        print(f"fxprune: error: {_in_flags(str(err))}", file=sys.stderr)
         return 1
     return 0
 

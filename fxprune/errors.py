@@ -11,6 +11,10 @@ class FxpruneTraceError(FxpruneError):
     """The model could not be traced by torch.fx."""
 
 
+class CaptureError(FxpruneTraceError):
+    """No capture path (torch.fx, torch.export non-strict or strict) could capture the model whole."""
+
+
 class ExampleInputsError(FxpruneError):
     """The example inputs do not fit the model (wrong type, count, shape or dtype)."""
 

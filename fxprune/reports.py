@@ -35,6 +35,7 @@ class Report:
     measured_latency_ms_before: float | None = None
     measured_latency_ms_after: float | None = None
     engine: str | None = None
+    capture: str = "fx"  # the front end that captured the model: fx, export or export-strict
     latency_step: int | None = None  # channels the engine's latency moves in (latency budgets)
     # the closed loop (passes/refine.py): the tables' own prediction for the returned plan, the whole
     # models timed (predicted share, measured share, source), and what predicted_latency_ms_after is:
@@ -46,7 +47,7 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
-                 f"({self.solver_seconds * 1e3:.0f} ms, {self.iterations} solves)",
+                 f"({self.solver_seconds * 1e3:.0f} ms, {self.iterations} solves), captured by {self.capture}",
                  f"  predicted {self._metric_name()}: {self.predicted_before:.4g} -> {self.predicted_after:.4g} "
                  f"(budget {self.capacity:.4g})",
                  f"  FLOPs:  {self.flops_before:,} -> {self.flops_after:,} "

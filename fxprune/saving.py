@@ -20,7 +20,8 @@ import torch.fx
 
 from fxprune.errors import SaveError
 from fxprune.ir import Plan
-from fxprune.ir.keys import PLAN_KEY, REPORT_KEY
+from fxprune.ir.capture import capture_of, flat_view, structured
+from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
 from fxprune.backends.export import double_batch
 from fxprune.ir.graph import inference
 from fxprune.reports import Report
@@ -36,8 +37,9 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any 
         raise SaveError(f"expected the module fxprune.compile returned, got {type(gm).__name__}")
     plan, report = gm.meta.get(PLAN_KEY) if hasattr(gm, "meta") else None, _report(gm)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".pt":
-        torch.save({"format": FORMAT, "module": gm, "plan": plan.to_json() if plan else None, "report": report}, path)
+    if path.suffix == ".pt":  # a graph captured by torch.export is stored flat, its structure beside it
+        torch.save({"format": FORMAT, "module": flat_view(gm), "plan": plan.to_json() if plan else None,
+                    "report": report, "capture": capture_of(gm)}, path)
     elif path.suffix == ".pt2":
         if example_inputs is None:
             raise SaveError("saving to .pt2 runs torch.export, which needs example_inputs=(tensor, ...)")
@@ -97,6 +99,9 @@ def restore(module: torch.nn.Module, header: dict) -> torch.nn.Module:
         meta[PLAN_KEY] = Plan.from_json(header["plan"])
     if header.get("report"):
         meta[REPORT_KEY] = Report.from_dict(header["report"])
+    if header.get("capture") is not None:
+        meta[CAPTURE_KEY] = header["capture"]
+        structured(module)
     return module
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 import torch
 import torch.fx
+import torch.nn as nn
 
 from fxprune.ir import graph
 from fxprune.ir.channels import Plan
@@ -196,3 +197,23 @@ def tiny_cnn() -> torch.nn.Module:
                          nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
                          nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+class SplitBlock(nn.Module):
+    """YOLOv8's C2f pattern: ``list(x.chunk(2, 1))`` iterates a tensor, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x):
+        parts = list(self.stem(x).chunk(2, 1))
+        parts.append(torch.relu(self.inner(parts[-1])))
+        return {"features": self.head(torch.cat(parts, 1)), "aux": (x.mean((2, 3)), [x.sum()])}
+
+
+def split_block() -> SplitBlock:
+    """A model torch.fx cannot trace and torch.export can (for tests and the command line)."""
+    return SplitBlock().eval()

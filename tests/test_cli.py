@@ -85,3 +85,13 @@ def test_a_state_dict_given_as_the_model_is_explained(tmp_path, capsys):
     torch.save(fxprune.testing.tiny_cnn().state_dict(), path)
     assert main(["prune", str(path), "--budget", "flops:0.5"]) != 0
     assert "--weights" in capsys.readouterr().err
+
+
+def test_capture_flags_and_advice_in_flags(capsys):
+    spec = "fxprune.testing:split_block"
+    assert main(["prune", spec, "--input-shape", "1,3,16,16", "--budget", "flops:0.7"]) == 0
+    assert "captured by export" in capsys.readouterr().out
+    assert main(["analyze", spec, "--input-shape", "1,3,16,16", "--capture", "fx"]) != 0
+    error = capsys.readouterr().err
+    assert "--capture export" in error and "capture='export'" not in error and "concrete_args" not in error
+    assert main(["analyze", spec, "--input-shape", "1,3,16,16", "--leaf-module", "inner"]) == 0

@@ -20,6 +20,7 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from fxprune.errors import ExampleInputsError, ExportError
+from fxprune.ir.capture import capture_of, flat_inputs, flat_view, split_inputs
 from fxprune.ir.graph import inference
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weight bytes above which they go to "<file>.data" (protobuf caps at 2 GiB)
@@ -254,10 +255,18 @@ def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: boo
     return cases, doubled
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple, *,
-                dynamic_batch: bool = True, opset: int | None = None, verify: bool = True,
-                rtol: float = 1e-4, atol: float = 1e-4) -> ExportResult:
-    """Export the model (in eval mode, left unchanged) to a cleaned, checked ONNX file verified in onnxruntime."""
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, *,
+                example_kwargs: dict | None = None, dynamic_batch: bool = True, opset: int | None = None,
+                verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4) -> ExportResult:
+    """Export the model (in eval mode, left unchanged) to a cleaned, checked ONNX file verified in onnxruntime.
+
+    A module fxprune captured through torch.export is called as the model was (keyword inputs, lists,
+    nested outputs); its ONNX graph takes the leaves of those inputs and returns the leaves of its outputs,
+    at the example's batch size (torch.export's graph holds its sizes as numbers).
+    """
+    if capture_of(model) is not None and capture_of(model).structure is not None:
+        example_inputs = flat_inputs(model, *split_inputs(example_inputs, example_kwargs))
+        model, dynamic_batch = flat_view(model), False
     inputs, path = _check_inputs(example_inputs), Path(path)
     with inference(model, grad=None):
         cases, trace_inputs = _reference(model, inputs, dynamic_batch, verify)

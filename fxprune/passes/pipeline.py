@@ -10,28 +10,48 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase
 
 from fxprune.errors import ExampleInputsError
+from fxprune.ir.capture import flat_inputs, split_inputs
 from fxprune.ir.channels import Plan
+from fxprune.passes.capture import capture as capture_model
 from fxprune.passes.dependency import DependencyPass
 from fxprune.passes.rewrite import RewritePass
-from fxprune.passes.trace import propagate_shapes, trace, unfed_defaults
+from fxprune.passes.trace import propagate_shapes
 
 logger = logging.getLogger("fxprune")
 
 
-def analyze(model: torch.nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type | str] = (),
+def analyze(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict | None = None,
+            capture: str = "auto", leaf_modules: Iterable[type | str] = (),
             concrete_args: dict[str, Any] | None = None, autowrap_functions: Iterable = ()) -> torch.fx.GraphModule:
-    """Trace a copy of ``model``, propagate shapes and find its channel groups; the model is not modified.
+    """Capture a copy of ``model``, propagate shapes and find its channel groups; the model is not modified.
 
     The result is fxprune's own GraphModule: it shares nothing writable with the passes that follow
-    (the rewrite copies before it writes).
+    (the rewrite copies before it writes). A graph captured by torch.export takes the leaves of the
+    inputs (``graph_inputs`` gives them); the modules fxprune returns are called like the model.
     """
-    if example_inputs is None:
+    return analyze_inputs(model, example_inputs, example_kwargs=example_kwargs, capture=capture,
+                          leaf_modules=leaf_modules, concrete_args=concrete_args,
+                          autowrap_functions=autowrap_functions)[0]
+
+
+def analyze_inputs(model: torch.nn.Module, example_inputs: Any, *, example_kwargs: dict | None = None,
+                   capture: str = "auto", leaf_modules: Iterable[type | str] = (),
+                   concrete_args: dict[str, Any] | None = None,
+                   autowrap_functions: Iterable = ()) -> tuple[torch.fx.GraphModule, tuple]:
+    """``analyze``, and the example inputs as the analysed graph takes them."""
+    if example_inputs is None and not example_kwargs:
         raise ExampleInputsError("example_inputs is required: pass e.g. (torch.randn(1, 3, 224, 224),)")
-    concrete_args = {**unfed_defaults(model, example_inputs), **(concrete_args or {})} or None
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, autowrap_functions=autowrap_functions)
-    propagate_shapes(gm, example_inputs)
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    gm, inputs = capture_model(model, args, kwargs, mode=capture, leaf_modules=leaf_modules,
+                               autowrap_functions=autowrap_functions, concrete_args=concrete_args)
+    propagate_shapes(gm, inputs)
     run_passes(gm, [DependencyPass()])
-    return gm
+    return gm, inputs
+
+
+def graph_inputs(gm: torch.fx.GraphModule, example_inputs: Any, example_kwargs: dict | None = None) -> tuple:
+    """The inputs of a model call as ``gm``, an analysed graph, takes them (the leaves, for torch.export's)."""
+    return flat_inputs(gm, *split_inputs(example_inputs, example_kwargs))
 
 
 def run_passes(gm: torch.fx.GraphModule, passes: Iterable[PassBase]) -> torch.fx.GraphModule:

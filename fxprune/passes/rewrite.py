@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.errors import AnalysisRequiredError, PlanError
 from fxprune.ir import graph
 from fxprune.ir.channels import Plan
-from fxprune.ir.keys import ANALYSIS_KEY, PLAN_KEY
+from fxprune.ir.keys import ANALYSIS_KEY, CAPTURE_KEY, PLAN_KEY
 from fxprune.passes.params import tensor_axes
 from fxprune.rules import RULES, Kept
 
@@ -87,6 +87,8 @@ class RewritePass(PassBase):
             for key in [k for k in node.meta if k.startswith("fxprune") or k == "tensor_meta"]:
                 del node.meta[key]
         new_gm.meta[PLAN_KEY] = self.plan
+        if CAPTURE_KEY in meta:  # the inputs' and outputs' structure does not change
+            new_gm.meta[CAPTURE_KEY] = meta[CAPTURE_KEY]
         new_gm.graph.lint()
         new_gm.recompile()
         return PassResult(new_gm, modified=True)

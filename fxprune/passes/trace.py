@@ -69,9 +69,9 @@ def trace(
         where = _failing_module(exc)
         raise FxpruneTraceError(
             f"torch.fx could not trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}\n"
-            "Fix: pass that submodule (type or qualified name) in leaf_modules=... or the function in "
-            "autowrap_functions=... so it is kept opaque (fxprune then freezes its channels), or give "
-            "concrete_args={...} for Python control flow that depends on an input."
+            "Fix: capture it with torch.export (capture='export'; 'auto' tries it next), which runs such Python "
+            "as it is, or keep that submodule opaque with leaf_modules=[...] (type or qualified name; its "
+            "channels are then kept)."
         ) from exc
     return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 

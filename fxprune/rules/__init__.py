@@ -4,20 +4,20 @@ Adding an operation is one ``Rule`` subclass (its keys: module classes, function
 names) added to the list below, and its tests; see docs/architecture.md.
 """
 
-from fxprune.rules.attention import MultiheadAttention, WindowAttention
+from fxprune.rules.attention import MultiheadAttention, ScaledDotProductAttention, WindowAttention
 from fxprune.rules.base import Kept, Registry, Rule, TensorAxis, input_space, kept_of
 from fxprune.rules.conv import Conv
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.elementwise import Elementwise, NoChannels, Output, Passthrough, Reduction, Softmax
 from fxprune.rules.linear import Embedding, Linear
 from fxprune.rules.norm import ChannelNorm, GroupNorm, LayerNorm
-from fxprune.rules.shape import Cat, GetItem, Shape, Split, Stack
+from fxprune.rules.shape import Cat, GetItem, Shape, Split, Stack, Unbind
 
 _PASSTHROUGH, _SHAPE, _WINDOW = Passthrough(), Shape(), WindowAttention()
 
 RULES = Registry(
     [_PASSTHROUGH, Elementwise(), Reduction(), Softmax(), Output(), NoChannels(), _SHAPE, Cat(), Stack(), Split(),
-     GetItem(), Conv(), Linear(), Embedding(), ChannelNorm(), GroupNorm(), LayerNorm(), MultiheadAttention(), _WINDOW],
+     GetItem(), Unbind(), Conv(), Linear(), Embedding(), ChannelNorm(), GroupNorm(), LayerNorm(), MultiheadAttention(), ScaledDotProductAttention(), _WINDOW],
     fallback=Rule(),
     # functions fx keeps as calls (torch.fx.wrap) that are known by name: torchvision's, and fxprune's own
     by_name_of_function={**{name: _PASSTHROUGH for name in Passthrough.wrapped},

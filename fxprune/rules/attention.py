@@ -1,6 +1,6 @@
-"""Attention: ``nn.MultiheadAttention`` used as self-attention, and Swin's ``shifted_window_attention``.
-
-Both keep their heads whole; what is prunable is the residual stream they read and write.
+"""Attention: scaled dot-product attention (heads pruned whole), ``nn.MultiheadAttention`` used as
+self-attention, and Swin's ``shifted_window_attention`` (both keep their heads; what is prunable is the
+residual stream they read and write).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxprune.ir import graph
 from fxprune.modules import PrunedMultiheadAttention, shifted_window_attention
@@ -18,6 +19,39 @@ from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.shape import ensure_space
 
 Probe = Callable[[int, int], Callable[[], Any]]
+
+
+class ScaledDotProductAttention(Rule):
+    """``F.scaled_dot_product_attention(q, k, v)`` on (..., H, L, E): heads go whole. Head h of q, k, v and of
+    the output are one group channel, and so is the block of projection channels each head is made from
+    (q/k/v projections split by ``view``, a fused qkv by ``reshape``/``permute``/``unbind``, the output
+    projection after the heads are merged back). Within a head nothing is pruned: the scale reads E.
+    A mask with one row per head, or grouped-query attention, keeps every head."""
+
+    name = "scaled_dot_product_attention"
+    functions = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        q, k, v = node.args[:3]
+        mask = arg(node, 3, "attn_mask")
+        shapes = [b.shape(x) for x in (q, k, v)]
+        rank = len(shapes[0])
+        heads = shapes[0][-3] if rank >= 3 else 0
+        why = ("its inputs have no head dim" if rank < 3 or any(len(s) != rank for s in shapes)
+               else "grouped-query attention" if arg(node, 7, "enable_gqa", False) or any(s[-3] != heads for s in shapes)
+               else "its mask has one row per head" if isinstance(mask, torch.fx.Node) and len(b.shape(mask)) >= 3
+               and b.shape(mask)[-3] != 1 else None)
+        if why is None:
+            spaces = [b.head_space(x, rank - 3) for x in (q, k, v)]
+            if all(s is not None for s in spaces):
+                out = b.new_space(node, rank - 3)
+                for space in spaces:
+                    b.couple(out, space)
+                return
+            why = "its q, k and v are not all split into heads from tracked channels"
+        for x in (q, k, v):
+            b.head_space(x, -3 if len(b.shape(x)) >= 3 else -1)  # a pending layout gets its spaces, then is frozen
+            b.freeze(b.space_of(x), f"{node.name}: {why}")
 
 
 class MultiheadAttention(Rule):

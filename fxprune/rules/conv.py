@@ -23,7 +23,8 @@ aten = torch.ops.aten
 # an int is a position (also accepted by keyword), a bool a constant.
 _FUNCTION_ARGS = {
     **{f: (3, 4, 5, 6, False, None) for f in (F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d)},
-    **{f: (3, 4, 7, 6, True, 5) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+    **{f: (3, 4, 7, 6, True, 5) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                                          aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)},
     aten.convolution: (3, 4, 5, 8, 6, 7),
 }
 _NAMES = ("stride", "padding", "dilation", "groups", "transposed", "output_padding")

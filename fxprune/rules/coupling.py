@@ -30,6 +30,7 @@ class Pending:
     origin_node: torch.fx.Node
     labels: torch.Tensor  # origin element index at every position of this node's output
     chain: tuple[torch.fx.Node, ...] = ()  # the shape ops from the origin to here
+    chain_labels: tuple[torch.Tensor, ...] = ()  # ``labels`` at each node of the chain
 
 
 class ChannelBuilder:
@@ -138,6 +139,58 @@ class ChannelBuilder:
         firsts = positions - positions % block
         self.edges_a.append(self.base[space.id] + positions)
         self.edges_b.append(self.base[space.id] + firsts)
+
+    def head_space(self, node: torch.fx.Node, dim: int) -> ChannelSpace | None:
+        """The space of ``node``'s axis ``dim``, whose positions are *heads*: blocks of channels an attention
+        op keeps whole (q, k, v after ``view(B, S, H, D)``, a fused qkv after ``reshape``/``permute``/``unbind``).
+
+        A node whose channel axis is split over several dims (pending) gets a space along ``dim``, each
+        position coupled to the block of channels it holds; every node of the chain that split them gets a
+        space along the dim its heads vary on, so the rewrite resizes the head count in its sizes. None (and
+        the channels frozen) when the blocks do not line up with heads.
+        """
+        dim = dim % len(self.shape(node))
+        pending = self.pending.pop(node, None)
+        if pending is None:
+            space = self.space_of(node)
+            if space is not None and space.dim != dim:
+                self.freeze(space, f"{node.name} has its channels on dim {space.dim}, not on the heads' dim {dim}")
+                return None
+            return space
+        labels = pending.labels.numpy() - 1  # origin element at each position
+        blocks = [np.unique(np.take(labels, h, axis=dim)) for h in range(labels.shape[dim])]
+        every = np.concatenate(blocks)
+        if np.unique(every).size != every.size or (every < 0).any():
+            self.freeze(pending.origin, f"{node.name}: the heads on dim {dim} do not hold disjoint blocks of channels")
+            return None
+        head_of = np.full(pending.origin.size, -1)
+        for h, block in enumerate(blocks):
+            head_of[block] = h
+        heads = self.new_space(node, dim)
+        for h, block in enumerate(blocks):
+            self.couple(heads, pending.origin, np.full(block.size, h), block)
+        for chain_node, chain_labels in zip(pending.chain[:-1], pending.chain_labels[:-1]):
+            if not self._chain_heads(chain_node, head_of[chain_labels.numpy() - 1], heads):
+                self.freeze(pending.origin, f"{chain_node.name} spreads the heads of {node.name} over several dims")
+                return None
+        return heads
+
+    def _chain_heads(self, node: torch.fx.Node, heads_at: np.ndarray, heads: ChannelSpace) -> bool:
+        """Give ``node`` (on a chain that split channels into heads) a space along the one dim its heads vary
+        on, coupled to ``heads``; ``heads_at`` is the head at each position (-1: another input's)."""
+        for dim in range(heads_at.ndim):
+            per_slice = [np.unique(v[v >= 0]) for v in (np.take(heads_at, i, axis=dim) for i in range(heads_at.shape[dim]))]
+            if any(v.size > 1 for v in per_slice) or heads_at.shape[dim] == 1:
+                continue
+            positions = [i for i, v in enumerate(per_slice) if v.size == 1]
+            space = graph.space(node)
+            if space is None:
+                space = self.new_space(node, dim)
+            elif space.dim != dim:
+                return False
+            self.couple(space, heads, np.array(positions), np.array([per_slice[i][0] for i in positions]))
+            return True
+        return False
 
     def claim(self, tensor: str, dim: int, space: ChannelSpace | None) -> None:
         """Axis ``dim`` of model tensor ``tensor`` runs over ``space``: a tensor read by several ops (a

@@ -12,9 +12,21 @@ import torch.nn.functional as F
 
 from fxprune.rules.base import Rule, arg, same_position, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder
-from fxprune.rules.shape import ensure_space
+from fxprune.rules.shape import ensure_space, pass_pending
 
 aten = torch.ops.aten
+
+
+# Ops that leave every value where it was at inference (a pending channel layout passes through them)
+_NOOPS = (nn.Identity, nn.Dropout, F.dropout, aten.dropout, aten.contiguous, aten.clone, aten.to, aten._to_copy,
+          aten.alias, aten.detach, torch.clone, "contiguous", "clone", "to", "float", "detach")
+
+
+def _noop(b: ChannelBuilder, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(b.module(node), _NOOPS[:2])
+    target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
+    return target in _NOOPS
 
 
 class Passthrough(Rule):
@@ -44,6 +56,15 @@ class Passthrough(Rule):
         aten.sigmoid, aten.tanh, aten.hardtanh, aten.hardtanh_, aten.clamp, aten.dropout, aten.clone,
         aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten.upsample_nearest2d,
         aten.upsample_bilinear2d,
+        # what torch.export's graphs add (every overload of each)
+        aten.relu6, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_, aten.mish, aten.mish_, aten.softplus,
+        aten.gelu_, aten.sigmoid_, aten.tanh_, aten.hardsigmoid_, aten.clamp_, aten.clamp_min, aten.clamp_max,
+        aten.dropout_, aten.feature_dropout, aten.alpha_dropout, aten.contiguous, aten.to, aten._to_copy,
+        aten.type_as, aten.detach, aten.alias, aten.exp, aten.abs, aten.neg, aten.sqrt, aten.rsqrt, aten.log,
+        aten.erf, aten.sin, aten.cos, aten.pow, aten.square, aten.reciprocal,
+        aten.max_pool1d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
+        aten.adaptive_avg_pool3d, aten.upsample_nearest1d, aten.upsample_nearest3d, aten.upsample_bicubic2d,
+        aten.upsample_linear1d, aten.upsample_trilinear3d,
     )
     methods = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "clamp", "clamp_",
                "clone", "detach", "float", "half", "bfloat16", "to", "type_as")
@@ -51,6 +72,8 @@ class Passthrough(Rule):
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         inputs = tensor_inputs(node)
+        if inputs and _noop(b, node) and pass_pending(b, node, inputs[0]):
+            return
         if inputs:
             same_position(b, node, inputs[0])
             for other in inputs[1:]:
@@ -63,7 +86,8 @@ class Elementwise(Rule):
     name = "elementwise"
     functions = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                  operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-                 torch.minimum, aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div)
+                 torch.minimum, aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div,
+                 aten.sub_, aten.div_, aten.rsub, aten.maximum, aten.minimum, aten.where)
     methods = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__mul__", "__sub__",
                "__truediv__", "__radd__", "__rmul__")
 
@@ -101,7 +125,7 @@ class Reduction(Rule):
     """mean/sum/amax over some dims: channels survive unless their dim is reduced."""
 
     name = "reduction"
-    functions = (torch.mean, torch.sum, torch.amax, torch.amin, aten.mean, aten.sum, aten.amax)
+    functions = (torch.mean, torch.sum, torch.amax, torch.amin, aten.mean, aten.sum, aten.amax, aten.amin)
     methods = ("mean", "sum", "amax", "amin")
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
@@ -153,7 +177,8 @@ class NoChannels(Rule):
     """Inputs, parameters, and ops that only read metadata (size, dim) or check conditions."""
 
     name = "no_channels"
-    functions = (getattr, torch._assert, len, int, float)
+    functions = (getattr, torch._assert, len, int, float, aten.sym_size, aten._assert_tensor_metadata,
+                 aten._assert_scalar, aten.sym_constrain_range_for_size)
     methods = ("size", "dim", "numel", "__len__")
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import graph
-from fxprune.rules.base import Kept, Rule, TensorAxis, arg, kept_of, set_arg
+from fxprune.rules.base import Kept, Rule, TensorAxis, arg, kept_of, parameter_name, set_arg
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.elementwise import Passthrough
 from fxprune.rules.shape import ensure_space
@@ -39,14 +39,43 @@ def _shared_slope(module: nn.Module) -> bool:
     return isinstance(module, nn.PReLU) and module.num_parameters == 1
 
 
+# Where a call keeps its per-channel tensors: (weight, bias, running_mean, running_var) positions.
+_CALL_TENSORS = {
+    torch.ops.aten.batch_norm: (1, 2, 3, 4), F.batch_norm: (3, 4, 1, 2),
+    torch.ops.aten.instance_norm: (1, 2, 3, 4), F.instance_norm: (3, 4, 1, 2),
+}
+
+
+def _call_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The get_attr nodes a norm call reads per channel; None where one is computed in the graph."""
+    target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
+    found = [arg(node, pos, name) for pos, name in zip(_CALL_TENSORS[target], _AFFINE + _STATISTICS)]
+    found = [t for t in found if t is not None]
+    return found if all(isinstance(t, torch.fx.Node) and t.op == "get_attr" for t in found) else None
+
+
 class ChannelNorm(Rule):
-    """BatchNorm, InstanceNorm, per-channel PReLU: one affine term (and statistic) per channel on dim 1."""
+    """BatchNorm, InstanceNorm, per-channel PReLU: one affine term (and statistic) per channel on dim 1.
+
+    As a module, or as a call (``aten.batch_norm`` in torch.export's graphs) whose tensors are get_attr
+    nodes: those get the output's channel space, so the rewrite indexes them."""
 
     name = "channel_norm"
     modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
+    functions = tuple(_CALL_TENSORS)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        if node.op != "call_module":
+            tensors = _call_tensors(node)
+            if tensors is None:
+                Rule.couple(self, b, node)
+                return
+            out = b.new_space(node, 1)
+            b.couple(ensure_space(b, node.args[0], 1), out)
+            for tensor in tensors:
+                b.couple(out, ensure_space(b, tensor, 0))
+            return
         module = b.module(node)
         if _shared_slope(module):
             Passthrough.couple(self, b, node)
@@ -56,9 +85,13 @@ class ChannelNorm(Rule):
         _claim(self, b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        if node.op != "call_module":
+            return []  # its get_attr tensors carry the space themselves
         return [] if _shared_slope(gm.get_submodule(node.target)) else _module_axes(gm, node)
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        if node.op != "call_module":
+            return
         module = gm.get_submodule(node.target)
         width = kept_of(graph.space(node), kept)
         if width is None or _shared_slope(module):
@@ -68,6 +101,10 @@ class ChannelNorm(Rule):
                 setattr(module, field, len(width))
 
     def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
+        if node.op != "call_module":
+            target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
+            weight, bias = (arg(node, pos, name) for pos, name in zip(_CALL_TENSORS[target][:2], _AFFINE))
+            return (parameter_name(weight), parameter_name(bias)) if parameter_name(weight) else None
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.PReLU) or getattr(module, "weight", None) is None:
             return None
@@ -75,22 +112,43 @@ class ChannelNorm(Rule):
 
 
 class GroupNorm(ChannelNorm):
-    """GroupNorm: whole normalization groups are pruned (statistics of kept groups are unchanged)."""
+    """GroupNorm: whole normalization groups are pruned (statistics of kept groups are unchanged). As a
+    module or as a call, ``aten.group_norm(x, num_groups, weight, bias, eps)``."""
 
     name = "group_norm"
     modules = (nn.GroupNorm,)
+    functions = (F.group_norm, torch.ops.aten.group_norm)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
-        module = b.module(node)
+        tensors = [arg(node, 2, "weight"), arg(node, 3, "bias")] if node.op != "call_module" else []
+        tensors = [t for t in tensors if t is not None]
+        if not all(isinstance(t, torch.fx.Node) and t.op == "get_attr" for t in tensors):
+            Rule.couple(self, b, node)
+            return
+        groups = b.module(node).num_groups if node.op == "call_module" else arg(node, 1, "num_groups")
         in_space = ensure_space(b, node.args[0], 1)
         out = b.new_space(node, 1)
-        b.couple_blocks(in_space, module.num_channels // module.num_groups)
+        b.couple_blocks(in_space, in_space.size // groups)
         b.couple(in_space, out)
-        _claim(self, b, node)
+        for tensor in tensors:
+            b.couple(out, ensure_space(b, tensor, 0))
+        if node.op == "call_module":
+            _claim(self, b, node)
+
+    def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
+        if node.op != "call_module":
+            weight = parameter_name(arg(node, 2, "weight"))
+            return (weight, parameter_name(arg(node, 3, "bias"))) if weight else None
+        return ChannelNorm.affine(self, gm, node)
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        module = gm.get_submodule(node.target)
         width = kept_of(graph.space(node), kept)
+        if node.op != "call_module":
+            if width is not None:
+                groups = arg(node, 1, "num_groups")
+                set_arg(node, 1, "num_groups", groups * len(width) // graph.space(node).size)
+            return
+        module = gm.get_submodule(node.target)
         if width is not None:
             module.num_groups = module.num_groups * len(width) // module.num_channels
             module.num_channels = len(width)

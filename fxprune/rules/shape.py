@@ -63,7 +63,8 @@ class Shape(Rule):
     functions = (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                  torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
                  aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.flatten,
-                 aten.squeeze, aten.unsqueeze, aten.expand, aten.t)
+                 aten.squeeze, aten.unsqueeze, aten.expand, aten.t, aten.select, aten.slice, aten.unflatten,
+                 aten.movedim, aten.swapaxes, aten.narrow, aten.view_as, aten.expand_as)
     methods = ("view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
                "expand", "movedim", "swapaxes", "swapdims", "t", "narrow", "repeat", "contiguous")
     wrapped = ("_patch_merging_pad",)  # torchvision: pads H/W, then concatenates the 2x2 neighbours on channels
@@ -101,7 +102,7 @@ class Shape(Rule):
         if present[0] == 0:  # label 0 marks positions that hold no channel (padding)
             b.freeze(origin, f"{node.name} pads or fills positions with no channel")
             return
-        if present.size != origin.size:
+        if present.size != (origin.size if pending is None else np.unique(labels_in.numpy()).size):
             b.freeze(origin, f"{node.name} selects individual channels")
             return
         dims = [d for d in range(out.dim()) if not _constant_along(out, d)]  # dims the labels vary along
@@ -114,8 +115,7 @@ class Shape(Rule):
                 _mark_gather(b, node, pending, space, element_map)
         elif len(dims) > 1:
             origin_node = src if pending is None else pending.origin_node
-            chain = (pending.chain if pending is not None else ()) + (node,)
-            b.pending[node] = Pending(origin=origin, origin_node=origin_node, labels=out, chain=chain)
+            b.pending[node] = Pending(origin, origin_node, out, *_extended(pending, node, out))
         else:
             b.freeze(origin, f"{node.name} reduces its channel axis to one element")
 
@@ -127,6 +127,26 @@ class Shape(Rule):
 
 
 SHAPE = Shape()
+
+
+def _extended(pending: Pending | None, node: torch.fx.Node, labels: torch.Tensor) -> tuple[tuple, tuple]:
+    """A pending chain (its nodes, and the labels at each) with ``node`` added."""
+    chain, chain_labels = (pending.chain, pending.chain_labels) if pending is not None else ((), ())
+    return chain + (node,), chain_labels + (labels,)
+
+
+def pass_pending(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """Carry a pending channel layout through an op that leaves every position where it was (a no-op at
+    inference: Identity, dropout, contiguous, a cast). True if ``src`` was pending."""
+    pending = b.pending.pop(src, None)
+    if pending is None:
+        return False
+    if b.shape(node) != tuple(pending.labels.shape):
+        b.pending[src] = pending
+        return False
+    b.pending[node] = Pending(pending.origin, pending.origin_node, pending.labels,
+                              *_extended(pending, node, pending.labels))
+    return True
 
 
 def _labels(shape: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -305,3 +325,36 @@ class GetItem(Rule):
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         if graph.shape(node.args[0]) is not None:
             SHAPE.update(gm, node, kept)
+
+
+class Unbind(Rule):
+    """unbind(dim): each piece is one slice. A tracked axis elsewhere passes to every piece; a layout
+    still pending (timm's fused qkv: reshape, permute, unbind) passes on, one slice per piece, to the
+    getitem that reads it."""
+
+    name = "unbind"
+    functions = (torch.unbind, aten.unbind)
+    methods = ("unbind",)
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or b.shape(src) is None:
+            return
+        rank = len(b.shape(src))
+        dim = arg(node, 1, "dim", 0) % rank
+        pending = b.pending.pop(src, None)
+        if pending is not None:
+            for user in node.users:
+                if user.target is operator.getitem and isinstance(user.args[1], int):
+                    labels = pending.labels.select(dim, user.args[1])
+                    b.pending[user] = Pending(pending.origin, pending.origin_node, labels,
+                                              *_extended(pending, user, labels))
+            return
+        space = b.space_of(src)
+        if space is None:
+            return
+        if space.dim == dim:
+            b.freeze(space, f"{node.name} takes its channels apart one by one")
+            return
+        for index in range(b.shape(src)[dim]):
+            b.couple(space, b.new_space(node, space.dim - (space.dim > dim), size=space.size, index=index))

@@ -1,0 +1,98 @@
+"""How a model was captured, and the structure of its inputs and outputs.
+
+Every pass works on a graph that takes its inputs as a flat list of tensors and returns a flat tuple
+(the leaves of the model's inputs and outputs, as torch.utils._pytree flattens them). ``Capture`` keeps
+the structure, so the module fxprune returns is called like the original (positional tuples, keyword
+inputs, lists of images) and returns what it returned (a Hugging Face ``ModelOutput``, dicts, nested
+tuples). A model torch.fx captures needs none of this: its graph already takes and returns them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+from fxprune.ir.keys import CAPTURE_KEY
+
+FX, EXPORT, EXPORT_STRICT = "fx", "export", "export-strict"
+PATHS = (FX, EXPORT, EXPORT_STRICT)
+
+
+@dataclass
+class Capture:
+    """``path``: which front end captured the model (``fx``, ``export``, ``export-strict``); ``failed``:
+    the paths tried before it, each with the error it ended in; ``structure``: the pytree layout of the
+    inputs and outputs when the graph's own are flat (torch.export), else None."""
+
+    path: str
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    structure: _PyTreeInfo | None = None
+
+    def describe(self) -> str:
+        tried = "; ".join(f"{p} failed: {e.splitlines()[0][:120]}" for p, e in self.failed)
+        return f"captured by {self.path}" + (f" ({tried})" if tried else "")
+
+
+def split_inputs(example_inputs: Any, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """The example call as (positional, keyword): a tensor is one positional input, a tuple or list the
+    positional ones, a dict the keyword ones; ``example_kwargs`` adds keyword inputs."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif example_inputs is None:
+        args, kwargs = (), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    return args, {**kwargs, **(example_kwargs or {})}
+
+
+def capture_of(gm: torch.nn.Module) -> Capture | None:
+    return getattr(gm, "meta", {}).get(CAPTURE_KEY)
+
+
+def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:
+    """The graph's own inputs for a call made as the model is called: the leaves, in the graph's order."""
+    capture = capture_of(gm)
+    if capture is None or capture.structure is None:
+        return tuple(args)
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    if spec != capture.structure.in_spec:  # keyword inputs given in another order: reorder by the spec
+        leaves = torch.fx._pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), capture.structure.in_spec)
+    return tuple(leaves)
+
+
+def structured(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` made to take and return what the model did (in place; a no-op for a graph that already does)."""
+    capture = capture_of(gm)
+    if capture is not None and capture.structure is not None and not isinstance(gm.graph._codegen, _PyTreeCodeGen):
+        gm.graph._codegen = _PyTreeCodeGen(copy.copy(capture.structure))
+        gm._in_spec, gm._out_spec = capture.structure.in_spec, capture.structure.out_spec  # the code reads them
+        gm.recompile()
+    return gm
+
+
+def flat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` made to take the leaves of its inputs and return a tuple of its outputs' leaves (in place)."""
+    if isinstance(gm.graph._codegen, _PyTreeCodeGen):
+        gm.graph._codegen = torch.fx.graph.CodeGen()
+        gm.recompile()
+    return gm
+
+
+def flat_view(gm: torch.nn.Module) -> torch.nn.Module:
+    """A module sharing ``gm``'s weights that takes and returns flat leaves (for exporters and engines);
+    ``gm`` itself is returned when it already does."""
+    if not isinstance(gm, torch.fx.GraphModule) or not isinstance(gm.graph._codegen, _PyTreeCodeGen):
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    graph._codegen = torch.fx.graph.CodeGen()
+    view = torch.fx.GraphModule(gm, graph, type(gm).__name__)
+    view.meta = gm.meta
+    return view

@@ -1,0 +1,111 @@
+"""The capture pass: torch.fx, then torch.export; inputs and outputs of any structure; heads pruned whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+import fxprune
+from fxprune.passes.pipeline import prune as prune_graph
+from fxprune.testing import SplitBlock, masked_forward, randomize_parameters
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if bool(y.sum() > 0) else -y  # a branch on a value: no path captures it
+
+
+def _bert() -> tuple[nn.Module, dict]:
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    ids = torch.randint(0, 100, (1, 8))
+    return transformers.BertModel(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _vit() -> nn.Module:
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, image_size=32, patch_size=8)
+    return transformers.ViTModel(config).eval()
+
+
+def test_auto_capture_falls_back_to_export_and_returns_the_models_structure():
+    model, x = SplitBlock().eval(), torch.randn(1, 3, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.7), (x,), progress=False)
+    report = fxprune.report(pruned)
+    assert report.capture == "export" and any("fx failed" in n for n in report.notes)
+    assert report.flops_after <= 0.7 * report.flops_before
+    out, expected = pruned(x), model(x)
+    assert set(out) == {"features", "aux"} and isinstance(out["aux"], tuple) and isinstance(out["aux"][1], list)
+    assert out["features"].shape == expected["features"].shape
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+
+
+def test_a_forced_path_is_the_only_one_tried():
+    model, x = SplitBlock().eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(fxprune.CaptureError, match="fx"):
+        fxprune.analyze(model, (x,), capture="fx")
+    assert fxprune.capture_of(fxprune.analyze(nn.Conv2d(3, 4, 1), (x,), capture="export")).path == "export"
+    with pytest.raises(fxprune.CaptureError, match="unknown capture mode"):
+        fxprune.analyze(model, (x,), capture="dynamo")
+
+
+def test_no_path_names_each_failure():
+    with pytest.raises(fxprune.CaptureError) as error:
+        fxprune.analyze(DataDependent(), (torch.randn(1, 3, 8, 8),))
+    message = str(error.value)
+    assert all(f"  {path}:" in message for path in ("fx", "export", "export-strict"))
+    assert "concrete_args" not in message  # not a parameter of compile
+
+
+def test_keyword_inputs_model_output_onnx_and_save_round_trip(tmp_path):
+    model, inputs = _bert()
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), inputs, progress=False)
+    out, expected = pruned(**inputs), model(**inputs)
+    assert type(out) is type(expected) and out.last_hidden_state.shape == expected.last_hidden_state.shape
+    assert fxprune.report(pruned).flops_after <= 0.6 * fxprune.report(pruned).flops_before
+    result = fxprune.export_onnx(pruned, tmp_path / "bert.onnx", inputs)
+    assert result.input_names == ["input_ids", "attention_mask"] and result.max_abs_diff < 1e-4
+    fxprune.save(pruned, tmp_path / "bert.pt")
+    loaded = fxprune.load(tmp_path / "bert.pt")
+    torch.testing.assert_close(loaded(**inputs).pooler_output, out.pooler_output)
+    assert fxprune.report(loaded).capture == "export"
+
+
+@pytest.mark.parametrize("build", ["hf_vit", "hf_bert", "timm_vit"])
+def test_attention_heads_are_pruned_whole_and_exactly(build):
+    if build == "hf_vit":
+        model, inputs, heads = _vit(), (torch.randn(1, 3, 32, 32),), 4
+    elif build == "hf_bert":
+        (model, inputs), heads = _bert(), 4
+    else:
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+        inputs, heads = (torch.randn(1, 3, 32, 32),), 3
+    model = randomize_parameters(model)
+    gm = fxprune.analyze(model, inputs)
+    flat = fxprune.graph_inputs(gm, inputs)
+    head_groups = [g for g in fxprune.groups(gm) if g.prunable and g.size == heads]
+    assert len(head_groups) == 2  # one per layer
+    plan = fxprune.Plan({g.id: np.array([0, 2]) for g in head_groups})
+    pruned = prune_graph(gm, plan)
+    with torch.no_grad():
+        expected, actual = masked_forward(gm, plan, *flat), pruned(*flat)
+    for a, b in zip(torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
+
+
+def test_the_report_lists_heads_kept_per_layer():
+    model, inputs = _bert()
+    pruned = fxprune.compile(model, fxprune.Params(0.8), inputs, progress=False)
+    notes = [n for n in fxprune.report(pruned).notes if n.startswith("attention heads kept")]
+    assert len(notes) == 1 and notes[0].count("/4") == 2
