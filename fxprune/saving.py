@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxprune.backends.export import double_batch
 from fxprune.errors import SaveError
 from fxprune.ir import Plan
 from fxprune.ir.capture import capture_of, flat_view, structured
-from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
-from fxprune.backends.export import double_batch
 from fxprune.ir.graph import inference
+from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
 from fxprune.reports import Report
 
 FORMAT = "fxprune-model/1"

@@ -6,14 +6,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-
 import torch
 import torch.fx
 import torch.nn as nn
 
+from fxprune.backends.engines import Deployed, Engine, UnitTiming
 from fxprune.ir import graph
 from fxprune.ir.channels import Plan
-from fxprune.backends.engines import Deployed, Engine, UnitTiming
 from fxprune.passes.pipeline import analyze
 from fxprune.passes.rewrite import keep_masks
 from fxprune.passes.units import find_units

@@ -21,8 +21,9 @@ import torch.fx
 
 from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
 from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, Capture, flat, flat_inputs
+from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY
-from fxprune.passes.trace import check_weights, trace, unfed_defaults
+from fxprune.passes.trace import check_weights, propagate_shapes, trace, unfed_defaults
 
 CAPTURE_MODES = ("auto", FX, EXPORT, EXPORT_STRICT)
 _DROPPED = (torch.ops.aten._assert_tensor_metadata.default,)  # checks of dtype/device, no result
@@ -60,8 +61,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
                 gm = trace(model, leaf_modules=leaf_modules, concrete_args=defaults,
                            autowrap_functions=autowrap_functions)
                 gm.meta[CAPTURE_KEY] = Capture(FX, failed)
+                _propagate(gm, tuple(args), model if mode == "auto" else None)
                 return gm, tuple(args)
             gm = _export(model, args, kwargs, strict=path == EXPORT_STRICT)
+            inputs = flat_inputs(gm, args, kwargs)
+            propagate_shapes(gm, inputs)
         except ExampleInputsError:
             raise
         except FxpruneTraceError as error:
@@ -76,14 +80,63 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
             failed.append((path, message))
             continue
         gm.meta[CAPTURE_KEY].failed = failed
-        return gm, flat_inputs(gm, args, kwargs)
-    raise CaptureError(_advice(model, failed))
+        return gm, inputs
+    raise CaptureError(_advice(model, failed, _capturable_children(model, args, kwargs)))
+
+
+def _capturable_children(model: torch.nn.Module, args: tuple, kwargs: dict, limit: int = 16) -> list[str] | None:
+    """The direct submodules torch.export captures alone, on the inputs they receive in one eager run of the
+    model (None when the model itself does not run on the inputs)."""
+    children = list(model.named_children())[:limit]
+    seen: dict[str, tuple[tuple, dict]] = {}
+    hooks = [child.register_forward_pre_hook(lambda m, a, k, name=name: seen.setdefault(name, (a, k)) and None,
+                                             with_kwargs=True) for name, child in children]
+    try:
+        with inference(model, grad=False):
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the model does not run on these inputs: nothing to say about its parts
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    found = []
+    for name, child in children:
+        if name not in seen or not any(True for _ in child.parameters()):
+            continue
+        try:
+            torch.export.export(copy.deepcopy(child).eval(), *seen[name], strict=False)
+            found.append(name)
+        except Exception:  # noqa: BLE001 - not capturable alone either
+            continue
+    return found
+
+
+def _propagate(gm: torch.fx.GraphModule, inputs: tuple, model: torch.nn.Module | None) -> None:
+    """Shapes on the traced graph. Where the graph fails on inputs the model itself runs on (fx traced
+    Python that only works as written, torchvision's swin3d window sizes), the trace is at fault: with
+    ``model`` given, that is a FxpruneTraceError (the next path is tried), else the inputs' error stands."""
+    try:
+        propagate_shapes(gm, inputs)
+    except ExampleInputsError as error:
+        if model is None:
+            raise
+        try:
+            with inference(model, grad=False):
+                copy.deepcopy(model)(*inputs)
+        except Exception:  # noqa: BLE001 - the model fails too: the inputs are wrong
+            raise error from None
+        raise FxpruneTraceError(f"the traced graph fails where the model runs: {error}".splitlines()[0]) from error
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> torch.fx.GraphModule:
     """torch.export's graph of an eval-mode copy, as a plain GraphModule taking and returning flat leaves."""
     copied = copy.deepcopy(model).eval()
-    program = torch.export.export(copied, tuple(args), dict(kwargs), strict=strict)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention as its projections and SDPA: heads show
+    try:
+        program = torch.export.export(copied, tuple(args), dict(kwargs), strict=strict)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     exported = program.module()
     structure = exported.graph._codegen.pytree_info
     graph = exported.graph
@@ -100,10 +153,13 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> 
     return gm
 
 
-def _advice(model: torch.nn.Module, failed: list[tuple[str, str]]) -> str:
+def _advice(model: torch.nn.Module, failed: list[tuple[str, str]], children: list[str] | None = None) -> str:
     """What each path said, and which direct submodules can be captured (and so pruned) alone."""
     lines = [f"no capture path took {type(model).__name__} whole:"]
     lines += [f"  {path}: {message.strip().splitlines()[0][:300]}" for path, message in failed]
+    if children:
+        lines.append(f"  these submodules are captured alone, on the inputs they receive: {', '.join(children)} "
+                     "(prune one with its own example inputs)")
     if EXPORT not in {path for path, _ in failed}:
         lines.append("Fix: capture it with torch.export (capture='export'), which runs such Python as it is, or keep "
                      "the failing submodule opaque with leaf_modules=[...] (its channels are then kept)")

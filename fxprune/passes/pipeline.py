@@ -15,7 +15,6 @@ from fxprune.ir.channels import Plan
 from fxprune.passes.capture import capture as capture_model
 from fxprune.passes.dependency import DependencyPass
 from fxprune.passes.rewrite import RewritePass
-from fxprune.passes.trace import propagate_shapes
 
 logger = logging.getLogger("fxprune")
 
@@ -44,8 +43,7 @@ def analyze_inputs(model: torch.nn.Module, example_inputs: Any, *, example_kwarg
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     gm, inputs = capture_model(model, args, kwargs, mode=capture, leaf_modules=leaf_modules,
                                autowrap_functions=autowrap_functions, concrete_args=concrete_args)
-    propagate_shapes(gm, inputs)
-    run_passes(gm, [DependencyPass()])
+    run_passes(gm, [DependencyPass()])  # the capture left shapes on the graph
     return gm, inputs
 
 

@@ -9,7 +9,7 @@ from fxprune.rules.base import Kept, Registry, Rule, TensorAxis, input_space, ke
 from fxprune.rules.conv import Conv
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.elementwise import Elementwise, NoChannels, Output, Passthrough, Reduction, Softmax
-from fxprune.rules.linear import Embedding, Linear
+from fxprune.rules.linear import AddMM, Embedding, Linear
 from fxprune.rules.norm import ChannelNorm, GroupNorm, LayerNorm
 from fxprune.rules.shape import Cat, GetItem, Shape, Split, Stack, Unbind
 
@@ -17,7 +17,8 @@ _PASSTHROUGH, _SHAPE, _WINDOW = Passthrough(), Shape(), WindowAttention()
 
 RULES = Registry(
     [_PASSTHROUGH, Elementwise(), Reduction(), Softmax(), Output(), NoChannels(), _SHAPE, Cat(), Stack(), Split(),
-     GetItem(), Unbind(), Conv(), Linear(), Embedding(), ChannelNorm(), GroupNorm(), LayerNorm(), MultiheadAttention(), ScaledDotProductAttention(), _WINDOW],
+     GetItem(), Unbind(), Conv(), Linear(), AddMM(), Embedding(), ChannelNorm(), GroupNorm(), LayerNorm(),
+     MultiheadAttention(), ScaledDotProductAttention(), _WINDOW],
     fallback=Rule(),
     # functions fx keeps as calls (torch.fx.wrap) that are known by name: torchvision's, and fxprune's own
     by_name_of_function={**{name: _PASSTHROUGH for name in Passthrough.wrapped},

@@ -60,7 +60,9 @@ class ChannelBuilder:
         self.width_uses: list[tuple[ChannelSpace, ChannelSpace | None, torch.fx.Node, int | None]] = []
         self.replaced_chains: set[torch.fx.Node] = set()
         self.fell_back: set[torch.fx.Node] = set()  # nodes whose rule froze them as an unknown op would be
+        self.parameter_expressions: dict[torch.fx.Node, bool] = {}  # computed from get_attr tensors alone
         self._canonical: dict[str, str] | None = None
+        self._position: dict[torch.fx.Node, int] | None = None
 
     # --- reading the traced graph -------------------------------------------------------------
     shape = staticmethod(graph.shape)
@@ -77,6 +79,17 @@ class ChannelBuilder:
         if CHANNELS_KEY not in node.meta:
             node.meta[CHANNELS_KEY] = NodeChannels()
         return node.meta[CHANNELS_KEY]
+
+    def take_pending(self, node: torch.fx.Node, user: torch.fx.Node) -> Pending | None:
+        """The pending layout of ``node`` as ``user`` reads it; forgotten once its last user has read it
+        (a fused qkv's layout is read by three selects)."""
+        pending = self.pending.get(node)
+        if pending is not None:
+            if self._position is None:
+                self._position = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+            if self._position[user] >= max(self._position[u] for u in node.users):
+                del self.pending[node]
+        return pending
 
     def space_of(self, node, index: int = 0) -> ChannelSpace | None:
         """The tracked channel space of a node's output (``index`` for tuple outputs)."""
@@ -170,14 +183,23 @@ class ChannelBuilder:
         for h, block in enumerate(blocks):
             self.couple(heads, pending.origin, np.full(block.size, h), block)
         for chain_node, chain_labels in zip(pending.chain[:-1], pending.chain_labels[:-1]):
-            if not self._chain_heads(chain_node, head_of[chain_labels.numpy() - 1], heads):
+            if not self.chain_space(chain_node, head_of[chain_labels.numpy() - 1], heads):
                 self.freeze(pending.origin, f"{chain_node.name} spreads the heads of {node.name} over several dims")
                 return None
         return heads
 
-    def _chain_heads(self, node: torch.fx.Node, heads_at: np.ndarray, heads: ChannelSpace) -> bool:
-        """Give ``node`` (on a chain that split channels into heads) a space along the one dim its heads vary
-        on, coupled to ``heads``; ``heads_at`` is the head at each position (-1: another input's)."""
+    def resolve_chain(self, pending: Pending, space: ChannelSpace, element_map: np.ndarray) -> bool:
+        """A part of a pending layout became ``space`` (element j is origin element ``element_map[j]``: q out
+        of a fused qkv): every node of the chain gets a space along the dim that part varies on."""
+        position_of = np.full(pending.origin.size, -1)
+        position_of[element_map] = np.arange(element_map.size)
+        return all(self.chain_space(node, position_of[labels.numpy() - 1], space)
+                   for node, labels in zip(pending.chain, pending.chain_labels))
+
+    def chain_space(self, node: torch.fx.Node, heads_at: np.ndarray, heads: ChannelSpace) -> bool:
+        """Give ``node`` (on a chain that split channels over several dims) a space along the one dim its
+        heads vary on, coupled to ``heads``; ``heads_at`` is the position of ``heads`` each element holds
+        (-1: another input's). False where no single dim holds them."""
         for dim in range(heads_at.ndim):
             per_slice = [np.unique(v[v >= 0]) for v in (np.take(heads_at, i, axis=dim) for i in range(heads_at.shape[dim]))]
             if any(v.size > 1 for v in per_slice) or heads_at.shape[dim] == 1:

@@ -65,6 +65,9 @@ class Passthrough(Rule):
         aten.max_pool1d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
         aten.adaptive_avg_pool3d, aten.upsample_nearest1d, aten.upsample_nearest3d, aten.upsample_bicubic2d,
         aten.upsample_linear1d, aten.upsample_trilinear3d,
+        # a tensor filled like another follows that tensor's widths
+        aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, torch.zeros_like, torch.ones_like,
+        torch.full_like, torch.empty_like,
     )
     methods = ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "neg", "sqrt", "clamp", "clamp_",
                "clone", "detach", "float", "half", "bfloat16", "to", "type_as")

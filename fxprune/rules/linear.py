@@ -74,6 +74,43 @@ class Linear(Rule):
         return None if names is None else (names[0], lambda w: w.reshape(w.shape[0], -1))
 
 
+class AddMM(Linear):
+    """``addmm(bias, x, weight)`` with the weight stored (in, out): Hugging Face's ``Conv1D`` (GPT-2) in
+    torch.export's graphs. The same layer as ``Linear``, its weight transposed."""
+
+    name = "addmm"
+    modules = ()
+    functions = (torch.addmm, aten.addmm)
+
+    def tensors(self, node: torch.fx.Node) -> tuple[str, str | None] | None:
+        weight, bias = parameter_name(arg(node, 2, "mat2")), parameter_name(arg(node, 0, "input"))
+        return (weight, bias) if weight is not None and bias is not None else None
+
+    def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
+        if self.tensors(node) is None or arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
+            Rule.couple(self, b, node)
+            return
+        ensure_space(b, node.args[1], -1)
+        b.new_space(node, 1)
+        self.claim_tensors(b, node)
+
+    def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
+        names, out, inp = self.tensors(node), graph.space(node), graph.space(node.args[1])
+        if names is None or out is None:
+            return []
+        weight, bias = names
+        axes = [TensorAxis(weight, 1, out, True), TensorAxis(bias, 0, out, True)]
+        return axes + ([TensorAxis(weight, 0, inp, False)] if inp is not None else [])
+
+    def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
+        return None  # timed with the rest of the model
+
+    def importance_rows(self, gm: torch.fx.GraphModule,
+                        node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        names = self.tensors(node)
+        return None if names is None else (names[0], lambda w: w.t())
+
+
 class Embedding(Rule):
     """A lookup table: its output's last dim is the table's columns; the indices carry no channels."""
 

@@ -17,42 +17,59 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.ir import graph
-from fxprune.rules.base import Kept, Rule, arg, kept_of
+from fxprune.rules.base import Kept, Rule, arg, kept_of, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder, Pending
 
 aten = torch.ops.aten
 
 
 def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
-    """``ChannelBuilder.ensure_space``, but a parameter seen through shape ops gets its axis inferred.
+    """``ChannelBuilder.ensure_space``, but a tensor computed from parameters alone gets its axis inferred.
 
     ``class_token.expand(n, -1, -1)`` has no channel axis of its own until it meets the residual
-    stream; replaying the shape ops on each candidate axis of the parameter finds which one it is.
+    stream; replaying the shape ops on each candidate axis of the parameter finds which one it is. A
+    frozen BatchNorm's ``(weight * (var + eps).rsqrt()).reshape(1, -1, 1, 1)`` is arithmetic and shape
+    ops over buffers: the axis is traced back through both to the buffers, which then get the space.
     """
     if node.op != "get_attr" and b.space_of(node) is None and node not in b.pending \
-            and _reshaped_parameter(b, node):
-        src = node.args[0]
+            and _parameter_expression(b, node):
         rank = len(b.shape(node))
-        for candidate in range(len(b.shape(src))):
-            try:
-                out = _replay(b, node, src, _labels(b.shape(src), candidate))
-            except Exception:
-                continue
-            varying = [d for d in range(out.dim()) if not _constant_along(out, d)]
-            if varying == [dim % rank]:
-                ensure_space(b, src, candidate)
-                SHAPE.couple(b, node)
-                break
+        if b.rule_for(node).name in ("shape", "getitem"):
+            src = node.args[0]
+            for candidate in range(len(b.shape(src))):
+                try:
+                    out = _replay(b, node, src, _labels(b.shape(src), candidate))
+                except Exception:
+                    continue
+                varying = [d for d in range(out.dim()) if not _constant_along(out, d)]
+                if varying == [dim % rank]:
+                    ensure_space(b, src, candidate)
+                    SHAPE.couple(b, node)
+                    break
+        else:  # arithmetic: every operand that is not broadcast along the axis carries it
+            for src in tensor_inputs(node):
+                aligned = dim % rank - (rank - len(b.shape(src)))
+                if aligned >= 0 and b.shape(src)[aligned] == b.shape(node)[dim % rank]:
+                    ensure_space(b, src, aligned)
+            b.rule_for(node).couple(b, node)
     return b.ensure_space(node, dim)
 
 
-def _reshaped_parameter(b: ChannelBuilder, node: torch.fx.Node) -> bool:
-    """True for a chain of shape ops that starts at a parameter or buffer (get_attr)."""
+_PARAMETER_OPS = ("shape", "getitem", "elementwise", "passthrough")
+
+
+def _parameter_expression(b: ChannelBuilder, node: torch.fx.Node) -> bool:
+    """True for a tensor computed from parameters and buffers (get_attr) alone, through shape ops and
+    arithmetic."""
     if node.op == "get_attr":
         return True
-    src = node.args[0] if node.args else None
-    return (node.op in ("call_function", "call_method") and isinstance(src, torch.fx.Node)
-            and isinstance(b.rule_for(node), (Shape, GetItem)) and _reshaped_parameter(b, src))
+    known = b.parameter_expressions.get(node)
+    if known is None:
+        inputs = tensor_inputs(node)
+        known = (node.op in ("call_function", "call_method") and bool(inputs)
+                 and b.rule_for(node).name in _PARAMETER_OPS and all(_parameter_expression(b, i) for i in inputs))
+        b.parameter_expressions[node] = known
+    return known
 
 
 class Shape(Rule):
@@ -64,7 +81,7 @@ class Shape(Rule):
                  torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
                  aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.flatten,
                  aten.squeeze, aten.unsqueeze, aten.expand, aten.t, aten.select, aten.slice, aten.unflatten,
-                 aten.movedim, aten.swapaxes, aten.narrow, aten.view_as, aten.expand_as)
+                 aten.movedim, aten.swapaxes, aten.narrow, aten.view_as, aten.expand_as, aten.repeat)
     methods = ("view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
                "expand", "movedim", "swapaxes", "swapdims", "t", "narrow", "repeat", "contiguous")
     wrapped = ("_patch_merging_pad",)  # torchvision: pads H/W, then concatenates the 2x2 neighbours on channels
@@ -82,7 +99,7 @@ class Shape(Rule):
         src = node.args[0]
         if not isinstance(src, torch.fx.Node) or b.shape(src) is None:
             return
-        pending = b.pending.pop(src, None)
+        pending = b.take_pending(src, node)
         if pending is not None:
             origin, labels_in = pending.origin, pending.labels
         else:
@@ -102,16 +119,20 @@ class Shape(Rule):
         if present[0] == 0:  # label 0 marks positions that hold no channel (padding)
             b.freeze(origin, f"{node.name} pads or fills positions with no channel")
             return
-        if present.size != (origin.size if pending is None else np.unique(labels_in.numpy()).size):
+        dims = [d for d in range(out.dim()) if not _constant_along(out, d)]  # dims the labels vary along
+        subset = present.size != (origin.size if pending is None else np.unique(labels_in.numpy()).size)
+        if subset and pending is None:
             b.freeze(origin, f"{node.name} selects individual channels")
             return
-        dims = [d for d in range(out.dim()) if not _constant_along(out, d)]  # dims the labels vary along
         if len(dims) == 1:
             dim = dims[0]
             element_map = _along(out, dim)
             space = b.new_space(node, dim)
             b.couple(space, origin, None, element_map)
-            if pending is not None:
+            if pending is not None and subset:  # one part of a spread layout (q of a fused qkv): the chain follows
+                if not b.resolve_chain(pending, space, element_map):
+                    b.freeze(origin, f"{node.name} takes a part of a layout its chain spreads over several dims")
+            elif pending is not None:
                 _mark_gather(b, node, pending, space, element_map)
         elif len(dims) > 1:
             origin_node = src if pending is None else pending.origin_node
@@ -124,6 +145,8 @@ class Shape(Rule):
             _gather(gm, node, kept)
         elif node.op != "call_module" and node.target in self.sized:
             _resize(node, kept)
+        elif node.target in (aten.unflatten.int, torch.unflatten, "unflatten"):
+            _resize_unflatten(node, kept)
 
 
 SHAPE = Shape()
@@ -138,12 +161,9 @@ def _extended(pending: Pending | None, node: torch.fx.Node, labels: torch.Tensor
 def pass_pending(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) -> bool:
     """Carry a pending channel layout through an op that leaves every position where it was (a no-op at
     inference: Identity, dropout, contiguous, a cast). True if ``src`` was pending."""
-    pending = b.pending.pop(src, None)
-    if pending is None:
+    if src not in b.pending or b.shape(node) != tuple(b.pending[src].labels.shape):
         return False
-    if b.shape(node) != tuple(pending.labels.shape):
-        b.pending[src] = pending
-        return False
+    pending = b.take_pending(src, node)
     b.pending[node] = Pending(pending.origin, pending.origin_node, pending.labels,
                               *_extended(pending, node, pending.labels))
     return True
@@ -203,6 +223,16 @@ def _resize(node: torch.fx.Node, kept: Kept) -> None:
     if new is not None and isinstance(sizes[space.dim], int) and sizes[space.dim] != -1:
         sizes[space.dim] = len(new)
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+def _resize_unflatten(node: torch.fx.Node, kept: Kept) -> None:
+    """unflatten(x, dim, sizes): the size of the channel axis among ``sizes`` becomes its kept count."""
+    space, new = graph.space(node), kept_of(graph.space(node), kept)
+    dim, sizes = arg(node, 1, "dim"), list(arg(node, 2, "sizes"))
+    position = space.dim - dim % len(graph.shape(node.args[0])) if space is not None else -1
+    if new is not None and 0 <= position < len(sizes) and sizes[position] != -1:
+        sizes[position] = len(new)
+        node.args = (node.args[0], dim, tuple(sizes))
 
 
 def _gather(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
@@ -342,7 +372,7 @@ class Unbind(Rule):
             return
         rank = len(b.shape(src))
         dim = arg(node, 1, "dim", 0) % rank
-        pending = b.pending.pop(src, None)
+        pending = b.take_pending(src, node)
         if pending is not None:
             for user in node.users:
                 if user.target is operator.getitem and isinstance(user.args[1], int):

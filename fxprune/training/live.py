@@ -17,13 +17,14 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import FxpruneError
+from fxprune.ir.capture import structured
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import COST_KEY, LATENCY_KEY
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass
 from fxprune.passes.latency import LatencyPass, latency_cost
 from fxprune.passes.params import parameter_axes
-from fxprune.passes.pipeline import analyze, infer_example_inputs, prune
+from fxprune.passes.pipeline import analyze_inputs, infer_example_inputs, prune
 from fxprune.passes.plan import analysis, solve_plan
 from fxprune.rules import TensorAxis
 
@@ -48,11 +49,12 @@ class LiveModel:
         self.module = unwrap(model)
         if example_inputs is None:
             example_inputs = infer_example_inputs(self.module)
-        self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         device = next(self.module.parameters()).device
-        # fxprune analyses a copy on the CPU: example inputs there, the live model wherever it trains
-        self.gm = analyze(self.module, tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x
-                                             for x in self.example_inputs), leaf_modules=leaf_modules)
+        # fxprune analyses a copy on the CPU: example inputs there, the live model wherever it trains. A model
+        # captured by torch.export names its parameters as the live model does too (masks go by those names).
+        on_cpu = torch.utils._pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x,
+                                              example_inputs)
+        self.gm, self.example_inputs = analyze_inputs(self.module, on_cpu, leaf_modules=leaf_modules)
         self.gm.to("cpu")
         self.device = device
         self.groups = analysis(self.gm).groups
@@ -85,7 +87,7 @@ class LiveModel:
                    cache: Any = None, progress: bool = False):
         """The cost model of ``budget``'s metric (latency tables measured or loaded, as ``fxprune.compile``
         does), and the keep-count granularity to solve with."""
-        inputs = tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+        inputs = self.example_inputs  # as the analysed graph takes them, on the CPU
         if budget.metric == "latency":
             with Context(inputs, engine, threads=threads, cache=cache, progress=progress) as context:
                 LatencyPass(context, round_to=round_to)(self.gm)
@@ -108,7 +110,7 @@ class LiveModel:
         """A new, physically smaller GraphModule with the live model's current weights and ``plan``."""
         state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
         self.gm.load_state_dict(state, strict=False)
-        pruned = prune(self.gm, plan)
+        pruned = structured(prune(self.gm, plan))  # called like the live model
         pruned.train(self.module.training)
         return pruned.to(self.device)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 import transformers
 
 import fxprune
@@ -80,9 +81,14 @@ def test_keyword_inputs_model_output_onnx_and_save_round_trip(tmp_path):
     assert fxprune.report(loaded).capture == "export"
 
 
-@pytest.mark.parametrize("build", ["hf_vit", "hf_bert", "timm_vit"])
+@pytest.mark.parametrize("build", ["hf_vit", "hf_bert", "timm_vit", "torchvision_vit"])
 def test_attention_heads_are_pruned_whole_and_exactly(build):
-    if build == "hf_vit":
+    capture = "auto"
+    if build == "torchvision_vit":  # nn.MultiheadAttention, exported as its projections and SDPA
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                     hidden_dim=64, mlp_dim=128).eval()
+        inputs, heads, capture = (torch.randn(1, 3, 32, 32),), 4, "export"
+    elif build == "hf_vit":
         model, inputs, heads = _vit(), (torch.randn(1, 3, 32, 32),), 4
     elif build == "hf_bert":
         (model, inputs), heads = _bert(), 4
@@ -91,7 +97,7 @@ def test_attention_heads_are_pruned_whole_and_exactly(build):
         model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
         inputs, heads = (torch.randn(1, 3, 32, 32),), 3
     model = randomize_parameters(model)
-    gm = fxprune.analyze(model, inputs)
+    gm = fxprune.analyze(model, inputs, capture=capture)
     flat = fxprune.graph_inputs(gm, inputs)
     head_groups = [g for g in fxprune.groups(gm) if g.prunable and g.size == heads]
     assert len(head_groups) == 2  # one per layer
@@ -109,3 +115,20 @@ def test_the_report_lists_heads_kept_per_layer():
     pruned = fxprune.compile(model, fxprune.Params(0.8), inputs, progress=False)
     notes = [n for n in fxprune.report(pruned).notes if n.startswith("attention heads kept")]
     assert len(notes) == 1 and notes[0].count("/4") == 2
+
+
+class _Wrapper(nn.Module):
+    """A model whose own forward no path captures, around parts that are captured alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.gate = DataDependent()
+
+    def forward(self, x):
+        return self.gate(x) if bool(self.backbone(x).mean() > -1e9) else x
+
+
+def test_when_no_path_captures_the_model_its_capturable_parts_are_named():
+    with pytest.raises(fxprune.CaptureError, match="captured alone, on the inputs they receive: backbone\\b"):
+        fxprune.analyze(_Wrapper(), (torch.randn(1, 3, 8, 8),))

@@ -1,0 +1,42 @@
+"""Models users ship beyond torchvision classification (fxprune.zoo): compiled as they are, called as they
+were, exported and matched in onnxruntime. The whole sweep is benchmarks/coverage_families.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import fxprune
+from fxprune import zoo
+from fxprune.passes.pipeline import prune as prune_graph
+from fxprune.testing import masked_forward, randomize_parameters
+
+
+@pytest.mark.parametrize("key", ["hf_text/gpt2", "yolo/yolov8n", "smp/FPN", "hf_vision/detr"])
+def test_a_model_compiles_as_it_is_and_exports(key, tmp_path):
+    model, inputs = zoo.build(*key.split("/"))
+    model = randomize_parameters(model)
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.7), inputs, progress=False)
+    report = fxprune.report(pruned)
+    assert report.flops_after <= 0.7 * report.flops_before
+    assert sum(g.kept < g.total for g in report.groups) >= 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        assert pytree.tree_structure(pruned(*args, **kwargs)) == pytree.tree_structure(model(*args, **kwargs))
+    assert fxprune.export_onnx(pruned, tmp_path / "model.onnx", inputs).max_abs_diff < 1e-3
+
+
+def test_gpt2_heads_through_a_fused_projection_and_split_are_exact():
+    model, inputs = zoo.build("hf_text", "gpt2")
+    model = randomize_parameters(model)
+    gm = fxprune.analyze(model, inputs)
+    heads = [g for g in fxprune.groups(gm) if g.prunable and g.size == 4]
+    assert len(heads) == 2
+    plan = fxprune.Plan({g.id: torch.tensor([1, 3]).numpy() for g in heads})
+    flat = fxprune.graph_inputs(gm, inputs)
+    with torch.no_grad():
+        expected, actual = masked_forward(gm, plan, *flat), prune_graph(gm, plan)(*flat)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
