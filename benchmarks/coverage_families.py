@@ -79,6 +79,12 @@ def measure(key: str) -> dict:
     gm = fxprune.analyze(model, inputs)
     groups = fxprune.groups(gm)
     record["groups"], record["prunable_groups"] = len(groups), sum(g.prunable for g in groups)
+    frozen: dict[str, int] = {}
+    for g in groups:  # channels frozen, by first reason, the model's own inputs and outputs left out
+        reason = _short_reason(g.frozen_reason) if g.frozen_reason else None
+        if reason and not reason.startswith(("model input", "model output")):
+            frozen[reason] = frozen.get(reason, 0) + g.size
+    record["frozen"] = dict(sorted(frozen.items(), key=lambda item: -item[1])[:4])
     flat = fxprune.graph_inputs(gm, inputs)
     plan = fxprune.random_plan(gm, 0.5, seed=0, include_norm_coupled=False)
     if plan.keep:
@@ -103,6 +109,13 @@ def measure(key: str) -> dict:
     record["ok"] = bool(record["untouched"] and record["same_structure"] and record["export_ok"]
                         and record["flops_ratio"] <= BUDGET + 1e-6)
     return record
+
+
+def _short_reason(reason: str) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from coverage import _short_reason as short
+
+    return short(reason)
 
 
 def _all_models(timm: bool) -> list[str]:
@@ -137,21 +150,23 @@ def _write_markdown(records: list[dict]) -> None:
         "- **masked err**: max relative difference between the model pruned to a random plan (half of every group "
         "no normalization mixes) and the unpruned model with those channels masked: the equivalence check.",
         "- **export**: `fxprune.export_onnx` on the compiled model, checked and compared in onnxruntime.",
+        "- **frozen**: channels kept whole, by first reason (the model's own inputs and outputs left out); an "
+        "op no rule knows appears as `consumed by <op>`.",
         "",
         "| family | model | capture | FLOPs | groups | heads | untouched | structure | masked err | compile s | "
-        "export | export s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "export | export s | frozen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['model']} | – | – | – | – | – | – | – | – | **failed**: {r['error']} | – |")
+            lines.append(f"| {r['family']} | {r['model']} | – | – | – | – | – | – | – | – | **failed**: {r['error']} | – | – |")
             continue
         err = "–" if r["masked_rel_err"] is None else f"{r['masked_rel_err']:.1e}"
         lines.append(
             f"| {r['family']} | {r['model']} | {r['capture']} | {r['flops_ratio']:.3f} | "
             f"{r['groups_pruned']}/{r['prunable_groups']} | {r['heads'] or '–'} | {'yes' if r['untouched'] else 'NO'} | "
             f"{'same' if r['same_structure'] else 'DIFFERENT'} | {err} | {r['compile_s']} | {r['export']} | "
-            f"{r['export_s']} |")
+            f"{r['export_s']} | {'; '.join(f'{n}: {why}' for why, n in r.get('frozen', {}).items()) or '–'} |")
     lines += ["", "## Summary", "", "| family | models | all checks pass | share |", "|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in records))
     for family in families:

@@ -3,10 +3,12 @@
     python benchmarks/transformers_latency.py            # writes docs/transformers_latency.md and .json
 
 For each model (random weights, built from a config, captured through torch.export) and budget:
-``fxprune.compile(model, Latency(b), engine="onnxruntime")``; the unpruned and the pruned model are then
-exported with ``fxprune.export_onnx`` and timed here with plain onnxruntime sessions (2 threads), in
+``fxprune.compile(model, Latency(b), engine="onnxruntime")``; the unpruned model (captured the same way,
+nothing removed) and the pruned one are then exported with ``fxprune.export_onnx`` and timed here with plain onnxruntime sessions (2 threads), in
 round-robin rounds: each round runs each session for ~0.1 s, the round's figure is a low quantile (10th
-percentile) of its runs, and the share is the median over rounds of pruned / unpruned in the same round.
+percentile) of its runs, and the share is the median over rounds of pruned / unpruned in the same round;
+this is repeated three times (fresh sessions) and the median is reported with the range, since on this
+machine one timing of the same pair has moved by over 20% from run to run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import transformers
 import fxprune
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+REPEATS = 3  # independent timings per plan, each of --rounds rounds: the share is their median
 
 
 def build(name: str):
@@ -78,14 +81,17 @@ def run(name: str, budget: float, rounds: int, cache: Path) -> dict:
     report = fxprune.report(pruned)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / "unpruned.onnx", Path(tmp) / "pruned.onnx"]
-        results = [fxprune.export_onnx(m, p, inputs) for m, p in zip((model, pruned), paths)]
+        unpruned = fxprune.prune(fxprune.analyze(model, inputs), fxprune.Plan({}))  # captured alike, nothing removed
+        results = [fxprune.export_onnx(m, p, inputs) for m, p in zip((unpruned, pruned), paths)]
         leaves = list(inputs) if isinstance(inputs, tuple) else list(inputs.values())
         feeds = {n: x.numpy() for n, x in zip(results[1].input_names, leaves)}
-        unpruned_ms, share = independent_share(paths[0], paths[1], feeds, rounds)
+        timings = [independent_share(paths[0], paths[1], feeds, rounds) for _ in range(REPEATS)]
+        unpruned_ms, share = min(t[0] for t in timings), statistics.median(t[1] for t in timings)
+        spread = [round(min(t[1] for t in timings), 4), round(max(t[1] for t in timings), 4)]
     heads = next((n.split(": ", 1)[1] for n in report.notes if n.startswith("attention heads kept")), "")
     return {"model": name, "budget": budget, "capture": report.capture, "compile_s": round(seconds, 1),
             "predicted_share": round(report.predicted_after / report.predicted_before, 4),
-            "measured_share": round(share, 4), "unpruned_ms": round(unpruned_ms, 3),
+            "measured_share": round(share, 4), "measured_spread": spread, "unpruned_ms": round(unpruned_ms, 3),
             "within_1_05": share <= 1.05 * budget, "flops_ratio": round(report.flops_after / report.flops_before, 4),
             "params_ratio": round(report.params_after / report.params_before, 4), "heads": heads}
 
@@ -112,10 +118,11 @@ def main() -> None:
              "128 tokens. Random weights, captured through torch.export, a fresh latency cache. **measured** is "
              "timed by this script with plain onnxruntime sessions on the exported files, not by fxprune (module "
              "docstring).", "",
-             "| model | budget | predicted | measured | within 1.05x | FLOPs | params | heads kept per layer | compile s |",
+             "| model | budget | predicted | measured (range of 3) | within 1.05x | FLOPs | params | heads kept per layer | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['budget']} | {r['predicted_share']:.3f} | {r['measured_share']:.3f} | "
+        lines.append(f"| {r['model']} | {r['budget']} | {r['predicted_share']:.3f} | {r['measured_share']:.3f} "
+                     f"({r['measured_spread'][0]:.3f}-{r['measured_spread'][1]:.3f}) | "
                      f"{'yes' if r['within_1_05'] else 'no'} | {r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | "
                      f"{r['heads']} | {r['compile_s']} |")
     (DOCS / "transformers_latency.md").write_text("\n".join(lines) + "\n")

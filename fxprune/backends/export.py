@@ -20,7 +20,7 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from fxprune.errors import ExampleInputsError, ExportError
-from fxprune.ir.capture import capture_of, flat_inputs, flat_view, split_inputs
+from fxprune.ir.capture import flat_inputs, flat_view, is_structured, split_inputs
 from fxprune.ir.graph import inference
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weight bytes above which they go to "<file>.data" (protobuf caps at 2 GiB)
@@ -264,7 +264,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
     nested outputs); its ONNX graph takes the leaves of those inputs and returns the leaves of its outputs,
     at the example's batch size (torch.export's graph holds its sizes as numbers).
     """
-    if capture_of(model) is not None and capture_of(model).structure is not None:
+    if is_structured(model):  # called as the model was: its ONNX graph takes the leaves
         example_inputs = flat_inputs(model, *split_inputs(example_inputs, example_kwargs))
         model, dynamic_batch = flat_view(model), False
     inputs, path = _check_inputs(example_inputs), Path(path)

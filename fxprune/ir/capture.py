@@ -57,6 +57,11 @@ def capture_of(gm: torch.nn.Module) -> Capture | None:
     return getattr(gm, "meta", {}).get(CAPTURE_KEY)
 
 
+def is_structured(gm: torch.nn.Module) -> bool:
+    """Whether ``gm`` takes and returns its inputs' and outputs' structure (not the flat leaves)."""
+    return isinstance(gm, torch.fx.GraphModule) and isinstance(gm.graph._codegen, _PyTreeCodeGen)
+
+
 def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:
     """The graph's own inputs for a call made as the model is called: the leaves, in the graph's order."""
     capture = capture_of(gm)

@@ -17,7 +17,7 @@ from fxprune.errors import AnalysisRequiredError, FxpruneError
 from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, SOLUTION_KEY
 from fxprune.ir.solution import Solution
 from fxprune.passes.context import Context
-from fxprune.passes.latency import latency_cost
+from fxprune.passes.latency import channel_granularity, latency_cost
 from fxprune.passes.plan import check_solver, solve_plan
 from fxprune.passes.refine import solve_measured
 
@@ -45,7 +45,10 @@ class PlanPass(PassBase):
         latency = self.budget.metric == "latency"
         cost = latency_cost(graph_module) if latency else graph_module.meta[COST_KEY][self.budget.metric]
         capacity = self.budget.capacity(cost.baseline)
-        round_to = graph_module.meta[LATENCY_KEY].granularity if latency else self.round_to or 8
+        # default grid: widths of every layer on multiples of 8 channels (an attention head, a conv group:
+        # one group channel spans several); a round_to given is in group channels
+        round_to = graph_module.meta[LATENCY_KEY].granularity if latency else \
+            self.round_to or channel_granularity(graph_module, 8)
         options = dict(round_to=round_to, solver=self.solver, resolution=self.resolution)
         if latency and self.refine:
             measured = solve_measured(graph_module, cost, capacity, self.context, steps=self.refine, **options)

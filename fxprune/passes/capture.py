@@ -62,6 +62,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
                            autowrap_functions=autowrap_functions)
                 gm.meta[CAPTURE_KEY] = Capture(FX, failed)
                 _propagate(gm, tuple(args), model if mode == "auto" else None)
+                _keep_mapping_type(gm, model, tuple(args))
                 return gm, tuple(args)
             gm = _export(model, args, kwargs, strict=path == EXPORT_STRICT)
             inputs = flat_inputs(gm, args, kwargs)
@@ -109,6 +110,23 @@ def _capturable_children(model: torch.nn.Module, args: tuple, kwargs: dict, limi
         except Exception:  # noqa: BLE001 - not capturable alone either
             continue
     return found
+
+
+def _keep_mapping_type(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: tuple) -> None:
+    """torch.fx writes a returned mapping as a dict literal; where the model returns another mapping type
+    (torchvision's backbones: an OrderedDict), the graph builds that type again."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if not isinstance(output.args[0], dict):  # torch.fx holds it as its immutable_dict
+        return
+    with inference(model, grad=False):
+        returned = type(copy.deepcopy(model)(*inputs))
+    if returned is dict or not issubclass(returned, dict):
+        return
+    with gm.graph.inserting_before(output):
+        rebuilt = gm.graph.call_function(returned, (output.args[0],))
+    output.args = (rebuilt,)
+    gm.recompile()
+    propagate_shapes(gm, inputs)
 
 
 def _propagate(gm: torch.fx.GraphModule, inputs: tuple, model: torch.nn.Module | None) -> None:

@@ -41,6 +41,7 @@ from fxprune.ir.keys import ANALYSIS_KEY, LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
 from fxprune.ir.units import REFERENCE, UnitSpec
 from fxprune.passes.context import Context
+from fxprune.passes.params import tensor_axes
 from fxprune.passes.plan import uniform_plan
 from fxprune.passes.rewrite import kept_shares
 from fxprune.passes.units import Unit, find_units
@@ -73,12 +74,19 @@ def detect_step(latency_ms: np.ndarray, tolerance: float = STEP_TOLERANCE, agree
 
 def channel_granularity(gm: torch.fx.GraphModule, step: int) -> dict[int, int]:
     """Keep-count granularity per prunable group, in group channels, for tensor widths on multiples of
-    ``step``: a group channel may span several positions (a conv group of 8 channels is one unit)."""
+    ``step``: a group channel may span several positions (a conv group of 8 channels is one unit, an
+    attention head its head width). Counted on the axes layers produce (a weight's rows), where the step
+    applies, so a head, one position of the attention's own head axis, still spans its projection rows."""
     analysis = gm.meta[ANALYSIS_KEY]
-    positions: dict[int, int] = {}
+    produced = {axis.space.id for axis in tensor_axes(gm) if axis.produces}
+    every: dict[int, int] = {}
+    layers: dict[int, int] = {}  # a group no layer produces (a stream of parameters) is counted on every axis
     for space in analysis.spaces:
         per_channel = space.size // max(1, np.unique(space.channel_index).size)
-        positions[space.group_id] = min(positions.get(space.group_id, per_channel), per_channel)
+        every[space.group_id] = min(every.get(space.group_id, per_channel), per_channel)
+        if space.id in produced:
+            layers[space.group_id] = min(layers.get(space.group_id, per_channel), per_channel)
+    positions = {**every, **layers}
     return {g.id: max(1, step // math.gcd(step, positions.get(g.id, 1))) for g in analysis.prunable_groups()}
 
 

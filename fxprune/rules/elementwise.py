@@ -3,6 +3,7 @@ reductions over other dims, softmax over other dims; and the graph's inputs and 
 
 from __future__ import annotations
 
+import collections
 import operator
 
 import torch
@@ -167,9 +168,11 @@ class Softmax(Rule):
 
 
 class Output(Rule):
-    """The model's outputs keep their channels: the caller reads them."""
+    """The model's outputs keep their channels: the caller reads them (also through the mapping type the
+    capture rebuilds at the output, an OrderedDict)."""
 
     name = "output"
+    functions = (collections.OrderedDict,)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         for src in tensor_inputs(node):
