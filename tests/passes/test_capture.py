@@ -10,6 +10,7 @@ import torchvision
 import transformers
 
 import fxprune
+from fxprune.passes.latency import channel_granularity
 from fxprune.passes.pipeline import prune as prune_graph
 from fxprune.testing import SplitBlock, masked_forward, randomize_parameters
 
@@ -132,3 +133,14 @@ class _Wrapper(nn.Module):
 def test_when_no_path_captures_the_model_its_capturable_parts_are_named():
     with pytest.raises(fxprune.CaptureError, match="captured alone, on the inputs they receive: backbone\\b"):
         fxprune.analyze(_Wrapper(), (torch.randn(1, 3, 8, 8),))
+
+
+def test_a_head_is_one_step_of_the_latency_grid():
+    """Keep counts are counted on the axes layers produce: a head spans its projection rows (16 here), so a
+    step of 16 channels is one head, not sixteen (which froze every head group)."""
+    model, inputs = _bert()
+    gm = fxprune.analyze(model, inputs)
+    granularity = channel_granularity(gm, 16)
+    heads = [g.id for g in fxprune.groups(gm) if g.prunable and g.size == 4]
+    mlp = [g.id for g in fxprune.groups(gm) if g.prunable and g.size == 128]
+    assert heads and all(granularity[g] == 1 for g in heads) and all(granularity[g] == 16 for g in mlp)
