@@ -304,8 +304,17 @@ class ChannelBuilder:
                                                                              frozen_components):
                 self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
                 continue
+            if target is not None and position is not None and target.dim == position \
+                    and component_of[measured.id] not in frozen_components:
+                # it sizes another group's axis (timm's pvt_v2: sr(x).reshape(B, C, -1), an attention's merged
+                # heads reshaped to the stream's width): that axis keeps its width and gets the traced number
+                # back, and the measured group stays free
+                self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
+                frozen_components.add(component_of[target.id])
+                self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
+                continue
             self.freeze(measured, f"its width is read at run time and used by {user.name}")
-            if target is not None:  # the axis it sizes must keep that width too (timm's pvt_v2: reshape(B, C, -1))
+            if target is not None:  # the axis it sizes must keep that width too
                 self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
 
     def _fixed_width(self, node: torch.fx.Node, dim: int, component_of, frozen_components) -> bool:
