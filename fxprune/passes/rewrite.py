@@ -72,6 +72,7 @@ class RewritePass(PassBase):
             new_gm = copy.deepcopy(graph_module)
         finally:
             graph_module.meta = meta
+        unused = {n.name for n in new_gm.graph.nodes if not n.users and n.op != "output"}
         _index_tensors(new_gm, kept)
         updated_modules: set[str] = set()
         for node in list(new_gm.graph.nodes):
@@ -81,7 +82,9 @@ class RewritePass(PassBase):
             if node.op == "call_module":
                 updated_modules.add(node.target)
             RULES.by_name[name].update(new_gm, node, kept)
-        new_gm.graph.eliminate_dead_code()
+        # what the rewrite left unused goes; a call the model already ignored the result of stays: it is
+        # there for what it does in place (torchvision's mvit: _add_shortcut adds the residual into its input)
+        new_gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in unused or n.is_impure())
         new_gm.delete_all_unused_submodules()
         for node in new_gm.graph.nodes:  # shapes and channel spaces describe the old model now
             for key in [k for k in node.meta if k.startswith("fxprune") or k == "tensor_meta"]:

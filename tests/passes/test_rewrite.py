@@ -121,3 +121,29 @@ def test_prune_needs_an_analysed_graph():
     gm = torch.fx.symbolic_trace(nn.Conv2d(3, 4, 1))
     with pytest.raises(fxprune.AnalysisRequiredError, match="fxprune.analyze"):
         fxprune.prune(gm, Plan({}))
+
+
+def add_into(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Adds y into x in place and returns nothing (torchvision's mvit: ``_add_shortcut``)."""
+    x.add_(y)
+
+
+torch.fx.wrap("add_into")
+
+
+class InPlaceShortcut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        out = self.a(x)
+        add_into(out, self.b(x))  # its result is unused: it is there for what it does
+        return self.head(out)
+
+
+def test_a_call_kept_for_its_side_effect_survives_the_rewrite():
+    model, inputs = InPlaceShortcut().eval(), (torch.randn(1, 3, 4, 4),)
+    gm = fxprune.analyze(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(fxprune.prune(gm, fxprune.Plan({}))(*inputs), model(*inputs))
