@@ -106,9 +106,16 @@ def measure(key: str) -> dict:
             record["export"] = "failed: " + str(err).splitlines()[0][:200]
             record["export_ok"] = False
         record["export_s"] = round(time.perf_counter() - start, 1)
-    record["ok"] = bool(record["untouched"] and record["same_structure"] and record["export_ok"]
-                        and record["flops_ratio"] <= BUDGET + 1e-6)
+    record["ok"] = passes(record)
     return record
+
+
+def passes(record: dict) -> bool:
+    """Every check: the budget met, the model untouched, its output structure, the masked reference (to
+    1e-4, where a plan could be drawn), the export matching in onnxruntime."""
+    return bool("error" not in record and record["untouched"] and record["same_structure"] and record["export_ok"]
+                and record["flops_ratio"] <= BUDGET + 1e-6
+                and (record["masked_rel_err"] is None or record["masked_rel_err"] < 1e-4))
 
 
 def _short_reason(reason: str) -> str:
@@ -161,18 +168,25 @@ def _write_markdown(records: list[dict]) -> None:
         if "error" in r:
             lines.append(f"| {r['family']} | {r['model']} | – | – | – | – | – | – | – | – | **failed**: {r['error']} | – | – |")
             continue
-        err = "–" if r["masked_rel_err"] is None else f"{r['masked_rel_err']:.1e}"
+        err = ("–" if r["masked_rel_err"] is None else "nan (reference not finite)" if r["masked_rel_err"] != r["masked_rel_err"]
+               else f"{r['masked_rel_err']:.1e}")
         lines.append(
             f"| {r['family']} | {r['model']} | {r['capture']} | {r['flops_ratio']:.3f} | "
             f"{r['groups_pruned']}/{r['prunable_groups']} | {r['heads'] or '–'} | {'yes' if r['untouched'] else 'NO'} | "
             f"{'same' if r['same_structure'] else 'DIFFERENT'} | {err} | {r['compile_s']} | {r['export']} | "
             f"{r['export_s']} | {'; '.join(f'{n}: {why}' for why, n in r.get('frozen', {}).items()) or '–'} |")
-    lines += ["", "## Summary", "", "| family | models | all checks pass | share |", "|---|---|---|---|"]
+    lines += ["", "## Summary", "", "All checks: FLOPs within the budget, untouched, same structure, masked err below 1e-4, "
+              "export ok.", "", "| family | models | all checks pass | share |", "|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in records))
     for family in families:
         rows = [r for r in records if r["family"] == family]
-        good = sum(bool(r.get("ok")) for r in rows)
+        good = sum(passes(r) for r in rows)
         lines.append(f"| {family} | {len(rows)} | {good} | {good / len(rows):.0%} |")
+    lines += ["", "DETR's masked reference is not finite: zeroing the removed channels of its frozen BatchNorms' "
+              "buffers makes `(var + eps).rsqrt()` of an intermediate infinite. With those buffers left unmasked "
+              "the reference is finite, and the decoder's self-attention head group then differs from the pruned "
+              "model by up to 1.0 (the other 18 groups match), so DETR's decoder heads are not shown exact; the "
+              "pruned model itself is finite and matches onnxruntime."]
     (DOCS / "coverage_families.md").write_text("\n".join(lines) + "\n")
 
 
