@@ -182,11 +182,6 @@ def _write_markdown(records: list[dict]) -> None:
         rows = [r for r in records if r["family"] == family]
         good = sum(passes(r) for r in rows)
         lines.append(f"| {family} | {len(rows)} | {good} | {good / len(rows):.0%} |")
-    lines += ["", "DETR's masked reference is not finite: zeroing the removed channels of its frozen BatchNorms' "
-              "buffers makes `(var + eps).rsqrt()` of an intermediate infinite. With those buffers left unmasked "
-              "the reference is finite, and the decoder's self-attention head group then differs from the pruned "
-              "model by up to 1.0 (the other 18 groups match), so DETR's decoder heads are not shown exact; the "
-              "pruned model itself is finite and matches onnxruntime."]
     (DOCS / "coverage_families.md").write_text("\n".join(lines) + "\n")
 
 

@@ -50,7 +50,9 @@ class MaskedInterpreter(torch.fx.Interpreter):
             return tensor
         view = [1] * tensor.dim()
         view[space.dim] = space.size
-        return tensor * keep.view(view).to(tensor.dtype)
+        # where, not a product: a removed entry may hold inf (a frozen BatchNorm's rsqrt of a zeroed variance),
+        # and inf * 0 would carry NaN into the kept channels
+        return torch.where(keep.view(view).to(tensor.device), tensor, torch.zeros((), dtype=tensor.dtype))
 
 
 def masked_forward(gm: torch.fx.GraphModule, plan: Plan, *inputs: Any) -> Any:

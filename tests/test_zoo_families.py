@@ -40,3 +40,17 @@ def test_gpt2_heads_through_a_fused_projection_and_split_are_exact():
     with torch.no_grad():
         expected, actual = masked_forward(gm, plan, *flat), prune_graph(gm, plan)(*flat)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_detr_matches_the_masked_reference_through_its_frozen_batchnorms():
+    """DETR's frozen BatchNorms compute (var + eps).rsqrt() from buffers: the masked reference zeroes removed
+    entries with ``where``, so the infinite values at removed positions never reach kept ones."""
+    model, inputs = zoo.build("hf_vision", "detr")
+    gm = fxprune.analyze(randomize_parameters(model), inputs)
+    plan = fxprune.random_plan(gm, 0.5, seed=0, include_norm_coupled=False)
+    flat = fxprune.graph_inputs(gm, inputs)
+    with torch.no_grad():
+        expected, actual = masked_forward(gm, plan, *flat), prune_graph(gm, plan)(*flat)
+    for a, b in zip(actual, expected):
+        assert bool(torch.isfinite(b).all())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
