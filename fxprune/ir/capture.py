@@ -15,13 +15,11 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from fxprune.ir.keys import CAPTURE_KEY
 
 FX, EXPORT, EXPORT_STRICT = "fx", "export", "export-strict"
-PATHS = (FX, EXPORT, EXPORT_STRICT)
 
 
 @dataclass
@@ -67,16 +65,14 @@ def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) ->
     capture = capture_of(gm)
     if capture is None or capture.structure is None:
         return tuple(args)
-    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
-    if spec != capture.structure.in_spec:  # keyword inputs given in another order: reorder by the spec
-        leaves = torch.fx._pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), capture.structure.in_spec)
-    return tuple(leaves)
+    # by the captured spec, so keyword inputs given in another order land where the graph reads them
+    return tuple(torch.fx._pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), capture.structure.in_spec))
 
 
 def structured(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` made to take and return what the model did (in place; a no-op for a graph that already does)."""
     capture = capture_of(gm)
-    if capture is not None and capture.structure is not None and not isinstance(gm.graph._codegen, _PyTreeCodeGen):
+    if capture is not None and capture.structure is not None and not is_structured(gm):
         gm.graph._codegen = _PyTreeCodeGen(copy.copy(capture.structure))
         gm._in_spec, gm._out_spec = capture.structure.in_spec, capture.structure.out_spec  # the code reads them
         gm.recompile()
@@ -85,7 +81,7 @@ def structured(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def flat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm`` made to take the leaves of its inputs and return a tuple of its outputs' leaves (in place)."""
-    if isinstance(gm.graph._codegen, _PyTreeCodeGen):
+    if is_structured(gm):
         gm.graph._codegen = torch.fx.graph.CodeGen()
         gm.recompile()
     return gm
@@ -94,7 +90,7 @@ def flat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def flat_view(gm: torch.nn.Module) -> torch.nn.Module:
     """A module sharing ``gm``'s weights that takes and returns flat leaves (for exporters and engines);
     ``gm`` itself is returned when it already does."""
-    if not isinstance(gm, torch.fx.GraphModule) or not isinstance(gm.graph._codegen, _PyTreeCodeGen):
+    if not is_structured(gm):
         return gm
     graph = copy.deepcopy(gm.graph)
     graph._codegen = torch.fx.graph.CodeGen()

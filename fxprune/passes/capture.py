@@ -64,7 +64,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
                 _propagate(gm, tuple(args), model if mode == "auto" else None)
                 _keep_mapping_type(gm, model, tuple(args))
                 return gm, tuple(args)
-            gm = _export(model, args, kwargs, strict=path == EXPORT_STRICT)
+            gm, structure = _export(model, args, kwargs, strict=path == EXPORT_STRICT)
+            gm.meta[CAPTURE_KEY] = Capture(path, failed, structure)
             inputs = flat_inputs(gm, args, kwargs)
             propagate_shapes(gm, inputs)
         except ExampleInputsError:
@@ -80,7 +81,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
                 raise CaptureError(_advice(model, [(path, message)])) from error
             failed.append((path, message))
             continue
-        gm.meta[CAPTURE_KEY].failed = failed
         return gm, inputs
     raise CaptureError(_advice(model, failed, _capturable_children(model, args, kwargs)))
 
@@ -88,18 +88,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
 def _capturable_children(model: torch.nn.Module, args: tuple, kwargs: dict, limit: int = 16) -> list[str] | None:
     """The direct submodules torch.export captures alone, on the inputs they receive in one eager run of the
     model (None when the model itself does not run on the inputs)."""
-    children = list(model.named_children())[:limit]
+    copied = copy.deepcopy(model)  # hooks and a forward that caches on self stay off the user's model
+    children = list(copied.named_children())[:limit]
     seen: dict[str, tuple[tuple, dict]] = {}
-    hooks = [child.register_forward_pre_hook(lambda m, a, k, name=name: seen.setdefault(name, (a, k)) and None,
-                                             with_kwargs=True) for name, child in children]
+    for name, child in children:
+        child.register_forward_pre_hook(lambda m, a, k, name=name: seen.setdefault(name, (a, k)) and None,
+                                        with_kwargs=True)
     try:
-        with inference(model, grad=False):
-            model(*args, **kwargs)
+        _run(copied, args, kwargs)
     except Exception:  # noqa: BLE001 - the model does not run on these inputs: nothing to say about its parts
         return None
-    finally:
-        for hook in hooks:
-            hook.remove()
     found = []
     for name, child in children:
         if name not in seen or not any(True for _ in child.parameters()):
@@ -112,14 +110,19 @@ def _capturable_children(model: torch.nn.Module, args: tuple, kwargs: dict, limi
     return found
 
 
+def _run(copied: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
+    """The model's own forward, on a copy the caller made, as fxprune runs graphs (``inference``)."""
+    with inference(copied, grad=False):
+        return copied(*args, **(kwargs or {}))
+
+
 def _keep_mapping_type(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: tuple) -> None:
     """torch.fx writes a returned mapping as a dict literal; where the model returns another mapping type
     (torchvision's backbones: an OrderedDict), the graph builds that type again."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     if not isinstance(output.args[0], dict):  # torch.fx holds it as its immutable_dict
         return
-    with inference(model, grad=False):
-        returned = type(copy.deepcopy(model)(*inputs))
+    returned = type(_run(copy.deepcopy(model), inputs))
     if returned is dict or not issubclass(returned, dict):
         return
     with gm.graph.inserting_before(output):
@@ -139,15 +142,15 @@ def _propagate(gm: torch.fx.GraphModule, inputs: tuple, model: torch.nn.Module |
         if model is None:
             raise
         try:
-            with inference(model, grad=False):
-                copy.deepcopy(model)(*inputs)
+            _run(copy.deepcopy(model), inputs)
         except Exception:  # noqa: BLE001 - the model fails too: the inputs are wrong
             raise error from None
         raise FxpruneTraceError(f"the traced graph fails where the model runs: {error}".splitlines()[0]) from error
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> torch.fx.GraphModule:
-    """torch.export's graph of an eval-mode copy, as a plain GraphModule taking and returning flat leaves."""
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> tuple[torch.fx.GraphModule, Any]:
+    """torch.export's graph of an eval-mode copy, as a plain GraphModule taking and returning flat leaves, and
+    the structure of the inputs and outputs it flattened."""
     copied = copy.deepcopy(model).eval()
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # nn.MultiheadAttention as its projections and SDPA: heads show
@@ -165,10 +168,9 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> 
     gm = torch.fx.GraphModule(exported, graph, type(model).__name__)  # a plain GraphModule: eval()/train() work
     gm._tracer_cls = gm.graph._tracer_cls = None  # pickled and reloaded by torch.fx's own tracer
     gm._tracer_extras = gm.graph._tracer_extras = {}
-    gm.meta[CAPTURE_KEY] = Capture(EXPORT_STRICT if strict else EXPORT, [], structure)
     flat(gm)
     gm.graph.lint()
-    return gm
+    return gm, structure
 
 
 def _advice(model: torch.nn.Module, failed: list[tuple[str, str]], children: list[str] | None = None) -> str:
