@@ -9,12 +9,13 @@ import torch
 import torch.fx
 
 from fxprune.budgets import as_budget
-from fxprune.errors import AnalysisRequiredError
-from fxprune.ir.capture import capture_of, structured
+from fxprune.errors import AnalysisRequiredError, BudgetError
+from fxprune.ir.capture import PARTITIONED, capture_of, split_inputs, structured
 from fxprune.ir.channels import ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
 from fxprune.ir.graph import space as graph_space
 from fxprune.ir.keys import (
+    CAPTURE_KEY,
     COST_KEY,
     IMPORTANCE_KEY,
     LATENCY_KEY,
@@ -23,7 +24,7 @@ from fxprune.ir.keys import (
     SOLUTION_KEY,
 )
 from fxprune.ir.solution import Solution
-from fxprune.passes.budget import PlanPass
+from fxprune.passes.budget import PlanPass, parts_budget
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.latency import LatencyPass
@@ -35,9 +36,10 @@ from fxprune.passes.pipeline import (
     run_passes,
 )
 from fxprune.passes.pipeline import prune as prune_graph
+from fxprune.passes.partition import assemble, split
 from fxprune.passes.plan import analysis, random_plan, uniform_plan, with_every_member
 from fxprune.passes.score import ScorePass
-from fxprune.reports import GroupReport, Report
+from fxprune.reports import GroupReport, PartReport, Report
 
 __all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
            "uniform_plan", "with_every_member"]
@@ -108,10 +110,54 @@ def compile(
                                                     capture=capture, leaf_modules=leaf_modules,
                                                     autowrap_functions=autowrap_functions)
         run_passes(gm, [ScorePass(importance, calibration, loss_fn), CostPass(context.example_inputs),
-                        *([LatencyPass(context, round_to=round_to)] if latency else []), plan_pass])
+                        *([LatencyPass(context, round_to=round_to)] if latency else [])])
+        whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if _partitioned(gm) else None
+        if whole is not None:
+            plan_pass.budget = whole.budget(budget, gm)
+        run_passes(gm, [plan_pass])
         pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
-        pruned.meta[REPORT_KEY] = _report(gm, pruned, context, str(budget), importance, solver, measure)
-    return structured(pruned)
+        report = _report(gm, pruned, context, str(budget), importance, solver, measure)
+    if whole is None:
+        pruned.meta[REPORT_KEY] = report
+        return structured(pruned)
+    result = assemble(model, split(pruned))
+    whole.report(report, gm, pruned, result)
+    result.meta = {REPORT_KEY: report, PLAN_KEY: pruned.meta[PLAN_KEY], CAPTURE_KEY: capture_of(gm)}
+    return result
+
+
+def _partitioned(gm: torch.fx.GraphModule) -> bool:
+    capture = capture_of(gm)
+    return capture is not None and capture.path == PARTITIONED
+
+
+class _Whole:
+    """A partitioned model's budget and report over the whole forward, not only its captured parts."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.model, self.args, self.kwargs = model, args, kwargs
+
+    def budget(self, budget: Any, gm: torch.fx.GraphModule) -> Any:
+        if budget.metric == "latency":
+            raise BudgetError("latency budgets on a model captured in parts are not supported yet; use "
+                              "fxprune.FLOPs or fxprune.Params")
+        whole = count_flops(self.model, self.args, self.kwargs) if budget.metric == "flops" else \
+            count_params(self.model)
+        return parts_budget(budget, gm.meta[COST_KEY][budget.metric].baseline, whole)
+
+    def report(self, report: Report, gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule,
+               result: torch.nn.Module) -> None:
+        """FLOPs and parameters of the whole model, before and after, and each part's share kept."""
+        parts_flops = gm.meta[COST_KEY]["flops"].baseline
+        report.flops_before = count_flops(self.model, self.args, self.kwargs)
+        report.flops_after = count_flops(result, self.args, self.kwargs)
+        report.params_before, report.params_after = count_params(self.model), count_params(result)
+        for part in capture_of(gm).parts:
+            report.parts.append(PartReport(
+                part.path, part.capture.path, part.calls, count_params(self.model.get_submodule(part.path)),
+                count_params(result.get_submodule(part.path)), len(part.coupled)))
+        report.notes.append(f"{parts_flops / max(report.flops_before, 1):.1%} of the model's FLOPs are in the "
+                            f"{len(report.parts)} parts fxprune captured and can prune; the rest runs as written")
 
 
 def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:

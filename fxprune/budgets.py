@@ -69,6 +69,21 @@ class Params(_ShareOfModel):
     metric = "params"
 
 
+@dataclass(frozen=True)
+class Amount:
+    """A budget in the metric's own units (FLOPs, parameters, ms): what the captured parts of a model may
+    cost when the rest of it can't shrink (``passes/budget.py``'s ``parts_budget``)."""
+
+    metric: str
+    value: float
+
+    def capacity(self, baseline: float) -> float:
+        return self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric} <= {self.value:.6g}"
+
+
 Budget = Latency | FLOPs | Params
 
 

@@ -16,6 +16,18 @@ class GroupReport:
 
 
 @dataclass
+class PartReport:
+    """A submodule captured alone in a partitioned model, and its parameters before and after."""
+
+    path: str
+    capture: str
+    calls: int
+    params_before: int
+    params_after: int
+    coupled_inputs: int  # inputs fed by another part's output, pruned with it
+
+
+@dataclass
 class Report:
     budget: str
     importance: str
@@ -44,6 +56,7 @@ class Report:
     latency_points: list = field(default_factory=list)
     latency_prediction: str = "tables"
     notes: list[str] = field(default_factory=list)
+    parts: list[PartReport] = field(default_factory=list)  # a partitioned model: each part captured alone
 
     def __str__(self) -> str:
         lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
@@ -55,6 +68,10 @@ class Report:
                  f"  params: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / max(self.params_before, 1):.1%})"]
         lines += self._latency_lines()
+        if self.parts:
+            lines.append(f"  {'part':<28} {'captured by':<12} {'calls':>5} {'params kept':>12}  coupled inputs")
+            lines += [f"  {p.path:<28} {p.capture:<12} {p.calls:>5} {p.params_after / max(p.params_before, 1):>12.1%}  "
+                      f"{p.coupled_inputs}" for p in self.parts]
         lines.append(f"  {'group':>5} {'kept/total':>12} {'score kept':>11}  first member")
         for g in self.groups:
             share = g.kept_score / g.total_score if g.total_score else 1.0
@@ -65,7 +82,8 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
         """The inverse of ``dataclasses.asdict`` (how ``fxprune.save`` stores a report)."""
-        return cls(**{**data, "groups": [GroupReport(**g) for g in data["groups"]]})
+        return cls(**{**data, "groups": [GroupReport(**g) for g in data["groups"]],
+                      "parts": [PartReport(**p) for p in data.get("parts", [])]})
 
     def _latency_lines(self) -> list[str]:
         """Predicted and measured latency side by side, with the share kept and the prediction's error."""

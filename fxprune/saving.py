@@ -3,6 +3,9 @@
 - ``.pt``: the GraphModule itself (its generated code, its standard submodules and weights), with the
   plan and report ``fxprune.compile`` attached; ``fxprune.load`` gives back a GraphModule that
   ``fxprune.report``/``fxprune.plan_of`` read. It is a pickle: load only files you trust.
+- A model captured in parts (a whole torchvision detector) saves to ``.pt`` only: the model object with
+  its pruned parts in place, so loading it needs the model's code importable (torchvision, your own
+  module), as ``torch.load`` of any pickled model does; the parts themselves are generated code.
 - ``.pt2``: ``torch.export``'s ExportedProgram (ATen ops only, no Python of the model at all), with the
   plan and report as extra files; ``fxprune.load`` gives back its ``.module()``.
 """
@@ -21,9 +24,10 @@ import torch.fx
 from fxprune.backends.export import double_batch
 from fxprune.errors import SaveError
 from fxprune.ir import Plan
-from fxprune.ir.capture import capture_of, flat_view, structured
+from fxprune.ir.capture import PARTITIONED, capture_of, flat_view, structured
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
+from fxprune.passes.partition import assemble
 from fxprune.reports import Report
 
 FORMAT = "fxprune-model/1"
@@ -37,9 +41,15 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any 
         raise SaveError(f"expected the module fxprune.compile returned, got {type(gm).__name__}")
     plan, report = gm.meta.get(PLAN_KEY) if hasattr(gm, "meta") else None, _report(gm)
     path.parent.mkdir(parents=True, exist_ok=True)
+    capture = capture_of(gm)
+    parts = capture is not None and capture.path == PARTITIONED
     if path.suffix == ".pt":  # a graph captured by torch.export is stored flat, its structure beside it
-        torch.save({"format": FORMAT, "module": flat_view(gm), "plan": plan.to_json() if plan else None,
-                    "report": report, "capture": capture_of(gm)}, path)
+        module = assemble(gm, {p.path: flat_view(gm.get_submodule(p.path)) for p in capture.parts}) if parts \
+            else flat_view(gm)
+        torch.save({"format": FORMAT, "module": module, "plan": plan.to_json() if plan else None,
+                    "report": report, "capture": capture}, path)
+    elif path.suffix == ".pt2" and parts:
+        raise SaveError("a model captured in parts runs Python that torch.export could not capture; save it to .pt")
     elif path.suffix == ".pt2":
         if example_inputs is None:
             raise SaveError("saving to .pt2 runs torch.export, which needs example_inputs=(tensor, ...)")
@@ -99,9 +109,15 @@ def restore(module: torch.nn.Module, header: dict) -> torch.nn.Module:
         meta[PLAN_KEY] = Plan.from_json(header["plan"])
     if header.get("report"):
         meta[REPORT_KEY] = Report.from_dict(header["report"])
-    if header.get("capture") is not None:
-        meta[CAPTURE_KEY] = header["capture"]
-        structured(module)
+    capture = header.get("capture")
+    if capture is not None:
+        meta[CAPTURE_KEY] = capture
+        for part in capture.parts:
+            piece = module.get_submodule(part.path)
+            piece.meta[CAPTURE_KEY] = part.capture
+            structured(piece)
+        if capture.path != PARTITIONED:
+            structured(module)
     return module
 
 

@@ -22,6 +22,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from fxprune.errors import ExampleInputsError, ExportError
 from fxprune.ir.capture import flat_inputs, flat_view, is_structured, split_inputs
 from fxprune.ir.graph import inference
+from fxprune.ir.keys import CAPTURE_KEY
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weight bytes above which they go to "<file>.data" (protobuf caps at 2 GiB)
 
@@ -54,12 +55,14 @@ class _Request:
 
 
 def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Reject example inputs that are not a non-empty tuple of tensors, before any export work."""
+    """Reject example inputs that are not a non-empty tuple of tensors (or of lists of tensors: a
+    detector's images), before any export work."""
     if not isinstance(example_inputs, tuple) or not example_inputs:
         got = "an empty tuple" if isinstance(example_inputs, tuple) else f"a {type(example_inputs).__name__}"
         raise ExampleInputsError(f"example_inputs must be a non-empty tuple of tensors, got {got}; "
                                  "wrap a single tensor as (x,).")
-    bad = [f"[{i}] is a {type(x).__name__}" for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor)]
+    bad = [f"[{i}] is a {type(x).__name__}" for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor)
+           and not (isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x))]
     if bad:
         raise ExampleInputsError(f"example_inputs must hold only tensors, but {', '.join(bad)}.")
     return example_inputs
@@ -83,6 +86,10 @@ def _flatten(value: Any, name: str) -> list[tuple[str, torch.Tensor]]:
 def _run_torch(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, torch.Tensor]]:
     """Run the model (``ir.graph.inference``: eval mode, no autograd) and return its named output tensors."""
     with inference(model):
+        if isinstance(model, _PartOutputs):
+            out, parts = model(*inputs)
+            return _flatten(out, "output") + [leaf for i, part in enumerate(parts) for path, value in part.items()
+                                              for leaf in _flatten(value, f"{_PART_PREFIX}{i}.{path}")]
         return _flatten(model(*inputs), "output")
 
 
@@ -201,12 +208,16 @@ def run_onnxruntime(path: str | os.PathLike, inputs: tuple[torch.Tensor, ...], *
 
 
 def _compare(got: list[np.ndarray], case: Case, rtol: float, atol: float) -> float:
-    """Check onnxruntime outputs against torch's (count, shape, max|a-b| <= atol + rtol*max|b|); return the diff."""
+    """Check onnxruntime outputs against torch's (count, shape, max|a-b| <= atol + rtol*max|b|); return the diff.
+    Where raw part outputs are listed (``part.*``), only they are compared (see ``_PartOutputs``)."""
     label, _, want = case
     if len(got) != len(want):
         raise ExportError(f"At {label}: the ONNX file has {len(got)} outputs, torch returned {len(want)}.")
     worst = 0.0
+    parts_only = any(name.startswith(_PART_PREFIX) for name, _ in want)
     for array, (name, tensor) in zip(got, want):
+        if parts_only and not name.startswith(_PART_PREFIX):
+            continue
         ref = tensor.detach().cpu().numpy().astype(np.float64)
         if array.shape != ref.shape:
             raise ExportError(f"At {label}: output {name!r} has shape {array.shape} in onnxruntime but {ref.shape} "
@@ -227,12 +238,41 @@ def _verify(path: Path, cases: list[Case], rtol: float, atol: float) -> float:
     worst = 0.0
     for case in cases:
         try:
-            got = run_onnxruntime(path, case[1])
+            got = run_onnxruntime(path, tuple(torch.utils._pytree.tree_leaves(case[1])))
         except ExportError as exc:
             raise ExportError(f"At {case[0]}: {exc}. If only the doubled batch fails, the graph baked in the "
                               "batch size; pass dynamic_batch=False or make forward batch-agnostic.") from exc
         worst = max(worst, _compare(got, case, rtol, atol))
     return worst
+
+
+_PART_PREFIX = "part."
+
+
+class _PartOutputs(torch.nn.Module):
+    """A model captured in parts, returning its parts' raw outputs after its own. Post-processing (score
+    thresholds, top-k, NMS) turns last-digit differences between torch and onnxruntime into other boxes,
+    so a whole detector is verified on what its captured parts return, the heads' raw outputs."""
+
+    def __init__(self, model: torch.nn.Module, paths: list[str]) -> None:
+        super().__init__()
+        self.model, self.paths = model, paths
+
+    def forward(self, *args: Any) -> tuple:
+        returned: list = []
+        hooks = [self.model.get_submodule(path).register_forward_hook(
+            lambda module, a, out, path=path: returned.append({path: out})) for path in self.paths]
+        try:
+            out = self.model(*args)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out, returned
+
+
+def _part_paths(model: torch.nn.Module) -> list[str]:
+    capture = getattr(model, "meta", {}).get(CAPTURE_KEY) if not isinstance(model, torch.fx.GraphModule) else None
+    return [part.path for part in getattr(capture, "parts", [])]
 
 
 def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool) -> tuple[list[Case], tuple]:
@@ -268,18 +308,43 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
         example_inputs = flat_inputs(model, *split_inputs(example_inputs, example_kwargs))
         model, dynamic_batch = flat_view(model), False
     inputs, path = _check_inputs(example_inputs), Path(path)
+    nested = any(isinstance(x, (list, tuple)) for x in inputs)
+    if nested:  # lists of images (a whole detector): the ONNX graph takes the images
+        dynamic_batch = False
+    paths = _part_paths(model)
+    if paths:  # exported with the parts' raw outputs for verification; the file keeps the model's own
+        model = _PartOutputs(model, paths)
     with inference(model, grad=None):
         cases, trace_inputs = _reference(model, inputs, dynamic_batch, verify)
-        request = _Request(trace_inputs, _input_names(model, len(inputs)), [name for name, _ in cases[0][2]],
+        names = _input_names(model.model if isinstance(model, _PartOutputs) else model, len(inputs))
+        if nested:
+            names = [f"{name}_{i}" if isinstance(x, (list, tuple)) else name
+                     for name, x in zip(names, inputs) for i in range(len(x) if isinstance(x, (list, tuple)) else 1)]
+        request = _Request(trace_inputs, names, [name for name, _ in cases[0][2]],
                            dynamic_batch, opset)
         with tempfile.TemporaryDirectory() as tmp:
             exporter = _export_any(model, request, str(Path(tmp) / "raw.onnx"))
             proto = _clean(Path(tmp) / "raw.onnx")
+            if paths:
+                _save(proto, Path(tmp) / "with_parts.onnx")
+                diff = _verify(Path(tmp) / "with_parts.onnx", cases, rtol, atol) if verify else None
+                proto = _without_outputs(proto, _PART_PREFIX)
     file_bytes = _save(proto, path)
     _check(path)
+    if not paths:
+        diff = _verify(path, cases, rtol, atol) if verify else None
     return ExportResult(
         path=path, exporter=exporter, opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         input_names=[i.name for i in proto.graph.input], output_names=[o.name for o in proto.graph.output],
-        max_abs_diff=_verify(path, cases, rtol, atol) if verify else None, num_nodes=len(proto.graph.node),
-        file_bytes=file_bytes,
+        max_abs_diff=diff, num_nodes=len(proto.graph.node), file_bytes=file_bytes,
     )
+
+
+def _without_outputs(model: onnx.ModelProto, prefix: str) -> onnx.ModelProto:
+    """The model without the outputs named ``prefix*`` and the nodes only they needed."""
+    graph = gs.import_onnx(model)
+    graph.outputs = [t for t in graph.outputs if not t.name.startswith(prefix)]
+    graph.cleanup().toposort()
+    trimmed = gs.export_onnx(graph)
+    trimmed.ir_version = model.ir_version
+    return trimmed

@@ -19,7 +19,25 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from fxprune.ir.keys import CAPTURE_KEY
 
-FX, EXPORT, EXPORT_STRICT = "fx", "export", "export-strict"
+FX, EXPORT, EXPORT_STRICT, PARTITIONED = "fx", "export", "export-strict", "partitioned"
+PART_KEY = "part"  # node.meta of a partitioned graph: the part a node belongs to (kept by the rewrite)
+
+
+@dataclass
+class Part:
+    """A submodule captured alone when the whole model could not be: where it sits in the model
+    (``path``), how many times one forward calls it, how it was captured (its own ``capture``: the
+    structure it is called with), and the names, in the partitioned graph, of what feeds its inputs
+    and of its outputs' leaves (None for a constant leaf, kept in ``constants``)."""
+
+    path: str
+    calls: int
+    capture: "Capture"
+    placeholders: list[str]
+    inputs: list[str]
+    outputs: list[str | None]
+    constants: dict[int, Any] = field(default_factory=dict)
+    coupled: list[str] = field(default_factory=list)  # inputs fed by another part's output, unchanged
 
 
 @dataclass
@@ -31,10 +49,12 @@ class Capture:
     path: str
     failed: list[tuple[str, str]] = field(default_factory=list)
     structure: _PyTreeInfo | None = None
+    parts: list[Part] = field(default_factory=list)  # PARTITIONED: the submodules captured, in call order
 
     def describe(self) -> str:
         tried = "; ".join(f"{p} failed: {e.splitlines()[0][:120]}" for p, e in self.failed)
-        return f"captured by {self.path}" + (f" ({tried})" if tried else "")
+        found = f" as {len(self.parts)} parts ({', '.join(p.path for p in self.parts)})" if self.parts else ""
+        return f"captured by {self.path}{found}" + (f" ({tried})" if tried else "")
 
 
 def split_inputs(example_inputs: Any, example_kwargs: dict | None = None) -> tuple[tuple, dict]:

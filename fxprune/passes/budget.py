@@ -13,7 +13,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.errors import AnalysisRequiredError, FxpruneError
+from fxprune.budgets import Amount
+from fxprune.errors import AnalysisRequiredError, BudgetError, FxpruneError
 from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, SOLUTION_KEY
 from fxprune.ir.solution import Solution
 from fxprune.passes.context import Context
@@ -60,3 +61,17 @@ class PlanPass(PassBase):
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
         assert isinstance(graph_module.meta[SOLUTION_KEY], Solution)
+
+
+def parts_budget(budget: Any, parts: float, whole: float, unit: str = "") -> Amount:
+    """The budget of a partitioned model's captured parts, which cost ``parts`` of the ``whole`` model's
+    ``budget.metric``: the rest (post-processing, what no front end captured) does not shrink."""
+    fixed = max(whole - parts, 0.0)
+    target = budget.capacity(whole)
+    if target <= fixed * (1 + 1e-9):
+        raise BudgetError(
+            f"the budget {budget} cannot be met: only {min(parts / whole, 1.0):.1%} of the model's {budget.metric}"
+            f" ({parts:.4g}{unit} of {whole:.4g}{unit}) is in the parts fxprune captured and can prune; the rest "
+            f"({fixed:.4g}{unit}: post-processing, code no front end captured) stays. Ask for more than "
+            f"{fixed / whole:.3f} of the model.")
+    return Amount(budget.metric, target - fixed)

@@ -13,29 +13,36 @@ the same layers. Exported graphs are captured in eval mode: they are inference g
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Iterable
+import io
+import logging
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
 
 from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
-from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, Capture, flat, flat_inputs
+from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, PARTITIONED, Capture, flat, flat_inputs
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY
+from fxprune.passes.partition import partition
 from fxprune.passes.trace import check_weights, propagate_shapes, trace, unfed_defaults
 
-CAPTURE_MODES = ("auto", FX, EXPORT, EXPORT_STRICT)
+CAPTURE_MODES = ("auto", FX, EXPORT, EXPORT_STRICT, PARTITIONED)
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",
+                   "torch._functorch", "torch._subclasses.fake_tensor")
 _DROPPED = (torch.ops.aten._assert_tensor_metadata.default,)  # checks of dtype/device, no result
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "auto",
             leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable = (),
-            concrete_args: dict[str, Any] | None = None) -> tuple[torch.fx.GraphModule, tuple]:
+            concrete_args: dict[str, Any] | None = None, whole: bool = False) -> tuple[torch.fx.GraphModule, tuple]:
     """A GraphModule of a copy of ``model`` and the example call's inputs as that graph takes them.
 
-    ``mode``: ``auto`` (fx, then export, then export-strict), or one path alone. The Capture on
-    ``gm.meta`` says which path took it and why the ones before failed.
+    ``mode``: ``auto`` (fx, then export, then export-strict, then the model in parts: ``passes/partition.py``),
+    or one path alone. ``whole``: never in parts. The Capture on ``gm.meta`` says which path took it and
+    why the ones before failed.
     """
     if mode not in CAPTURE_MODES:
         raise CaptureError(f"unknown capture mode {mode!r}; choose one of {', '.join(CAPTURE_MODES)}")
@@ -49,6 +56,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
             f"example_inputs must be a tensor or a tuple of tensors (or a dict of keyword tensors), and hold only "
             f"tensors; got {', '.join(odd)} values. Flags such as use_cache belong in the model's config.")
     plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+    options = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    if mode == PARTITIONED:
+        return _in_parts(model, args, kwargs, [], options)
     paths = [FX, EXPORT, EXPORT_STRICT] if mode == "auto" else [mode]
     failed: list[tuple[str, str]] = []
     if mode == "auto" and not plain:  # fx takes one tensor per positional argument: the rest go to export
@@ -64,7 +74,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
                 _propagate(gm, tuple(args), model if mode == "auto" else None)
                 _keep_mapping_type(gm, model, tuple(args))
                 return gm, tuple(args)
-            gm, structure = _export(model, args, kwargs, strict=path == EXPORT_STRICT)
+            with _quiet():
+                gm, structure = _export(model, args, kwargs, strict=path == EXPORT_STRICT)
             gm.meta[CAPTURE_KEY] = Capture(path, failed, structure)
             inputs = flat_inputs(gm, args, kwargs)
             propagate_shapes(gm, inputs)
@@ -82,32 +93,34 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "a
             failed.append((path, message))
             continue
         return gm, inputs
-    raise CaptureError(_advice(model, failed, _capturable_children(model, args, kwargs)))
-
-
-def _capturable_children(model: torch.nn.Module, args: tuple, kwargs: dict, limit: int = 16) -> list[str] | None:
-    """The direct submodules torch.export captures alone, on the inputs they receive in one eager run of the
-    model (None when the model itself does not run on the inputs)."""
-    copied = copy.deepcopy(model)  # hooks and a forward that caches on self stay off the user's model
-    children = list(copied.named_children())[:limit]
-    seen: dict[str, tuple[tuple, dict]] = {}
-    for name, child in children:
-        child.register_forward_pre_hook(lambda m, a, k, name=name: seen.setdefault(name, (a, k)) and None,
-                                        with_kwargs=True)
-    try:
-        _run(copied, args, kwargs)
-    except Exception:  # noqa: BLE001 - the model does not run on these inputs: nothing to say about its parts
-        return None
-    found = []
-    for name, child in children:
-        if name not in seen or not any(True for _ in child.parameters()):
-            continue
+    if not whole:
         try:
-            torch.export.export(copy.deepcopy(child).eval(), *seen[name], strict=False)
-            found.append(name)
-        except Exception:  # noqa: BLE001 - not capturable alone either
-            continue
-    return found
+            return _in_parts(model, args, kwargs, failed, options)
+        except CaptureError:
+            pass
+    raise CaptureError(_advice(model, failed, parts_tried=not whole))
+
+
+def _in_parts(model: torch.nn.Module, args: tuple, kwargs: dict, failed: list, options: dict):
+    """The model as its capturable submodules (``passes/partition.py``), each captured whole."""
+    return partition(model, args, kwargs, failed,
+                     lambda module, a, k: capture(module, a, k, whole=True, **options))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.export's own report of a failed attempt (its warnings, and the partial graph it prints to
+    stderr): the Capture says why an attempt failed, in one line."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _run(copied: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
@@ -173,13 +186,12 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> 
     return gm, structure
 
 
-def _advice(model: torch.nn.Module, failed: list[tuple[str, str]], children: list[str] | None = None) -> str:
-    """What each path said, and which direct submodules can be captured (and so pruned) alone."""
+def _advice(model: torch.nn.Module, failed: list[tuple[str, str]], parts_tried: bool = False) -> str:
+    """What each path said, and what to do."""
     lines = [f"no capture path took {type(model).__name__} whole:"]
     lines += [f"  {path}: {message.strip().splitlines()[0][:300]}" for path, message in failed]
-    if children:
-        lines.append(f"  these submodules are captured alone, on the inputs they receive: {', '.join(children)} "
-                     "(prune one with its own example inputs)")
+    if parts_tried:
+        lines.append("  and no submodule holding parameters was captured alone on the inputs it receives")
     if EXPORT not in {path for path, _ in failed}:
         lines.append("Fix: capture it with torch.export (capture='export'), which runs such Python as it is, or keep "
                      "the failing submodule opaque with leaf_modules=[...] (its channels are then kept)")

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.errors import AnalysisRequiredError
 from fxprune.ir import graph
 from fxprune.ir.cost import CostModel, CostTerm
+from fxprune.ir.capture import PART_KEY, capture_of
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import ANALYSIS_KEY, COST_KEY
 from fxprune.passes.params import parameter_axes
@@ -45,10 +46,10 @@ def countable(module: nn.Module) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
-def count_flops(module: nn.Module, example_inputs: tuple) -> int:
+def count_flops(module: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> int:
     """FLOPs of one forward pass (the count the budget, the solver and the report share)."""
     with countable(module), FlopCounterMode(display=False) as counter:
-        module(*example_inputs)
+        module(*example_inputs, **(example_kwargs or {}))
     return counter.get_total_flops()
 
 
@@ -142,8 +143,21 @@ def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
             weight = next((axis.name for axis in RULES.by_name[name].tensor_axes(gm, node)), None)
             spaces = scaling.get(weight, ())
         model.terms.append(CostTerm(node.name, float(flops), spaces))
+    _per_call(gm, model)
     model.baseline = model.total({})
     return model
+
+
+def _per_call(gm: torch.fx.GraphModule, model: CostModel) -> None:
+    """In a partitioned graph, a part the forward calls n times costs n times its FLOPs."""
+    capture = capture_of(gm)
+    calls = {part.path: part.calls for part in capture.parts} if capture is not None else {}
+    if not any(count > 1 for count in calls.values()):
+        return
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for term in model.terms:
+        node = nodes.get(term.what.split(" (")[0])
+        term.full *= calls.get(node.meta.get(PART_KEY), 1) if node is not None else 1
 
 
 class CostPass(PassBase):

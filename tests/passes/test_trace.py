@@ -29,7 +29,7 @@ class Gate(nn.Module):
 
 def test_untraceable_model_names_the_module_and_the_fix():
     with pytest.raises(fxprune.FxpruneTraceError) as info:
-        fxprune.analyze(DataDependent(), (torch.randn(1, 3, 4, 4),))
+        fxprune.analyze(DataDependent(), (torch.randn(1, 3, 4, 4),), capture="fx")
     assert "Gate" in str(info.value) and "leaf_modules" in str(info.value)
 
 
