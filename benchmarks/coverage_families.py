@@ -2,7 +2,8 @@
 
 Families (``fxprune.zoo``, random weights, built from configs or yaml, nothing downloaded): Hugging Face
 vision and text models, ultralytics YOLO (the whole detection model), segmentation_models_pytorch,
-torchvision video, torchvision detection backbones; ``--timm`` adds one model of every timm family.
+torchvision video, torchvision detection backbones, whole torchvision detectors (captured in parts) and
+RAFT; ``--timm`` adds one model of every timm family.
 
 Per model, each in its own subprocess: which capture path took it; ``fxprune.compile(model, FLOPs(0.7))``
 and its FLOPs ratio; whether the user's model was left untouched (every tensor of its state_dict
@@ -45,6 +46,7 @@ def measure(key: str) -> dict:
 
     import fxprune
     from fxprune import zoo
+    from fxprune.passes.pipeline import analyze_inputs
     from fxprune.passes.pipeline import prune as prune_graph
     from fxprune.testing import masked_forward, randomize_parameters
 
@@ -67,7 +69,7 @@ def measure(key: str) -> dict:
     pruned = fxprune.compile(model, fxprune.FLOPs(BUDGET), inputs, progress=False)
     record["compile_s"] = round(time.perf_counter() - start, 1)
     report = fxprune.report(pruned)
-    record["capture"] = report.capture
+    record["capture"] = report.capture + (f" ({len(report.parts)} parts)" if report.parts else "")
     record["flops_ratio"] = round(report.flops_after / report.flops_before, 4)
     record["groups_pruned"] = sum(g.kept < g.total for g in report.groups)
     record["heads"] = next((n.split(": ", 1)[1] for n in report.notes if n.startswith("attention heads kept")), None)
@@ -76,7 +78,7 @@ def measure(key: str) -> dict:
         actual = pruned(*args, **kwargs)
     record["same_structure"] = pytree.tree_structure(actual) == pytree.tree_structure(expected)
 
-    gm = fxprune.analyze(model, inputs)
+    gm, flat = analyze_inputs(model, inputs)
     groups = fxprune.groups(gm)
     record["groups"], record["prunable_groups"] = len(groups), sum(g.prunable for g in groups)
     frozen: dict[str, int] = {}
@@ -85,7 +87,6 @@ def measure(key: str) -> dict:
         if reason and not reason.startswith(("model input", "model output")):
             frozen[reason] = frozen.get(reason, 0) + g.size
     record["frozen"] = dict(sorted(frozen.items(), key=lambda item: -item[1])[:4])
-    flat = fxprune.graph_inputs(gm, inputs)
     plan = fxprune.random_plan(gm, 0.5, seed=0, include_norm_coupled=False)
     if plan.keep:
         with torch.no_grad():

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxprune.budgets import as_budget
-from fxprune.errors import AnalysisRequiredError, BudgetError
+from fxprune.budgets import Latency, as_budget
+from fxprune.errors import AnalysisRequiredError
 from fxprune.ir.capture import PARTITIONED, capture_of, split_inputs, structured
 from fxprune.ir.channels import ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
@@ -113,15 +113,15 @@ def compile(
                         *([LatencyPass(context, round_to=round_to)] if latency else [])])
         whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if _partitioned(gm) else None
         if whole is not None:
-            plan_pass.budget = whole.budget(budget, gm)
+            plan_pass.budget = whole.budget(budget, gm, context)
         run_passes(gm, [plan_pass])
         pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
-        report = _report(gm, pruned, context, str(budget), importance, solver, measure)
-    if whole is None:
-        pruned.meta[REPORT_KEY] = report
-        return structured(pruned)
-    result = assemble(model, split(pruned))
-    whole.report(report, gm, pruned, result)
+        report = _report(gm, pruned, context, str(budget), importance, solver, measure and whole is None)
+        if whole is None:
+            pruned.meta[REPORT_KEY] = report
+            return structured(pruned)
+        result = assemble(model, split(pruned))
+        whole.report(report, gm, result, context if measure or latency else None)
     result.meta = {REPORT_KEY: report, PLAN_KEY: pruned.meta[PLAN_KEY], CAPTURE_KEY: capture_of(gm)}
     return result
 
@@ -137,17 +137,25 @@ class _Whole:
     def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
 
-    def budget(self, budget: Any, gm: torch.fx.GraphModule) -> Any:
-        if budget.metric == "latency":
-            raise BudgetError("latency budgets on a model captured in parts are not supported yet; use "
-                              "fxprune.FLOPs or fxprune.Params")
-        whole = count_flops(self.model, self.args, self.kwargs) if budget.metric == "flops" else \
-            count_params(self.model)
-        return parts_budget(budget, gm.meta[COST_KEY][budget.metric].baseline, whole)
+        self.prunable_latency: float | None = None  # the parts' share of the whole model's latency
 
-    def report(self, report: Report, gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule,
-               result: torch.nn.Module) -> None:
-        """FLOPs and parameters of the whole model, before and after, and each part's share kept."""
+    def budget(self, budget: Any, gm: torch.fx.GraphModule, context: Context) -> Any:
+        """The parts' budget: what the whole model's budget leaves them once the rest is paid for."""
+        if budget.metric != "latency":
+            whole = count_flops(self.model, self.args, self.kwargs) if budget.metric == "flops" else \
+                count_params(self.model)
+            return parts_budget(budget, gm.meta[COST_KEY][budget.metric].baseline, whole)
+        # end to end on the engine: the whole model exported as it runs, against its captured parts alone
+        with context.engine.deploy(self.model, self.args) as deployed:
+            whole_ms, (share,) = context.engine.time_shares(deployed.run, [context.deployed(gm).run])
+        self.prunable_latency = share = min(share, 1.0)
+        amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
+        return Latency(amount.value / (share * whole_ms))
+
+    def report(self, report: Report, gm: torch.fx.GraphModule, result: torch.nn.Module,
+               context: Context | None) -> None:
+        """FLOPs and parameters of the whole model, before and after, each part's share kept, and (with
+        ``context``) the whole model timed end to end on the engine, before and after."""
         parts_flops = gm.meta[COST_KEY]["flops"].baseline
         report.flops_before = count_flops(self.model, self.args, self.kwargs)
         report.flops_after = count_flops(result, self.args, self.kwargs)
@@ -158,6 +166,16 @@ class _Whole:
                 count_params(result.get_submodule(part.path)), len(part.coupled)))
         report.notes.append(f"{parts_flops / max(report.flops_before, 1):.1%} of the model's FLOPs are in the "
                             f"{len(report.parts)} parts fxprune captured and can prune; the rest runs as written")
+        if context is None:
+            return
+        engine = context.engine
+        with engine.deploy(self.model, self.args) as before, engine.deploy(result, self.args) as after:
+            before_ms, (share,) = engine.time_shares(before.run, [after.run])
+        report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
+        if self.prunable_latency is not None:
+            report.notes.append(f"{self.prunable_latency:.1%} of the model's latency on {engine.name} is in the parts "
+                                f"(the rest: post-processing and code no front end captured); end to end the pruned "
+                                f"model measured {share:.3f} of the model")
 
 
 def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:

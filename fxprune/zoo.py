@@ -136,9 +136,36 @@ DETECTION_BACKBONES = {name: _backbone(name, size) for name, size in (
     ("ssd300_vgg16", 300), ("ssdlite320_mobilenet_v3_large", 320), ("maskrcnn_resnet50_fpn", 224))}
 
 
+def _detector(name: str, size: int, **options: Any) -> Callable[[], Built]:
+    """A whole torchvision detector (transform, backbone, heads, post-processing) on one image: what
+    fxprune captures in parts (``passes/partition.py``)."""
+    def build() -> Built:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **options)
+        return model, ([torch.rand(3, size, size)],)
+    return _seeded(build)
+
+
+_SMALL = dict(min_size=320, max_size=320)  # the R-CNNs, RetinaNet and FCOS resize to 800 by default
+DETECTORS = {name: _detector(name, size, **options) for name, size, options in (
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", 320, {}), ("retinanet_resnet50_fpn", 320, _SMALL),
+    ("fcos_resnet50_fpn", 320, _SMALL), ("ssd300_vgg16", 300, {}), ("ssdlite320_mobilenet_v3_large", 320, {}),
+    ("maskrcnn_resnet50_fpn", 320, _SMALL), ("keypointrcnn_resnet50_fpn", 320, _SMALL))}
+
+
+def _flow(name: str, size: int = 128) -> Callable[[], Built]:
+    def build() -> Built:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None), (torch.rand(1, 3, size, size),
+                                                                  torch.rand(1, 3, size, size))
+    return _seeded(build)
+
+
 FAMILIES: dict[str, dict[str, Callable[[], Built]]] = {
     "hf_vision": HF_VISION, "hf_text": HF_TEXT, "yolo": YOLO, "smp": SMP, "torchvision_video": VIDEO,
-    "detection_backbones": DETECTION_BACKBONES,
+    "detection_backbones": DETECTION_BACKBONES, "detectors": DETECTORS, "optical_flow": {"raft_small": _flow("raft_small")},
 }
 
 

@@ -252,7 +252,8 @@ _PART_PREFIX = "part."
 class _PartOutputs(torch.nn.Module):
     """A model captured in parts, returning its parts' raw outputs after its own. Post-processing (score
     thresholds, top-k, NMS) turns last-digit differences between torch and onnxruntime into other boxes,
-    so a whole detector is verified on what its captured parts return, the heads' raw outputs."""
+    so a whole detector is verified on what its parts upstream of any post-processing return (``Part.raw``:
+    the backbone's features, the dense heads' raw outputs)."""
 
     def __init__(self, model: torch.nn.Module, paths: list[str]) -> None:
         super().__init__()
@@ -272,7 +273,7 @@ class _PartOutputs(torch.nn.Module):
 
 def _part_paths(model: torch.nn.Module) -> list[str]:
     capture = getattr(model, "meta", {}).get(CAPTURE_KEY) if not isinstance(model, torch.fx.GraphModule) else None
-    return [part.path for part in getattr(capture, "parts", [])]
+    return [part.path for part in getattr(capture, "parts", []) if part.raw]
 
 
 def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool) -> tuple[list[Case], tuple]:

@@ -309,7 +309,9 @@ def _parse_graph(value: dict) -> onnx.ModelProto:
 
 
 def _feeds(session, example_inputs: tuple) -> dict[str, np.ndarray]:
-    return {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example_inputs)}
+    """The session's inputs: the leaves of the example's (a detector's list of images is one per image)."""
+    leaves = torch.utils._pytree.tree_leaves(example_inputs)
+    return {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), leaves)}
 
 
 def _trivial_chain(length: int) -> onnx.ModelProto:

@@ -38,6 +38,9 @@ class Part:
     outputs: list[str | None]
     constants: dict[int, Any] = field(default_factory=dict)
     coupled: list[str] = field(default_factory=list)  # inputs fed by another part's output, unchanged
+    # called first, or fed only by such parts' outputs: what it returns depends on no post-processing (a
+    # detector's backbone and dense heads, not its ROI heads), so it is compared exactly on export
+    raw: bool = False
 
 
 @dataclass

@@ -258,8 +258,11 @@ def _stitch(found: list[_Found], inputs: dict[str, list], outputs: dict[str, lis
             sources[f.path].append(source)
     by_output: dict[tuple[str, int], torch.fx.Node] = {}
     placeholders = {n.name: n for n in graph.nodes}
-    parts, returned = [], []
+    parts, returned, raw_outputs = [], [], set()
     for f in found:
+        raw = not parts or all(isinstance(x, torch.Tensor) and id(x) in raw_outputs for x in inputs[f.path])
+        if raw:
+            raw_outputs.update(id(x) for x in outputs[f.path])
         env: dict[torch.fx.Node, Any] = {}
         own = [n for n in f.gm.graph.nodes if n.op == "placeholder"]
         for node, source in zip(own, sources[f.path]):
@@ -286,7 +289,7 @@ def _stitch(found: list[_Found], inputs: dict[str, list], outputs: dict[str, lis
                 returned.append(node)  # read outside the parts (or by no part): an output, kept whole
         parts.append(Part(f.path, f.calls, capture_of(f.gm), [n.name for n in own],
                           [s[1] if s[0] == "input" else f"{s[0]}:{s[1]}" for s in sources[f.path]], names, constants,
-                          coupled=[f"{s[0]}:{s[1]}" for s in sources[f.path] if s[0] != "input"]))
+                          coupled=[f"{s[0]}:{s[1]}" for s in sources[f.path] if s[0] != "input"], raw=raw))
     graph.output(tuple(returned))
     gm = torch.fx.GraphModule(root, graph, "Partitioned")
     gm.meta[CAPTURE_KEY] = Capture(PARTITIONED, list(failed), None, parts)

@@ -137,3 +137,29 @@ def test_a_conv_called_on_inputs_of_another_shape_is_checked_on_every_call():
     (part,) = fxprune.capture_of(gm).parts
     assert part.calls == 2
     assert fxprune.capture_of(gm).parts[0].path == "conv"
+
+
+def test_only_parts_upstream_of_post_processing_are_raw():
+    class TwoStage(Detector):
+        """A second head fed by what post-processing picked: not comparable exactly across engines."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.refine = nn.Linear(32, 4)
+
+        def forward(self, images):
+            out = super().forward(images)
+            features = self.backbone(torch.stack(images))
+            picked = features.flatten(2).amax(-1)  # post-processing on the features
+            out["refined"] = self.refine(picked)
+            return out
+
+    capture = fxprune.capture_of(fxprune.analyze(TwoStage().eval(), _images()))
+    assert {p.path: p.raw for p in capture.parts} == {"backbone": True, "head": True, "refine": False}
+
+
+def test_a_latency_budget_is_read_end_to_end_and_an_unreachable_one_states_the_prunable_share(tmp_path):
+    """The matmul outside the parts is most of the model's latency on onnxruntime: no plan of the parts
+    reaches half of the whole model's, and the error says how much pruning can touch."""
+    with pytest.raises(fxprune.BudgetError, match=r"only \d+\.\d% of the model's latency .* in the parts"):
+        fxprune.compile(Costly().eval(), fxprune.Latency(0.5), _images(), progress=False, cache=tmp_path)
