@@ -13,7 +13,8 @@ from fxprune.passes.pipeline import prune as prune_graph
 from fxprune.testing import masked_forward, randomize_parameters
 
 
-@pytest.mark.parametrize("key", ["hf_text/gpt2", "yolo/yolov8n", "smp/FPN", "hf_vision/detr"])
+@pytest.mark.parametrize("key", ["hf_text/gpt2", "yolo/yolov8n", "smp/FPN", "hf_vision/detr",
+                                 "detectors/fasterrcnn_mobilenet_v3_large_320_fpn"])
 def test_a_model_compiles_as_it_is_and_exports(key, tmp_path):
     model, inputs = zoo.build(*key.split("/"))
     model = randomize_parameters(model)
@@ -54,3 +55,25 @@ def test_detr_matches_the_masked_reference_through_its_frozen_batchnorms():
     for a, b in zip(actual, expected):
         assert bool(torch.isfinite(b).all())
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolo11n"])
+def test_yolo_with_its_detect_head_exports_as_ultralytics_exports(name, tmp_path):
+    """ultralytics' ONNX export: the Detect head in export mode (one tensor, boxes and class scores per
+    anchor), input ``images``, output ``output0``; pruned, it keeps that form."""
+    from ultralytics.nn.modules import Detect
+
+    model, inputs = zoo.build("yolo", name)
+    for module in model.modules():
+        if isinstance(module, Detect):
+            module.export, module.format = True, "onnx"
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.7), inputs, progress=False)
+    report = fxprune.report(pruned)
+    assert report.flops_after <= 0.7 * report.flops_before
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert isinstance(expected, torch.Tensor) and pruned(*inputs).shape == expected.shape == (1, 84, 336)
+    result = fxprune.export_onnx(pruned, tmp_path / f"{name}.onnx", inputs, input_names=["images"],
+                                 output_names=["output0"])
+    assert (result.input_names, result.output_names) == (["images"], ["output0"])
+    assert result.max_abs_diff < 1e-3

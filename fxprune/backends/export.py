@@ -298,8 +298,12 @@ def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: boo
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, *,
                 example_kwargs: dict | None = None, dynamic_batch: bool = True, opset: int | None = None,
-                verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4) -> ExportResult:
+                verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4, input_names: list[str] | None = None,
+                output_names: list[str] | None = None) -> ExportResult:
     """Export the model (in eval mode, left unchanged) to a cleaned, checked ONNX file verified in onnxruntime.
+
+    ``input_names``/``output_names`` name the ONNX graph's inputs and outputs (default: forward's
+    parameters, and the outputs' structure), e.g. ``["images"]``/``["output0"]`` as ultralytics names them.
 
     A module fxprune captured through torch.export is called as the model was (keyword inputs, lists,
     nested outputs); its ONNX graph takes the leaves of those inputs and returns the leaves of its outputs,
@@ -321,8 +325,15 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
         if nested:
             names = [f"{name}_{i}" if isinstance(x, (list, tuple)) else name
                      for name, x in zip(names, inputs) for i in range(len(x) if isinstance(x, (list, tuple)) else 1)]
-        request = _Request(trace_inputs, names, [name for name, _ in cases[0][2]],
-                           dynamic_batch, opset)
+        outputs = [name for name, _ in cases[0][2]]
+        for given, defaults, what in ((input_names, names, "input"), (output_names, outputs, "output")):
+            if given is not None and len(given) > len(defaults):
+                raise ExportError(f"{len(given)} {what}_names given, but the model has {len(defaults)} {what}s")
+        names = list(input_names or []) + names[len(input_names or []):]
+        outputs = list(output_names or []) + outputs[len(output_names or []):]
+        cases = [(label, case_inputs, [(o, t) for o, (_, t) in zip(outputs, named)])
+                 for label, case_inputs, named in cases]
+        request = _Request(trace_inputs, names, outputs, dynamic_batch, opset)
         with tempfile.TemporaryDirectory() as tmp:
             exporter = _export_any(model, request, str(Path(tmp) / "raw.onnx"))
             proto = _clean(Path(tmp) / "raw.onnx")
