@@ -3,12 +3,15 @@ torchvision's FakeData, alone and under torchrun with two gloo processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+import fxprune
 
 from examples.cifar10 import train as cifar10
 from examples.digits.data import digits
@@ -58,3 +61,35 @@ def test_the_cifar10_recipe_runs_under_torchrun_with_two_processes(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'method': 'halp'" in done.stdout and (tmp_path / "pruned.onnx").exists()
+
+
+def _coco_folder(root, images: int = 4) -> None:
+    """A COCO-format folder of generated images, each with two boxes of two classes."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1}, {"id": 2}]}
+    for index in range(images):
+        pixels = (torch.rand(3, 96, 128, generator=generator) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(root / f"{index}.png")
+        coco["images"].append({"id": index, "file_name": f"{index}.png", "width": 128, "height": 96})
+        for box, label in (([10, 12, 40, 30], 1), ([60, 40, 50, 44], 2)):
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": index, "bbox": box,
+                                        "category_id": label})
+    (root / "annotations.json").write_text(json.dumps(coco))
+
+
+def test_the_detection_recipe_prunes_a_whole_detector_while_it_fine_tunes(tmp_path):
+    from examples.detection import train as detection
+
+    _coco_folder(tmp_path)
+    figures = detection.main(["--data", str(tmp_path), "--epochs", "1", "--steps", "2", "--every", "1",
+                              "--budget", "0.6", "--size", "128", "-o", str(tmp_path / "det.pt"),
+                              "--onnx", str(tmp_path / "det.onnx")])
+    assert figures["iterations"] == 2 and figures["flops_after"] <= 0.6 * figures["flops_before"] + 1
+    assert figures["params_after"] < figures["params_before"]
+    assert figures["onnx_max_abs_diff"] < 1e-3
+    loaded = fxprune.load(tmp_path / "det.pt")
+    with torch.no_grad():
+        out = loaded.eval()([torch.rand(3, 96, 128)])
+    assert set(out[0]) == {"boxes", "labels", "scores"}

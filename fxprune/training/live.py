@@ -17,13 +17,14 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import FxpruneError
-from fxprune.ir.capture import structured
+from fxprune.ir.capture import PARTITIONED, capture_of, structured
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import COST_KEY, LATENCY_KEY
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass
 from fxprune.passes.latency import LatencyPass, latency_cost
 from fxprune.passes.params import parameter_axes
+from fxprune.passes.partition import assemble, split
 from fxprune.passes.pipeline import analyze_inputs, infer_example_inputs, prune
 from fxprune.passes.plan import analysis, solve_plan
 from fxprune.rules import TensorAxis
@@ -110,7 +111,12 @@ class LiveModel:
         """A new, physically smaller GraphModule with the live model's current weights and ``plan``."""
         state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
         self.gm.load_state_dict(state, strict=False)
-        pruned = structured(prune(self.gm, plan))  # called like the live model
+        pruned = prune(self.gm, plan)
+        capture = capture_of(pruned)
+        if capture is not None and capture.path == PARTITIONED:  # a copy of the live model, parts pruned
+            pruned = assemble(self.module, split(pruned))
+        else:
+            pruned = structured(pruned)  # called like the live model
         pruned.train(self.module.training)
         return pruned.to(self.device)
 
