@@ -17,6 +17,7 @@ import torch
 import torch.fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
+from fxprune.errors import ExampleInputsError
 from fxprune.ir.keys import CAPTURE_KEY
 
 FX, EXPORT, EXPORT_STRICT, PARTITIONED = "fx", "export", "export-strict", "partitioned"
@@ -86,6 +87,9 @@ def is_structured(gm: torch.nn.Module) -> bool:
 def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:
     """The graph's own inputs for a call made as the model is called: the leaves, in the graph's order."""
     capture = capture_of(gm)
+    if capture is not None and capture.path == PARTITIONED:
+        raise ExampleInputsError("a graph captured in parts takes its parts' inputs, which only a run of the model "
+                                 "gives: use fxprune.passes.pipeline.analyze_inputs(model, inputs), which returns them")
     if capture is None or capture.structure is None:
         return tuple(args)
     # by the captured spec, so keyword inputs given in another order land where the graph reads them

@@ -68,6 +68,11 @@ class ChannelGroup:
     members: list[GroupMember]
     frozen_reason: str | None = None
     norm_coupled: bool = False  # a normalization computes statistics across these channels
+    # channels every plan keeps: they reach a space that can't change (an op no rule knows, the model's
+    # inputs and outputs), which a concat or a residual couples with channels that can. The rest of the
+    # group is prunable; a group whose every channel is fixed is frozen instead (``frozen_reason``).
+    fixed: np.ndarray | None = None
+    fixed_reason: str | None = None
 
     @property
     def prunable(self) -> bool:
@@ -75,6 +80,8 @@ class ChannelGroup:
 
     def describe(self) -> str:
         state = "prunable" if self.prunable else f"frozen: {self.frozen_reason or 'single unit'}"
+        if self.prunable and self.fixed is not None:
+            state += f", {len(self.fixed)} channels kept ({self.fixed_reason})"
         names = ", ".join(m.node for m in self.members[:4]) + (" ..." if len(self.members) > 4 else "")
         return f"group {self.id}: {self.size} channels, {len(self.members)} members ({names}); {state}"
 

@@ -66,6 +66,12 @@ def inference(model: torch.nn.Module, grad: bool | None = False) -> Iterator[Non
             module.training = training
 
 
+def run_eager(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
+    """The model's own forward, as fxprune runs models (``inference``: eval mode, no autograd)."""
+    with inference(model, grad=False):
+        return model(*args, **(kwargs or {}))
+
+
 def model_digest(gm: torch.fx.GraphModule, example_inputs: tuple) -> str:
     """What a whole-model timing depends on: the graph, every node's shape, the parameters' shapes, the
     inputs' shapes and dtypes (not the weights' values)."""

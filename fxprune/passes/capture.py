@@ -24,7 +24,7 @@ import torch.fx
 
 from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
 from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, PARTITIONED, Capture, flat, flat_inputs
-from fxprune.ir.graph import inference
+from fxprune.ir.graph import run_eager
 from fxprune.ir.keys import CAPTURE_KEY
 from fxprune.passes.partition import partition
 from fxprune.passes.trace import check_weights, propagate_shapes, trace, unfed_defaults
@@ -123,19 +123,13 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _run(copied: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
-    """The model's own forward, on a copy the caller made, as fxprune runs graphs (``inference``)."""
-    with inference(copied, grad=False):
-        return copied(*args, **(kwargs or {}))
-
-
 def _keep_mapping_type(gm: torch.fx.GraphModule, model: torch.nn.Module, inputs: tuple) -> None:
     """torch.fx writes a returned mapping as a dict literal; where the model returns another mapping type
     (torchvision's backbones: an OrderedDict), the graph builds that type again."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     if not isinstance(output.args[0], dict):  # torch.fx holds it as its immutable_dict
         return
-    returned = type(_run(copy.deepcopy(model), inputs))
+    returned = type(run_eager(copy.deepcopy(model), inputs))
     if returned is dict or not issubclass(returned, dict):
         return
     with gm.graph.inserting_before(output):
@@ -155,7 +149,7 @@ def _propagate(gm: torch.fx.GraphModule, inputs: tuple, model: torch.nn.Module |
         if model is None:
             raise
         try:
-            _run(copy.deepcopy(model), inputs)
+            run_eager(copy.deepcopy(model), inputs)
         except Exception:  # noqa: BLE001 - the model fails too: the inputs are wrong
             raise error from None
         raise FxpruneTraceError(f"the traced graph fails where the model runs: {error}".splitlines()[0]) from error

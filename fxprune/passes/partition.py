@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx
@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune.errors import CaptureError
 from fxprune.ir.capture import FX, PART_KEY, PARTITIONED, Capture, Part, capture_of, flat_inputs, structured
-from fxprune.ir.graph import attribute, inference
+from fxprune.ir.graph import attribute, inference, run_eager
 from fxprune.ir.keys import CAPTURE_KEY
 from fxprune.passes.trace import propagate_shapes
 
@@ -84,16 +84,11 @@ def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[nn.Module
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
     try:
-        _run(model, args, kwargs)
+        run_eager(model, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return calls
-
-
-def _run(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    with inference(model, grad=False):
-        return model(*args, **kwargs)
 
 
 def _walk(prefix: str, module: nn.Module, calls: dict[nn.Module, _Calls], found: list[_Found], capture_part) -> None:
@@ -115,9 +110,9 @@ def _capture(module: nn.Module, calls: _Calls, capture_part) -> torch.fx.GraphMo
     args, kwargs = calls.samples[0]
     gm, _ = capture_part(module, args, kwargs)
     if capture_of(gm).path == FX:
-        _flatten_fx(gm, args, _run(module, args, kwargs))
+        _flatten_fx(gm, args, run_eager(module, args, kwargs))
     for sample_args, sample_kwargs in calls.samples:
-        want = [x for x in pytree.tree_leaves(_run(module, sample_args, sample_kwargs))]
+        want = [x for x in pytree.tree_leaves(run_eager(module, sample_args, sample_kwargs))]
         with inference(gm, grad=False):
             got = list(gm(*flat_inputs(gm, sample_args, sample_kwargs)))
         if len(got) != len(want) or not all(_close(g, w) for g, w in zip(got, want)):
@@ -215,7 +210,7 @@ def _observe(model: nn.Module, args: tuple, kwargs: dict, found: list[_Found]):
     uses = _OutsideUses(watched, depth)
     try:
         with uses:
-            returned = _run(model, args, kwargs)
+            returned = run_eager(model, args, kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -353,7 +348,3 @@ def assemble(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Module:
         owner, _, name = path.rpartition(".")
         setattr(result.get_submodule(owner), name, module)
     return result
-
-
-def part_paths(capture: Capture | None) -> Iterable[str]:
-    return [p.path for p in capture.parts] if capture is not None else []

@@ -82,6 +82,8 @@ def with_every_member(gm: torch.fx.GraphModule, keep: dict[int, np.ndarray],
     plan = {}
     for gid, channels in keep.items():
         kept = set(np.asarray(channels).tolist())
+        if result.groups[gid].fixed is not None:  # channels every plan keeps
+            kept.update(result.groups[gid].fixed.tolist())
         for member in result.member_channels(gid):
             if not kept.intersection(member.tolist()):
                 kept.add(int(rng.choice(member)) if rng is not None else int(member[0]))
@@ -95,10 +97,14 @@ MAX_OPTIONS = 128  # per group: wide groups step by a multiple of round_to so th
 def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[ChannelSpace],
                    round_to: int) -> _GroupOptions:
     importance = np.asarray(importance, dtype=np.float64)
-    order = np.argsort(-importance, kind="stable")
+    fixed = np.zeros(group.size, dtype=bool)
+    if group.fixed is not None:
+        fixed[group.fixed] = True
+    order = np.lexsort((-importance, ~fixed))  # the fixed channels first, then by decreasing importance
     rank = np.empty(group.size, dtype=np.int64)
     rank[order] = np.arange(group.size)
-    smallest = max(int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces)  # one channel per member
+    smallest = max([int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces]  # one channel per member
+                   + [int(fixed.sum())])
     # On the grid only: an off-grid width (one channel, say) can make the engine leave its fast layout
     # around the layer, which no per-layer cost sees. A group narrower than one step stays whole.
     lowest = min(-(-smallest // round_to) * round_to, group.size)

@@ -43,6 +43,10 @@ def keep_masks(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, np.ndarray]:
         if kept.size < group.size and not group.prunable:
             raise PlanError(f"group {gid} is frozen ({group.frozen_reason or 'a single unit'}) and cannot be "
                             "pruned; leave it out of the plan")
+        if group.fixed is not None and not np.isin(group.fixed, kept).all():
+            raise PlanError(f"the plan drops channels {sorted(set(group.fixed.tolist()) - set(kept.tolist()))[:8]} "
+                            f"of group {gid}, which must stay ({group.fixed_reason}); keep them, e.g. with "
+                            "fxprune.with_every_member(gm, keep)")
         masks[gid] = np.zeros(group.size, dtype=bool)
         masks[gid][kept] = True
     return masks
@@ -108,6 +112,8 @@ def _kept_positions(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray]) -> K
         if masks[space.group_id].all():
             continue
         positions = space.kept_positions(masks[space.group_id])
+        if positions.size == space.size:
+            continue  # this space keeps all it has (a frozen one always does)
         if positions.size == 0:
             raise PlanError(f"the plan removes every channel of {space.node} (group {space.group_id}); "
                             "keep at least one of the group channels that feed it")

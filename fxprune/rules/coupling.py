@@ -275,12 +275,19 @@ class ChannelBuilder:
                 space.group_id = group_id
                 space.channel_index = sorter[np.searchsorted(unique_in_order, lab, sorter=sorter)].astype(np.int64)
             reasons = [self.frozen[s.id] for s in members if s.id in self.frozen]
+            reason = "; ".join(dict.fromkeys(reasons)) if reasons else None
+            # a frozen space keeps its own channels, not the whole group's: the rest may go
+            fixed = np.unique(np.concatenate([s.channel_index for s in members if s.id in self.frozen] or
+                                             [np.zeros(0, dtype=np.int64)]))
+            partly = 0 < fixed.size < len(unique_in_order)
             groups[group_id] = ChannelGroup(
                 id=group_id,
                 size=len(unique_in_order),
                 members=[GroupMember(s.node, s.dim, s.size) for s in members],
-                frozen_reason="; ".join(dict.fromkeys(reasons)) if reasons else None,
+                frozen_reason=None if partly else reason,
                 norm_coupled=any(s.id in self.norm_coupled for s in members),
+                fixed=fixed if partly else None,
+                fixed_reason=reason if partly else None,
             )
         return Analysis(groups=groups, spaces=self.spaces)
 
@@ -293,33 +300,31 @@ class ChannelBuilder:
         back instead. Any other use (arithmetic, asserts, factories) freezes the measured group, and
         the group of the axis it sizes, if any: that axis must keep the measured width.
         """
-        frozen_components = {component_of[i] for i in self.frozen}
         for measured, target, user, position in self.width_uses:
             if user in self.replaced_chains:
                 continue  # the rewrite replaces this shape op with a gather
             if target is not None and component_of[target.id] == component_of[measured.id] \
                     and target.size == measured.size:
                 continue
-            if position is not None and target is None and self._fixed_width(user, position, component_of,
-                                                                             frozen_components):
+            if position is not None and target is None and self._fixed_width(user, position):
                 self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
                 continue
             if target is not None and position is not None and target.dim == position \
-                    and component_of[measured.id] not in frozen_components:
+                    and measured.id not in self.frozen:
                 # it sizes another group's axis (timm's pvt_v2: sr(x).reshape(B, C, -1), an attention's merged
                 # heads reshaped to the stream's width): that axis keeps its width and gets the traced number
                 # back, and the measured group stays free
                 self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
-                frozen_components.add(component_of[target.id])
                 self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
                 continue
             self.freeze(measured, f"its width is read at run time and used by {user.name}")
             if target is not None:  # the axis it sizes must keep that width too
                 self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
 
-    def _fixed_width(self, node: torch.fx.Node, dim: int, component_of, frozen_components) -> bool:
-        """True when axis ``dim`` of ``node``'s output can never change width: untracked, or frozen."""
+    def _fixed_width(self, node: torch.fx.Node, dim: int) -> bool:
+        """True when axis ``dim`` of ``node``'s output can never change width: untracked, or frozen (a frozen
+        space keeps its own positions)."""
         space = graph.space(node)
         if node in self.pending:
             return False
-        return space is None or space.dim != dim or component_of[space.id] in frozen_components
+        return space is None or space.dim != dim or space.id in self.frozen

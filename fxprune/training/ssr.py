@@ -98,8 +98,13 @@ class SSR:
     def zero_channels(self) -> dict[int, np.ndarray]:
         """Per prunable group: the channels whose auxiliary row F is exactly zero."""
         norms = self._row_norms(self.auxiliary)
-        return {gid: np.flatnonzero(n == 0) for gid, n in norms.items()
-                if self.live.groups[gid].prunable and (n == 0).any()}
+        found = {}
+        for gid, n in norms.items():
+            group = self.live.groups[gid]
+            zero = (n == 0) if group.fixed is None else (n == 0) & ~np.isin(np.arange(n.size), group.fixed)
+            if group.prunable and zero.any():
+                found[gid] = np.flatnonzero(zero)
+        return found
 
     def plan(self, budget: Any = None, *, solver: str = "sp_lamp", **cost_options) -> Plan:
         """Remove the zero rows (keeping one channel per member, as every plan must); with a budget, prune on

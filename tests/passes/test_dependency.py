@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -318,3 +319,32 @@ def test_conv1d_conv3d_and_transposed_convs():
     inputs = (torch.randn(1, 2, 7), torch.randn(1, 2, 3, 3), torch.randn(1, 2, 2, 2, 2))
     gm, pruned = _check_equivalent(Mixed().eval(), inputs)
     assert pruned.c1.out_channels == 3 and pruned.t.out_channels == 3 and pruned.c3.out_channels == 2
+
+
+class InputConcat(nn.Module):
+    """The model's input concatenated with features (a U-Net's skip, RAFT's flow beside its motion features):
+    the input's 3 channels can't go, the features' may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(11, 6, 1)
+
+    def forward(self, x):
+        return self.mix(torch.cat([x, F.relu(self.features(x))], dim=1))
+
+
+def test_a_frozen_part_of_a_concat_keeps_its_channels_and_frees_the_rest():
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxprune.analyze(InputConcat().eval(), (x,))
+    group, _ = _group_of(gm, "cat")
+    assert group.prunable and group.size == 11 and group.fixed.tolist() == [0, 1, 2]
+    assert "model input" in group.fixed_reason
+    for seed in range(4):  # random plans keep the fixed channels and prune the rest exactly
+        _check_equivalent(InputConcat().eval(), (x,), seed=seed)
+    with pytest.raises(fxprune.PlanError, match="must stay"):
+        fxprune.prune(gm, fxprune.Plan({group.id: np.arange(5, 11)}))
+    pruned = fxprune.compile(InputConcat().eval(), fxprune.FLOPs(0.7), (x,), progress=False)
+    assert pruned.mix.in_channels < 11 and pruned.features.in_channels == 3
+    report = fxprune.report(pruned)
+    assert report.flops_after <= 0.7 * report.flops_before
