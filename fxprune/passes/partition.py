@@ -95,8 +95,8 @@ def _walk(prefix: str, module: nn.Module, calls: dict[nn.Module, _Calls], found:
     """Capture each child holding parameters that the forward calls, or else its children."""
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if child not in calls or not any(True for _ in child.parameters()):
-            continue
+        if child not in calls or not any(True for _ in child.parameters()) or any(f.module is child for f in found):
+            continue  # never called, nothing to prune, or one module under two names (captured once)
         try:
             gm = _capture(child, calls[child], capture_part)
         except Exception:  # noqa: BLE001 - not capturable alone: its children may be

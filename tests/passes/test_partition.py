@@ -163,3 +163,13 @@ def test_a_latency_budget_is_read_end_to_end_and_an_unreachable_one_states_the_p
     reaches half of the whole model's, and the error says how much pruning can touch."""
     with pytest.raises(fxprune.BudgetError, match=r"only \d+\.\d% of the model's latency .* in the parts"):
         fxprune.compile(Costly().eval(), fxprune.Latency(0.5), _images(), progress=False, cache=tmp_path)
+
+
+def test_a_module_shared_under_two_names_is_one_part():
+    class Shared(Detector):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alias = self.head  # the same module, registered twice
+
+    capture = fxprune.capture_of(fxprune.analyze(Shared().eval(), _images()))
+    assert [p.path for p in capture.parts] == ["backbone", "head"]
