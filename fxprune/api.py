@@ -83,6 +83,7 @@ def compile(
     leaf_modules: Iterable[type | str] = (),
     autowrap_functions: Iterable = (),
     cache: Any = None,
+    remeasure: bool = False,
     progress: bool = True,
 ) -> torch.fx.GraphModule:
     """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module.
@@ -91,7 +92,8 @@ def compile(
     ``fxprune.FLOPs``, ``fxprune.Params``. ``engine``: ``"onnxruntime"`` (CPU, default), ``"torch"``,
     ``"cuda"`` or an ``Engine``; ``threads``: its thread count (default: torch's). ``round_to``: keep
     counts on multiples of this (default: the engine's latency step for latency budgets, else 8).
-    ``cache``: a ``LatencyCache`` or a folder for the latency tables (default ``~/.cache/fxprune``).
+    ``cache``: a ``LatencyCache`` or a folder for the latency tables (default ``~/.cache/fxprune``);
+    ``remeasure``: time every table and plan again instead of reading them (and overwrite them).
     ``measure``: also time the model before and after on ``engine`` for the report.
     ``refine``: for latency budgets, how many solved plans may be timed on ``engine`` and solved again
     through the measurements (``passes/refine.py``); 0 trusts the tables alone.
@@ -104,7 +106,8 @@ def compile(
     latency = budget.metric == "latency"
     if example_inputs is None and not example_kwargs:
         example_inputs = infer_example_inputs(model)
-    with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure) as context:
+    with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
+                 remeasure=remeasure) as context:
         plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine)
         gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
                                                     capture=capture, leaf_modules=leaf_modules,
@@ -213,8 +216,9 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         if solution.measured_solve is not None:
             _report_measured_solve(report, solution.measured_solve, solution.cost.baseline)
         report.notes.append(f"latency tables on {context.engine.name} ({context.engine.threads} threads): "
-                            f"{calibration.tables} layers, {calibration.tables_measured} measured now, the rest "
-                            f"from the cache; latency step {calibration.step} channels")
+                            f"{calibration.tables} layer tables; {calibration.tables_measured} measurements taken now "
+                            f"(tables, the latency step, whole-model timings), the rest read from the cache; latency "
+                            f"step {calibration.step} channels")
     if measure:
         engine = context.engine
         with engine.deploy(pruned, inputs) as deployed:

@@ -46,6 +46,7 @@ class LatencyCache:
     """Measurements on disk (``directory``), or in memory only when ``directory`` is None."""
 
     directory: Path | None = field(default_factory=default_cache_dir)
+    remeasure: bool = False  # measure every entry again (and overwrite it) instead of reading the disk
     hits: int = 0
     measured: int = 0
     rejected: list[tuple[Path, str]] = field(default_factory=list)  # entries re-measured, and why
@@ -69,7 +70,7 @@ class LatencyCache:
         """The cached value for ``key`` parsed by ``parse``, or None if there is no valid entry."""
         digest = _canonical(key)
         found = self._memory.get(digest)
-        if found is None:
+        if found is None and not self.remeasure:
             found = self._read(key, parse)
         if found is not None:
             self.hits += 1
@@ -83,6 +84,29 @@ class LatencyCache:
         self._write(key, value)
         self._memory[_canonical(key)] = parsed
         return parsed
+
+    def info(self) -> dict[str, dict[str, float]]:
+        """Per kind of entry (layer tables, whole-model timings, exported graphs): entries and bytes on disk."""
+        found: dict[str, dict[str, float]] = {}
+        root = self.directory / "latency" if self.directory is not None else None
+        for path in sorted(root.glob("*/*.json")) if root is not None and root.exists() else []:
+            entry = found.setdefault(path.parent.name, {"entries": 0, "bytes": 0, "newest": 0.0})
+            stat = path.stat()
+            entry["entries"] += 1
+            entry["bytes"] += stat.st_size
+            entry["newest"] = max(entry["newest"], stat.st_mtime)
+        return found
+
+    def clear(self, kind: str | None = None) -> int:
+        """Delete the entries on disk (of one kind, or all); returns how many went."""
+        root = self.directory / "latency" if self.directory is not None else None
+        removed = 0
+        for path in root.glob(f"{kind or '*'}/*.json") if root is not None and root.exists() else []:
+            with suppress(OSError):
+                path.unlink()
+                removed += 1
+        self._memory.clear()
+        return removed
 
     def _read(self, key: dict, parse: Callable[[Any], T]) -> T | None:
         path = self.path(key)

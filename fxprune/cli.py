@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch
 
 import fxprune
 from fxprune import plots
-from fxprune.errors import FxpruneError, ModelNotFoundError
+from fxprune.cache import LatencyCache
+from fxprune.errors import FxpruneError, InvalidWeightsError, ModelNotFoundError
 from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.passes.context import Context
 from fxprune.passes.latency import LatencyPass
@@ -31,7 +33,20 @@ def load_model(spec: str, weights: str | None = None) -> torch.nn.Module:
     """The model MODEL names (random weights unless a file or ``weights`` gives them), in eval mode."""
     model = _model_from(spec)
     if weights:
-        model.load_state_dict(_state_dict(weights))
+        state = _state_dict(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+            expected = model.state_dict()
+            missing = [k for k in expected if k not in state]
+            unexpected = [k for k in state if k not in expected]
+            shaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+            details = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                   ("other shape", shaped)) if keys)
+            raise InvalidWeightsError(f"--weights {weights} does not fit {spec}: {details or str(err)[:200]}. "
+                                      "Pass the checkpoint of this model (or the model these weights belong to)."
+                                      ) from None
     return model.eval()
 
 
@@ -51,6 +66,8 @@ def _model_from(spec: str) -> torch.nn.Module:
         return _timm(spec[5:])
     if ":" in spec:
         module_name, _, factory = spec.partition(":")
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:  # a factory beside the user, as python -m finds it
+            sys.path.insert(0, str(Path.cwd()))
         try:
             return getattr(importlib.import_module(module_name), factory)()
         except (ImportError, AttributeError) as err:
@@ -157,7 +174,8 @@ def _capture(args) -> dict:
 
 # API words in fxprune's messages, and the flags a command-line user gives instead
 _FLAGS = {"capture='export'": "--capture export", "capture='auto'": "--capture auto",
-          "leaf_modules=[...]": "--leaf-module NAME"}
+          "leaf_modules=[...]": "--leaf-module NAME", "compile with a larger refine": "give a larger --refine",
+          "example_inputs=(tensor, ...)": "--input-shape", "pass measure=True to fxprune.compile": "pass --measure"}
 
 
 def _in_flags(message: str) -> str:
@@ -166,15 +184,58 @@ def _in_flags(message: str) -> str:
     return message
 
 
+OUTPUT_SUFFIXES = (".onnx", ".pt", ".pt2")
+
+
+def check_outputs(args) -> None:
+    """What can be known wrong about -o and --plot before minutes of compiling: a suffix no writer takes, a
+    folder that can't be written, matplotlib missing."""
+    for output in args.output:
+        path = Path(output)
+        if path.suffix not in OUTPUT_SUFFIXES:
+            raise FxpruneError(f"-o {output}: write .onnx (checked ONNX), .pt (fxprune.save) or .pt2 "
+                               f"(torch.export), not {path.suffix or 'a file without a suffix'}")
+        _check_writable(path.parent, f"-o {output}")
+    if getattr(args, "plot", None):
+        _check_writable(Path(args.plot), f"--plot {args.plot}")
+        try:
+            import matplotlib  # noqa: F401 - only whether it is there
+        except ImportError:
+            raise FxpruneError("--plot needs matplotlib: pip install 'fxprune[plot]' (or matplotlib)") from None
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    """Make the folder (as the writers would) and a file in it, or say why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise FxpruneError(f"{flag}: cannot write under {folder} ({err.strerror or err}); choose a folder you "
+                           "can write to") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs a number >= 1, got {value}")
+    return value
+
+
 def cmd_prune(args) -> None:
+    check_outputs(args)
     step = Steps()
     model, inputs = _load(args, step)
     with step(f"compiling to {args.budget}"):
         pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
                                  engine=args.engine, threads=args.threads, round_to=args.round_to,
-                                 measure=args.measure, refine=args.refine, **_capture(args))
+                                 measure=args.measure, refine=args.refine, remeasure=args.remeasure,
+                                 **_capture(args))
     report = fxprune.report(pruned)
-    print(report)
+    print(_in_flags(str(report)))
     for output in args.output:
         with step(f"writing {output}"):
             path = Path(output)
@@ -199,7 +260,7 @@ def _with_tables(model: torch.nn.Module, inputs: tuple, args) -> torch.fx.GraphM
     """The analysed model with its latency tables (measured, or from the cache) on its nodes."""
     gm = fxprune.analyze(model, inputs, **_capture(args))
     inputs = fxprune.graph_inputs(gm, inputs)
-    with Context(inputs, args.engine, threads=args.threads) as context:
+    with Context(inputs, args.engine, threads=args.threads, remeasure=getattr(args, "remeasure", False)) as context:
         LatencyPass(context, round_to=getattr(args, "round_to", None))(gm)
     return gm
 
@@ -225,8 +286,9 @@ def cmd_profile(args) -> None:
     for what, ms in (("memory-bound ops between layers", calibration.memory_ms),
                      ("between kernels, and frozen layers", calibration.fixed_ms)):
         print(f"  {what:<79} {ms:>8.3f} {ms / total:>7.1%}")
-    print(f"latency step: {calibration.step} channels; {calibration.tables} tables, {calibration.tables_measured} "
-          f"measured now ({calibration.seconds:.1f} s)")
+    print(f"latency step: {calibration.step} channels; {calibration.tables} layer tables; "
+          f"{calibration.tables_measured} measurements taken now, the rest read from the cache "
+          f"({calibration.seconds:.1f} s)")
     if args.plot:
         print(f"plot: {plots.latency_curves(gm, Path(args.plot))}")
 
@@ -246,6 +308,21 @@ def cmd_analyze(args) -> None:
         print("  " + group.describe())
 
 
+def cmd_cache(args) -> None:
+    cache = LatencyCache()
+    if args.action == "clear":
+        print(f"removed {cache.clear(args.kind)} entries from {cache.directory}")
+        return
+    found = cache.info()
+    print(f"latency cache: {cache.directory} (FXPRUNE_CACHE_DIR moves it)")
+    if not found:
+        print("  empty")
+    for kind, entry in found.items():
+        newest = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["newest"]))
+        print(f"  {kind:<12} {int(entry['entries']):>6} entries {entry['bytes'] / 1e6:>8.2f} MB   newest {newest}")
+    print("fxprune cache clear [--kind KIND] deletes them; `fxprune prune ... --remeasure` times them again")
+
+
 def cmd_models(args) -> None:
     import torchvision
 
@@ -262,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("model", help="torchvision or timm name, package.module:factory, or a model file")
         cmd.add_argument("--weights", help="a state dict (checkpoint) to load into the model")
         cmd.add_argument("--input-shape", type=parse_shape, help="example input shape (default: 1,C,224,224)")
-        cmd.add_argument("--capture", default="auto", choices=("auto", "fx", "export", "export-strict"),
-                         help="how to capture the model: torch.fx, then torch.export (auto, the default), or one alone")
+        cmd.add_argument("--capture", default="auto", choices=("auto", "fx", "export", "export-strict", "partitioned"),
+                         help="how to capture the model: torch.fx, then torch.export, then in parts (auto, the "
+                              "default), or one alone")
         cmd.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                          help="a submodule (qualified name) to keep opaque: its channels are kept (repeatable)")
         cmd.set_defaults(func=func)
@@ -274,11 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="0.5 (latency share, the default), ms:4.0, flops:0.5 or params:0.5")
     for cmd in (prune, model_command("profile", cmd_profile, "per-layer latency table on an engine")):
         cmd.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "torch", "cuda"))
-        cmd.add_argument("--threads", type=int, help="engine threads (default: torch's)")
+        cmd.add_argument("--threads", type=positive_int, help="engine threads (default: torch's)")
         cmd.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
+        cmd.add_argument("--remeasure", action="store_true",
+                         help="time the latency tables and plans again instead of reading the cache")
     prune.add_argument("--importance", default="sp_lamp", choices=("sp_lamp", "lamp", "l1", "l2", "bn_scale"))
     prune.add_argument("--solver", default="sp_lamp", choices=("sp_lamp", "halp"))
-    prune.add_argument("--round-to", type=int, help="keep counts on multiples of this (default: the engine's step)")
+    prune.add_argument("--round-to", type=positive_int,
+                       help="keep counts on multiples of this (default: the engine's step)")
     prune.add_argument("--measure", action="store_true", help="time the model before and after on the engine")
     prune.add_argument("--refine", type=int, default=2, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
@@ -291,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("file")
     report.set_defaults(func=cmd_report)
     sub.add_parser("models", help="list torchvision model names").set_defaults(func=cmd_models)
+    cache = sub.add_parser("cache", help="what the latency cache holds, or clear it")
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.add_argument("--kind", help="clear only entries of this kind (as `fxprune cache info` lists them)")
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -53,7 +53,7 @@ class UnsupportedModelError(FxpruneError):
 
 
 class InvalidWeightsError(FxpruneError):
-    """The model's weights hold NaN or infinite values."""
+    """The model's weights can't be used: NaN or infinite values, or a checkpoint that does not fit the model."""
 
 
 class ScoreError(FxpruneError):

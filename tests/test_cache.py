@@ -135,3 +135,22 @@ def test_an_unwritable_cache_costs_a_measurement_not_the_run(tmp_path, caplog):
     cache = LatencyCache(blocked)
     assert cache.get_or_measure(_key(), Counter(), _parse) == [1.0, 2.0]
     assert "could not write" in caplog.text
+
+
+def test_info_counts_entries_by_kind_and_clear_removes_them(tmp_path):
+    cache = LatencyCache(tmp_path)
+    for index in range(3):
+        cache.store({"kind": "table", "i": index}, [index], lambda v: v)
+    cache.store({"kind": "plan", "i": 0}, [1.0], lambda v: v)
+    info = cache.info()
+    assert info["table"]["entries"] == 3 and info["plan"]["entries"] == 1 and info["table"]["bytes"] > 0
+    assert cache.clear("plan") == 1 and set(cache.info()) == {"table"}
+    assert cache.clear() == 3 and cache.info() == {}
+
+
+def test_remeasure_measures_again_and_overwrites(tmp_path):
+    LatencyCache(tmp_path).store({"kind": "table"}, [1.0], lambda v: v)
+    assert LatencyCache(tmp_path).get_or_measure({"kind": "table"}, lambda: [2.0], lambda v: v) == [1.0]
+    fresh = LatencyCache(tmp_path, remeasure=True)
+    assert fresh.get_or_measure({"kind": "table"}, lambda: [3.0], lambda v: v) == [3.0] and fresh.measured == 1
+    assert LatencyCache(tmp_path).get_or_measure({"kind": "table"}, lambda: [4.0], lambda v: v) == [3.0]

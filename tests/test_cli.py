@@ -56,7 +56,7 @@ def test_profile_prints_a_per_layer_table(capsys):
 
 
 def test_analyze_lists_groups(capsys):
-    assert main(["analyze", "resnet18", "--input-shape", "1,3,32,32"]) == 0
+    assert main(["analyze", "resnet18", "--input-shape", "1,3,48,48"]) == 0
     text = capsys.readouterr().out
     assert "prunable" in text and "frozen: model output" in text
 
@@ -95,3 +95,67 @@ def test_capture_flags_and_advice_in_flags(capsys):
     error = capsys.readouterr().err
     assert "--capture export" in error and "capture='export'" not in error and "concrete_args" not in error
     assert main(["analyze", spec, "--input-shape", "1,3,16,16", "--leaf-module", "inner"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-o", "small.txt"], "write .onnx"),
+    (["-o", "/proc/fxprune/x.onnx"], "cannot write under /proc"),
+    (["--plot", "/proc/fxprune"], "cannot write under /proc"),
+])
+def test_outputs_are_checked_before_the_compile(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(fxprune, "compile", lambda *a, **k: pytest.fail("compiled before checking the outputs"))
+    assert main(["prune", "resnet18", "--budget", "flops:0.5", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_weights_that_do_not_fit_are_a_message(tmp_path, capsys):
+    torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "other.pth")
+    assert main(["analyze", "resnet18", "--weights", str(tmp_path / "other.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit resnet18" in err and "missing" in err and "Traceback" not in err
+
+
+def test_a_wrong_input_shape_prints_one_message(capsys):
+    assert main(["analyze", "resnet18", "--input-shape", "1,5,32,32"]) == 1
+    err = capsys.readouterr().err
+    assert "failed on the example inputs" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--round-to", "--threads"])
+def test_counts_below_one_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "resnet18", flag, "0"])
+    assert "needs a number >= 1" in capsys.readouterr().err
+
+
+def test_a_factory_in_the_current_folder_is_found(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mymodels_fxprune_test.py").write_text(
+        "import torch.nn as nn\ndef mlp():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert main(["analyze", "mymodels_fxprune_test:mlp", "--input-shape", "1,3,16,16"]) == 0
+    assert "channel groups" in capsys.readouterr().out
+
+
+def test_cache_info_and_clear(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    fxprune.LatencyCache(tmp_path).store({"kind": "table", "layer": 1}, [0.5], lambda v: v)
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and re.search(r"table\s+1 entries", out)
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out
+    assert main(["cache", "info"]) == 0 and "empty" in capsys.readouterr().out
+
+
+def test_the_report_speaks_in_flags(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tiny_fxprune_test.py").write_text(
+        "import torch.nn as nn\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Conv2d(128, 128, 3), nn.ReLU(), "
+        "nn.Conv2d(128, 8, 1))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["prune", "tiny_fxprune_test:net", "--budget", "0.9", "--engine", "torch", "--refine", "0",
+                 "--input-shape", "1,3,48,48"]) == 0
+    out = capsys.readouterr().out
+    assert "pass --measure" in out and "measure=True" not in out

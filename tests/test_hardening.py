@@ -126,8 +126,8 @@ def test_an_untraceable_model_names_the_fix():
                 return self.conv(x)
             return x
 
-    with pytest.raises(fxprune.FxpruneTraceError, match="leaf_modules"):
-        fxprune.compile(Branchy(), fxprune.FLOPs(0.5), INPUTS)
+    with pytest.raises(fxprune.FxpruneTraceError, match="leaf_modules"):  # (auto would capture conv alone)
+        fxprune.compile(Branchy(), fxprune.FLOPs(0.5), INPUTS, capture="fx")
 
 
 @pytest.mark.parametrize("budget, message", [(0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), (-1, r"\(0, 1\]"),

@@ -340,7 +340,9 @@ def _moves_memory(kernel: _Kernel) -> bool:
 
 def _branch_of(node: str, kind: str) -> int | None:
     """Branch index of a kernel named from a ``u{i}_`` (unit) or ``r{i}_`` (reference) prefix, or None
-    (producers, layout reorders)."""
+    (producers, layout reorders). A kernel onnxruntime fused from a branch's nodes (Gemm with its Relu) is
+    named ``fused <first node>``."""
+    node = node.removeprefix("fused ")
     if not node.startswith(kind):
         return None
     digits = node[1:].split("_", 1)[0]

@@ -101,7 +101,7 @@ class LatencyCalibration:
     reduced_ms: float = 0.0  # the second calibration point: the model with every group at REDUCED_SHARE
     reduced: Any = None  # that model's Plan (built once, read again by the closed loop)
     tables: int = 0  # distinct unit tables the model needs
-    tables_measured: int = 0  # of which measured in this call (the rest came from the cache)
+    tables_measured: int = 0  # measurements taken in this call (tables, the step, whole-model timings), not cached
     seconds: float = 0.0
 
     @property

@@ -25,10 +25,12 @@ class Context:
     """Shared state of one pipeline run; use it in a ``with`` block so deployed models are released."""
 
     def __init__(self, example_inputs: Any, engine: Any = NO_ENGINE, *, threads: int | None = None,
-                 cache: LatencyCache | str | None = None, progress: bool = True, check: bool = True) -> None:
+                 cache: LatencyCache | str | None = None, progress: bool = True, check: bool = True,
+                 remeasure: bool = False) -> None:
         self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.engine = None if engine is NO_ENGINE else get_engine(engine, threads, check=check)
         self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(*(() if cache is None else (cache,)))
+        self.cache.remeasure = self.cache.remeasure or remeasure
         self.progress = progress
         self._stack = ExitStack()
         self._memo: dict[tuple, tuple[torch.fx.GraphModule, Any]] = {}  # the graph is kept alive with its id

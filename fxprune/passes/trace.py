@@ -6,8 +6,11 @@ non-tensor values such as sizes, ``node.meta["fxprune_value"]`` so later passes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import sys
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -163,9 +166,11 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     Runs in eval mode so no BatchNorm statistic moves; every module's training flag is restored after.
     """
     inputs = check_example_inputs(gm, example_inputs)
+    printed = io.StringIO()  # ShapeProp prints the traceback of a failing node before it raises
     try:
-        with inference(gm):
+        with inference(gm), contextlib.redirect_stderr(printed):
             _RecordingShapeProp(gm).propagate(*inputs)
+        sys.stderr.write(printed.getvalue())  # the model's own warnings, when it ran
     except Exception as exc:
         node = _failing_node(exc)
         shapes = ", ".join(

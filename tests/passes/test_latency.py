@@ -287,3 +287,13 @@ def test_time_shares_uses_the_quiet_pairs():
 
     full_ms, shares = Scripted().time_shares(lambda: 10.0, [lambda: 4.0], rounds=8)
     assert full_ms == 10.0 and shares == [pytest.approx(0.4)]
+
+
+def test_a_linear_only_model_gets_latency_tables_on_onnxruntime(tmp_path):
+    """onnxruntime fuses a Gemm and its Relu into a kernel named ``fused <gemm>``: still the unit's kernel."""
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).eval()
+    pruned = fxprune.compile(model, fxprune.Latency(0.8), (torch.randn(64, 256),), refine=0, progress=False,
+                             cache=tmp_path)
+    report = fxprune.report(pruned)
+    assert report.latency_step is not None and report.predicted_latency_ms_after < report.predicted_latency_ms_before
+    assert any(g.kept < g.total for g in report.groups)
