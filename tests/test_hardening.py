@@ -41,13 +41,14 @@ def test_the_model_is_never_modified(mode, budget):
 
 @pytest.mark.parametrize("importance, budget, engine", [
     ("sp_lamp", fxprune.FLOPs(0.5), "torch"), ("taylor", fxprune.FLOPs(0.5), "torch"),
-    ("sp_lamp", fxprune.Latency(0.6), "torch"), ("sp_lamp", fxprune.Latency(0.6), "onnxruntime")],
+    ("sp_lamp", fxprune.Latency(0.8), "torch"), ("sp_lamp", fxprune.Latency(0.8), "onnxruntime")],
     ids=["flops", "taylor", "torch-engine-latency", "onnxruntime-latency"])
 def test_a_model_in_train_mode_keeps_its_batchnorm_statistics(importance, budget, engine, tmp_path):
     """The cost pass, Taylor scoring, the engines and the closed loop (whose timed copy is the module
     returned) run the graph; in train mode that used to move the returned model's running statistics
     away from the user's (zeros became [0.017, -0.049, ...]). A fresh BatchNorm holds means 0 and
-    variances 1: any batch seen would move them."""
+    variances 1: any batch seen would move them. (Latency 0.8: tables of this tiny model timed on a busy
+    machine have put its smallest plan at 0.64 of it; what is checked here is the statistics.)"""
     model = tiny_cnn().train()
     calibration = [((torch.randn(2, 3, 32, 32),), torch.randn(2, 10)) for _ in range(2)]
     pruned = fxprune.compile(model, budget, INPUTS, round_to=4, importance=importance, engine=engine,
