@@ -20,7 +20,8 @@ def loader(dataset, batch_size: int, train: bool, seed: int = 0, workers: int = 
     sampler = DistributedSampler(dataset, shuffle=train, seed=seed) if sharded else None
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=workers, drop_last=train)
+                      generator=generator, num_workers=workers,
+                      drop_last=train and len(dataset) > batch_size)  # a set smaller than a batch is one batch
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:

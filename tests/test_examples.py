@@ -93,3 +93,13 @@ def test_the_detection_recipe_prunes_a_whole_detector_while_it_fine_tunes(tmp_pa
     with torch.no_grad():
         out = loaded.eval()([torch.rand(3, 96, 128)])
     assert set(out[0]) == {"boxes", "labels", "scores"}
+
+
+def test_a_training_set_smaller_than_a_batch_is_one_batch():
+    """The CIFAR-10 recipe's documented smoke test (--fake-size 64 at the default --batch-size 128) had no
+    iteration at all: the loader dropped its only, incomplete batch."""
+    from examples.training import loader
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.zeros(8))
+    assert len(loader(data, 16, train=True)) == 1
+    assert len(loader(torch.utils.data.TensorDataset(torch.randn(40, 3)), 16, train=True)) == 2  # full batches only
