@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.fx
 
 from fxprune.budgets import Latency, as_budget
 from fxprune.errors import AnalysisRequiredError
-from fxprune.ir.capture import PARTITIONED, capture_of, split_inputs, structured
+from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
 from fxprune.ir.graph import space as graph_space
@@ -114,7 +115,7 @@ def compile(
                                                     autowrap_functions=autowrap_functions)
         run_passes(gm, [ScorePass(importance, calibration, loss_fn), CostPass(context.example_inputs),
                         *([LatencyPass(context, round_to=round_to)] if latency else [])])
-        whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if _partitioned(gm) else None
+        whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if is_partitioned(gm) else None
         if whole is not None:
             plan_pass.budget = whole.budget(budget, gm, context)
         run_passes(gm, [plan_pass])
@@ -129,28 +130,26 @@ def compile(
     return result
 
 
-def _partitioned(gm: torch.fx.GraphModule) -> bool:
-    capture = capture_of(gm)
-    return capture is not None and capture.path == PARTITIONED
-
-
 class _Whole:
     """A partitioned model's budget and report over the whole forward, not only its captured parts."""
 
     def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
-
         self.prunable_latency: float | None = None  # the parts' share of the whole model's latency
+
+    @functools.cached_property
+    def flops(self) -> int:
+        """The unpruned model's FLOPs, whole forward (the budget and the report read it)."""
+        return count_flops(self.model, self.args, self.kwargs)
 
     def budget(self, budget: Any, gm: torch.fx.GraphModule, context: Context) -> Any:
         """The parts' budget: what the whole model's budget leaves them once the rest is paid for."""
         if budget.metric != "latency":
-            whole = count_flops(self.model, self.args, self.kwargs) if budget.metric == "flops" else \
-                count_params(self.model)
+            whole = self.flops if budget.metric == "flops" else count_params(self.model)
             return parts_budget(budget, gm.meta[COST_KEY][budget.metric].baseline, whole)
         # end to end on the engine: the whole model exported as it runs, against its captured parts alone
-        with context.engine.deploy(self.model, self.args) as deployed:
-            whole_ms, (share,) = context.engine.time_shares(deployed.run, [context.deployed(gm).run])
+        whole_ms, (share,) = context.engine.time_shares(context.deploy(self.model, self.args).run,
+                                                        [context.deployed(gm).run])
         self.prunable_latency = share = min(share, 1.0)
         amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
         return Latency(amount.value / (share * whole_ms))
@@ -160,7 +159,7 @@ class _Whole:
         """FLOPs and parameters of the whole model, before and after, each part's share kept, and (with
         ``context``) the whole model timed end to end on the engine, before and after."""
         parts_flops = gm.meta[COST_KEY]["flops"].baseline
-        report.flops_before = count_flops(self.model, self.args, self.kwargs)
+        report.flops_before = self.flops
         report.flops_after = count_flops(result, self.args, self.kwargs)
         report.params_before, report.params_after = count_params(self.model), count_params(result)
         for part in capture_of(gm).parts:
@@ -172,8 +171,8 @@ class _Whole:
         if context is None:
             return
         engine = context.engine
-        with engine.deploy(self.model, self.args) as before, engine.deploy(result, self.args) as after:
-            before_ms, (share,) = engine.time_shares(before.run, [after.run])
+        with engine.deploy(result, self.args) as after:
+            before_ms, (share,) = engine.time_shares(context.deploy(self.model, self.args).run, [after.run])
         report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
         if self.prunable_latency is not None:
             report.notes.append(f"{self.prunable_latency:.1%} of the model's latency on {engine.name} is in the parts "

@@ -88,8 +88,7 @@ class LatencyCache:
     def info(self) -> dict[str, dict[str, float]]:
         """Per kind of entry (layer tables, whole-model timings, exported graphs): entries and bytes on disk."""
         found: dict[str, dict[str, float]] = {}
-        root = self.directory / "latency" if self.directory is not None else None
-        for path in sorted(root.glob("*/*.json")) if root is not None and root.exists() else []:
+        for path in self._files():
             entry = found.setdefault(path.parent.name, {"entries": 0, "bytes": 0, "newest": 0.0})
             stat = path.stat()
             entry["entries"] += 1
@@ -99,14 +98,18 @@ class LatencyCache:
 
     def clear(self, kind: str | None = None) -> int:
         """Delete the entries on disk (of one kind, or all); returns how many went."""
-        root = self.directory / "latency" if self.directory is not None else None
         removed = 0
-        for path in root.glob(f"{kind or '*'}/*.json") if root is not None and root.exists() else []:
+        for path in self._files(kind or "*"):
             with suppress(OSError):
                 path.unlink()
                 removed += 1
         self._memory.clear()
         return removed
+
+    def _files(self, kind: str = "*") -> list[Path]:
+        """The entry files on disk (of one kind), where ``path`` puts them."""
+        root = self.directory / "latency" if self.directory is not None else None
+        return sorted(root.glob(f"{kind}/*.json")) if root is not None and root.exists() else []
 
     def _read(self, key: dict, parse: Callable[[Any], T]) -> T | None:
         path = self.path(key)

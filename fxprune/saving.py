@@ -24,7 +24,7 @@ import torch.fx
 from fxprune.backends.export import double_batch
 from fxprune.errors import SaveError
 from fxprune.ir import Plan
-from fxprune.ir.capture import PARTITIONED, capture_of, flat_view, structured
+from fxprune.ir.capture import PARTITIONED, capture_of, flat_view, is_partitioned, structured
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
 from fxprune.passes.partition import assemble
@@ -41,8 +41,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Any 
         raise SaveError(f"expected the module fxprune.compile returned, got {type(gm).__name__}")
     plan, report = gm.meta.get(PLAN_KEY) if hasattr(gm, "meta") else None, _report(gm)
     path.parent.mkdir(parents=True, exist_ok=True)
-    capture = capture_of(gm)
-    parts = capture is not None and capture.path == PARTITIONED
+    capture, parts = capture_of(gm), is_partitioned(gm)
     if path.suffix == ".pt":  # a graph captured by torch.export is stored flat, its structure beside it
         module = assemble(gm, {p.path: flat_view(gm.get_submodule(p.path)) for p in capture.parts}) if parts \
             else flat_view(gm)

@@ -20,9 +20,8 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from fxprune.errors import ExampleInputsError, ExportError
-from fxprune.ir.capture import flat_inputs, flat_view, is_structured, split_inputs
+from fxprune.ir.capture import capture_of, flat_inputs, flat_view, is_partitioned, is_structured, split_inputs
 from fxprune.ir.graph import inference
-from fxprune.ir.keys import CAPTURE_KEY
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # weight bytes above which they go to "<file>.data" (protobuf caps at 2 GiB)
 
@@ -272,8 +271,10 @@ class _PartOutputs(torch.nn.Module):
 
 
 def _part_paths(model: torch.nn.Module) -> list[str]:
-    capture = getattr(model, "meta", {}).get(CAPTURE_KEY) if not isinstance(model, torch.fx.GraphModule) else None
-    return [part.path for part in getattr(capture, "parts", []) if part.raw]
+    """The raw parts of a model fxprune assembled from parts (not of the stitched graph itself)."""
+    if isinstance(model, torch.fx.GraphModule) or not is_partitioned(model):
+        return []
+    return [part.path for part in capture_of(model).parts if part.raw]
 
 
 def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool) -> tuple[list[Case], tuple]:

@@ -38,10 +38,14 @@ class Part:
     inputs: list[str]
     outputs: list[str | None]
     constants: dict[int, Any] = field(default_factory=dict)
-    coupled: list[str] = field(default_factory=list)  # inputs fed by another part's output, unchanged
     # called first, or fed only by such parts' outputs: what it returns depends on no post-processing (a
     # detector's backbone and dense heads, not its ROI heads), so it is compared exactly on export
     raw: bool = False
+
+    @property
+    def coupled(self) -> list[str]:
+        """The inputs fed by another part's output, unchanged (``"path:leaf"``; the rest are placeholders)."""
+        return [source for source in self.inputs if ":" in source]
 
 
 @dataclass
@@ -79,6 +83,12 @@ def capture_of(gm: torch.nn.Module) -> Capture | None:
     return getattr(gm, "meta", {}).get(CAPTURE_KEY)
 
 
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ``module`` (a stitched graph, or the model fxprune assembled from it) was captured in parts."""
+    capture = capture_of(module)
+    return capture is not None and capture.path == PARTITIONED
+
+
 def is_structured(gm: torch.nn.Module) -> bool:
     """Whether ``gm`` takes and returns its inputs' and outputs' structure (not the flat leaves)."""
     return isinstance(gm, torch.fx.GraphModule) and isinstance(gm.graph._codegen, _PyTreeCodeGen)
@@ -87,7 +97,7 @@ def is_structured(gm: torch.nn.Module) -> bool:
 def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:
     """The graph's own inputs for a call made as the model is called: the leaves, in the graph's order."""
     capture = capture_of(gm)
-    if capture is not None and capture.path == PARTITIONED:
+    if is_partitioned(gm):
         raise ExampleInputsError("a graph captured in parts takes its parts' inputs, which only a run of the model "
                                  "gives: use fxprune.passes.pipeline.analyze_inputs(model, inputs), which returns them")
     if capture is None or capture.structure is None:

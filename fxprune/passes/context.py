@@ -53,6 +53,11 @@ class Context:
         return self._once("deployed", gm, "", lambda: self._stack.enter_context(
             self.engine.deploy_traced(gm, self.example_inputs, self.cache, self.digest(gm))))
 
+    def deploy(self, module: torch.nn.Module, example_inputs: tuple) -> Deployed:
+        """Any module deployed on the engine as it runs (a model captured in parts, whole), once per context."""
+        return self._once("deploy", module, "", lambda: self._stack.enter_context(
+            self.engine.deploy(module, example_inputs)))
+
     def pruned(self, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         """``gm`` pruned to ``plan`` (the rewrite pass's result), built once per plan."""
         return self._once("pruned", gm, plan.to_json(), lambda: RewritePass(plan)(gm).graph_module)

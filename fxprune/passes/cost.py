@@ -85,6 +85,11 @@ class _FlopInterpreter(torch.fx.Interpreter):
         super().__init__(gm)
         self.flops: dict[torch.fx.Node, int] = {}
         self.terms: list[CostTerm] = []
+        capture = capture_of(gm)  # in a graph captured in parts, a part the forward calls n times costs n times
+        self.calls = {part.path: part.calls for part in capture.parts} if capture is not None else {}
+
+    def _calls(self, n: torch.fx.Node) -> int:
+        return self.calls.get(n.meta.get(PART_KEY), 1)
 
     def run_node(self, n: torch.fx.Node):
         name = graph.channels(n).rule
@@ -97,7 +102,7 @@ class _FlopInterpreter(torch.fx.Interpreter):
         with FlopCounterMode(display=False) as counter:
             result = super().run_node(n)
         if counter.get_total_flops():
-            self.flops[n] = counter.get_total_flops()
+            self.flops[n] = counter.get_total_flops() * self._calls(n)
         return result
 
     def _fit_bilinear(self, n: torch.fx.Node, probe: Callable[[int, int], Callable[[], Any]]) -> None:
@@ -106,7 +111,7 @@ class _FlopInterpreter(torch.fx.Interpreter):
         def count(kin: int, kout: int) -> int:
             with FlopCounterMode(display=False) as counter:
                 probe(kin, kout)()
-            return counter.get_total_flops()
+            return counter.get_total_flops() * self._calls(n)
 
         in_space, out_space = input_space(n), graph.space(n)
         width_in = in_space.size if in_space is not None else None
@@ -143,21 +148,8 @@ def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
             weight = next((axis.name for axis in RULES.by_name[name].tensor_axes(gm, node)), None)
             spaces = scaling.get(weight, ())
         model.terms.append(CostTerm(node.name, float(flops), spaces))
-    _per_call(gm, model)
     model.baseline = model.total({})
     return model
-
-
-def _per_call(gm: torch.fx.GraphModule, model: CostModel) -> None:
-    """In a partitioned graph, a part the forward calls n times costs n times its FLOPs."""
-    capture = capture_of(gm)
-    calls = {part.path: part.calls for part in capture.parts} if capture is not None else {}
-    if not any(count > 1 for count in calls.values()):
-        return
-    nodes = {node.name: node for node in gm.graph.nodes}
-    for term in model.terms:
-        node = nodes.get(term.what.split(" (")[0])
-        term.full *= calls.get(node.meta.get(PART_KEY), 1) if node is not None else 1
 
 
 class CostPass(PassBase):

@@ -109,10 +109,11 @@ def _capture(module: nn.Module, calls: _Calls, capture_part) -> torch.fx.GraphMo
     """A flat graph of ``module`` that reproduces it on each recorded call, or an exception."""
     args, kwargs = calls.samples[0]
     gm, _ = capture_part(module, args, kwargs)
+    returned = [run_eager(module, a, k) for a, k in calls.samples]
     if capture_of(gm).path == FX:
-        _flatten_fx(gm, args, run_eager(module, args, kwargs))
-    for sample_args, sample_kwargs in calls.samples:
-        want = [x for x in pytree.tree_leaves(run_eager(module, sample_args, sample_kwargs))]
+        _flatten_fx(gm, args, returned[0])
+    for (sample_args, sample_kwargs), value in zip(calls.samples, returned):
+        want = pytree.tree_leaves(value)
         with inference(gm, grad=False):
             got = list(gm(*flat_inputs(gm, sample_args, sample_kwargs)))
         if len(got) != len(want) or not all(_close(g, w) for g, w in zip(got, want)):
@@ -284,7 +285,7 @@ def _stitch(found: list[_Found], inputs: dict[str, list], outputs: dict[str, lis
                 returned.append(node)  # read outside the parts (or by no part): an output, kept whole
         parts.append(Part(f.path, f.calls, capture_of(f.gm), [n.name for n in own],
                           [s[1] if s[0] == "input" else f"{s[0]}:{s[1]}" for s in sources[f.path]], names, constants,
-                          coupled=[f"{s[0]}:{s[1]}" for s in sources[f.path] if s[0] != "input"], raw=raw))
+                          raw=raw))
     graph.output(tuple(returned))
     gm = torch.fx.GraphModule(root, graph, "Partitioned")
     gm.meta[CAPTURE_KEY] = Capture(PARTITIONED, list(failed), None, parts)
@@ -345,6 +346,5 @@ def assemble(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Module:
     """A copy of ``model`` with each part put in place of the submodule it was captured from."""
     result = copy.deepcopy(model)
     for path, module in parts.items():
-        owner, _, name = path.rpartition(".")
-        setattr(result.get_submodule(owner), name, module)
+        result.set_submodule(path, module)
     return result

@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.errors import FxpruneError
-from fxprune.ir.capture import PARTITIONED, capture_of, structured
+from fxprune.ir.capture import is_partitioned, structured
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import COST_KEY, LATENCY_KEY
 from fxprune.passes.context import Context
@@ -112,8 +112,7 @@ class LiveModel:
         state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
         self.gm.load_state_dict(state, strict=False)
         pruned = prune(self.gm, plan)
-        capture = capture_of(pruned)
-        if capture is not None and capture.path == PARTITIONED:  # a copy of the live model, parts pruned
+        if is_partitioned(pruned):  # a copy of the live model, parts pruned
             pruned = assemble(self.module, split(pruned))
         else:
             pruned = structured(pruned)  # called like the live model
