@@ -122,10 +122,12 @@ def compile(
         pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
         report = _report(gm, pruned, context, str(budget), importance, solver, measure and whole is None)
         if whole is None:
+            report.note_over_budget()
             pruned.meta[REPORT_KEY] = report
             return structured(pruned)
         result = assemble(model, split(pruned))
         whole.report(report, gm, result, context if measure or latency else None)
+        report.note_over_budget()
     result.meta = {REPORT_KEY: report, PLAN_KEY: pruned.meta[PLAN_KEY], CAPTURE_KEY: capture_of(gm)}
     return result
 
@@ -136,6 +138,7 @@ class _Whole:
     def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
         self.prunable_latency: float | None = None  # the parts' share of the whole model's latency
+        self.budget_share: float | None = None  # a latency budget as a share of the whole model
 
     @functools.cached_property
     def flops(self) -> int:
@@ -151,6 +154,7 @@ class _Whole:
         whole_ms, (share,) = context.engine.time_shares(context.deploy(self.model, self.args).run,
                                                         [context.deployed(gm).run])
         self.prunable_latency = share = min(share, 1.0)
+        self.budget_share = budget.capacity(whole_ms) / whole_ms
         amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
         return Latency(amount.value / (share * whole_ms))
 
@@ -162,6 +166,7 @@ class _Whole:
         report.flops_before = self.flops
         report.flops_after = count_flops(result, self.args, self.kwargs)
         report.params_before, report.params_after = count_params(self.model), count_params(result)
+        report.budget_share = self.budget_share
         for part in capture_of(gm).parts:
             report.parts.append(PartReport(
                 part.path, part.capture.path, part.calls, count_params(self.model.get_submodule(part.path)),
@@ -212,12 +217,14 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         report.predicted_latency_ms_before = solution.cost.baseline
         report.predicted_latency_ms_after = result.predicted_cost
         report.latency_step = calibration.step
+        report.budget_share = solution.capacity / solution.cost.baseline
         if solution.measured_solve is not None:
             _report_measured_solve(report, solution.measured_solve, solution.cost.baseline)
         report.notes.append(f"latency tables on {context.engine.name} ({context.engine.threads} threads): "
-                            f"{calibration.tables} layer tables; {calibration.tables_measured} measurements taken now "
-                            f"(tables, the latency step, whole-model timings), the rest read from the cache; latency "
-                            f"step {calibration.step} channels")
+                            + calibration.summary())
+        report.notes += [f"timed again: {why}" for why in calibration.healed[:HEALED_SHOWN]]
+        if len(calibration.healed) > HEALED_SHOWN:
+            report.notes.append(f"timed again: {len(calibration.healed) - HEALED_SHOWN} more tables")
     if measure:
         engine = context.engine
         with engine.deploy(pruned, inputs) as deployed:
@@ -244,14 +251,10 @@ def _report_measured_solve(report: Report, solved, baseline_ms: float) -> None:
     report.latency_points = [(p.predicted, p.measured, p.source) for p in solved.points]
     plans = sum(p.source == "plan" for p in solved.points)
     report.latency_prediction = "measured" if solved.measured else "corrected" if plans else "tables"
-    report.notes.append(
-        f"{plans} plan(s) timed on the engine while solving; the returned plan's prediction is "
-        + ("its measurement" if solved.measured else "the tables' corrected by the measured points")
-        + f" (tables alone: {solved.tables_share:.3f} of the model)")
-    if solved.predicted_share > report.capacity / baseline_ms * (1 + 1e-9):
-        report.notes.append(f"the returned plan is predicted at {solved.predicted_share:.3f} of the model, above "
-                            "the budget: no timed or corrected plan fit it (the tables allow nothing smaller, or "
-                            "timings disagree); raise the budget, or compile with a larger refine")
+    report.plan_timed_now = solved.timed_now
+
+
+HEALED_SHOWN = 5  # tables timed again listed one by one in the report's notes
 
 
 def report(gm: torch.fx.GraphModule) -> Report:

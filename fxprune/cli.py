@@ -175,7 +175,8 @@ def _capture(args) -> dict:
 # API words in fxprune's messages, and the flags a command-line user gives instead
 _FLAGS = {"capture='export'": "--capture export", "capture='auto'": "--capture auto",
           "leaf_modules=[...]": "--leaf-module NAME", "compile with a larger refine": "give a larger --refine",
-          "example_inputs=(tensor, ...)": "--input-shape", "pass measure=True to fxprune.compile": "pass --measure"}
+          "example_inputs=(tensor, ...)": "--input-shape", "pass measure=True to fxprune.compile": "pass --measure",
+          "ask for a little less than the budget": "give a slightly smaller --budget"}
 
 
 def _in_flags(message: str) -> str:
@@ -286,9 +287,9 @@ def cmd_profile(args) -> None:
     for what, ms in (("memory-bound ops between layers", calibration.memory_ms),
                      ("between kernels, and frozen layers", calibration.fixed_ms)):
         print(f"  {what:<79} {ms:>8.3f} {ms / total:>7.1%}")
-    print(f"latency step: {calibration.step} channels; {calibration.tables} layer tables; "
-          f"{calibration.tables_measured} measurements taken now, the rest read from the cache "
-          f"({calibration.seconds:.1f} s)")
+    print(f"{calibration.summary()} ({calibration.seconds:.1f} s)")
+    for why in calibration.healed:
+        print(f"  timed again: {why}")
     if args.plot:
         print(f"plot: {plots.latency_curves(gm, Path(args.plot))}")
 

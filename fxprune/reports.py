@@ -55,15 +55,18 @@ class Report:
     predicted_latency_ms_tables_after: float | None = None
     latency_points: list = field(default_factory=list)
     latency_prediction: str = "tables"
+    budget_share: float | None = None  # a latency budget as a share of the unpruned model (the whole one, in parts)
+    plan_timed_now: bool = False  # the closed loop's timing of the returned plan was taken in this run
     notes: list[str] = field(default_factory=list)
     parts: list[PartReport] = field(default_factory=list)  # a partitioned model: each part captured alone
 
     def __str__(self) -> str:
         lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
-                 f"({self.solver_seconds * 1e3:.0f} ms, {self.iterations} solves), captured by {self.capture}",
-                 f"  predicted {self._metric_name()}: {self.predicted_before:.4g} -> {self.predicted_after:.4g} "
-                 f"(budget {self.capacity:.4g})",
-                 f"  FLOPs:  {self.flops_before:,} -> {self.flops_after:,} "
+                 f"({self.solver_seconds * 1e3:.0f} ms, {self.iterations} solves), captured by {self.capture}"]
+        if self.budget_share is None:
+            lines.append(f"  predicted {self._metric_name()}: {self.predicted_before:.4g} -> {self.predicted_after:.4g} "
+                         f"(budget {self.capacity:.4g})")
+        lines += [f"  FLOPs:  {self.flops_before:,} -> {self.flops_after:,} "
                  f"({self.flops_after / max(self.flops_before, 1):.1%})",
                  f"  params: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / max(self.params_before, 1):.1%})"]
@@ -85,26 +88,67 @@ class Report:
         return cls(**{**data, "groups": [GroupReport(**g) for g in data["groups"]],
                       "parts": [PartReport(**p) for p in data.get("parts", [])]})
 
+    @property
+    def measured_share(self) -> float | None:
+        """The returned model's latency over the unpruned one's, timed after compiling (measure=True)."""
+        if self.measured_latency_ms_before is None or self.measured_latency_ms_after is None:
+            return None
+        return self.measured_latency_ms_after / self.measured_latency_ms_before
+
+    @property
+    def over_budget(self) -> float | None:
+        """The returned plan's latency share where its best figure (measured after compiling, else the
+        closed loop's) is over the user's latency budget; else None."""
+        if self.budget_share is None:
+            return None
+        share = self.measured_share
+        if share is None and self.predicted_latency_ms_before:
+            share = self.predicted_latency_ms_after / self.predicted_latency_ms_before
+        return share if share is not None and share > self.budget_share * (1 + 1e-9) else None
+
+    def note_over_budget(self) -> None:
+        """A note, saying what to do, only where the returned model's latency is over the user's budget."""
+        share = self.over_budget
+        if share is None:
+            return
+        measured = self.measured_share is not None
+        self.notes.append(
+            f"the returned model {'measured' if measured else 'is predicted at'} {share:.3f} of the unpruned model, "
+            f"over the budget {self.budget_share:.3f}: "
+            + ("one model timed twice on a shared machine moves by a few percent; " if measured else
+               "no plan the closed loop timed fit the budget; ")
+            + "compile with a larger refine, or ask for a little less than the budget")
+
     def _latency_lines(self) -> list[str]:
-        """Predicted and measured latency side by side, with the share kept and the prediction's error."""
-        predicted = f"predicted ({self.latency_prediction})"
-        rows = [(name, before, after) for name, before, after in (
-            ("tables alone", self.predicted_latency_ms_before,
-             self.predicted_latency_ms_tables_after if self.latency_prediction != "tables" else None),
-            (predicted, self.predicted_latency_ms_before, self.predicted_latency_ms_after),
-            ("measured", self.measured_latency_ms_before, self.measured_latency_ms_after))
-            if before is not None and after is not None]
-        if not rows:
+        """Latency in one vocabulary: shares of the unpruned model; milliseconds only as timed in this run."""
+        if self.budget_share is None and self.measured_share is None:
             return []
-        lines = [f"  latency on {self.engine}    {'before':>10} {'after':>10} {'after/before':>13}"]
-        lines += [f"    {name:<21}{before:>8.3f} ms{after:>8.3f} ms{after / before:>13.3f}" for name, before, after in rows]
-        if self.measured_latency_ms_after is not None and self.predicted_latency_ms_after is not None:
-            error = (self.predicted_latency_ms_after - self.measured_latency_ms_after) / self.measured_latency_ms_after
-            ratio_error = ((self.predicted_latency_ms_after / self.predicted_latency_ms_before)
-                           / (self.measured_latency_ms_after / self.measured_latency_ms_before) - 1)
-            lines.append(f"    prediction error: {error:+.1%} in ms, {ratio_error:+.1%} in after/before")
-        elif self.predicted_latency_ms_after is not None:
-            lines.append("    measured: pass measure=True to fxprune.compile")
+        parts = " (the captured parts)" if self.parts else ""
+        before = self.measured_latency_ms_before or self.predicted_latency_ms_before
+        lines = [f"  latency on {self.engine}, as a share of the unpruned model ({before:.3f} ms, timed in this run):"]
+        rows = []
+        if self.budget_share is not None:
+            rows.append(("budget", self.budget_share, ""))
+        if self.predicted_latency_ms_before:
+            tables = self.predicted_latency_ms_tables_after or self.predicted_latency_ms_after
+            rows.append((f"tables' prediction{parts}", tables / self.predicted_latency_ms_before, ""))
+            closed = self.predicted_latency_ms_after / self.predicted_latency_ms_before
+            plans = sum(source == "plan" for _, _, source in self.latency_points)
+            timed = f"{plans} plan{'s' if plans != 1 else ''} timed while solving"
+            if self.latency_prediction == "measured":
+                when = "in this run" if self.plan_timed_now else "in an earlier run (cache)"
+                rows.append((f"closed loop{parts}", closed, f"this plan timed {when}; {timed}"))
+            elif self.latency_prediction == "corrected":
+                rows.append((f"closed loop{parts}", closed, f"the tables corrected: {timed}"))
+        if self.measured_share is not None:
+            rows.append(("measured after compiling", self.measured_share,
+                         f"{self.measured_latency_ms_after:.3f} ms, timed in this run"))
+        lines += [f"    {name:<40}{share:>7.3f}" + (f"   ({why})" if why else "") for name, share, why in rows]
+        if self.measured_share is not None and self.predicted_latency_ms_before and not self.parts:
+            tables = (self.predicted_latency_ms_tables_after or self.predicted_latency_ms_after) / self.predicted_latency_ms_before
+            lines.append(f"    tables' prediction error: {tables / self.measured_share - 1:+.1%} of the measured share")
+        elif self.measured_share is None and self.predicted_latency_ms_before:
+            lines.append("    measured after compiling: pass measure=True to fxprune.compile")
         return lines
 
     def _metric_name(self) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxprune.backends.engines import Deployed, Engine, UnitTiming
+from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming
 from fxprune.ir import graph
 from fxprune.ir.channels import Plan
 from fxprune.passes.pipeline import analyze
@@ -165,6 +165,16 @@ class SyntheticEngine(Engine):
         self.unit_calls += 1
         return UnitTiming(np.array([self.unit_ms(spec, i, o) for i, o in points]), np.full(len(points), 0.5))
 
+    def in_model_ms(self, spec) -> float:
+        """A unit's kernel time inside a whole model (what a profile of the model shows): its own latency."""
+        return self.unit_ms(spec, spec.in_channels, spec.out_channels)
+
+    def kernels(self, module: torch.nn.Module, example_inputs: tuple) -> list[KernelTime]:
+        """A whole model's profile: a kernel per unit, named by its shapes as onnxruntime's profile does."""
+        return [KernelTime("Conv" if u.spec.op == "conv" else "Gemm", [list(u.spec.input_shape), list(u.spec.weight_shapes[0])],
+                           [list(u.spec.output_shape)], 1e3 * self.in_model_ms(u.spec))
+                for u in find_units(analyze(module, example_inputs))]
+
     def model_ms(self, module: torch.nn.Module, example_inputs: tuple) -> float:
         units = find_units(analyze(module, example_inputs))
         total = sum(self.unit_ms(u.spec, u.spec.in_channels, u.spec.out_channels) for u in units)
@@ -173,9 +183,13 @@ class SyntheticEngine(Engine):
     @contextmanager
     def deploy(self, module, example_inputs):
         engine, ms = self, self.model_ms(module, example_inputs)
+        kernels = self.kernels(module, example_inputs)
 
         class Synthetic(Deployed):
             latency_ms = ms
+
+            def kernels(self) -> list[KernelTime]:
+                return kernels
 
             def run(self) -> None:
                 return None

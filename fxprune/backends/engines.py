@@ -37,11 +37,27 @@ from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 
 @dataclass
 class UnitTiming:
-    """A unit's latency at each measured point, and the latency of the REFERENCE unit timed in the same
-    runs (tables are kept relative to it)."""
+    """A unit's latency at each measured point, the latency of the REFERENCE unit timed in the same runs
+    (tables are kept relative to it), and each point's ``spread``: the interquartile range of its repeats
+    over their median (a quiet machine gives a few percent; a busy one tens)."""
 
     ms: np.ndarray
     reference_ms: np.ndarray
+    spread: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.spread is None:
+            self.spread = np.zeros(len(self.ms))
+
+
+@dataclass
+class KernelTime:
+    """One kernel of a whole model as the engine ran it: op type, input and output shapes, quiet µs per run."""
+
+    op: str
+    inputs: list[list[int]]
+    outputs: list[list[int]]
+    us: float
 
 
 @lru_cache(maxsize=1)
@@ -87,9 +103,15 @@ def quiet(values) -> float:
     return float(np.quantile(np.asarray(values, dtype=np.float64), QUANTILE))
 
 
-def _quiet_ms(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: float = 0.0,
-              sync: Callable[[], None] = lambda: None) -> float:
-    """Quiet wall time of ``fn`` in ms after ``warmup`` calls, from at least ``repeats`` calls and ``min_seconds``."""
+def spread(values) -> float:
+    """How far repeated timings (or ratios) scatter: their interquartile range over their median."""
+    q1, median, q3 = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.5, 0.75])
+    return float((q3 - q1) / median) if median > 0 else float("inf")
+
+
+def _times_ms(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: float = 0.0,
+              sync: Callable[[], None] = lambda: None) -> np.ndarray:
+    """Wall times of ``fn`` in ms after ``warmup`` calls: at least ``repeats`` calls and ``min_seconds``."""
     for _ in range(warmup):
         fn()
     sync()
@@ -99,7 +121,13 @@ def _quiet_ms(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: flo
         fn()
         sync()
         times.append(time.perf_counter() - begin)
-    return quiet(times) * 1e3
+    return np.asarray(times) * 1e3
+
+
+def _quiet_ms(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: float = 0.0,
+              sync: Callable[[], None] = lambda: None) -> float:
+    """Quiet wall time of ``fn`` in ms (see ``quiet``)."""
+    return quiet(_times_ms(fn, warmup, repeats, min_seconds, sync))
 
 
 class Deployed(ABC):
@@ -111,6 +139,11 @@ class Deployed(ABC):
 
     @abstractmethod
     def split(self) -> tuple[float, float]: ...
+
+    def kernels(self) -> list[KernelTime] | None:
+        """Every kernel of one profiled run, where the engine's profiler names them (else None): what
+        the latency pass checks its tables against."""
+        return None
 
 
 class Engine(ABC):
@@ -182,15 +215,22 @@ class Engine(ABC):
 
     def time_shares(self, reference: Callable[[], Any], runners: list[Callable[[], Any]], rounds: int = ROUNDS,
                     seconds: float = ROUND_SECONDS) -> tuple[float, list[float]]:
-        """The reference's quiet latency (ms) and each runner's latency as a share of it.
+        """The reference's quiet latency (ms) and each runner's latency as a share of it: the median of
+        its quiet pair ratios (``pair_ratios``)."""
+        reference_ms, ratios = self.pair_ratios(reference, runners, rounds, seconds)
+        return reference_ms, [float(np.median(values)) for values in ratios]
+
+    def pair_ratios(self, reference: Callable[[], Any], runners: list[Callable[[], Any]], rounds: int = ROUNDS,
+                    seconds: float = ROUND_SECONDS) -> tuple[float, list[list[float]]]:
+        """The reference's quiet latency (ms) and, per runner, the ratios runner / reference of its quiet
+        pairs of rounds (their median is its share, their ``spread`` says how far to trust it).
 
         Each runner is timed in pairs with the reference, a round of each back to back (the reference
-        first in every other pair); its share is the median over quiet pairs of the two rounds' ratio.
-        A slowdown longer than a pair hits both sides of the ratio, so shares hold on a machine whose
-        speed moves between rounds. A contended machine does not slow all models alike, though (threads
-        wait on each other at every kernel, and a small model has the same number of kernels), so pairs
-        in which either round ran over QUIET_SLACK x its model's fastest round are left out
-        (``quiet_ratios``)."""
+        first in every other pair). A slowdown longer than a pair hits both sides of the ratio, so
+        shares hold on a machine whose speed moves between rounds. A contended machine does not slow all
+        models alike, though (threads wait on each other at every kernel, and a small model has the same
+        number of kernels), so pairs in which either round ran over QUIET_SLACK x its model's fastest
+        round are left out (``quiet_ratios``)."""
         befores: list[list[float]] = [[] for _ in runners]
         afters: list[list[float]] = [[] for _ in runners]
         for round_ in range(rounds):
@@ -203,8 +243,7 @@ class Engine(ABC):
                     afters[index].append(self.time_round(run, seconds, warmup))
                     befores[index].append(self.time_round(reference, seconds, warmup))
         reference_ms = min(min(values) for values in befores)
-        return reference_ms, [float(np.median(quiet_ratios(before, after, reference_ms)))
-                              for before, after in zip(befores, afters)]
+        return reference_ms, [quiet_ratios(before, after, reference_ms) for before, after in zip(befores, afters)]
 
     def _sync(self) -> None:
         """Wait for queued device work (GPU engines)."""
@@ -271,14 +310,16 @@ class TorchEngine(Engine):
         """Each point timed, then the REFERENCE unit right after it."""
         reference, reference_x = unit_module(REFERENCE, REFERENCE.in_channels, REFERENCE.out_channels)
         reference, reference_x = reference.to(self.device_type), reference_x.to(self.device_type)
-        results, references = [], []
+        results, references, spreads = [], [], []
         with torch.no_grad(), _threads(self.threads):
             for width_in, width_out in points:
                 module, x = unit_module(spec, int(width_in), int(width_out))
                 module, x = module.to(self.device_type), x.to(self.device_type)
-                results.append(_quiet_ms(lambda: module(x), self.warmup, self.repeats, sync=self._sync))
+                times = _times_ms(lambda: module(x), self.warmup, self.repeats, sync=self._sync)
+                results.append(quiet(times))
+                spreads.append(spread(times))
                 references.append(_quiet_ms(lambda: reference(reference_x), 1, self.repeats, sync=self._sync))
-        return UnitTiming(np.asarray(results), np.asarray(references))
+        return UnitTiming(np.asarray(results), np.asarray(references), np.asarray(spreads))
 
     @contextmanager
     def deploy(self, module: nn.Module, example_inputs: tuple) -> Iterator[Deployed]:

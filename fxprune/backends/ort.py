@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, LatencyError
-from fxprune.backends.engines import Deployed, Engine, UnitTiming, quiet
+from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming, quiet, spread
 from fxprune.backends.export import _run_torch, export_onnx
 from fxprune.backends.onnx_resize import ResizeError, fill, name_transposes, resize, strip
 from fxprune.backends.onnx_units import IR_VERSION, OPSET, branch_weight_bytes, unit_model, unit_prefix
@@ -158,7 +158,7 @@ class OnnxRuntimeEngine(Engine):
             raise LatencyError(f"this model computes in {spec.dtype}, and fxprune times onnxruntime's CPU provider "
                                "in float32: compile the float32 model (then convert the pruned one), or pass "
                                "engine='torch'")
-        total, reference = np.full(len(points), np.nan), np.full(len(points), np.nan)
+        total, reference, spreads = (np.full(len(points), np.nan) for _ in range(3))
         rng = np.random.default_rng(0)
         feeds = {"x": rng.standard_normal(spec.input_shape).astype(np.float32),
                  "reference_x": rng.standard_normal(REFERENCE.input_shape).astype(np.float32)}
@@ -182,9 +182,11 @@ class OnnxRuntimeEngine(Engine):
                 if index not in per_branch:
                     raise LatencyError(f"onnxruntime's profile has no kernel of branch {unit_prefix(index)} "
                                        f"({spec.describe()}); its node names changed")
+                ratios = per_branch[index] / reference_runs
                 reference[index] = quiet(reference_runs) / 1e3
-                total[index] = float(np.median(per_branch[index] / reference_runs)) * reference[index]
-        return UnitTiming(total, reference)
+                total[index] = float(np.median(ratios)) * reference[index]
+                spreads[index] = spread(ratios)
+        return UnitTiming(total, reference, spreads)
 
     # --- whole models -------------------------------------------------------------------------------
     @contextmanager
@@ -253,6 +255,7 @@ class _OrtDeployed(Deployed):
                  tensors: dict[str, torch.Tensor], origin: str, graph: onnx.ModelProto | None = None) -> None:
         self.engine, self.path, self.session, self.feeds = engine, path, session, feeds
         self.tensors, self.origin, self._graph = tensors, origin, graph
+        self._profiled: _Profile | None = None
 
     def run(self) -> Any:
         return self.session.run(None, self.feeds)
@@ -265,10 +268,20 @@ class _OrtDeployed(Deployed):
             self._graph = strip(graph)
         return self._graph
 
+    def profile(self) -> _Profile:
+        """One profiled session of the same file (taken once: ``split`` and ``kernels`` read it)."""
+        if self._profiled is None:
+            self._profiled = self.engine._profile(self.path, self.feeds)
+        return self._profiled
+
+    def kernels(self) -> list[KernelTime]:
+        return [KernelTime(k.op, k.inputs, k.outputs, quiet(self.engine._kernel_us(k))) for k in self.profile().kernels.values()
+                if k.us]
+
     def split(self) -> tuple[float, float]:
         """From a profiled session of the same file: the shares of a run spent in memory-bound kernels
         and between kernels. Only shares: this machine may run that session at another speed."""
-        profile = self.engine._profile(self.path, self.feeds)
+        profile = self.profile()
         kernels = [k for k in profile.kernels.values() if k.us]
         kernel_us = quiet(np.sum([self.engine._kernel_us(k) for k in kernels], axis=0))
         memory = [self.engine._kernel_us(k) for k in kernels if _moves_memory(k)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,9 +100,21 @@ class LatencyCalibration:
     offset_ms: float = 0.0  # ... plus this per layer (see _fit)
     reduced_ms: float = 0.0  # the second calibration point: the model with every group at REDUCED_SHARE
     reduced: Any = None  # that model's Plan (built once, read again by the closed loop)
-    tables: int = 0  # distinct unit tables the model needs
-    tables_measured: int = 0  # measurements taken in this call (tables, the step, whole-model timings), not cached
+    tables: int = 0  # distinct unit tables the model needs ...
+    layers: int = 0  # ... for this many layers (layers of one configuration share a table)
+    tables_measured: int = 0  # tables (and the step probe) timed in this call, not read from the cache
+    tables_checked: int = 0  # layers whose table was checked against the whole model's profile taken now
+    healed: list[str] = field(default_factory=list)  # tables timed again, and why
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """How the tables were had: shared, timed now or read, checked against the whole model; the step."""
+        read = max(self.tables - self.tables_measured, 0)
+        checked = (f"; {self.tables_checked} of {self.layers} layers checked against the whole model profiled in "
+                   f"this run" if self.tables_checked else "")
+        healed = f", {len(self.healed)} tables timed again" if self.healed else ""
+        return (f"{self.layers} layers share {self.tables} tables, {self.tables - read} timed in this run and {read} "
+                f"read from the cache{checked}{healed}; latency step {self.step} channels")
 
     @property
     def fixed_ms(self) -> float:

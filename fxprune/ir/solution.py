@@ -38,8 +38,9 @@ class MeasuredSolve:
     result: PlanResult
     tables_share: float  # the tables' own predicted share for the plan
     predicted_share: float  # through the correction, or the plan's measurement where it was measured
-    measured: bool  # the plan was timed on the engine while solving
+    measured: bool  # the plan was timed on the engine while solving ...
     points: list[LatencyPoint] = field(default_factory=list)
+    timed_now: bool = False  # ... in this call (not a trusted timing read from the cache)
 
 
 @dataclass

@@ -41,6 +41,23 @@ class UnitSpec:
         """Grouped and depthwise convolutions lose whole groups: the input width follows the output."""
         return self.groups > 1
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The layer's output at full width (what an engine's profile shows it writing)."""
+        if self.op == "linear":
+            return (*self.input_shape[:-1], self.out_channels)
+        spatial = len(self.kernel)
+        sizes = [(size + self.padding[d] + self.padding[spatial + d] - self.dilation[d] * (self.kernel[d] - 1) - 1)
+                 // self.stride[d] + 1 for d, size in enumerate(self.input_shape[2:])]
+        return (self.input_shape[0], self.out_channels, *sizes)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The weight's shape as an engine may hold it (a linear's either way round)."""
+        if self.op == "linear":
+            return ((self.out_channels, self.in_channels), (self.in_channels, self.out_channels))
+        return ((self.out_channels, self.in_channels // self.groups, *self.kernel),)
+
     def to_key(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # plain JSON types: tuples become lists
 

@@ -23,6 +23,7 @@ import json
 import math
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
-from fxprune.backends.engines import QUANTILE, ROUNDS
+from fxprune.backends.engines import QUANTILE, ROUNDS, KernelTime
 from fxprune.errors import AnalysisRequiredError, LatencyError
 from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace, Plan
@@ -51,6 +52,18 @@ REDUCED_SHARE = 0.35  # the second calibration point: every group at this share 
 STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
+# Tables that heal. A point whose repeats scatter more than SPREAD_LIMIT (interquartile range over median,
+# of its ratios to the reference timed in the same runs) was timed while the machine was busy: it is timed
+# again, up to RETRIES times, keeping the quietest attempt; a cached table holding such a point is timed
+# again on the next compile. A layer that runs DISAGREEMENT x faster or slower inside the whole model (its
+# kernel in a profile taken now) than its table says, relative to the other layers, has its table timed
+# again when the difference is MATERIAL of the layers' time; a new table within CONFIRMED of the old one
+# says the layer does run differently in the model, and is kept.
+SPREAD_LIMIT = 0.10
+RETRIES = 2
+DISAGREEMENT = 2.5
+MATERIAL = 0.01
+CONFIRMED = 0.2
 
 __all__ = ["LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost"]
 
@@ -126,14 +139,16 @@ class LatencyPass(PassBase):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         start = time.perf_counter()
+        self.healed: list[str] = []
+        measured_before = self.cache.measured
         step = self.step()
         granularity = (channel_granularity(graph_module, step) if self.round_to is None else
                        {g.id: self.round_to for g in graph_module.meta[ANALYSIS_KEY].prunable_groups()})
         units = find_units(graph_module)
         keys = {id(unit): self._table_key(unit, *self._grid(graph_module, unit, granularity)) for unit in units}
         reduced = uniform_plan(graph_module, REDUCED_SHARE, granularity)
-        measured_before = self.cache.measured
-        tables, timing = self._measure(graph_module, keys, reduced)
+        tables, timing, kernels = self._measure(graph_module, keys, reduced)
+        checked = self._check(units, keys, tables, kernels)
         for unit in units:
             unit.layer.meta[LAYER_LATENCY_KEY] = LayerLatency(unit, tables[_digest(keys[id(unit)])])
         scale, offset = _fit(latency_sum(graph_module, {}), latency_sum(graph_module, kept_shares(graph_module, reduced)),
@@ -145,29 +160,27 @@ class LatencyPass(PassBase):
             engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
             units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
             context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], reduced=reduced, tables=len(tables),
-            tables_measured=self.cache.measured - measured_before, seconds=time.perf_counter() - start)
+            layers=len(units), tables_measured=self.cache.measured - measured_before, tables_checked=checked,
+            healed=self.healed, seconds=time.perf_counter() - start)
         return PassResult(graph_module, modified=False)
 
     def _measure(self, gm: torch.fx.GraphModule, keys: dict[int, dict],
-                 reduced: Plan) -> tuple[dict[str, LatencyTable], dict]:
-        """Every distinct table (from the cache or measured, with a progress bar), and the timing of the
-        whole model and of a copy ``reduced`` prunes.
+                 reduced: Plan) -> tuple[dict[str, LatencyTable], dict, list[KernelTime] | None]:
+        """Every distinct table (from the cache or measured, with a progress bar), the timing of the whole
+        model and of a copy ``reduced`` prunes, and the whole model's kernels as profiled now.
 
-        Without a cached timing, both models are timed in interleaved rounds spread over the table build:
-        on a machine whose speed comes and goes, the fastest of rounds far apart is the quiet latency.
+        The whole models are timed in every compile, never read from the cache: they scale the tables
+        into this model's milliseconds now, and their profile checks the tables. Both are timed in
+        interleaved rounds spread over the table build: on a machine whose speed comes and goes, the
+        fastest of rounds far apart is the quiet latency.
         """
-        model_key = {"kind": "model", "engine": self.engine.identity(), "model": self.context.digest(gm),
-                     "reduced": Plan(reduced.keep).to_json(), "protocol": {**self._protocol(), "batch": "static"}}
-        timing = self.cache.lookup(model_key, _model_timing)
         distinct = {_digest(key): key for key in keys.values()}
         tables: dict[str, LatencyTable] = {}
         rounds: list[list[float]] = []
         with ExitStack() as stack:
-            models = []
-            if timing is None:
-                models.append(self.context.deployed(gm))
-                models.append(stack.enter_context(self.engine.deploy_pruned(models[0], self.context.pruned(gm, reduced),
-                                                                            self.example_inputs)))
+            models = [self.context.deployed(gm)]
+            models.append(stack.enter_context(self.engine.deploy_pruned(models[0], self.context.pruned(gm, reduced),
+                                                                        self.example_inputs)))
 
             def time_a_round() -> None:
                 warmup = 1 if rounds else self.engine.warmup
@@ -176,23 +189,42 @@ class LatencyPass(PassBase):
             for digest, key in tqdm(distinct.items(), desc=f"fxprune latency tables ({self.engine.name}, "
                                     f"{self.engine.threads} threads)", unit="layer", disable=not self.progress):
                 tables[digest] = self._table(key)
-                if models:
-                    time_a_round()
-            if models:
-                while len(rounds) < ROUNDS:
-                    time_a_round()
-                fastest = np.min(rounds, axis=0)
-                parts = {}
-                for prefix, ms, model in zip(("", "reduced_"), fastest, models):
-                    memory, overhead = model.split()
-                    parts.update({f"{prefix}ms": float(ms), f"{prefix}memory_ms": ms * memory,
-                                  f"{prefix}overhead_ms": ms * overhead})
-                timing = self.cache.store(model_key, parts, _model_timing)
-        return tables, timing
+                time_a_round()
+            while len(rounds) < ROUNDS:
+                time_a_round()
+            fastest = np.min(rounds, axis=0)
+            parts = {}
+            for prefix, ms, model in zip(("", "reduced_"), fastest, models):
+                memory, overhead = model.split()
+                parts.update({f"{prefix}ms": float(ms), f"{prefix}memory_ms": ms * memory,
+                              f"{prefix}overhead_ms": ms * overhead})
+            kernels = models[0].kernels()
+        return tables, _model_timing(parts), kernels
+
+    def _check(self, units: list[Unit], keys: dict[int, dict], tables: dict[str, LatencyTable],
+               kernels: list[KernelTime] | None) -> int:
+        """Check the tables against the whole model's kernels profiled now (``disagreeing``); time again
+        every table that disagrees and keep the new one. Returns how many layers were checked."""
+        if not kernels:
+            return 0
+        found = _layer_kernels(units, kernels)
+        suspects: dict[str, Unit] = {}
+        for index in disagreeing([(float(tables[_digest(keys[id(unit)])].ms[-1, -1]), us) for unit, us in found]):
+            unit = found[index][0]
+            suspects.setdefault(_digest(keys[id(unit)]), unit)
+        for digest, unit in suspects.items():
+            key = keys[id(unit)]
+            old = tables[digest]
+            tables[digest] = self._table(key, again=True)
+            change = float(tables[digest].ms[-1, -1] / old.ms[-1, -1])
+            verdict = "it runs so in the model" if abs(change - 1) <= CONFIRMED else "the old table was off"
+            self.healed.append(f"{unit.layer.name} ({unit.spec.describe()}): its table disagreed with the whole "
+                               f"model; timed again at {change:.2f}x the old ({verdict})")
+        return len(found)
 
     def _protocol(self) -> dict:
         return {"warmup": self.engine.warmup, "repeats": self.engine.repeats, "quantile": QUANTILE,
-                "reference": REFERENCE.to_key()}
+                "reference": REFERENCE.to_key(), "quality": {"spread": SPREAD_LIMIT, "retries": RETRIES}}
 
     def _table_key(self, unit: Unit, widths_in: np.ndarray, widths_out: np.ndarray) -> dict:
         return {"kind": "table", "engine": self.engine.identity(), "unit": unit.spec.to_key(), "tied": unit.spec.tied,
@@ -203,9 +235,7 @@ class LatencyPass(PassBase):
         points = [(k, k) for k in range(1, STEP_PROBE.out_channels + 1)]
         key = {"kind": "step", "engine": self.engine.identity(), "probe": STEP_PROBE.to_key(),
                "protocol": self._protocol()}
-        return self.cache.get_or_measure(
-            key, lambda: {"ms": self.engine.measure_units(STEP_PROBE, points).ms.tolist()},
-            lambda value: detect_step(_checked_ms(value["ms"], len(points))))
+        return detect_step(self._points(key, STEP_PROBE, points).ms)
 
     def _grid(self, gm: torch.fx.GraphModule, unit: Unit, granularity: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Kept input and output widths (tensor extents) to measure; one width where it cannot change."""
@@ -223,31 +253,110 @@ class LatencyPass(PassBase):
             return np.round(widths_out * unit.spec.in_channels / unit.spec.out_channels).astype(np.int64), widths_out
         return widths(unit.in_space, unit.spec.in_channels), widths_out
 
-    def _table(self, key: dict) -> LatencyTable:
+    def _table(self, key: dict, again: bool = False) -> LatencyTable:
+        """The unit's table in units of the reference unit's latency in the same runs (``units.REFERENCE``);
+        ``again``: timed anew whatever the cache holds."""
         spec = UnitSpec.from_key(key["unit"])
         widths_in, widths_out = np.asarray(key["widths_in"]), np.asarray(key["widths_out"])
         points = (list(zip(widths_in, widths_out)) if key["tied"]
                   else [(i, o) for i in widths_in for o in widths_out])
+        timed = self._points(key, spec, points, again)
         rows = 1 if key["tied"] else widths_in.size
+        return LatencyTable(widths_in[:1] if key["tied"] else widths_in, widths_out,
+                            (timed.ms / timed.reference_ms).reshape(rows, widths_out.size), key["tied"])
 
-        def measure() -> dict:
-            timing = self.engine.measure_units(spec, points)
-            return {"ms": timing.ms.tolist(), "reference_ms": timing.reference_ms.tolist()}
+    def _points(self, key: dict, spec: UnitSpec, points: list[tuple[int, int]], again: bool = False) -> "_Timed":
+        """``spec`` timed at ``points``, from the cache where every point there was timed quietly; the
+        points that were not (or all, ``again``) are timed now, each up to RETRIES more times while its
+        repeats scatter over SPREAD_LIMIT, keeping its quietest attempt."""
+        parse = lambda value: _Timed.parse(value, len(points))  # noqa: E731
+        found = None if again else self.cache.lookup(key, parse)
+        if found is not None and found.quiet():
+            return found
+        if found is not None:
+            self.healed.append(f"{spec.describe()}: {found.noisy().size} of {len(points)} points were timed on a "
+                               f"busy machine (spread up to {found.spread.max():.0%}); timed again")
+        timed = found or _Timed.empty(len(points))
+        for _ in range(1 + RETRIES):
+            todo = timed.noisy()
+            if not todo.size:
+                break
+            timed.merge(todo, self.engine.measure_units(spec, [points[i] for i in todo]))
+        return self.cache.store(key, timed.to_value(), parse)
 
-        def parse(value: dict) -> LatencyTable:
-            """The table in units of the reference unit's latency in the same runs (see ``units.REFERENCE``)."""
-            ms, reference = (_checked_ms(value[name], rows * widths_out.size).reshape(rows, widths_out.size)
-                             for name in ("ms", "reference_ms"))
-            if np.any(reference <= 0):
-                raise ValueError("a reference latency is not positive")
-            return LatencyTable(widths_in[:1] if key["tied"] else widths_in, widths_out, ms / reference, key["tied"])
 
-        return self.cache.get_or_measure(key, measure, parse)
+@dataclass
+class _Timed:
+    """A unit timed at a list of points: latency, the reference's latency in the same runs, spread."""
 
+    ms: np.ndarray
+    reference_ms: np.ndarray
+    spread: np.ndarray
+
+    @classmethod
+    def empty(cls, count: int) -> "_Timed":
+        return cls(np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.inf))
+
+    @classmethod
+    def parse(cls, value: dict, count: int) -> "_Timed":
+        """A cached timing, validated: ``count`` finite latencies, positive references, spreads."""
+        ms, reference, spreads = (_checked_ms(value[name], count) for name in ("ms", "reference_ms", "spread"))
+        if np.any(reference <= 0):
+            raise ValueError("a reference latency is not positive")
+        return cls(ms, reference, spreads)
+
+    def to_value(self) -> dict:
+        return {"ms": self.ms.tolist(), "reference_ms": self.reference_ms.tolist(), "spread": self.spread.tolist()}
+
+    def noisy(self) -> np.ndarray:
+        """Indices of points timed while the machine was busy."""
+        return np.flatnonzero(~(self.spread <= SPREAD_LIMIT))
+
+    def quiet(self) -> bool:
+        return not self.noisy().size
+
+    def merge(self, indices: np.ndarray, timing) -> None:
+        """Take the new timing of the points at ``indices`` where it scattered less than the one held."""
+        better = ~(timing.spread >= self.spread[indices])
+        for name in ("ms", "reference_ms", "spread"):
+            getattr(self, name)[indices[better]] = np.asarray(getattr(timing, name))[better]
+
+
+def _layer_kernels(units: list[Unit], kernels: list[KernelTime]) -> list[tuple[Unit, float]]:
+    """Each unit found among a whole model's profiled kernels (same input, weight and output shapes;
+    units of one shape share their kernels' median), with that kernel's µs."""
+    by_shape: dict[tuple, list[float]] = {}
+    for kernel in kernels:
+        if len(kernel.inputs) > 1 and kernel.outputs:
+            shape = (tuple(kernel.inputs[0]), tuple(kernel.inputs[1]), tuple(kernel.outputs[0]))
+            by_shape.setdefault(shape, []).append(kernel.us)
+    found = []
+    for unit in units:
+        times = [us for weight in unit.spec.weight_shapes
+                 for us in by_shape.get((unit.spec.input_shape, weight, unit.spec.output_shape), [])]
+        if times:
+            found.append((unit, float(np.median(times))))
+    return found
+
+
+def disagreeing(pairs: list[tuple[float, float]]) -> list[int]:
+    """Indices of (table entry, kernel time in the model) pairs whose ratio is over DISAGREEMENT x from
+    the pairs' median ratio either way, by more than MATERIAL of all kernels' time. A single layer's
+    table is checked against the others: what scales them all alike (the machine's speed) is no error."""
+    if len(pairs) < 3:
+        return []
+    table, kernel = (np.array(values, dtype=np.float64) for values in zip(*pairs))
+    usable = (table > 0) & (kernel > 0)
+    if usable.sum() < 3:
+        return []
+    center = float(np.median(kernel[usable] / table[usable]))
+    ratio = np.where(usable, kernel / np.maximum(table * center, 1e-12), 1.0)
+    material = np.abs(kernel - table * center) > MATERIAL * kernel[usable].sum()
+    return np.flatnonzero(usable & material & ((ratio > DISAGREEMENT) | (ratio < 1 / DISAGREEMENT))).tolist()
 
 
 def _model_timing(value: dict) -> dict:
-    """A cached timing of a model and its reduced copy, validated: every part finite, within its whole."""
+    """A timing of a model and its reduced copy, validated: every part finite, within its whole."""
     parts = {f"{prefix}{name}": float(value[f"{prefix}{name}"]) for prefix in ("", "reduced_")
              for name in ("ms", "memory_ms", "overhead_ms")}
     for prefix in ("", "reduced_"):

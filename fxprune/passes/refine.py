@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.backends.engines import spread
 from fxprune.errors import BudgetError
 from fxprune.ir.cost import CostModel
 from fxprune.ir.keys import LATENCY_KEY
@@ -35,7 +36,8 @@ from fxprune.passes.rewrite import kept_shares
 # under the budget, so a second timing stays within it, and a timed plan is kept as it is when it
 # measured between 2 x MARGIN and MARGIN / 2 under the budget.
 MARGIN = 0.03
-PAIRS, PAIR_SECONDS = 16, 0.1  # per timed plan (engines.time_shares): the median of 16 ratios of 0.1 s rounds
+PAIRS, PAIR_SECONDS = 16, 0.1  # per timed plan (engines.pair_ratios): the median of 16 ratios of 0.1 s rounds
+PLAN_SPREAD_LIMIT, QUIET_PAIRS = 0.05, 6  # a plan timing trusted (and kept in the cache) has both
 
 __all__ = ["Correction", "LatencyPoint", "MeasuredSolve", "solve_measured"]
 
@@ -97,13 +99,16 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
     except BudgetError:  # within the margin of the smallest plan: the budget itself decides (as with the tables)
         result = solve(budget_share)
     timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
+    now: set[tuple] = set()  # plans timed in this call (the rest: trusted timings from the cache)
     fitting = lambda: [entry for entry in timed.values() if entry[0] <= budget_share]  # noqa: E731
     for step in range(steps):
         key = _plan_key(result)
         if key in timed or not result.plan.keep:  # timed already, or the full model (share 1)
             break
-        share = _measure_share(gm, result, context)
+        share, fresh = _measure_share(gm, result, context)
         timed[key] = share, result
+        if fresh:
+            now.add(key)
         correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, share, "plan"))
         if budget_share * (1 - 2 * margin) <= share <= budget_share * (1 - margin / 2):
             break
@@ -118,7 +123,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
     tables_share = result.predicted_cost / cost.baseline
     key = _plan_key(result)
     predicted = timed[key][0] if key in timed else correction.measured_share(tables_share)
-    return MeasuredSolve(result, tables_share, predicted, key in timed, correction.points)
+    return MeasuredSolve(result, tables_share, predicted, key in timed, correction.points, key in now)
 
 
 def _plan_key(result: PlanResult) -> tuple:
@@ -136,24 +141,38 @@ def _smallest_share(gm, cost, round_to, solver, resolution) -> float:
     return 0.0
 
 
-def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> float:
-    """The plan's latency as a share of the full model's, timed in pairs of rounds (cached per plan)."""
+def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> tuple[float, bool]:
+    """The plan's latency as a share of the full model's, timed in pairs of rounds. Cached per plan with
+    its spread (of the quiet pairs' ratios): a timing whose pairs scattered over PLAN_SPREAD_LIMIT, or that
+    had fewer than QUIET_PAIRS quiet pairs, is timed again (once more now, keeping the better one; a
+    cached one on the next compile). Returns the share, and whether it was timed now."""
     engine = context.engine
     key = {"kind": "plan", "engine": engine.identity(), "model": context.digest(gm),
            "plan": result.plan.to_json(), "protocol": {"rounds": PAIRS, "seconds": PAIR_SECONDS,
                                                        "warmup": engine.warmup, "pairs": "quiet median",
-                                                       "batch": "static"}}
+                                                       "batch": "static", "quality": PLAN_SPREAD_LIMIT}}
 
     def measure() -> dict:
         full = context.deployed(gm)
         with engine.deploy_pruned(full, context.pruned(gm, result.plan), context.example_inputs) as pruned:
-            reference_ms, (share,) = engine.time_shares(full.run, [pruned.run], rounds=PAIRS, seconds=PAIR_SECONDS)
-        return {"share": share, "reference_ms": reference_ms}
+            reference_ms, (ratios,) = engine.pair_ratios(full.run, [pruned.run], rounds=PAIRS, seconds=PAIR_SECONDS)
+        return {"share": float(np.median(ratios)), "reference_ms": reference_ms, "spread": spread(ratios),
+                "pairs": len(ratios)}
 
-    def parse(value: dict) -> float:
-        share = float(value["share"])
-        if not (np.isfinite(share) and share > 0):
-            raise ValueError(f"implausible share {share}")
-        return share
+    def parse(value: dict) -> dict:
+        share, scatter = float(value["share"]), float(value["spread"])
+        if not (np.isfinite(share) and share > 0 and scatter >= 0 and int(value["pairs"]) > 0):
+            raise ValueError(f"implausible plan timing {value}")
+        return value
 
-    return context.cache.get_or_measure(key, measure, parse)
+    found = context.cache.lookup(key, parse)
+    if found is not None and _trusted(found):
+        return float(found["share"]), False
+    found = measure()
+    if not _trusted(found):
+        found = min(found, measure(), key=lambda value: value["spread"])
+    return float(context.cache.store(key, found, parse)["share"]), True
+
+
+def _trusted(timing: dict) -> bool:
+    return timing["spread"] <= PLAN_SPREAD_LIMIT and timing["pairs"] >= QUIET_PAIRS

@@ -67,12 +67,12 @@ def test_measuring_plans_brings_a_mispredicted_budget_home(tmp_path):
     predicted = report.predicted_latency_ms_after / report.predicted_latency_ms_before
     assert predicted == pytest.approx(share, rel=0.02)
     assert [source for _, _, source in report.latency_points][:2] == ["full", "reduced"]
-    assert "tables alone" in str(report)
+    assert "tables' prediction" in str(report) and "closed loop" in str(report)
 
     deployed = engine.deployed
-    again = compile_(3)  # every plan's timing is cached: the same plan, no model deployed
-    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(refined).to_json()
-    assert engine.deployed == deployed
+    again = compile_(3)  # every plan's timing is cached: the same plan, no plan deployed (the full model
+    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(refined).to_json()  # and its reduced copy are
+    assert engine.deployed == deployed + 2  # timed in every compile: they scale the tables to this run)
 
 
 class CliffEngine(SyntheticEngine):
@@ -114,3 +114,27 @@ def test_the_plan_returned_is_the_largest_timed_plan_within_budget(tmp_path, cli
 def test_refine_must_be_a_count():
     with pytest.raises(fxprune.FxpruneError, match="refine"):
         fxprune.compile(tiny_cnn().eval(), 0.5, INPUTS, engine=SyntheticEngine(), refine=-1)
+
+
+def test_a_cached_plan_timing_whose_pairs_scattered_is_timed_again(tmp_path):
+    import json
+
+    from fxprune.cache import LatencyCache
+
+    model, engine = tiny_cnn().eval(), CurvedEngine()
+    compile_ = lambda: fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path, round_to=1,  # noqa: E731
+                                       refine=3, progress=False)
+    first = compile_()
+    cache, entries = LatencyCache(tmp_path), sorted((tmp_path / "latency" / "plan").glob("*.json"))
+    assert entries
+    for path in entries:  # as a busy machine would have left them: the pairs' ratios scattered
+        entry = json.loads(path.read_text())
+        cache._write(entry["key"], {**entry["value"], "spread": 0.2})
+    deployed = engine.deployed
+    again = compile_()
+    assert engine.deployed >= deployed + 2 + len(entries)  # each plan deployed and timed again
+    assert fxprune.report(again).plan_timed_now and fxprune.plan_of(again).to_json() == fxprune.plan_of(first).to_json()
+    assert all(json.loads(p.read_text())["value"]["spread"] == 0.0 for p in entries)  # and replaced
+    deployed = engine.deployed
+    compile_()
+    assert engine.deployed == deployed + 2 and not fxprune.report(compile_()).plan_timed_now
