@@ -2,7 +2,7 @@
 
     python benchmarks/latency_accuracy.py                      # writes docs/latency.md and docs/latency.json
     python benchmarks/latency_accuracy.py --models resnet18 --budgets 0.5
-    python benchmarks/latency_accuracy.py --caches fresh loaded   # also with the cache written under load
+    python benchmarks/latency_accuracy.py --loaded resnet18   # resnet18 also with its cache written under load
 
 For each model (random weights, batch 1, 224x224, onnxruntime CPU, 2 threads):
 
@@ -20,7 +20,7 @@ For each model (random weights, batch 1, 224x224, onnxruntime CPU, 2 threads):
 4. each latency plan's timing graph as compile's closed loop builds it (the unpruned model's exported
    graph resized to the plan's widths, carrying the plan's weights) timed against the plan's own export.
 
-With ``--caches loaded`` the latency cache is first written while two busy processes spin beside the
+For the models named by ``--loaded`` the latency cache is first written while two busy processes spin beside the
 build (every budget compiled with the closed loop, so tables and plan timings are cached under load);
 the load then stops and steps 2-4 run on the quiet machine with that cache, as a user's second run would.
 
@@ -223,7 +223,7 @@ def write_docs(results: list[dict], args) -> None:
     twice = [abs(c["error"]) for _, c in cases if c["prediction"] == "measured"]
     command = "python benchmarks/latency_accuracy.py" + (f" --models {' '.join(args.models)}" if args.models != list(MODELS) else "")
     command += f" --budgets {' '.join(map(str, args.budgets))}" if args.budgets != list(BUDGETS) else ""
-    command += f" --caches {' '.join(args.caches)}" if args.caches != ["fresh"] else ""
+    command += f" --loaded {' '.join(args.loaded)}" if args.loaded else ""
     command += f" --refine {args.refine}" if args.refine != 2 else ""
     command += f" --doc {args.doc}" if args.doc != "latency" else ""
     lines = [
@@ -332,8 +332,8 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--rounds", type=int, default=16, help="pairs of rounds per pruned model")
     parser.add_argument("--refine", type=int, default=2, help="compile's refine: plans measured while solving")
-    parser.add_argument("--caches", nargs="+", choices=("fresh", "loaded"), default=["fresh"],
-                        help="fresh: an empty cache; loaded: tables and plan timings written under two busy processes")
+    parser.add_argument("--loaded", nargs="*", default=[],
+                        help="models also run with their cache (tables, plan timings) written under two busy processes")
     parser.add_argument("--doc", default="latency", help="writes docs/DOC.md and docs/DOC.json")
     parser.add_argument("--out", default="out/latency",
                         help="per-model results; a model found there (same refine) is not re-run")
@@ -343,8 +343,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as cache_root:
-        for condition in args.caches:
-            for name in args.models:
+        for condition, names in (("fresh", args.models), ("loaded", args.loaded)):
+            for name in names:
                 saved = out / f"{name}{'-loaded' if condition == 'loaded' else ''}.json"
                 result = json.loads(saved.read_text()) if saved.exists() else {}
                 if result.get("refine") != args.refine or result.get("cache", "fresh") != condition \

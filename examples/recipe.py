@@ -28,7 +28,16 @@ from examples.training import accuracy, loader, make_optimizer, train
 METHODS = ("sp_lamp", "halp", "ssr")
 
 
-def parser(description: str, models: tuple[str, ...], default_model: str) -> argparse.ArgumentParser:
+def as_command(main: Callable[[], object]) -> None:
+    """Run a recipe's ``main`` as a command: an fxprune error (a budget out of reach) is one line, no traceback."""
+    try:
+        main()
+    except fxprune.FxpruneError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def parser(description: str, models: tuple[str, ...], default_model: str,
+           default_budget: float = 0.5) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="the dataset's folder (nothing is downloaded)")
     p.add_argument("--fake-data", action="store_true", help="torchvision FakeData instead of --data (a smoke test)")
@@ -36,7 +45,8 @@ def parser(description: str, models: tuple[str, ...], default_model: str) -> arg
     p.add_argument("--model", choices=models, default=default_model)
     p.add_argument("--checkpoint", help="base model weights to start from (else the base is trained first)")
     p.add_argument("--method", choices=METHODS, default="halp")
-    p.add_argument("--budget", type=float, default=0.5, help="share of the base model's latency (or --metric)")
+    p.add_argument("--budget", type=float, default=default_budget,
+                   help=f"share of the base model's latency (or --metric; default {default_budget})")
     p.add_argument("--metric", choices=("latency", "flops", "params"), default="latency")
     p.add_argument("--engine", default="onnxruntime", help="latency engine (onnxruntime, torch, cuda)")
     p.add_argument("--base-epochs", type=int, default=160)
@@ -46,7 +56,8 @@ def parser(description: str, models: tuple[str, ...], default_model: str) -> arg
     p.add_argument("--prune-every", type=int, default=40)
     p.add_argument("--prune-steps", type=int, default=30)
     p.add_argument("--ssr-strength", type=float, default=1e-4)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data loading processes (default: 4, at most one per core)")
     p.add_argument("--out", default="out", help="where the pruned model and its ONNX export go")
     return p
 

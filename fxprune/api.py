@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.budgets import Latency, as_budget
 from fxprune.errors import AnalysisRequiredError
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
@@ -105,10 +106,14 @@ def compile(
     """
     budget = as_budget(budget)
     latency = budget.metric == "latency"
+    calibration = list(calibration) if calibration is not None else None
     if example_inputs is None and not example_kwargs:
         example_inputs = infer_example_inputs(model)
     with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
                  remeasure=remeasure) as context:
+        if isinstance(context.engine, OnnxRuntimeInt8Engine) and calibration:  # activations calibrated on them too
+            context.engine.calibration += [batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                                           for batch in calibration]
         plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine)
         gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
                                                     capture=capture, leaf_modules=leaf_modules,
@@ -230,6 +235,11 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         with engine.deploy(pruned, inputs) as deployed:
             before_ms, (share,) = engine.time_shares(context.deployed(gm).run, [deployed.run])
         report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
+        if isinstance(engine, OnnxRuntimeInt8Engine):  # the FP32 model too: what quantizing bought
+            fp32 = OnnxRuntimeEngine(engine.threads)
+            with fp32.deploy(gm, inputs) as full, fp32.deploy(pruned, inputs) as deployed:
+                before_ms, (share,) = fp32.time_shares(full.run, [deployed.run])
+            report.fp32_latency_ms_before, report.fp32_latency_ms_after = before_ms, share * before_ms
     return report
 
 

@@ -197,6 +197,8 @@ def check_outputs(args) -> None:
             raise FxpruneError(f"-o {output}: write .onnx (checked ONNX), .pt (fxprune.save) or .pt2 "
                                f"(torch.export), not {path.suffix or 'a file without a suffix'}")
         _check_writable(path.parent, f"-o {output}")
+    if getattr(args, "quantize", None) and not any(Path(o).suffix == ".onnx" for o in args.output):
+        raise FxpruneError(f"--quantize {args.quantize} quantizes the ONNX file written: add -o NAME.onnx")
     if getattr(args, "plot", None):
         _check_writable(Path(args.plot), f"--plot {args.plot}")
         try:
@@ -241,8 +243,12 @@ def cmd_prune(args) -> None:
         with step(f"writing {output}"):
             path = Path(output)
             if path.suffix == ".onnx":
-                result = fxprune.export_onnx(pruned, path, inputs)
+                result = fxprune.export_onnx(pruned, path, inputs, quantize=args.quantize)
                 note = f"{result.num_nodes} nodes, onnxruntime max abs diff vs torch {result.max_abs_diff:.1e}"
+                if result.quantized:
+                    agreement = (f", top-1 agreement {result.int8_top1_agreement:.1%}"
+                                 if result.int8_top1_agreement is not None else "")
+                    note += f"; INT8: max abs diff vs FP32 {result.int8_max_abs_diff:.2g}{agreement}"
             else:
                 fxprune.save(pruned, path, inputs)
                 note = "reload with fxprune.load"
@@ -352,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--budget", type=parse_budget, default=fxprune.Latency(0.5),
                        help="0.5 (latency share, the default), ms:4.0, flops:0.5 or params:0.5")
     for cmd in (prune, model_command("profile", cmd_profile, "per-layer latency table on an engine")):
-        cmd.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "torch", "cuda"))
+        cmd.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "onnxruntime-int8", "torch", "cuda"),
+                         help="where latency is measured; onnxruntime-int8: the model statically quantized to INT8")
         cmd.add_argument("--threads", type=positive_int, help="engine threads (default: torch's)")
         cmd.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
         cmd.add_argument("--remeasure", action="store_true",
@@ -365,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--refine", type=int, default=2, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
                             "the measurements (default 2; 0 trusts the tables alone)")
+    prune.add_argument("--quantize", choices=("int8",),
+                       help="write the .onnx outputs statically quantized (activations calibrated on the example input)")
     prune.add_argument("-o", "--output", action="append", default=[],
                        help="write the pruned model: .onnx (checked export), .pt (GraphModule) or .pt2 (torch.export)")
     sub.choices["profile"].add_argument("--sort", action="store_true", help="costliest layers first")

@@ -57,6 +57,8 @@ class Report:
     latency_prediction: str = "tables"
     budget_share: float | None = None  # a latency budget as a share of the unpruned model (the whole one, in parts)
     plan_timed_now: bool = False  # the closed loop's timing of the returned plan was taken in this run
+    fp32_latency_ms_before: float | None = None  # an INT8 engine's compile, measured: the FP32 models too
+    fp32_latency_ms_after: float | None = None
     notes: list[str] = field(default_factory=list)
     parts: list[PartReport] = field(default_factory=list)  # a partitioned model: each part captured alone
 
@@ -143,6 +145,9 @@ class Report:
         if self.measured_share is not None:
             rows.append(("measured after compiling", self.measured_share,
                          f"{self.measured_latency_ms_after:.3f} ms, timed in this run"))
+        if self.fp32_latency_ms_before and self.fp32_latency_ms_after is not None:
+            rows.append(("the FP32 models on onnxruntime", self.fp32_latency_ms_after / self.fp32_latency_ms_before,
+                         f"{self.fp32_latency_ms_before:.3f} -> {self.fp32_latency_ms_after:.3f} ms, timed in this run"))
         lines += [f"    {name:<40}{share:>7.3f}" + (f"   ({why})" if why else "") for name, share, why in rows]
         if self.measured_share is not None and self.predicted_latency_ms_before and not self.parts:
             tables = (self.predicted_latency_ms_tables_after or self.predicted_latency_ms_after) / self.predicted_latency_ms_before

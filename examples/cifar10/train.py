@@ -1,6 +1,6 @@
 """CIFAR-10 with a CIFAR ResNet (ResNet-56 as in SP-LAMP's and SSR's tables), pruned to a latency budget.
 
-    python -m examples.cifar10.train --data ~/datasets/cifar10 --method halp --budget 0.5
+    python -m examples.cifar10.train --data ~/datasets/cifar10 --method halp --budget 0.7
     torchrun --nproc_per_node 4 -m examples.cifar10.train --data ~/datasets/cifar10 --method ssr
     python -m examples.cifar10.train --fake-data --base-epochs 1 --epochs 1        # a smoke test
 
@@ -16,7 +16,7 @@ import torchvision
 import torchvision.transforms as T
 
 from examples.models import resnet20, resnet56
-from examples.recipe import parser, run
+from examples.recipe import as_command, parser, run
 
 MODELS = {"resnet56": resnet56, "resnet20": resnet20}
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -35,9 +35,11 @@ def datasets(args):
 
 
 def main(argv=None) -> dict:
-    args = parser(__doc__, tuple(MODELS), "resnet56").parse_args(argv)
+    # 0.7 by default: ResNet-56's first stage has 16 channels, one onnxruntime step, so it cannot shrink; the
+    # smallest plan measured 0.605 of the model while another job shared the machine (0.5 reached when quiet)
+    args = parser(__doc__, tuple(MODELS), "resnet56", default_budget=0.7).parse_args(argv)
     return run(args, lambda name: MODELS[name](), datasets, (torch.zeros(1, 3, 32, 32),))
 
 
 if __name__ == "__main__":
-    main()
+    as_command(main)

@@ -1,7 +1,10 @@
 """fxprune against Torch-Pruning and uniform pruning on real data, at onnxruntime latency budgets.
 
     python -m examples.digits.benchmark                      # writes docs/digits.md, docs/digits.png, docs/digits.json
-    python -m examples.digits.benchmark --seeds 1 --budgets 0.5 --epochs 2   # a quick look
+    python -m examples.digits.benchmark --seeds 1 --budgets 0.5 --epochs 2 --docs out/quick   # a quick look
+
+Needs the benchmark extras (Torch-Pruning, scikit-learn, matplotlib): ``pip install -e '.[benchmarks]'``;
+without Torch-Pruning, ``--methods`` without its two methods runs the rest.
 
 Data: scikit-learn's handwritten digits (1437 train / 360 test images), upsampled to 32x32.
 Model: a CIFAR-style ResNet-20 at twice the standard width (32/64/128 channels): onnxruntime computes in
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -336,8 +340,21 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="latency cache folder (default: fxprune's)")
     parser.add_argument("--docs", default=str(DOCS), help="where the table, plot and results go")
     args = parser.parse_args()
+    check_dependencies(args.methods)
     torch.set_num_threads(2)
     summarize(run(args), args)
+
+
+def check_dependencies(methods: list[str]) -> None:
+    """Stop before any training when a method's package is missing, saying what to install."""
+    needing = [m for m in methods if m.startswith("torch-pruning")]
+    missing = [name for name, module in (("Torch-Pruning", "torch_pruning"), ("scikit-learn", "sklearn"),
+                                         ("matplotlib", "matplotlib"))
+               if (module != "torch_pruning" or needing) and importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"examples.digits.benchmark needs {', '.join(missing)}: pip install -e '.[benchmarks]'"
+                         + (f" (or leave out --methods {' '.join(repr(m) for m in needing)})"
+                            if missing == ["Torch-Pruning"] else ""))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 
-from examples.recipe import parser, run
+from examples.recipe import as_command, parser, run
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -43,4 +43,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    as_command(main)

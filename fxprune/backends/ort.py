@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming, quiet, spread
 from fxprune.backends.export import _run_torch, export_onnx
 from fxprune.backends.onnx_resize import ResizeError, fill, name_transposes, resize, strip
+from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.backends.onnx_units import IR_VERSION, OPSET, branch_weight_bytes, unit_model, unit_prefix
 from fxprune.ir.units import REFERENCE, UnitSpec
 
@@ -44,6 +45,9 @@ ORT_MEMORY_OPS = frozenset({
     "GlobalMaxPool", "AveragePool", "MaxPool", "ReorderInput", "ReorderOutput", "Concat", "Split", "Slice",
     "Resize", "Upsample", "Pad", "Transpose", "Expand", "Tile", "Where", "LayerNormalization",
     "SkipLayerNormalization", "Softmax", "Identity", "Gather",
+    # INT8 models: (de)quantization at float boundaries, integer elementwise ops and pooling
+    "QuantizeLinear", "DequantizeLinear", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+    "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
 })
 SESSION_WEIGHT_BYTES = 256 << 20  # weights of one measuring session; more points go to another session
 OVERHEAD_CHAIN = 64  # trivial kernels timed to measure what the profiler adds
@@ -93,6 +97,11 @@ class OnnxRuntimeEngine(Engine):
                                          f"{', '.join(onnxruntime.get_available_providers())}); install the "
                                          "onnxruntime package built for it, or use engine='onnxruntime'")
 
+    def runnable(self, model: bytes | str, batches: Callable[[], list[dict[str, np.ndarray]]]) -> bytes | str:
+        """``model`` (an FP32 ONNX file or its bytes) as this engine runs it: as it is. ``batches()`` (feeds)
+        is what an engine that quantizes calibrates on."""
+        return model
+
     def session(self, model: bytes | str, profile_dir: str | None = None):
         import onnxruntime as ort
 
@@ -139,7 +148,7 @@ class OnnxRuntimeEngine(Engine):
             model = _trivial_chain(OVERHEAD_CHAIN).SerializeToString()
             feeds = {"x": np.ones(1, dtype=np.float32)}
             session = self.session(model)
-            wall_us = self.time_interleaved([lambda: session.run(None, feeds)])[0] * 1e3
+            wall_us = self.time_interleaved([lambda: session.run(None, feeds)], rounds=4, seconds=0.1)[0] * 1e3
             profile = self._profile(model, feeds)
             per_kernel = float(np.median([quiet(k.us) for k in profile.kernels.values()])) - wall_us / OVERHEAD_CHAIN
             per_node = (quiet(profile.runs) - wall_us) / OVERHEAD_CHAIN
@@ -164,7 +173,7 @@ class OnnxRuntimeEngine(Engine):
                  "reference_x": rng.standard_normal(REFERENCE.input_shape).astype(np.float32)}
         for chunk in _chunks([branch_weight_bytes(spec, *p) for p in points], SESSION_WEIGHT_BYTES):
             model = unit_model(spec, [points[i] for i in chunk], chunk[0], REFERENCE, REFERENCES)
-            profile = self._profile(model.SerializeToString(), feeds)
+            profile = self._profile(self.runnable(model.SerializeToString(), lambda: [feeds]), feeds)
             per_branch: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(self.repeats))
             references = []
             for node, kernel in profile.kernels.items():
@@ -173,7 +182,7 @@ class OnnxRuntimeEngine(Engine):
                 if _branch_of(node, "r") is not None:
                     references.append(self._kernel_us(kernel))
                 branch = _branch_of(node, "u")
-                if branch is not None:
+                if branch is not None and kernel.op != "DequantizeLinear":  # in a network, the next layer reads int8
                     per_branch[branch] += self._kernel_us(kernel)
             if not references:
                 raise LatencyError("onnxruntime's profile has no kernel of the reference branches; their names changed")
@@ -192,9 +201,14 @@ class OnnxRuntimeEngine(Engine):
     @contextmanager
     def deploy(self, module: nn.Module, example_inputs: tuple) -> Iterator[_OrtDeployed]:
         with _exported(module, example_inputs) as path:
-            session = self.session(path)
-            yield _OrtDeployed(self, path, session, _feeds(session, example_inputs), module.state_dict(),
-                               "exported")
+            source = self.runnable(path, lambda: self.batches(onnx.load(path), example_inputs))
+            session = self.session(source)
+            yield _OrtDeployed(self, source, session, _feeds(session.get_inputs(), example_inputs),
+                               module.state_dict(), "exported", fp32=path)
+
+    def batches(self, graph: onnx.ModelProto, example_inputs: tuple) -> list[dict[str, np.ndarray]]:
+        """What a whole model is calibrated on (an engine that quantizes): the example's feeds."""
+        return [_feeds(_graph_inputs(graph), example_inputs)]
 
     @contextmanager
     def deploy_traced(self, gm: torch.fx.GraphModule, example_inputs: tuple, cache: LatencyCache,
@@ -242,9 +256,34 @@ class OnnxRuntimeEngine(Engine):
 
     def _load(self, graph: onnx.ModelProto, filled: onnx.ModelProto, example_inputs: tuple,
               tensors: dict[str, torch.Tensor], origin: str) -> _OrtDeployed:
-        source = filled.SerializeToString()
+        source = self.runnable(filled.SerializeToString(), lambda: self.batches(filled, example_inputs))
         session = self.session(source)
-        return _OrtDeployed(self, source, session, _feeds(session, example_inputs), tensors, origin, graph)
+        return _OrtDeployed(self, source, session, _feeds(session.get_inputs(), example_inputs), tensors, origin, graph)
+
+
+class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
+    """onnxruntime's CPU provider running models statically quantized to INT8 (``backends/quantize.py``):
+    units, the step probe and whole models are quantized before they are timed, so tables, the latency
+    step and the closed loop are the INT8 model's. Whole models are calibrated on the example inputs and
+    ``calibration`` (batches of model inputs, each a tensor or a tuple of tensors)."""
+
+    name = "onnxruntime-int8"
+
+    def __init__(self, threads: int | None = None, warmup: int = 3, repeats: int = 30,
+                 calibration: list | None = None) -> None:
+        super().__init__(threads, warmup, repeats)
+        self.calibration = list(calibration or [])
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "quantization": settings()}
+
+    def runnable(self, model: bytes | str, batches: Callable[[], list[dict[str, np.ndarray]]]) -> bytes:
+        return quantize_int8(model, batches())
+
+    def batches(self, graph: onnx.ModelProto, example_inputs: tuple) -> list[dict[str, np.ndarray]]:
+        inputs = _graph_inputs(graph)
+        extra = [batch if isinstance(batch, (tuple, list)) else (batch,) for batch in self.calibration]
+        return [_feeds(inputs, example_inputs)] + [_feeds(inputs, batch) for batch in extra]
 
 
 class _OrtDeployed(Deployed):
@@ -252,9 +291,10 @@ class _OrtDeployed(Deployed):
     name, and where its graph came from (``origin``: exported, or resized from another's)."""
 
     def __init__(self, engine: OnnxRuntimeEngine, path: str | bytes, session, feeds: dict,
-                 tensors: dict[str, torch.Tensor], origin: str, graph: onnx.ModelProto | None = None) -> None:
+                 tensors: dict[str, torch.Tensor], origin: str, graph: onnx.ModelProto | None = None,
+                 fp32: str | None = None) -> None:
         self.engine, self.path, self.session, self.feeds = engine, path, session, feeds
-        self.tensors, self.origin, self._graph = tensors, origin, graph
+        self.tensors, self.origin, self._graph, self._fp32 = tensors, origin, graph, fp32
         self._profiled: _Profile | None = None
 
     def run(self) -> Any:
@@ -262,8 +302,9 @@ class _OrtDeployed(Deployed):
 
     def graph(self) -> onnx.ModelProto:
         """The model's ONNX graph without its large weights (what ``resize`` starts from)."""
-        if self._graph is None:
-            graph = onnx.load(self.path) if isinstance(self.path, str) else onnx.load_from_string(self.path)
+        if self._graph is None:  # the FP32 graph, also where the engine runs a quantized one
+            source = self._fp32 or self.path
+            graph = onnx.load(source) if isinstance(source, str) else onnx.load_from_string(source)
             name_transposes(graph, self.tensors)
             self._graph = strip(graph)
         return self._graph
@@ -321,10 +362,16 @@ def _parse_graph(value: dict) -> onnx.ModelProto:
     return graph
 
 
-def _feeds(session, example_inputs: tuple) -> dict[str, np.ndarray]:
-    """The session's inputs: the leaves of the example's (a detector's list of images is one per image)."""
+def _feeds(inputs: list, example_inputs: tuple) -> dict[str, np.ndarray]:
+    """A model's inputs (a session's or a graph's) fed the leaves of the example's (a detector's list of
+    images is one input per image)."""
     leaves = torch.utils._pytree.tree_leaves(example_inputs)
-    return {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), leaves)}
+    return {i.name: x.detach().cpu().numpy() for i, x in zip(inputs, leaves)}
+
+
+def _graph_inputs(graph: onnx.ModelProto) -> list:
+    weights = {t.name for t in graph.graph.initializer}
+    return [i for i in graph.graph.input if i.name not in weights]
 
 
 def _trivial_chain(length: int) -> onnx.ModelProto:

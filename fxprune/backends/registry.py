@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 from fxprune.backends.engines import CudaEngine, Engine, TorchEngine
-from fxprune.backends.ort import OnnxRuntimeEngine
+from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.errors import FxpruneError
 
-ENGINES: dict[str, Callable[[int | None], Engine]] = {"onnxruntime": OnnxRuntimeEngine, "torch": TorchEngine,
-                                                      "cuda": CudaEngine}
+ENGINES: dict[str, Callable[[int | None], Engine]] = {"onnxruntime": OnnxRuntimeEngine,
+                                                      "onnxruntime-int8": OnnxRuntimeInt8Engine,
+                                                      "torch": TorchEngine, "cuda": CudaEngine}
 
 
 def get_engine(engine: str | Engine, threads: int | None = None, check: bool = True) -> Engine:

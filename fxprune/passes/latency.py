@@ -49,13 +49,15 @@ from fxprune.passes.units import Unit, find_units
 
 GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
 REDUCED_SHARE = 0.35  # the second calibration point: every group at this share of its channels
+WARM_ROUNDS = 4  # rounds of the whole model and its reduced copy when every table came from the cache
 STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
 # Tables that heal. A point whose repeats scatter more than SPREAD_LIMIT (interquartile range over median,
 # of its ratios to the reference timed in the same runs) was timed while the machine was busy: it is timed
 # again, up to RETRIES times, keeping the quietest attempt; a cached table holding such a point is timed
-# again on the next compile. A layer that runs DISAGREEMENT x faster or slower inside the whole model (its
+# again by the next compile, once (a point that stays noisy through that compile's retries too is a kernel
+# that scatters on a quiet machine, and is kept). A layer that runs DISAGREEMENT x faster or slower inside the whole model (its
 # kernel in a profile taken now) than its table says, relative to the other layers, has its table timed
 # again when the difference is MATERIAL of the layers' time; a new table within CONFIRMED of the old one
 # says the layer does run differently in the model, and is kept.
@@ -188,9 +190,12 @@ class LatencyPass(PassBase):
 
             for digest, key in tqdm(distinct.items(), desc=f"fxprune latency tables ({self.engine.name}, "
                                     f"{self.engine.threads} threads)", unit="layer", disable=not self.progress):
+                measured = self.cache.measured
                 tables[digest] = self._table(key)
-                time_a_round()
-            while len(rounds) < ROUNDS:
+                if self.cache.measured > measured:  # rounds spread over the time tables take to measure
+                    time_a_round()
+            wanted = ROUNDS if rounds else WARM_ROUNDS  # fewer when no table was measured
+            while len(rounds) < wanted:
                 time_a_round()
             fastest = np.min(rounds, axis=0)
             parts = {}
@@ -271,52 +276,57 @@ class LatencyPass(PassBase):
         repeats scatter over SPREAD_LIMIT, keeping its quietest attempt."""
         parse = lambda value: _Timed.parse(value, len(points))  # noqa: E731
         found = None if again else self.cache.lookup(key, parse)
-        if found is not None and found.quiet():
+        if found is not None and not found.noisy(retimed=False).size:
             return found
         if found is not None:
-            self.healed.append(f"{spec.describe()}: {found.noisy().size} of {len(points)} points were timed on a "
+            self.healed.append(f"{spec.describe()}: {found.noisy(retimed=False).size} of {len(points)} points were timed on a "
                                f"busy machine (spread up to {found.spread.max():.0%}); timed again")
         timed = found or _Timed.empty(len(points))
+        todo = timed.noisy(retimed=False)
         for _ in range(1 + RETRIES):
-            todo = timed.noisy()
             if not todo.size:
                 break
             timed.merge(todo, self.engine.measure_units(spec, [points[i] for i in todo]))
+            todo = np.intersect1d(todo, timed.noisy())
         return self.cache.store(key, timed.to_value(), parse)
 
 
 @dataclass
 class _Timed:
-    """A unit timed at a list of points: latency, the reference's latency in the same runs, spread."""
+    """A unit timed at a list of points: latency, the reference's latency in the same runs, spread, and how
+    many times each point was timed."""
 
     ms: np.ndarray
     reference_ms: np.ndarray
     spread: np.ndarray
+    attempts: np.ndarray
 
     @classmethod
     def empty(cls, count: int) -> "_Timed":
-        return cls(np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.inf))
+        return cls(np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.inf), np.zeros(count))
 
     @classmethod
     def parse(cls, value: dict, count: int) -> "_Timed":
-        """A cached timing, validated: ``count`` finite latencies, positive references, spreads."""
-        ms, reference, spreads = (_checked_ms(value[name], count) for name in ("ms", "reference_ms", "spread"))
+        """A cached timing, validated: ``count`` finite latencies, positive references, spreads, attempts."""
+        ms, reference, spreads, attempts = (_checked_ms(value[name], count)
+                                            for name in ("ms", "reference_ms", "spread", "attempts"))
         if np.any(reference <= 0):
             raise ValueError("a reference latency is not positive")
-        return cls(ms, reference, spreads)
+        return cls(ms, reference, spreads, attempts)
 
     def to_value(self) -> dict:
-        return {"ms": self.ms.tolist(), "reference_ms": self.reference_ms.tolist(), "spread": self.spread.tolist()}
+        return {"ms": self.ms.tolist(), "reference_ms": self.reference_ms.tolist(), "spread": self.spread.tolist(),
+                "attempts": self.attempts.tolist()}
 
-    def noisy(self) -> np.ndarray:
-        """Indices of points timed while the machine was busy."""
-        return np.flatnonzero(~(self.spread <= SPREAD_LIMIT))
-
-    def quiet(self) -> bool:
-        return not self.noisy().size
+    def noisy(self, retimed: bool = True) -> np.ndarray:
+        """Indices of points timed while the machine was busy; without ``retimed``, only those not yet
+        timed again by a later compile (each compile times a point up to 1 + RETRIES times)."""
+        noisy = ~(self.spread <= SPREAD_LIMIT)
+        return np.flatnonzero(noisy if retimed else noisy & (self.attempts <= 1 + RETRIES))
 
     def merge(self, indices: np.ndarray, timing) -> None:
         """Take the new timing of the points at ``indices`` where it scattered less than the one held."""
+        self.attempts[indices] += 1
         better = ~(timing.spread >= self.spread[indices])
         for name in ("ms", "reference_ms", "spread"):
             getattr(self, name)[indices[better]] = np.asarray(getattr(timing, name))[better]
