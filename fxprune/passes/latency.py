@@ -276,13 +276,13 @@ class LatencyPass(PassBase):
         repeats scatter over SPREAD_LIMIT, keeping its quietest attempt."""
         parse = lambda value: _Timed.parse(value, len(points))  # noqa: E731
         found = None if again else self.cache.lookup(key, parse)
-        if found is not None and not found.noisy(retimed=False).size:
-            return found
-        if found is not None:
-            self.healed.append(f"{spec.describe()}: {found.noisy(retimed=False).size} of {len(points)} points were timed on a "
-                               f"busy machine (spread up to {found.spread.max():.0%}); timed again")
         timed = found or _Timed.empty(len(points))
         todo = timed.noisy(retimed=False)
+        if found is not None and not todo.size:
+            return found
+        if found is not None:
+            self.healed.append(f"{spec.describe()}: {todo.size} of {len(points)} points were timed on a "
+                               f"busy machine (spread up to {found.spread.max():.0%}); timed again")
         for _ in range(1 + RETRIES):
             if not todo.size:
                 break

@@ -40,7 +40,7 @@ MARGIN = 0.03
 PAIRS, PAIR_SECONDS = 16, 0.1  # per timed plan (engines.pair_ratios): the median of 16 ratios of 0.1 s rounds
 PLAN_SPREAD_LIMIT, QUIET_PAIRS = 0.05, 6  # a plan timing trusted (and kept in the cache) has both
 # One plan timed twice moves by up to 15% on this machine (efficientnet_b0, Latency(0.5): 0.473 in compile,
-# 0.545 timed again minutes later). The largest timed plan within the budget is the one whose timing erred
+# 0.545 timed again minutes later, in a first run of benchmarks/latency_accuracy.py whose output was replaced). The largest timed plan within the budget is the one whose timing erred
 # low most likely, so the plan returned is timed a second time and read by the mean of both timings
 # (cached as confirmed); if that is over the budget, the next largest is tried (CONFIRMATIONS plans at most).
 CONFIRMATIONS = 2
