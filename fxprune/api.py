@@ -112,8 +112,8 @@ def compile(
     with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
                  remeasure=remeasure) as context:
         if isinstance(context.engine, OnnxRuntimeInt8Engine) and calibration:  # activations calibrated on them too
-            context.engine.calibration += [batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-                                           for batch in calibration]
+            context.engine = context.engine.calibrated([batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2
+                                                        else batch for batch in calibration])
         plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine)
         gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
                                                     capture=capture, leaf_modules=leaf_modules,

@@ -37,6 +37,8 @@ COVERED_ELSEWHERE = {
         "needs a COCO-format folder and weights: test_examples.py runs the recipe with --onnx on generated data",
     "python -m examples.digits.benchmark":
         "the published benchmark (hours on 2 cores); its quick look runs here",
+    "python -m examples.digits.benchmark --engine onnxruntime-int8":
+        "the published INT8 benchmark (an hour on 2 cores); test_examples.py runs its INT8 scoring and summary",
     "python -m examples.digits.benchmark --seeds 1 --budgets 0.5 --epochs 2 --docs out/quick":
         "needs Torch-Pruning (pip install -e '.[benchmarks]'); here: it stops at once saying so where that is "
         "missing, and runs where it is installed",

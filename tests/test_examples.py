@@ -14,6 +14,7 @@ import torch
 import fxprune
 
 from examples.cifar10 import train as cifar10
+from examples.digits import benchmark as digits_benchmark
 from examples.digits.data import digits
 from examples.imagenet import train as imagenet
 from examples.models import CifarResNet, resnet20
@@ -28,6 +29,35 @@ def test_digits_are_the_bundled_images_upsampled():
     x, y = train_set[0]
     assert x.shape == (1, 32, 32) and 0 <= int(y) < 10
     assert set(int(label) for _, label in test_set) == set(range(10))  # stratified: every class in the test split
+
+
+def test_the_digits_benchmark_quantizes_each_model_alike_and_scores_it_in_onnxruntime():
+    args = digits_benchmark.argparse.Namespace(engine="onnxruntime-int8", cache=None)
+    bench = digits_benchmark.Bench(args)
+    torch.manual_seed(0)
+    model = resnet20(in_channels=1, width=32).eval()
+    int8_accuracy, agreement = bench.int8_accuracy(model)
+    labels = bench.test_set.tensors[1]
+    with torch.no_grad():
+        fp32 = (model(bench.test_set.tensors[0]).argmax(1) == labels).float().mean().item()
+    assert 0.0 <= int8_accuracy <= 1.0 and 0.5 < agreement <= 1.0  # an untrained model: INT8 mostly agrees
+    assert abs(int8_accuracy - fp32) <= 1 - agreement + 1e-9  # accuracies differ only where predictions do
+
+
+def test_the_digits_int8_summary_compares_int8_accuracy_per_seed(tmp_path):
+    rows = [{"seed": seed, "method": method, "budget": 0.5, "base_accuracy": 0.97, "base_int8_accuracy": 0.96,
+             "accuracy": 0.9, "int8_accuracy": 0.9 - 0.01 * seed - (0.05 if method.startswith("torch") else 0),
+             "int8_agreement": 0.99, "latency_share": 0.5, "flops_share": 0.4}
+            for seed in range(2) for method in ("fxprune sp_lamp", "torch-pruning magnitude")]
+    args = digits_benchmark.argparse.Namespace(engine="onnxruntime-int8", docs=str(tmp_path), seeds=2, budgets=[0.5],
+                                               methods=["fxprune sp_lamp", "torch-pruning magnitude"],
+                                               base_epochs=20, epochs=6)
+    digits_benchmark.summarize(rows, args)
+    text = (tmp_path / "digits_int8.md").read_text()
+    assert "at INT8 onnxruntime latency budgets" in text and "--engine onnxruntime-int8" in text
+    assert "quantized to INT8 0.960" in text and "INT8 test accuracy after pruning" in text
+    assert "| +0.050 | +0.050, +0.050 |" in text  # mean and per-seed paired differences of INT8 accuracy
+    assert (tmp_path / "digits_int8.png").exists() and not (tmp_path / "digits.md").exists()
 
 
 def test_cifar_resnets_have_the_papers_depths():

@@ -10,7 +10,9 @@ only says how that time divides between layer kernels and memory-bound kernels.
 
 from __future__ import annotations
 
+
 import base64
+import copy
 import json
 import logging
 import os
@@ -279,6 +281,12 @@ class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
 
     def runnable(self, model: bytes | str, batches: Callable[[], list[dict[str, np.ndarray]]]) -> bytes:
         return quantize_int8(model, batches())
+
+    def calibrated(self, batches: list) -> "OnnxRuntimeInt8Engine":
+        """A copy that calibrates on ``batches`` too (the engine a user passed stays as it was)."""
+        engine = copy.copy(self)
+        engine.calibration = self.calibration + list(batches)
+        return engine
 
     def batches(self, graph: onnx.ModelProto, example_inputs: tuple) -> list[dict[str, np.ndarray]]:
         inputs = _graph_inputs(graph)

@@ -66,6 +66,8 @@ RETRIES = 2
 DISAGREEMENT = 2.5
 MATERIAL = 0.01
 CONFIRMED = 0.2
+# onnxruntime's INT8 kernels prepack their weights: a profile shows no weight shape for them.
+PREPACKED_WEIGHT_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 __all__ = ["LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost"]
 
@@ -334,19 +336,34 @@ class _Timed:
 
 def _layer_kernels(units: list[Unit], kernels: list[KernelTime]) -> list[tuple[Unit, float]]:
     """Each unit found among a whole model's profiled kernels (same input, weight and output shapes;
-    units of one shape share their kernels' median), with that kernel's µs."""
+    units of one shape share their kernels' median), with that kernel's µs. The weight is the first input
+    after the data with two axes or more (``Conv``, ``Gemm``, ``MatMul``); INT8's fused kernels
+    (``PREPACKED_WEIGHT_OPS``) show no weight shape and may run channels-last, so they are matched by
+    their data and output shapes, as they are or from NHWC."""
     by_shape: dict[tuple, list[float]] = {}
     for kernel in kernels:
-        if len(kernel.inputs) > 1 and kernel.outputs:
-            shape = (tuple(kernel.inputs[0]), tuple(kernel.inputs[1]), tuple(kernel.outputs[0]))
-            by_shape.setdefault(shape, []).append(kernel.us)
+        if not (kernel.inputs and kernel.outputs):
+            continue
+        data, output = tuple(kernel.inputs[0]), tuple(kernel.outputs[0])
+        if kernel.op in PREPACKED_WEIGHT_OPS:
+            keys = {(data, None, output), (_from_nhwc(data), None, _from_nhwc(output))}
+        else:
+            weight = next((tuple(shape) for shape in kernel.inputs[1:] if len(shape) >= 2), None)
+            keys = {(data, weight, output)} if weight is not None else set()
+        for key in keys:
+            by_shape.setdefault(key, []).append(kernel.us)
     found = []
     for unit in units:
-        times = [us for weight in unit.spec.weight_shapes
-                 for us in by_shape.get((unit.spec.input_shape, weight, unit.spec.output_shape), [])]
+        spec = unit.spec
+        times = [us for weight in [*spec.weight_shapes, None]
+                 for us in by_shape.get((spec.input_shape, weight, spec.output_shape), [])]
         if times:
             found.append((unit, float(np.median(times))))
     return found
+
+
+def _from_nhwc(shape: tuple) -> tuple:
+    return (shape[0], shape[-1], *shape[1:-1]) if len(shape) >= 3 else shape
 
 
 def disagreeing(pairs: list[tuple[float, float]]) -> list[int]:

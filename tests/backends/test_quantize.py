@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import onnx
 import pytest
@@ -47,15 +48,19 @@ def test_the_int8_engine_is_its_own_cache_key_and_times_quantized_units():
 
 def test_compile_for_the_int8_engine_reports_int8_and_fp32_latency(tmp_path):
     calibration = [(torch.randn(1, 3, 32, 32), torch.tensor([0])) for _ in range(2)]
-    pruned = fxprune.compile(tiny_cnn().eval(), fxprune.Latency(0.7), INPUTS, engine="onnxruntime-int8", threads=1,
+    engine = OnnxRuntimeInt8Engine(threads=1)
+    pruned = fxprune.compile(tiny_cnn().eval(), fxprune.Latency(0.7), INPUTS, engine=engine,
                              measure=True, refine=1, progress=False, cache=tmp_path, calibration=calibration,
                              importance="l1")
+    assert engine.calibration == []  # the engine passed in is left as it was
     report = fxprune.report(pruned)
     text = str(report)
     assert report.engine == "onnxruntime-int8" and "latency on onnxruntime-int8" in text
     assert report.measured_latency_ms_before > 0 and report.fp32_latency_ms_before > 0
     assert "the FP32 models on onnxruntime" in text and report.budget_share == 0.7
     assert any(g.kept < g.total for g in report.groups)
+    checked = re.search(r"(\d+) of (\d+) layers checked against the whole model", text)
+    assert checked and int(checked.group(1)) > 0  # the tables are checked against QLinearConv kernels too
 
 
 def test_export_writes_the_int8_model_checked_against_fp32(tmp_path):

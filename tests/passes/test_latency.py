@@ -4,6 +4,8 @@ plans as measuring them does."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +18,9 @@ from fxprune.ir.keys import LAYER_LATENCY_KEY
 from fxprune.backends.engines import quiet_ratios
 from fxprune.ir.keys import LATENCY_KEY
 from fxprune.passes.context import Context
-from fxprune.passes.latency import LatencyPass, _kept_counts, detect_step, disagreeing, latency_cost
-from fxprune.ir.units import REFERENCE, Activation
+from fxprune.backends.engines import KernelTime
+from fxprune.passes.latency import LatencyPass, _kept_counts, _layer_kernels, detect_step, disagreeing, latency_cost
+from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 from fxprune.passes.units import find_units
 from fxprune.testing import SyntheticEngine
 
@@ -404,6 +407,23 @@ def test_disagreeing_finds_the_one_table_off_from_the_others(kernels, expected):
     assert disagreeing(list(zip(tables, kernels))) == expected
     assert disagreeing(list(zip([1.0, 2.0, 3.0, 4.0, 0.1], [1.0, 2.0, 3.0, 4.0, 0.5]))) == [4]  # 4% of the time
     assert disagreeing(list(zip([100.0, 200.0, 300.0, 0.001], [100.0, 200.0, 300.0, 0.005]))) == []  # 0.001% of the time
+
+
+def test_layers_are_found_among_fp32_and_int8_kernels_by_their_shapes():
+    conv = types.SimpleNamespace(spec=UnitSpec("conv", (1, 32, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1,
+                                                True, True, Activation("relu")))
+    linear = types.SimpleNamespace(spec=UnitSpec("linear", (1, 64), 10))
+    fp32 = [KernelTime("Conv", [[1, 32, 16, 16], [64, 32, 3, 3], [64]], [[1, 64, 16, 16]], 40.0),
+            KernelTime("Gemm", [[1, 64], [10, 64], [10]], [[1, 10]], 2.0),
+            KernelTime("Add", [[1, 64, 16, 16], [1, 64, 16, 16]], [[1, 64, 16, 16]], 5.0)]
+    assert [(u.spec.op, us) for u, us in _layer_kernels([conv, linear], fp32)] == [("conv", 40.0), ("linear", 2.0)]
+    int8 = [KernelTime("QLinearConv", [[1, 16, 16, 32], [], [], [64], [64], [], [], [64]], [[1, 16, 16, 64]], 12.0),
+            KernelTime("QGemm", [[1, 64], [], [], [10], [10], [10], [], []], [[1, 10]], 1.0),
+            KernelTime("QuantizeLinear", [[1, 32, 16, 16], [], []], [[1, 32, 16, 16]], 3.0)]
+    assert [(u.spec.op, us) for u, us in _layer_kernels([conv, linear], int8)] == [("conv", 12.0), ("linear", 1.0)]
+    other = types.SimpleNamespace(spec=UnitSpec("conv", (1, 32, 16, 16), 32, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1,
+                                                True, True, None))
+    assert _layer_kernels([other], fp32 + int8) == []  # another output width: no kernel of its shapes
 
 
 def test_a_point_that_scatters_through_two_compiles_is_kept(tmp_path):

@@ -70,9 +70,10 @@ def test_measuring_plans_brings_a_mispredicted_budget_home(tmp_path):
     assert "tables' prediction" in str(report) and "closed loop" in str(report)
 
     deployed = engine.deployed
-    again = compile_(3)  # every plan's timing is cached: the same plan, no plan deployed (the full model
-    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(refined).to_json()  # and its reduced copy are
-    assert engine.deployed == deployed + 2  # timed in every compile: they scale the tables to this run)
+    again = compile_(3)  # every plan's timing is cached: the same plan; only the full model and its reduced
+    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(refined).to_json()  # copy (they scale the tables
+    assert engine.deployed == deployed + 3  # to this run) and the plan returned are timed in every compile
+    assert fxprune.report(again).plan_timed_now
 
 
 class CliffEngine(SyntheticEngine):
@@ -137,4 +138,32 @@ def test_a_cached_plan_timing_whose_pairs_scattered_is_timed_again(tmp_path):
     assert all(json.loads(p.read_text())["value"]["spread"] == 0.0 for p in entries)  # and replaced
     deployed = engine.deployed
     compile_()
-    assert engine.deployed == deployed + 2 and not fxprune.report(compile_()).plan_timed_now
+    assert engine.deployed == deployed + 3  # the full model, its reduced copy, the plan returned
+
+
+class DriftedCacheEngine(CurvedEngine):
+    """A plan runs ``drift`` x the curved engine's time: the machine that wrote the cache was busier."""
+
+    name = "synthetic-drifted"
+
+    def __init__(self, full: torch.nn.Module, drift: float) -> None:
+        super().__init__()
+        self.full_params, self.drift = sum(p.numel() for p in full.parameters()), drift
+
+    def model_ms(self, module, example_inputs) -> float:
+        ms = super().model_ms(module, example_inputs)
+        return ms * self.drift if sum(p.numel() for p in module.parameters()) < self.full_params else ms
+
+
+def test_the_plan_returned_is_read_by_this_runs_timing_not_a_cached_one(tmp_path):
+    model = tiny_cnn().eval()
+    engine = DriftedCacheEngine(model, 0.8)  # the cache is written where every plan ran 0.8 x as long as it does now
+    compile_ = lambda: fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path, round_to=1,  # noqa: E731
+                                       refine=3, progress=False)
+    compile_()
+    engine.drift = 1.0
+    again = compile_()
+    share = _true_share(CurvedEngine(), again, model)
+    report = fxprune.report(again)
+    assert report.plan_timed_now
+    assert report.predicted_latency_ms_after / report.predicted_latency_ms_before == pytest.approx(share, rel=0.02)
