@@ -39,6 +39,11 @@ COVERED_ELSEWHERE = {
         "the published benchmark (hours on 2 cores); its quick look runs here",
     "python -m examples.digits.benchmark --engine onnxruntime-int8":
         "the published INT8 benchmark (an hour on 2 cores); test_examples.py runs its INT8 scoring and summary",
+    "python -m examples.digits.accuracy":
+        "the accuracy benchmark (hours on 2 cores); test_examples.py runs each kind of method and its summary",
+    'python -m examples.digits.accuracy --seeds 1 --budgets 0.5 --methods "fxprune sp_lamp" uniform --base-epochs 3 '
+    "--docs out/quick":
+        "test_examples.py runs the same two kinds of method (and three more) on a smaller model, and resumes it",
     "python -m examples.digits.benchmark --seeds 1 --budgets 0.5 --epochs 2 --docs out/quick":
         "needs Torch-Pruning (pip install -e '.[benchmarks]'); here: it stops at once saying so where that is "
         "missing, and runs where it is installed",

@@ -14,6 +14,7 @@ import torch
 import fxprune
 
 from examples.cifar10 import train as cifar10
+from examples.digits import accuracy as digits_accuracy
 from examples.digits import benchmark as digits_benchmark
 from examples.digits.data import digits
 from examples.imagenet import train as imagenet
@@ -58,6 +59,53 @@ def test_the_digits_int8_summary_compares_int8_accuracy_per_seed(tmp_path):
     assert "quantized to INT8 0.960" in text and "INT8 test accuracy after pruning" in text
     assert "| +0.050 | +0.050, +0.050 |" in text  # mean and per-seed paired differences of INT8 accuracy
     assert (tmp_path / "digits_int8.png").exists() and not (tmp_path / "digits.md").exists()
+
+
+def test_the_accuracy_benchmark_scores_every_kind_of_method_at_its_points(tmp_path):
+    methods = ["fxprune sp_lamp", "fxprune taylor + halp solver", "fxprune halp schedule", "fxprune ssr", "uniform"]
+    rows = digits_accuracy.main(["--seeds", "1", "--budgets", "0.7", "--methods", *methods, "--depth", "8",
+                                 "--width", "32", "--size", "16", "--base-epochs", "2", "--short-epochs", "1",
+                                 "--epochs", "2", "--search-steps", "3", "--out", str(tmp_path / "out"),
+                                 "--cache", str(tmp_path / "cache"), "--docs", str(tmp_path / "docs")])
+    assert [row["method"] for row in rows] == methods
+    for row in rows:
+        assert "unreachable" not in row, row
+        assert row["latency_share"] > 0 and 0 < row["params_share"] < 1  # timed (its value is the benchmark's)
+        assert ("one-shot" in row) == (row["method"] not in ("fxprune halp schedule", "fxprune ssr"))
+        for point in ("short", "full"):
+            assert 0 <= row[point]["accuracy"] <= 1 and 0 <= row[point]["agreement"] <= 1 and row[point]["kl"] >= 0
+    text = (tmp_path / "docs" / "accuracy.md").read_text()
+    assert "--depth 8 --size 16 --base-epochs 2" in text and (tmp_path / "docs" / "accuracy.png").exists()
+    again = digits_accuracy.main(["--seeds", "1", "--budgets", "0.7", "--methods", *methods, "--depth", "8",
+                                  "--width", "32", "--size", "16", "--base-epochs", "2", "--short-epochs", "1",
+                                  "--epochs", "2", "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")])
+    assert again == rows  # resumed from the results file: nothing run twice
+
+
+def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp_path):
+    def row(seed, method, accuracy):
+        point = {"accuracy": accuracy, "agreement": 0.9, "kl": 0.1}
+        one_shot = {} if method == "fxprune halp schedule" else {"one-shot": point}
+        return {"seed": seed, "method": method, "budget": 0.3, "base_accuracy": 0.96, "latency_share": 0.3,
+                "params_share": 0.2, "short": point, "full": point, **one_shot}
+    noise = [0.001, -0.002, 0.0]
+    rows = [row(seed, "fxprune sp_lamp", 0.90 + noise[seed]) for seed in range(3)]
+    rows += [row(seed, "torch-pruning lamp", 0.85 - noise[seed]) for seed in range(3)]  # behind, consistently
+    rows += [row(seed, "torch-pruning magnitude", 0.80) for seed in range(3)]
+    rows += [row(seed, "uniform", 0.90 + (0.05 if seed == 0 else -0.04)) for seed in range(3)]  # level, noisy
+    rows += [row(seed, "fxprune halp schedule", 0.88) for seed in range(3)]
+    rows.append({"seed": 0, "method": "fxprune ssr", "budget": 0.3, "base_accuracy": 0.96,
+                 "unreachable": "smallest plan 0.41 of the model"})
+    args = digits_accuracy.argparse.Namespace(**digits_accuracy.DEFAULTS, docs=str(tmp_path))
+    args.seeds = 3
+    text = digits_accuracy.summarize(rows, args)
+    assert "`python -m examples.digits.accuracy --seeds 3`" in text
+    assert "| 0.3 | one-shot | 0.900 | torch-pruning lamp: 0.850 | +0.049 | +0.052, +0.046, +0.050 | yes |" in text
+    assert "| 0.3 | one-shot | fxprune sp_lamp (0.900) | 0.800-0.900 |" in text
+    assert "2 of 3: torch-pruning magnitude, torch-pruning lamp |" in text  # uniform is level within its spread
+    assert "| fxprune halp schedule | — |" in text  # no one-shot point for a schedule
+    assert "fxprune ssr at 0.3, seed 0 (smallest plan 0.41 of the model)" in text
+    assert (tmp_path / "accuracy.png").exists() and json.loads((tmp_path / "accuracy.json").read_text()) == rows
 
 
 def test_cifar_resnets_have_the_papers_depths():
