@@ -16,7 +16,7 @@ import fxprune
 from examples.cifar10 import train as cifar10
 from examples.digits import accuracy as digits_accuracy
 from examples.digits import benchmark as digits_benchmark
-from examples.digits.data import digits
+from examples.digits.data import digits, jittered
 from examples.imagenet import train as imagenet
 from examples.models import CifarResNet, resnet20
 
@@ -59,6 +59,16 @@ def test_the_digits_int8_summary_compares_int8_accuracy_per_seed(tmp_path):
     assert "quantized to INT8 0.960" in text and "INT8 test accuracy after pruning" in text
     assert "| +0.050 | +0.050, +0.050 |" in text  # mean and per-seed paired differences of INT8 accuracy
     assert (tmp_path / "digits_int8.png").exists() and not (tmp_path / "digits.md").exists()
+
+
+def test_jittered_digits_move_every_image_once_by_a_seeded_transform():
+    train_set, _ = digits()
+    state = torch.random.get_rng_state()
+    moved, again = jittered(train_set, seed=3), jittered(train_set, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left as it was
+    assert torch.equal(moved.tensors[0], again.tensors[0]) and torch.equal(moved.tensors[1], train_set.tensors[1])
+    changed = (moved.tensors[0] - train_set.tensors[0]).flatten(1).abs().amax(1) > 1e-3
+    assert changed.float().mean() > 0.95 and not torch.equal(jittered(train_set, seed=4).tensors[0], moved.tensors[0])
 
 
 def test_the_accuracy_benchmark_scores_every_kind_of_method_at_its_points(tmp_path):
