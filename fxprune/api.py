@@ -81,7 +81,7 @@ def compile(
     loss_fn: Any = None,
     resolution: int = 4000,
     measure: bool = False,
-    refine: int = 2,
+    refine: int = 4,
     leaf_modules: Iterable[type | str] = (),
     autowrap_functions: Iterable = (),
     cache: Any = None,

@@ -176,7 +176,8 @@ def _capture(args) -> dict:
 _FLAGS = {"capture='export'": "--capture export", "capture='auto'": "--capture auto",
           "leaf_modules=[...]": "--leaf-module NAME", "compile with a larger refine": "give a larger --refine",
           "example_inputs=(tensor, ...)": "--input-shape", "pass measure=True to fxprune.compile": "pass --measure",
-          "ask for a little less than the budget": "give a slightly smaller --budget"}
+          "ask for a little less than the budget": "give a slightly smaller --budget",
+          "a smaller round_to": "a smaller --round-to"}
 
 
 def _in_flags(message: str) -> str:
@@ -369,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=positive_int,
                        help="keep counts on multiples of this (default: the engine's step)")
     prune.add_argument("--measure", action="store_true", help="time the model before and after on the engine")
-    prune.add_argument("--refine", type=int, default=2, metavar="N",
+    prune.add_argument("--refine", type=int, default=4, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
-                            "the measurements (default 2; 0 trusts the tables alone)")
+                            "the measurements (default 4; 0 trusts the tables alone)")
     prune.add_argument("--quantize", choices=("int8",),
                        help="write the .onnx outputs statically quantized (activations calibrated on the example input)")
     prune.add_argument("-o", "--output", action="append", default=[],

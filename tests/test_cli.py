@@ -37,8 +37,8 @@ def test_prune_to_a_latency_budget_with_weights_and_plots(tmp_path, capsys):
                  "--threads", "1", "--measure", "--plot", str(plots)]) == 0
     text = capsys.readouterr().out
     assert "latency on onnxruntime" in text and "measured" in text
-    # refine=2 by default: a second plan is timed only when the first lands off the aim
-    assert re.search(r"\b[12] plans? timed while solving", text) and "budget  " in text
+    # refine=4 by default: a further plan is timed only while the last one lands off the aim
+    assert re.search(r"\b[1-4] plans? timed while solving", text) and "budget  " in text
     assert "prediction error" in text and " in ms" not in text
     assert {p.name for p in plots.iterdir()} == {"widths.png", "latency_vs_width.png", "predicted_vs_measured.png"}
 
@@ -67,6 +67,7 @@ def test_analyze_lists_groups(capsys):
     (["prune", "nosuchpackage.module:make"], "cannot load"),
     (["prune", "resnet18", "--input-shape", "1,5,32,32", "--budget", "flops:0.5"], "failed on the example inputs"),
     (["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "flops:0.0001"], "smallest achievable"),
+    (["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "flops:0.0001"], "a smaller --round-to (now 8)"),
     (["report", "nosuchfile.pt"], "no such file"),
 ])
 def test_mistakes_exit_non_zero_with_a_message(argv, message, capsys):

@@ -206,6 +206,14 @@ def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None, r
             raise SolverError(f"round_to must be a positive integer, got {value!r}")
 
 
+def _narrower_hint(round_to: int | Mapping[int, int], per_group: Mapping[int, int]) -> str:
+    """How to reach below the smallest plan when every group keeps at least one step of channels."""
+    steps = set(per_group.values()) if per_group else {round_to}
+    if max(steps, default=1) <= 1:
+        return ""
+    return f", or let groups keep fewer channels with a smaller round_to (now {max(steps)})"
+
+
 def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                importance: Mapping[int, np.ndarray] | None = None, round_to: int | Mapping[int, int] = 8,
                solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10) -> PlanResult:
@@ -235,8 +243,10 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     smallest = {s: float(e.shares[s][0]) for e in entries.values() for s in e.shares}  # every group at its min
     minimum = cost.total(smallest)
     if minimum > capacity * (1 + 1e-9):
-        raise BudgetError(f"the {cost.metric} budget {capacity:.6g} cannot be met: the smallest achievable is "
-                          f"{minimum:.6g} ({minimum / cost.baseline:.3f} of the model); raise the budget",
+        unit = {"latency": " ms", "flops": " FLOPs", "params": " parameters"}.get(cost.metric, "")
+        raise BudgetError(f"the {cost.metric} budget {capacity / cost.baseline:.3f} of the model ({capacity:.6g}{unit}) "
+                          f"cannot be met: the smallest achievable is {minimum / cost.baseline:.3f} of the model "
+                          f"({minimum:.6g}{unit}); raise the budget{_narrower_hint(round_to, per_group)}",
                           smallest=minimum)
     start = time.perf_counter()
     target, iterations, best, exact = capacity, 0, None, None

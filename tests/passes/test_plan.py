@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -38,3 +39,20 @@ def test_a_budget_at_the_smallest_plan_never_fails_when_re_solves_overshoot(monk
     result = planner.solve_plan(gm, cost, smallest, round_to=4)
     assert len(calls) > 1 and min(calls) < max(calls)  # the target was tightened
     assert result.predicted_cost <= smallest * (1 + 1e-9)
+
+
+def test_an_unreachable_budget_says_the_shares_and_how_to_go_narrower():
+    """The message speaks in shares of the model, as the user gave the budget, and names the step that
+    keeps every group at least one multiple wide."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    inputs = (torch.randn(1, 3, 16, 16),)
+    gm = run_passes(analyze(model, inputs), [ScorePass("l1"), CostPass(inputs)])
+    cost = gm.meta[COST_KEY]["flops"]
+    for round_to, hint in ((8, "a smaller round_to (now 8)"), (1, None)):
+        with pytest.raises(BudgetError) as raised:
+            planner.solve_plan(gm, cost, 0.01 * cost.baseline, round_to=round_to)
+        message, error = str(raised.value), raised.value
+        assert "the flops budget 0.010 of the model (" in message and " FLOPs) cannot be met" in message
+        smallest = planner.solve_plan(gm, cost, error.smallest, round_to=round_to).predicted_cost
+        assert f"the smallest achievable is {smallest / cost.baseline:.3f} of the model" in message
+        assert (hint in message) if hint else "round_to" not in message
