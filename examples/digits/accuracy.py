@@ -15,7 +15,8 @@ reaches 0.97-0.98 and ResNet-8 at width 16 0.91-0.92, a task on which capacity s
 For every seed a base model is trained; every method prunes it to every latency budget (a share of the base model's onnxruntime latency, batch 1, 2 threads) and accuracy is taken at three
 points: **one-shot** (right after pruning, with only the BatchNorm statistics estimated again on 8 training
 batches, no weight changed: with the base model's statistics, the SP-LAMP and uniform plans of a
-trial, on a ResNet-20 trained 3 epochs, predicted one class, uniform even keeping 90% of the channels), after a **short** fine-tune and after the **full** fine-tune
+trial, on a ResNet-20 trained 3 epochs, predicted one class, uniform even keeping 90% of the channels), after a **short** fine-tune (scored with the
+BatchNorm running statistics as trained: one epoch leaves some of the base model's in them) and after the **full** fine-tune
 (the short one continued, with the learning rate restarted; the same for every method). Beside test
 accuracy, the pruned model's top-1 agreement with the base model and the KL divergence of its predictions
 from the base model's, on the test set: what was kept of the model itself, independent of labels.
@@ -408,7 +409,12 @@ def summarize(results: list[dict], args, seconds: float | None = None) -> str:
              f"accuracy {base:.3f} (mean over {len(seeds)} seeds). Fine-tuning: short {args.short_epochs} epoch(s), "
              f"full {args.epochs} epochs in all. Latency: measured here by onnxruntime against the base model, not by "
              "fxprune. *Beyond the seeds' spread*: a mean per-seed paired difference more than twice its standard "
-             "error.", ""]
+             "error.", "",
+             "The short point is scored with the BatchNorm running statistics as its epoch of training left them "
+             "(momentum 0.1): some of the unpruned model's statistics remain, and a pruned model scored with them "
+             "loses much of its accuracy. Read the short columns as what one epoch gives when shipped without "
+             "estimating the statistics again, not as which channels were kept; one-shot (statistics estimated "
+             "again) and full (five epochs) are not affected this way.", ""]
     lines += _default_vs_torch_pruning(table, budgets, unreachable)
     lines += _discrimination(table, methods, budgets)
     for point in POINTS:
@@ -530,6 +536,7 @@ def _plot(table, methods, budgets, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(POINTS), figsize=(15, 4.8), sharey=True)
+    colors = plt.get_cmap("tab20")
     for axis, point in zip(axes, POINTS):
         for method in methods:
             groups = [table[(method, b)] for b in budgets if (method, b) in table
@@ -537,6 +544,8 @@ def _plot(table, methods, budgets, path: Path) -> None:
             if groups:
                 axis.plot([statistics.mean(r["latency_share"] for r in g) for g in groups],
                           [_mean(g, point) for g in groups], marker="o", label=method,
+                          color=colors(METHODS.index(method)),  # one colour per method in every panel
+                          linestyle="--" if method.startswith("torch-pruning") else ":" if method == "uniform" else "-",
                           linewidth=2.5 if method == DEFAULT else 1)
         axis.set_title(f"{point}")
         axis.set_xlabel("measured latency / base model (onnxruntime, batch 1)")
