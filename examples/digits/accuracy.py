@@ -474,6 +474,14 @@ def _section(heading: str, table, methods, budgets, cell: Callable[[list[dict]],
     return rows + [""]
 
 
+def _torch_pruning_best(table, budget: float, point: str) -> tuple[float, str, list[dict]] | None:
+    """(mean accuracy, method, rows) of the Torch-Pruning importance with the highest mean at that budget and
+    point, or None where none has that point."""
+    candidates = [(_mean(rows, point), method, rows) for (method, b), rows in table.items()
+                  if b == budget and method.startswith("torch-pruning") and any(point in r for r in rows)]
+    return max(candidates) if candidates else None
+
+
 def _default_vs_torch_pruning(table, budgets, unreachable: list[dict]) -> list[str]:
     """fxprune's default against Torch-Pruning's best (by mean accuracy at that budget and point)."""
     lines = ["## fxprune's default against Torch-Pruning's best", "",
@@ -486,18 +494,15 @@ def _default_vs_torch_pruning(table, budgets, unreachable: list[dict]) -> list[s
         ours = table.get((DEFAULT, budget))
         refused = [r for r in unreachable if r["method"] == DEFAULT and r["budget"] == budget]
         if not ours and refused:
-            theirs = [f"{point} {max(_mean(rows, point) for (m, b), rows in table.items() if b == budget and m.startswith('torch-pruning') and any(point in r for r in rows)):.3f}"
-                      for point in POINTS if any(b == budget and m.startswith("torch-pruning") and any(point in r for r in rows)
-                                                 for (m, b), rows in table.items())]
+            theirs = [f"{point} {best[0]:.3f}" for point in POINTS if (best := _torch_pruning_best(table, budget, point))]
             lines.append(f"| {budget} | all | unreachable on {len(refused)} of {len(refused)} seeds "
                          f"({_unreachable_why(refused)}) | {', '.join(theirs) or 'unreachable too'} | — | — | — |")
             continue
         for point in POINTS:
-            candidates = [(_mean(rows, point), method, rows) for (method, b), rows in table.items()
-                          if b == budget and method.startswith("torch-pruning") and any(point in r for r in rows)]
-            if not ours or not candidates or not any(point in r for r in ours):
+            best = _torch_pruning_best(table, budget, point)
+            if not ours or not best or not any(point in r for r in ours):
                 continue
-            _, theirs, their_rows = max(candidates)
+            _, theirs, their_rows = best
             differences = paired(ours, their_rows, point)
             lines.append(f"| {budget} | {point} | {_mean(ours, point):.3f} | {theirs}: {_mean(their_rows, point):.3f} | "
                          f"{statistics.mean(differences):+.3f} | {', '.join(f'{d:+.3f}' for d in differences)} | "

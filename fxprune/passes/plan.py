@@ -206,12 +206,12 @@ def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None, r
             raise SolverError(f"round_to must be a positive integer, got {value!r}")
 
 
-def _narrower_hint(round_to: int | Mapping[int, int], per_group: Mapping[int, int]) -> str:
+def _narrower_hint(round_to: int | Mapping[int, int]) -> str:
     """How to reach below the smallest plan when every group keeps at least one step of channels."""
-    steps = set(per_group.values()) if per_group else {round_to}
-    if max(steps, default=1) <= 1:
+    step = max(round_to.values(), default=1) if isinstance(round_to, Mapping) else round_to
+    if step <= 1:
         return ""
-    return f", or let groups keep fewer channels with a smaller round_to (now {max(steps)})"
+    return f", or let groups keep fewer channels with a smaller round_to (now {step})"
 
 
 def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
@@ -246,7 +246,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
         unit = {"latency": " ms", "flops": " FLOPs", "params": " parameters"}.get(cost.metric, "")
         raise BudgetError(f"the {cost.metric} budget {capacity / cost.baseline:.3f} of the model ({capacity:.6g}{unit}) "
                           f"cannot be met: the smallest achievable is {minimum / cost.baseline:.3f} of the model "
-                          f"({minimum:.6g}{unit}); raise the budget{_narrower_hint(round_to, per_group)}",
+                          f"({minimum:.6g}{unit}); raise the budget{_narrower_hint(round_to)}",
                           smallest=minimum)
     start = time.perf_counter()
     target, iterations, best, exact = capacity, 0, None, None
