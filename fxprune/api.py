@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
-from fxprune.budgets import Latency, as_budget
+from fxprune.budgets import Budget, Latency, as_budget
 from fxprune.errors import AnalysisRequiredError
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import ChannelGroup, Plan
@@ -125,7 +125,7 @@ def compile(
             plan_pass.budget = whole.budget(budget, gm, context)
         run_passes(gm, [plan_pass])
         pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
-        report = _report(gm, pruned, context, str(budget), importance, solver, measure and whole is None)
+        report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None)
         if whole is None:
             report.note_over_budget()
             pruned.meta[REPORT_KEY] = report
@@ -159,7 +159,7 @@ class _Whole:
         whole_ms, (share,) = context.engine.time_shares(context.deploy(self.model, self.args).run,
                                                         [context.deployed(gm).run])
         self.prunable_latency = share = min(share, 1.0)
-        self.budget_share = budget.capacity(whole_ms) / whole_ms
+        self.budget_share = budget.share(whole_ms)
         amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
         return Latency(amount.value / (share * whole_ms))
 
@@ -196,13 +196,13 @@ def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     return structured(prune_graph(gm, plan))
 
 
-def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: str,
+def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: Budget,
             importance_name: str, solver: str, measure: bool) -> Report:
     """What compile did: the solution, FLOPs and parameters before and after, latency where measured."""
     solution: Solution = gm.meta[SOLUTION_KEY]
     result, scores, inputs = solution.result, gm.meta[IMPORTANCE_KEY].scores, context.example_inputs
     report = Report(
-        budget=budget, importance=importance_name, solver=solver,
+        budget=str(budget), importance=importance_name, solver=solver,
         groups=[GroupReport(g.id, g.members[0].node, g.size, result.keep_counts[g.id], float(scores[g.id].sum()),
                             float(np.sort(scores[g.id])[::-1][:result.keep_counts[g.id]].sum()))
                 for g in groups(gm) if g.id in result.keep_counts],
@@ -222,7 +222,7 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         report.predicted_latency_ms_before = solution.cost.baseline
         report.predicted_latency_ms_after = result.predicted_cost
         report.latency_step = calibration.step
-        report.budget_share = solution.capacity / solution.cost.baseline
+        report.budget_share = budget.share(solution.cost.baseline)  # a partitioned model's: _Whole.report
         if solution.measured_solve is not None:
             _report_measured_solve(report, solution.measured_solve, solution.cost.baseline)
         report.notes.append(f"latency tables on {context.engine.name} ({context.engine.threads} threads): "

@@ -36,6 +36,10 @@ class Latency:
     def capacity(self, baseline: float) -> float:
         return baseline * self.fraction if self.fraction is not None else float(self.ms)
 
+    def share(self, baseline: float) -> float:
+        """The budget as a share of ``baseline``: the fraction given, exactly, where one was."""
+        return self.fraction if self.fraction is not None else float(self.ms) / baseline
+
     def __str__(self) -> str:
         return f"Latency({self.fraction})" if self.fraction is not None else f"Latency(ms={self.ms})"
 
@@ -52,6 +56,10 @@ class _ShareOfModel:
 
     def capacity(self, baseline: float) -> float:
         return baseline * self.fraction
+
+    def share(self, baseline: float) -> float:
+        """The budget as a share of ``baseline``: the fraction given."""
+        return self.fraction
 
     def __str__(self) -> str:
         return f"{type(self).__name__}({self.fraction})"
@@ -79,6 +87,10 @@ class Amount:
 
     def capacity(self, baseline: float) -> float:
         return self.value
+
+    def share(self, baseline: float) -> float:
+        """The amount as a share of ``baseline``."""
+        return self.value / baseline
 
     def __str__(self) -> str:
         return f"{self.metric} <= {self.value:.6g}"

@@ -121,6 +121,12 @@ def test_budget_constructors_validate():
         fxprune.Params(2)
 
 
+def test_a_budget_as_a_share_of_the_model_is_the_fraction_given():
+    baseline = 1.5131515901586021  # 0.7 * baseline / baseline is not 0.7 in floating point
+    assert fxprune.Latency(0.7).share(baseline) == 0.7 and fxprune.FLOPs(0.7).share(baseline) == 0.7
+    assert fxprune.Latency(ms=0.75).share(1.5) == 0.5
+
+
 def test_compile_leaves_the_model_unmodified():
     model, inputs = build_torchvision_model("mobilenet_v3_small")
     before = {k: v.clone() for k, v in model.state_dict().items()}
