@@ -100,13 +100,14 @@ class Report:
     @property
     def over_budget(self) -> float | None:
         """The returned plan's latency share where its best figure (measured after compiling, else the
-        closed loop's) is over the user's latency budget; else None."""
+        closed loop's) is over the user's latency budget at the precision the report prints (0.5004 reads
+        0.500, not over 0.500); else None."""
         if self.budget_share is None:
             return None
         share = self.measured_share
         if share is None and self.predicted_latency_ms_before:
             share = self.predicted_latency_ms_after / self.predicted_latency_ms_before
-        return share if share is not None and share > self.budget_share * (1 + 1e-9) else None
+        return share if share is not None and round(share, 3) > round(self.budget_share, 3) else None
 
     def note_over_budget(self) -> None:
         """A note, saying what to do, only where the returned model's latency is over the user's budget."""

@@ -39,6 +39,12 @@ def test_a_plan_measured_over_the_users_budget_says_so_in_the_words_of_the_calle
     assert "--refine" in _in_flags(note) and "--budget" in _in_flags(note) and "larger refine" not in _in_flags(note)
 
 
+@pytest.mark.parametrize("measured, over", [(0.5004, False), (0.5006, True)])
+def test_over_the_budget_is_read_at_the_precision_the_report_prints(measured, over):
+    report = _latency_report(measured_after=measured)  # 0.5004 prints 0.500: not "over the budget 0.500"
+    assert (report.over_budget is not None) == over == ("over the budget" in str(report))
+
+
 def test_without_a_measurement_the_closed_loops_figure_is_read_against_the_budget():
     assert _latency_report(None, closed_loop=0.49).over_budget is None
     report = _latency_report(None, closed_loop=0.52)
