@@ -205,6 +205,22 @@ class SyntheticEngine(Engine):
         return getattr(run, "__self__").latency_ms
 
 
+class CurvedEngine(SyntheticEngine):
+    """A whole model takes its units' sum to the power 1.5: two calibration points (full, reduced) and
+    a straight line between them mispredict every plan in between, as real engines do less smoothly.
+    Counts the models it deploys."""
+
+    name = "synthetic-curved"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deployed = 0
+
+    def model_ms(self, module, example_inputs) -> float:
+        self.deployed += 1
+        return super().model_ms(module, example_inputs) ** 1.5
+
+
 def tiny_cnn() -> torch.nn.Module:
     """A small convolutional classifier (for the command line's tests: ``fxprune.testing:tiny_cnn``)."""
     nn = torch.nn

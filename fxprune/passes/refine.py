@@ -94,14 +94,16 @@ def calibration_points(gm: torch.fx.GraphModule, cost: CostModel) -> list[Latenc
 
 def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, context: Context, *,
                    steps: int = 1, margin: float = MARGIN, round_to: int | Mapping[int, int] = 8,
-                   solver: str = "sp_lamp", resolution: int = 4000) -> MeasuredSolve:
+                   solver: str = "sp_lamp", resolution: int = 4000,
+                   importance: Mapping[int, np.ndarray] | None = None) -> MeasuredSolve:
     """Solve for ``capacity`` (ms) of the full model's latency (less ``margin``) under ``cost`` (the latency
     tables), then up to ``steps`` times: time the plan on the context's engine, add the point, solve again
-    through the correction. Returns the largest timed plan within the budget, else the last plan solved."""
+    through the correction. Returns the largest timed plan within the budget, else the last plan solved.
+    ``importance``: per-group channel scores (default: the score pass's), as for ``solve_plan``."""
     budget_share = capacity / cost.baseline
     correction = Correction(calibration_points(gm, cost))
     solve = lambda share: solve_plan(gm, cost, share * cost.baseline, round_to=round_to,  # noqa: E731
-                                     solver=solver, resolution=resolution)
+                                     solver=solver, resolution=resolution, importance=importance)
     aim = budget_share * (1 - margin)
     try:
         result = solve(aim)

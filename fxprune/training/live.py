@@ -20,6 +20,7 @@ from fxprune.errors import FxpruneError
 from fxprune.ir.capture import is_partitioned, structured
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import COST_KEY, LATENCY_KEY
+from fxprune.ir.solution import MeasuredSolve, PlanResult
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass
 from fxprune.passes.latency import LatencyPass, latency_cost
@@ -27,6 +28,7 @@ from fxprune.passes.params import parameter_axes
 from fxprune.passes.partition import assemble, split
 from fxprune.passes.pipeline import analyze_inputs, infer_example_inputs, prune
 from fxprune.passes.plan import analysis, solve_plan
+from fxprune.passes.refine import solve_measured
 from fxprune.rules import TensorAxis
 
 
@@ -89,6 +91,7 @@ class LiveModel:
         """The cost model of ``budget``'s metric (latency tables measured or loaded, as ``fxprune.compile``
         does), and the keep-count granularity to solve with."""
         inputs = self.example_inputs  # as the analysed graph takes them, on the CPU
+        self.engine_options = dict(engine=engine, threads=threads, cache=cache, progress=progress)
         if budget.metric == "latency":
             with Context(inputs, engine, threads=threads, cache=cache, progress=progress) as context:
                 LatencyPass(context, round_to=round_to)(self.gm)
@@ -96,9 +99,19 @@ class LiveModel:
         CostPass(inputs)(self.gm)
         return self.gm.meta[COST_KEY][budget.metric], round_to or 8
 
-    def solve(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any, solver: str):
+    def solve(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any,
+              solver: str) -> PlanResult:
         """The best plan under ``capacity`` for the given per-group importance (``solve_plan``)."""
         return solve_plan(self.gm, cost, capacity, importance=importance, round_to=granularity, solver=solver)
+
+    def solve_timed(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any, solver: str,
+                    refine: int) -> MeasuredSolve:
+        """As ``solve`` on latency tables, through the closed loop ``fxprune.compile`` runs: up to ``refine``
+        solved plans timed on the engine ``cost_model`` was given, the tables corrected by them
+        (``passes/refine.py``)."""
+        with Context(self.example_inputs, **self.engine_options) as context:
+            return solve_measured(self.gm, cost, capacity, context, steps=refine, round_to=granularity,
+                                  solver=solver, importance=importance)
 
     def agreed(self, solve: Callable[[], Plan]) -> Plan:
         """The plan ``solve()`` gives on rank 0, on every rank (latency tables measured on each rank could

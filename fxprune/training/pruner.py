@@ -11,7 +11,11 @@
 
 Importance is HALP's Taylor score accumulated between steps (or any data-free criterion, from the
 current weights). Every step solves HALP's augmented knapsack (or SP-LAMP's) against the cost model
-of ``fxprune.compile``, with the latency tables measured once at the start. Under DDP the gradients
+of ``fxprune.compile``, with the latency tables measured once at the start. A latency schedule is in
+shares of the model as the engine runs it: each target is read through the tables' correction by the
+two whole models the latency pass timed (``passes/refine.py``), and the last step runs compile's closed
+loop (``refine`` plans timed on the engine), so the model compiled meets the budget as measured, not
+only as the tables predict. Under DDP the gradients
 the scores come from are already averaged across ranks; rank 0 solves and broadcasts the masks, so
 every rank holds the same ones.
 """
@@ -28,21 +32,24 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.budgets import as_budget
-from fxprune.errors import PrunerError
+from fxprune.errors import BudgetError, PrunerError
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import IMPORTANCE_KEY
+from fxprune.passes.refine import Correction, calibration_points
 from fxprune.passes.score import CRITERIA, ScorePass, TaylorAccumulator
 from fxprune.training.live import LiveModel, rank
 
 
 @dataclass
 class PruneStep:
-    """What one step did: its target on the budget's metric, the plan's predicted cost, channels kept."""
+    """What one step did: its target on the budget's metric, the plan's predicted cost (for latency: in
+    the engine's ms as the tables' correction reads it, or as timed), channels kept."""
 
     step: int
     target: float
     predicted: float
     kept: int
+    timed: bool = False  # the plan was timed on the engine (a latency budget's last step, refine > 0)
 
 
 def geometric_targets(start: float, end: float, steps: int) -> list[float]:
@@ -56,12 +63,16 @@ class Pruner:
     def __init__(self, model: nn.Module, budget: Any, example_inputs: Any = None, *, steps: int = 30,
                  optimizer: torch.optim.Optimizer | None = None, importance: str = "taylor", solver: str = "halp",
                  engine: Any = "onnxruntime", threads: int | None = None, round_to: int | None = None,
-                 cache: Any = None, progress: bool = False, leaf_modules=()) -> None:
+                 cache: Any = None, progress: bool = False, leaf_modules=(), refine: int = 4) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise PrunerError(f"steps must be a positive integer, got {steps!r}")
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise PrunerError(f"refine must be a number of plans the last step may time (>= 0), got {refine!r}")
         if importance not in CRITERIA:
             raise PrunerError(f"unknown importance {importance!r}; choose one of {', '.join(CRITERIA)}")
         self.budget, self.steps, self.importance, self.solver = as_budget(budget), steps, importance, solver
+        self.refine = refine
+        self.correction: Correction | None = None  # a latency budget's: tables' share -> measured share
         self.live = LiveModel(model, example_inputs, leaf_modules)
         self.taylor = TaylorAccumulator(self.live.gm, self.live.live) if importance == "taylor" else None
         self.masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.live.groups.items()}
@@ -73,6 +84,8 @@ class Pruner:
         if rank() == 0:  # the cost model is needed where the plan is solved
             self.cost, self.granularity = self.live.cost_model(self.budget, engine, threads, round_to, cache, progress)
             self.targets = geometric_targets(self.cost.baseline, self.budget.capacity(self.cost.baseline), steps)
+            if self.budget.metric == "latency":
+                self.correction = Correction(calibration_points(self.live.gm, self.cost))
         self.hooks = [optimizer.register_step_pre_hook(lambda *_: self.accumulate()),
                       optimizer.register_step_post_hook(lambda *_: self.apply_masks())] if optimizer else []
 
@@ -98,28 +111,45 @@ class Pruner:
             raise PrunerError("no gradients were read yet: pass optimizer= to Pruner, or call "
                               "pruner.accumulate() after loss.backward()")
         index = len(self.history)
-        solved: list[float] = []
+        solved: list[tuple[float, bool]] = []
 
         def solve() -> Plan:
-            plan, predicted = self._solve(self.targets[index])
-            solved.append(predicted)
+            plan, predicted, timed = self._solve(self.targets[index], last=index == self.steps - 1)
+            solved.append((predicted, timed))
             return plan
 
         self.plan = self.live.agreed(solve)
         self.masks = self.live.masks_of(self.plan)
         kept = int(sum(m.sum() for m in self.masks.values()))
         target = self.targets[index] if self.targets else float("nan")  # known where the plan is solved: rank 0
-        self.history.append(PruneStep(index + 1, target, solved[0] if solved else float("nan"), kept))
+        predicted, timed = solved[0] if solved else (float("nan"), False)
+        self.history.append(PruneStep(index + 1, target, predicted, kept, timed))
         if self.taylor is not None:
             self.taylor.reset()
         self.apply_masks()
         return self.plan
 
-    def _solve(self, target: float) -> tuple[Plan, float]:
+    def _solve(self, target: float, last: bool) -> tuple[Plan, float, bool]:
+        """The plan for ``target``, its predicted cost, and whether it was timed on the engine."""
         scores = self._scores()
         importance = {gid: np.where(self.masks[gid], scores[gid], 0.0) for gid in scores}  # pruned channels stay last
-        result = self.live.solve(self.cost, target, importance, self.granularity, self.solver)
-        return result.plan, result.predicted_cost
+        solve = lambda capacity: self.live.solve(self.cost, capacity, importance, self.granularity,  # noqa: E731
+                                                 self.solver)
+        if self.correction is None:
+            result = solve(target)
+            return result.plan, result.predicted_cost, False
+        baseline = self.cost.baseline
+        if last and self.refine:
+            measured = self.live.solve_timed(self.cost, target, importance, self.granularity, self.solver,
+                                             self.refine)
+            return measured.result.plan, measured.predicted_share * baseline, measured.measured
+        try:  # the target as the engine runs it, in the tables' terms
+            result = solve(self.correction.predicted_share(target / baseline) * baseline)
+        except BudgetError as error:  # under the smallest plan the tables reach: that plan, the nearest
+            if error.smallest is None:
+                raise
+            result = solve(error.smallest * (1 + 1e-9))
+        return result.plan, self.correction.measured_share(result.predicted_cost / baseline) * baseline, False
 
     def _scores(self) -> dict[int, np.ndarray]:
         if self.taylor is not None:  # no new gradients since the last step: the scores of that step again

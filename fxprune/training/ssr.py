@@ -106,9 +106,12 @@ class SSR:
                 found[gid] = np.flatnonzero(zero)
         return found
 
-    def plan(self, budget: Any = None, *, solver: str = "sp_lamp", **cost_options) -> Plan:
+    def plan(self, budget: Any = None, *, solver: str = "sp_lamp", refine: int = 4, **cost_options) -> Plan:
         """Remove the zero rows (keeping one channel per member, as every plan must); with a budget, prune on
-        to it, weakest rows first (``cost_options``: engine, threads, round_to, cache, as for compile)."""
+        to it, weakest rows first (``cost_options``: engine, threads, round_to, cache, as for compile; a
+        latency budget through compile's closed loop, ``refine`` plans timed on the engine)."""
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise SSRError(f"refine must be a number of plans to time on the engine (>= 0), got {refine!r}")
         masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.live.groups.items()}
         for gid, channels in self.zero_channels().items():
             masks[gid][channels] = False
@@ -122,7 +125,10 @@ class SSR:
             norms = self._row_norms({a.name: self.live.live(a.name) for a in self.rows})
             kept = self.live.masks_of(plan)
             importance = {gid: np.where(kept[gid], norms[gid], 0.0) for gid in norms}
-            return self.live.solve(cost, budget.capacity(cost.baseline), importance, granularity, solver).plan
+            capacity = budget.capacity(cost.baseline)
+            if budget.metric == "latency" and refine:
+                return self.live.solve_timed(cost, capacity, importance, granularity, solver, refine).result.plan
+            return self.live.solve(cost, capacity, importance, granularity, solver).plan
 
         return self.live.agreed(solve)
 

@@ -6,24 +6,9 @@ import torch
 
 import fxprune
 from fxprune.passes.refine import MARGIN, Correction, LatencyPoint
-from fxprune.testing import SyntheticEngine, tiny_cnn
+from fxprune.testing import CurvedEngine, SyntheticEngine, tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
-
-
-class CurvedEngine(SyntheticEngine):
-    """A whole model takes its units' sum to the power 1.5: two calibration points (full, reduced) and
-    a straight line between them mispredict every plan in between, as real engines do less smoothly."""
-
-    name = "synthetic-curved"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deployed = 0
-
-    def model_ms(self, module, example_inputs) -> float:
-        self.deployed += 1
-        return super().model_ms(module, example_inputs) ** 1.5
 
 
 def points(*pairs) -> Correction:

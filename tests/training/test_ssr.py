@@ -9,6 +9,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.passes.cost import count_params
+from fxprune.passes.refine import MARGIN
+from fxprune.testing import CurvedEngine
 from fxprune.training.ssr import SSRError
 
 
@@ -71,6 +73,18 @@ def test_ssr_then_a_budget_removes_the_weakest_rows_first():
     plan = fxprune.plan_of(small)
     for gid, channels in zero.items():
         assert not channels & set(plan.keep.get(gid, np.arange(1000)).tolist()) or len(plan.keep.get(gid, [])) == 1
+
+
+def test_a_latency_budget_after_ssr_is_met_as_the_engine_runs_the_model(tmp_path):
+    engine, inputs, shares = CurvedEngine(), (torch.randn(1, 3, 8, 8),), []
+    for refine in (0, 4):  # the tables alone; compile's closed loop, four plans timed
+        model, ssr = _regularize("l21", 0.03)
+        small = ssr.compile(fxprune.Latency(0.6), engine=engine, cache=tmp_path, round_to=1, refine=refine)
+        shares.append(engine.model_ms(small, inputs) / engine.model_ms(Residual(), inputs))
+    assert shares[0] < shares[1] <= 0.6 * (1 - MARGIN / 2)  # 0.514, 0.559 when this test was written: closer,
+    # not on the aim (0.582): a larger plan timed faster than the one returned, and the loop stops there
+    with pytest.raises(SSRError, match="refine"):
+        ssr.plan(fxprune.Latency(0.6), refine=-1)
 
 
 def test_bad_settings_are_explained():
