@@ -106,13 +106,14 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
     rows += [row(seed, "fxprune halp schedule", 0.88) for seed in range(3)]
     rows.append({"seed": 0, "method": "fxprune ssr", "budget": 0.3, "base_accuracy": 0.96,
                  "unreachable": "the latency budget 0.300 of the model (1.2 ms) cannot be met: the smallest achievable "
-                                "is 0.410 of the model (1.64 ms)"})
+                                "is 0.410 of the model (1.64 ms)", "smallest_share": 0.41})
     rows.append({"seed": 1, "method": "fxprune ssr", "budget": 0.3, "base_accuracy": 0.96,
                  "unreachable": "the latency budget 0.300 of the model (1.2 ms) cannot be met: the smallest achievable "
-                                "is 0.430 of the model (1.72 ms)"})
+                                "is 0.430 of the model (1.72 ms)", "smallest_share": 0.43})
     rows += [{"seed": seed, "method": "fxprune sp_lamp", "budget": 0.2, "base_accuracy": 0.96,
               "unreachable": f"the latency budget 0.200 of the model (0.8 ms) cannot be met: the smallest achievable "
-                             f"is 0.2{6 + seed} of the model (1.1 ms)"} for seed in range(3)]
+                             f"is 0.2{6 + seed} of the model (1.1 ms)", "smallest_share": 0.26 + 0.01 * seed}
+             for seed in range(3)]
     rows += [{**row(seed, "torch-pruning lamp", 0.5), "budget": 0.2} for seed in range(3)]
     args = digits_accuracy.argparse.Namespace(**digits_accuracy.DEFAULTS, docs=str(tmp_path))
     args.seeds = 3
@@ -122,10 +123,10 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
     assert "| 0.3 | one-shot | fxprune sp_lamp (0.900) | 0.800-0.900 |" in text
     assert "2 of 3: torch-pruning magnitude, torch-pruning lamp |" in text  # uniform is level within its spread
     assert "| fxprune halp schedule |  | — |" in text  # no one-shot point for a schedule (not run at 0.2)
-    assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's timing)) | "
+    assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's latency tables)) | "
             "one-shot 0.500, short 0.500, full 0.500 |") in text
     assert "| fxprune sp_lamp | unreachable | 0.900 ± 0.002 |" in text
-    assert "| fxprune ssr | 0.3 | 0, 1 | smallest plan 0.410-0.430 of the model (fxprune's timing) |" in text
+    assert "| fxprune ssr | 0.3 | 0, 1 | smallest plan 0.410-0.430 of the model (fxprune's latency tables) |" in text
     assert (tmp_path / "accuracy.png").exists() and json.loads((tmp_path / "accuracy.json").read_text()) == rows
 
 

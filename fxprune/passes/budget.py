@@ -73,5 +73,5 @@ def parts_budget(budget: Any, parts: float, whole: float, unit: str = "") -> Amo
             f"the budget {budget} cannot be met: only {min(parts / whole, 1.0):.1%} of the model's {budget.metric}"
             f" ({parts:.4g}{unit} of {whole:.4g}{unit}) is in the parts fxprune captured and can prune; the rest "
             f"({fixed:.4g}{unit}: post-processing, code no front end captured) stays. Ask for more than "
-            f"{fixed / whole:.3f} of the model.")
+            f"{fixed / whole:.3f} of the model.", smallest=fixed, smallest_share=fixed / whole)
     return Amount(budget.metric, target - fixed)

@@ -247,7 +247,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
         raise BudgetError(f"the {cost.metric} budget {capacity / cost.baseline:.3f} of the model ({capacity:.6g}{unit}) "
                           f"cannot be met: the smallest achievable is {minimum / cost.baseline:.3f} of the model "
                           f"({minimum:.6g}{unit}); raise the budget{_narrower_hint(round_to)}",
-                          smallest=minimum)
+                          smallest=minimum, smallest_share=minimum / cost.baseline)
     start = time.perf_counter()
     target, iterations, best, exact = capacity, 0, None, None
     for _ in range(8):  # tighten the target while no solve gave a plan whose exact cost fits

@@ -100,8 +100,10 @@ class Costly(Detector):
 
 
 def test_an_unreachable_budget_says_what_share_is_prunable():
-    with pytest.raises(fxprune.BudgetError, match=r"only \d+\.\d% of the model's flops .* in the parts"):
+    with pytest.raises(fxprune.BudgetError, match=r"only \d+\.\d% of the model's flops .* in the parts") as raised:
         fxprune.compile(Costly().eval(), fxprune.FLOPs(0.5), _images(), progress=False)
+    assert 0.5 < raised.value.smallest_share < 1  # the share that does not shrink, as the message states it
+    assert f"Ask for more than {raised.value.smallest_share:.3f} of the model" in str(raised.value)
 
 
 def test_save_load_and_onnx_of_a_model_in_parts(tmp_path):

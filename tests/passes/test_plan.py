@@ -55,4 +55,5 @@ def test_an_unreachable_budget_says_the_shares_and_how_to_go_narrower():
         assert "the flops budget 0.010 of the model (" in message and " FLOPs) cannot be met" in message
         smallest = planner.solve_plan(gm, cost, error.smallest, round_to=round_to).predicted_cost
         assert f"the smallest achievable is {smallest / cost.baseline:.3f} of the model" in message
+        assert error.smallest_share == pytest.approx(smallest / cost.baseline)  # for code that reads it
         assert (hint in message) if hint else "round_to" not in message
