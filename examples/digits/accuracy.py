@@ -35,8 +35,7 @@ of the per-pair ratios), not by fxprune. Methods:
   (no one-shot point);
 - fxprune ssr: ``fxprune.SSR`` regularizes through the short fine-tune, then ``compile(Latency(b))``
   removes the weakest rows: its short point is read right after the removal (no one-shot point).
-  Both time their last solve's plans on onnxruntime (the closed loop, ``refine=4``); in the run published in
-  docs/accuracy.md they still solved on the latency tables alone and measured well under the budget;
+  Both time their last solve's plans on onnxruntime (the closed loop, ``refine=4``), as compile does;
 - Torch-Pruning magnitude / lamp / taylor / hessian: ``tp.pruner.MetaPruner`` (global pruning) with
   that importance, its pruning ratio searched until the latency measured here is within the budget;
 - uniform: every prunable group keeps its first channels, the same share, searched the same way.
