@@ -97,9 +97,9 @@ def _ok(done: subprocess.CompletedProcess) -> str:
 
 RUN_HERE = [
     "fxprune prune resnet18 --budget 0.5 --measure -o resnet18_half.onnx",
-    "fxprune prune resnet50 --budget 0.5 -o small.onnx -o small.pt --measure --plot plots/",
+    "fxprune prune resnet18 --budget 0.5 -o small.onnx -o small.pt --measure --plot plots/",
     "fxprune prune mypkg.models:build --weights ckpt.pth --budget flops:0.4 --input-shape 1,3,256,256 -o small.pt2",
-    "fxprune profile mobilenet_v2 --sort",
+    "fxprune profile resnet18 --sort",
     "fxprune report small.pt",
     "fxprune cache info",
     "python -m examples.cifar10.train --fake-data --base-epochs 1 --epochs 1",
@@ -141,7 +141,7 @@ def test_the_readmes_command_line_block(folder):
     _ok(run(RUN_HERE[2], folder))
     assert (folder / "small.pt2").stat().st_size > 0
     profile = _ok(run(RUN_HERE[3], folder))
-    assert "features_18_0" in profile and "latency step" in profile
+    assert "layer4_1_conv2" in profile and "latency step" in profile
     report = _ok(run(RUN_HERE[4], folder))
     assert "budget Latency(0.5)" in report and "measured after compiling" in report
     info = _ok(run(RUN_HERE[5], folder))

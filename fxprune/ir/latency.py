@@ -41,6 +41,13 @@ class LatencyTable:
         """This table with every entry ``scale * entry + offset``."""
         return LatencyTable(self.widths_in, self.widths_out, self.ms * scale + offset, self.tied)
 
+    def monotone(self) -> "LatencyTable":
+        """This table with no entry above one at wider widths (both axes). Pruning only narrows a layer,
+        and the planner keeps the most important channels it can pay for: a narrower width that measured
+        slower (noise, or a kernel switch) is worth no more than the wider one, whose cost it takes."""
+        suffix_min = np.minimum.accumulate(np.minimum.accumulate(self.ms[::-1, ::-1], axis=0), axis=1)
+        return LatencyTable(self.widths_in, self.widths_out, suffix_min[::-1, ::-1], self.tied)
+
     def at(self, width_in, width_out):
         """Latency at kept widths (floats or arrays that broadcast together), interpolated bilinearly."""
         j, t_out = _bracket(self.widths_out, width_out)

@@ -20,7 +20,7 @@ from fxprune.ir.solution import Solution
 from fxprune.passes.context import Context
 from fxprune.passes.latency import channel_granularity, latency_cost
 from fxprune.passes.plan import check_solver, solve_plan
-from fxprune.passes.refine import solve_measured
+from fxprune.passes.refine import check_refine, solve_measured
 
 
 class PlanPass(PassBase):
@@ -30,8 +30,7 @@ class PlanPass(PassBase):
                  round_to: int | None = None, refine: int = 0) -> None:
         super().__init__()
         check_solver(solver, round_to, resolution)
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise FxpruneError(f"refine must be a number of measured solves >= 0, got {refine!r}")
+        check_refine(refine, FxpruneError)
         self.context, self.budget, self.solver, self.resolution = context, budget, solver, resolution
         self.round_to, self.refine = round_to, refine
 

@@ -230,8 +230,9 @@ class LatencyPass(PassBase):
         return len(found)
 
     def _protocol(self) -> dict:
-        return {"warmup": self.engine.warmup, "repeats": self.engine.repeats, "quantile": QUANTILE,
-                "reference": REFERENCE.to_key(), "quality": {"spread": SPREAD_LIMIT, "retries": RETRIES}}
+        protocol = {"warmup": self.engine.warmup, "repeats": self.engine.repeats, "quantile": QUANTILE,
+                    "reference": REFERENCE.to_key(), "quality": {"spread": SPREAD_LIMIT, "retries": RETRIES}}
+        return {**protocol, "units": self.engine.unit_protocol} if self.engine.unit_protocol else protocol
 
     def _table_key(self, unit: Unit, widths_in: np.ndarray, widths_out: np.ndarray) -> dict:
         return {"kind": "table", "engine": self.engine.identity(), "unit": unit.spec.to_key(), "tied": unit.spec.tied,
@@ -261,7 +262,8 @@ class LatencyPass(PassBase):
         return widths(unit.in_space, unit.spec.in_channels), widths_out
 
     def _table(self, key: dict, again: bool = False) -> LatencyTable:
-        """The unit's table in units of the reference unit's latency in the same runs (``units.REFERENCE``);
+        """The unit's table in units of the reference unit's latency in the same runs (``units.REFERENCE``),
+        made monotone (``LatencyTable.monotone``: no plan is then predicted slower than the full model);
         ``again``: timed anew whatever the cache holds."""
         spec = UnitSpec.from_key(key["unit"])
         widths_in, widths_out = np.asarray(key["widths_in"]), np.asarray(key["widths_out"])
@@ -270,7 +272,7 @@ class LatencyPass(PassBase):
         timed = self._points(key, spec, points, again)
         rows = 1 if key["tied"] else widths_in.size
         return LatencyTable(widths_in[:1] if key["tied"] else widths_in, widths_out,
-                            (timed.ms / timed.reference_ms).reshape(rows, widths_out.size), key["tied"])
+                            (timed.ms / timed.reference_ms).reshape(rows, widths_out.size), key["tied"]).monotone()
 
     def _points(self, key: dict, spec: UnitSpec, points: list[tuple[int, int]], again: bool = False) -> "_Timed":
         """``spec`` timed at ``points``, from the cache where every point there was timed quietly; the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,3 +282,14 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
                  if k < entries[gid].group.size})
     return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)
+
+
+def nearest_plan(solve: Callable[[float], PlanResult], capacity: float) -> PlanResult:
+    """``solve(capacity)``, or where no plan is that small, the smallest plan (``BudgetError.smallest``):
+    for a caller that reads a budget through a measured correction, the nearest plan it can time."""
+    try:
+        return solve(capacity)
+    except BudgetError as error:
+        if error.smallest is None:
+            raise
+        return solve(error.smallest * (1 + 1e-9))

@@ -32,10 +32,11 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.budgets import as_budget
-from fxprune.errors import BudgetError, PrunerError
+from fxprune.errors import PrunerError
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import IMPORTANCE_KEY
-from fxprune.passes.refine import Correction, calibration_points
+from fxprune.passes.plan import nearest_plan
+from fxprune.passes.refine import Correction, calibration_points, check_refine
 from fxprune.passes.score import CRITERIA, ScorePass, TaylorAccumulator
 from fxprune.training.live import LiveModel, rank
 
@@ -66,8 +67,7 @@ class Pruner:
                  cache: Any = None, progress: bool = False, leaf_modules=(), refine: int = 4) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise PrunerError(f"steps must be a positive integer, got {steps!r}")
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise PrunerError(f"refine must be a number of plans the last step may time (>= 0), got {refine!r}")
+        check_refine(refine, PrunerError)
         if importance not in CRITERIA:
             raise PrunerError(f"unknown importance {importance!r}; choose one of {', '.join(CRITERIA)}")
         self.budget, self.steps, self.importance, self.solver = as_budget(budget), steps, importance, solver
@@ -143,12 +143,8 @@ class Pruner:
             measured = self.live.solve_timed(self.cost, target, importance, self.granularity, self.solver,
                                              self.refine)
             return measured.result.plan, measured.predicted_share * baseline, measured.measured
-        try:  # the target as the engine runs it, in the tables' terms
-            result = solve(self.correction.predicted_share(target / baseline) * baseline)
-        except BudgetError as error:  # under the smallest plan the tables reach: that plan, the nearest
-            if error.smallest is None:
-                raise
-            result = solve(error.smallest * (1 + 1e-9))
+        # the target as the engine runs it, in the tables' terms; under the tables' reach, the smallest plan
+        result = nearest_plan(solve, self.correction.predicted_share(target / baseline) * baseline)
         return result.plan, self.correction.measured_share(result.predicted_cost / baseline) * baseline, False
 
     def _scores(self) -> dict[int, np.ndarray]:

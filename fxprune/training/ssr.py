@@ -26,6 +26,7 @@ from fxprune.budgets import as_budget
 from fxprune.errors import SSRError
 from fxprune.ir.channels import Plan
 from fxprune.passes.plan import with_every_member
+from fxprune.passes.refine import check_refine
 from fxprune.rules import TensorAxis
 from fxprune.training.live import LiveModel
 
@@ -110,8 +111,7 @@ class SSR:
         """Remove the zero rows (keeping one channel per member, as every plan must); with a budget, prune on
         to it, weakest rows first (``cost_options``: engine, threads, round_to, cache, as for compile; a
         latency budget through compile's closed loop, ``refine`` plans timed on the engine)."""
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise SSRError(f"refine must be a number of plans to time on the engine (>= 0), got {refine!r}")
+        check_refine(refine, SSRError)
         masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.live.groups.items()}
         for gid, channels in self.zero_channels().items():
             masks[gid][channels] = False

@@ -4,17 +4,21 @@ plans as measuring them does."""
 
 from __future__ import annotations
 
+import time
 import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxprune
 from fxprune.cache import LatencyCache
 from fxprune.ir import LatencyTable, Plan
 from fxprune.ir.keys import LAYER_LATENCY_KEY
+from fxprune.backends import engines
 from fxprune.backends.engines import quiet_ratios
 from fxprune.ir.keys import LATENCY_KEY
 from fxprune.passes.context import Context
@@ -62,6 +66,20 @@ def test_a_table_round_trips_through_json_types():
     again = LatencyTable.from_dict(table.to_dict())
     np.testing.assert_array_equal(again.ms, table.ms)
     np.testing.assert_array_equal(table.affine(2.0, 0.5).ms, 2 * table.ms + 0.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 100.0), min_size=12, max_size=12), st.booleans())
+def test_a_monotone_table_never_prices_a_narrower_layer_above_a_wider_one(values, tied):
+    rows = 1 if tied else 3
+    table = LatencyTable([4] if tied else [1, 8, 16], [1, 8, 16, 32], np.reshape(values[:rows * 4], (rows, 4)), tied)
+    monotone = table.monotone()
+    assert np.all(monotone.ms <= table.ms)  # only lowered
+    assert np.all(np.diff(monotone.ms, axis=0) >= 0) and np.all(np.diff(monotone.ms, axis=1) >= 0)
+    for i in range(rows):  # each entry is the cheapest of the table at its widths or wider
+        for j in range(4):
+            assert monotone.ms[i, j] == table.ms[i:, j:].min()
+    np.testing.assert_array_equal(monotone.monotone().ms, monotone.ms)  # already monotone: unchanged
 
 
 # --- the step -------------------------------------------------------------------------------------------
@@ -274,6 +292,36 @@ def test_pairs_timed_on_a_contended_machine_are_left_out():
     assert np.median(np.array(after) / np.array(before)) > 0.5  # what all pairs would give
     everything_slow = quiet_ratios([20.0, 10.0, 30.0, 40.0], [8.0, 4.0, 12.0, 16.0])
     assert len(everything_slow) == 3 and np.allclose(everything_slow, 0.4)  # at least three, the quietest
+
+
+class _Sleeper(nn.Module):
+    """A unit that takes ``ms``, times 4 while the machine is slow: during the first ``slow_calls``
+    runs of any unit (a stretch the unit's and the reference's runs share)."""
+
+    calls = 0
+
+    def __init__(self, ms: float, slow_calls: int) -> None:
+        super().__init__()
+        self.ms, self.slow_calls = ms, slow_calls
+
+    def forward(self, x):
+        type(self).calls += 1
+        time.sleep(self.ms / 1e3 * (4 if type(self).calls <= self.slow_calls else 1))
+        return x
+
+
+def test_the_torch_engine_times_a_unit_against_the_reference_run_by_run(monkeypatch):
+    """The machine runs 4x slower through the warmup and half the repeats. Timed in pairs with the
+    reference, the unit's latency holds at 2x the reference's; timed through the slow stretch with the
+    reference after it, it read 8x (the failure seen in CI: a narrow layer's table at 20x a wide one's)."""
+    _Sleeper.calls = 0
+    fake = lambda spec, width_in, width_out: (_Sleeper(1.0 if spec is REFERENCE else 2.0, 16), torch.zeros(1))  # noqa: E731
+    monkeypatch.setattr(engines, "unit_module", fake)
+    engine = engines.TorchEngine(threads=1, warmup=3, repeats=10)
+    timing = engine.measure_units(UnitSpec("linear", (1, 64), 10), [(64, 10)])
+    assert timing.ms[0] / timing.reference_ms[0] == pytest.approx(2.0, rel=0.25)
+    assert timing.spread[0] < 0.25
+    assert _Sleeper.calls == 2 * (3 + 10)  # unit and reference run in pairs, warmup included
 
 
 def test_time_shares_uses_the_quiet_pairs():

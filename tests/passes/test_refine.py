@@ -152,3 +152,23 @@ def test_the_plan_returned_is_read_by_this_runs_timing_not_a_cached_one(tmp_path
     report = fxprune.report(again)
     assert report.plan_timed_now
     assert report.predicted_latency_ms_after / report.predicted_latency_ms_before == pytest.approx(share, rel=0.02)
+
+
+def test_a_budget_under_the_tables_smallest_plan_is_timed_before_it_is_refused(tmp_path):
+    """The tables' smallest plan can be over a budget the engine meets (tables timed on a busy machine,
+    or an engine faster than linear in width): the closed loop times that plan before refusing, and a
+    refusal says what it measured."""
+    model, engine = tiny_cnn().eval(), CurvedEngine()
+    compile_ = lambda budget, refine: fxprune.compile(model, budget, INPUTS, engine=engine, cache=tmp_path,  # noqa: E731
+                                                      round_to=4, refine=refine, progress=False)
+    with pytest.raises(fxprune.errors.BudgetError) as tables:
+        compile_(0.01, 0)
+    floor = tables.value.smallest_share  # the tables' smallest plan, as a share of the model
+    pruned = compile_(0.9 * floor, 1)
+    share = _true_share(engine, pruned, model)
+    assert share <= 0.9 * floor
+    assert fxprune.report(pruned).latency_prediction == "measured"
+
+    with pytest.raises(fxprune.errors.BudgetError, match="measured") as engine_floor:
+        compile_(0.001, 1)
+    assert 0.001 < engine_floor.value.smallest_share < floor  # the engine's smallest plan, not the tables'
