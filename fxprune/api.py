@@ -11,7 +11,7 @@ import torch.fx
 
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.budgets import Budget, Latency, as_budget
-from fxprune.errors import AnalysisRequiredError
+from fxprune.errors import AnalysisRequiredError, BudgetError
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
@@ -123,7 +123,10 @@ def compile(
         whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if is_partitioned(gm) else None
         if whole is not None:
             plan_pass.budget = whole.budget(budget, gm, context)
-        run_passes(gm, [plan_pass])
+        try:
+            run_passes(gm, [plan_pass])
+        except BudgetError as error:  # a partitioned model's parts out of reach: say so of the whole model
+            raise whole.unreachable(error, budget) if whole is not None else error
         pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
         report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None)
         if whole is None:
@@ -144,6 +147,7 @@ class _Whole:
         self.model, self.args, self.kwargs = model, args, kwargs
         self.prunable_latency: float | None = None  # the parts' share of the whole model's latency
         self.budget_share: float | None = None  # a latency budget as a share of the whole model
+        self.prunable: float = 1.0  # the parts' share of the whole model in the budget's metric
 
     @functools.cached_property
     def flops(self) -> int:
@@ -154,14 +158,28 @@ class _Whole:
         """The parts' budget: what the whole model's budget leaves them once the rest is paid for."""
         if budget.metric != "latency":
             whole = self.flops if budget.metric == "flops" else count_params(self.model)
-            return parts_budget(budget, gm.meta[COST_KEY][budget.metric].baseline, whole)
+            parts = gm.meta[COST_KEY][budget.metric].baseline
+            self.prunable = min(parts / whole, 1.0)
+            return parts_budget(budget, parts, whole)
         # end to end on the engine: the whole model exported as it runs, against its captured parts alone
         whole_ms, (share,) = context.engine.time_shares(context.deploy(self.model, self.args).run,
                                                         [context.deployed(gm).run])
-        self.prunable_latency = share = min(share, 1.0)
+        self.prunable_latency = self.prunable = share = min(share, 1.0)
         self.budget_share = budget.share(whole_ms)
         amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
         return Latency(amount.value / (share * whole_ms))
+
+    def unreachable(self, error: BudgetError, budget: Any) -> BudgetError:
+        """``error``, raised for the parts' budget, restated for the whole model: its smallest plan as a
+        share of the whole model (what the parts' smallest plan leaves plus the rest, which stays)."""
+        if error.smallest_share is None:
+            return error
+        smallest = 1 - self.prunable + self.prunable * error.smallest_share
+        return BudgetError(
+            f"the budget {budget} cannot be met: the smallest plan reaches {smallest:.3f} of the whole model "
+            f"({self.prunable:.1%} of its {budget.metric} is in the parts fxprune captured and can prune, and "
+            f"pruned to their smallest they keep {error.smallest_share:.3f} of it); {error.advice}",
+            smallest_share=smallest, advice=error.advice)
 
     def report(self, report: Report, gm: torch.fx.GraphModule, result: torch.nn.Module,
                context: Context | None) -> None:
@@ -212,6 +230,11 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         solver_seconds=result.solver_seconds, iterations=result.iterations,
         engine=context.engine.name,
     )
+    if solution.below_step is not None:
+        step = gm.meta[LATENCY_KEY].step if LATENCY_KEY in gm.meta else 8
+        report.notes.append(f"the budget is under the smallest plan whose groups keep whole {step}-channel steps "
+                            f"({solution.below_step:.3f} of the model): some may keep less, on multiples of a quarter "
+                            "step, which can leave the engine's fast layout (round_to sets the grid)")
     if heads := _heads_kept(gm, result.keep_counts):
         report.notes.append("attention heads kept per layer: " + ", ".join(heads))
     if (capture := capture_of(gm)) is not None:

@@ -34,11 +34,12 @@ class ExportError(FxpruneError):
 class BudgetError(FxpruneError):
     """A budget is malformed (<= 0, > 1, wrong type) or cannot be met by any plan; in the second case
     ``smallest`` is the smallest cost a plan reaches (in the budget's metric) and ``smallest_share`` that
-    cost as a share of the unpruned model's, where it is known."""
+    cost as a share of the unpruned model's, where it is known; ``advice`` what to do, in a few words."""
 
-    def __init__(self, message: str, smallest: float | None = None, smallest_share: float | None = None) -> None:
+    def __init__(self, message: str, smallest: float | None = None, smallest_share: float | None = None,
+                 advice: str = "raise the budget") -> None:
         super().__init__(message)
-        self.smallest, self.smallest_share = smallest, smallest_share
+        self.smallest, self.smallest_share, self.advice = smallest, smallest_share, advice
 
 
 class EngineUnavailableError(FxpruneError):

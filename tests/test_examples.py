@@ -92,6 +92,20 @@ def test_the_accuracy_benchmark_scores_every_kind_of_method_at_its_points(tmp_pa
     assert again == rows  # resumed from the results file: nothing run twice
 
 
+def test_the_accuracy_report_says_which_rows_came_from_which_run(tmp_path):
+    point = {"accuracy": 0.9, "agreement": 0.9, "kl": 0.1}
+    rows = [{"seed": 0, "method": method, "budget": budget, "base_accuracy": 0.96, "latency_share": budget,
+             "params_share": 0.2, "short": point, "full": point, "one-shot": point, **run}
+            for method, budget, run in (("uniform", 0.3, {}), ("fxprune sp_lamp", 0.3, {}),
+                                        ("fxprune sp_lamp", 0.2, {"run": "2026-12-03 at abc1234"}))]
+    args = digits_accuracy.argparse.Namespace(**digits_accuracy.DEFAULTS, docs=str(tmp_path), again=True)
+    text = digits_accuracy.summarize(rows, args)
+    assert "--again" in text and "Rows come from more than one run" in text
+    assert "- 2026-12-03 at abc1234: 1 rows; budgets 0.2; 1 methods (fxprune sp_lamp)" in text
+    assert "- an earlier run (before rows recorded theirs): 2 rows; budgets 0.3; 2 methods (fxprune sp_lamp, uniform)" in text
+    assert "more than one run" not in digits_accuracy.summarize(rows[:2], args)
+
+
 def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp_path):
     def row(seed, method, accuracy):
         point = {"accuracy": accuracy, "agreement": 0.9, "kl": 0.1}
@@ -123,10 +137,10 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
     assert "| 0.3 | one-shot | fxprune sp_lamp (0.900) | 0.800-0.900 |" in text
     assert "2 of 3: torch-pruning magnitude, torch-pruning lamp |" in text  # uniform is level within its spread
     assert "| fxprune halp schedule |  | — |" in text  # no one-shot point for a schedule (not run at 0.2)
-    assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's latency tables)) | "
+    assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's tables or timing)) | "
             "one-shot 0.500, short 0.500, full 0.500 |") in text
     assert "| fxprune sp_lamp | unreachable | 0.900 ± 0.002 |" in text
-    assert "| fxprune ssr | 0.3 | 0, 1 | smallest plan 0.410-0.430 of the model (fxprune's latency tables) |" in text
+    assert "| fxprune ssr | 0.3 | 0, 1 | smallest plan 0.410-0.430 of the model (fxprune's tables or timing) |" in text
     assert (tmp_path / "accuracy.png").exists() and json.loads((tmp_path / "accuracy.json").read_text()) == rows
 
 

@@ -49,6 +49,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -332,7 +333,10 @@ def run_all(args) -> list[dict]:
     results_path = Path(args.out) / (f"results-d{args.depth}-w{args.width}-s{args.size}-j{int(args.jitter)}-e{args.base_epochs}-"
                                      f"{args.short_epochs}-{args.epochs}.json")  # one file per setting
     results = json.loads(results_path.read_text()) if results_path.exists() else []
+    if args.again:  # these methods at these budgets run again: their rows from earlier runs go
+        results = [r for r in results if not (r["method"] in args.methods and r["budget"] in args.budgets)]
     done = {(r["seed"], r["method"], r["budget"]) for r in results}
+    label = run_label()
     cache = fxprune.LatencyCache(args.cache) if args.cache else fxprune.LatencyCache()
     train_set, test_set = digits(size=args.size)
     if args.jitter:
@@ -350,7 +354,7 @@ def run_all(args) -> list[dict]:
                 except (fxprune.BudgetError, Unreachable) as error:  # the smallest model is over the budget
                     row = {"seed": seed, "method": method, "budget": budget, "unreachable": str(error).split(";")[0],
                            "smallest_share": getattr(error, "smallest_share", None)}
-                row["base_accuracy"] = base_scores["accuracy"]
+                row["base_accuracy"], row["run"] = base_scores["accuracy"], label
                 results.append(row)
                 results_path.parent.mkdir(parents=True, exist_ok=True)
                 results_path.write_text(json.dumps(results, indent=1))
@@ -415,6 +419,7 @@ def summarize(results: list[dict], args, seconds: float | None = None) -> str:
              "fxprune. *Beyond the seeds' spread*: a mean per-seed paired difference more than twice its standard "
              "error. Every point is scored with the BatchNorm statistics estimated again on 8 training batches "
              "(no weight changed).", ""]
+    lines += _runs(results)
     lines += _default_vs_torch_pruning(table, budgets, unreachable)
     lines += _discrimination(table, methods, budgets)
     for point in POINTS:
@@ -458,7 +463,7 @@ def _unreachable_why(rows: list[dict]) -> str:
     """The smallest plans fxprune reported for unreachable rows, or the first row's reason."""
     smallest = [r["smallest_share"] for r in rows if r.get("smallest_share") is not None]
     if smallest:
-        return f"smallest plan {min(smallest):.3f}-{max(smallest):.3f} of the model (fxprune's latency tables)"
+        return f"smallest plan {min(smallest):.3f}-{max(smallest):.3f} of the model (fxprune's tables or timing)"
     return rows[0]["unreachable"]
 
 
@@ -560,6 +565,35 @@ def _plot(table, methods, budgets, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def run_label() -> str:
+    """This run, as rows record it: the date and the repository's commit (``+`` when it has changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return time.strftime("%Y-%m-%d")
+    return f"{time.strftime('%Y-%m-%d')} at {head}{'+' if dirty else ''}"
+
+
+def _runs(results: list[dict]) -> list[str]:
+    """A line per run the rows come from, where more than one did: its label, and its methods at budgets."""
+    runs: dict[str, list[dict]] = {}
+    for r in results:
+        runs.setdefault(r.get("run", "an earlier run (before rows recorded theirs)"), []).append(r)
+    if len(runs) < 2:
+        return []
+    lines = ["Rows come from more than one run of this setting (`--again` runs methods at budgets again):"]
+    for label, rows in runs.items():
+        budgets = sorted({r["budget"] for r in rows})
+        methods = sorted({r["method"] for r in rows}, key=METHODS.index)
+        lines.append(f"- {label}: {len(rows)} rows; budgets {', '.join(map(str, budgets))}; "
+                     f"{len(methods)} methods ({', '.join(methods) if len(methods) <= 4 else 'see the tables'})")
+    return lines + [""]
+
+
 def command(args) -> str:
     """The command line that reproduces this run (options that differ from the defaults)."""
     parts = ["python -m examples.digits.accuracy"]
@@ -576,6 +610,8 @@ def command(args) -> str:
             parts.append(flag + " " + " ".join(map(str, value)))
         else:
             parts.append(f"{flag} {value}")
+    if getattr(args, "again", False):
+        parts.append("--again")
     return " ".join(parts)
 
 
@@ -597,6 +633,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="out/accuracy", help="base models and partial results (resumable)")
     parser.add_argument("--cache", default=None, help="latency cache folder (default: fxprune's)")
     parser.add_argument("--docs", default=str(DOCS), help="where accuracy.md, .json and .png go")
+    parser.add_argument("--again", action="store_true", help="run --methods at --budgets again where the results "
+                        "file has them (their earlier rows are replaced); the report says which rows come from which run")
     args = parser.parse_args(argv)
     if not 0 <= args.short_epochs <= args.epochs:
         parser.error("--short-epochs must be between 0 and --epochs")

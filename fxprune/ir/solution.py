@@ -52,3 +52,4 @@ class Solution:
     cost: CostModel
     capacity: float  # the budget in the cost model's unit
     measured_solve: MeasuredSolve | None = None
+    below_step: float | None = None  # where groups keep less than one step: the step grid's smallest share

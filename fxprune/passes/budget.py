@@ -2,7 +2,9 @@
 
 FLOPs and parameter budgets are solved once under the cost pass's exact models. Latency budgets are
 solved under the latency tables and, with ``refine`` > 0, through the closed loop that times the solved
-plans on the engine (``passes/refine.py``). Writes ``gm.meta["fxprune_solution"]``.
+plans on the engine (``passes/refine.py``). A budget under every plan that keeps whole steps of channels
+is solved again with groups allowed under one step (``solve_plan(below_step=True)``), unless the user
+set ``round_to``. Writes ``gm.meta["fxprune_solution"]``.
 """
 
 from __future__ import annotations
@@ -50,13 +52,24 @@ class PlanPass(PassBase):
         round_to = graph_module.meta[LATENCY_KEY].granularity if latency else \
             self.round_to or channel_granularity(graph_module, 8)
         options = dict(round_to=round_to, solver=self.solver, resolution=self.resolution)
-        if latency and self.refine:
-            measured = solve_measured(graph_module, cost, capacity, self.context, steps=self.refine, **options)
-            solution = Solution(measured.result, cost, capacity, measured)
-        else:
-            solution = Solution(solve_plan(graph_module, cost, capacity, **options), cost, capacity)
+        step_grid_smallest = None
+        try:
+            solution = self._solve(graph_module, cost, capacity, options)
+        except BudgetError as error:  # under the smallest plan on the step grid
+            if self.round_to is not None or error.smallest_share is None:  # the user chose the grid
+                raise
+            step_grid_smallest = error.smallest_share
+        if step_grid_smallest is not None:
+            solution = self._solve(graph_module, cost, capacity, {**options, "below_step": True})
+            solution.below_step = step_grid_smallest
         graph_module.meta[SOLUTION_KEY] = solution
         return PassResult(graph_module, modified=False)
+
+    def _solve(self, graph_module: torch.fx.GraphModule, cost, capacity: float, options: dict) -> Solution:
+        if cost.metric == "latency" and self.refine:
+            measured = solve_measured(graph_module, cost, capacity, self.context, steps=self.refine, **options)
+            return Solution(measured.result, cost, capacity, measured)
+        return Solution(solve_plan(graph_module, cost, capacity, **options), cost, capacity)
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:
         assert isinstance(graph_module.meta[SOLUTION_KEY], Solution)

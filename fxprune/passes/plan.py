@@ -25,6 +25,7 @@ from fxprune.ir.solution import PlanResult
 from fxprune.passes.solve import Choice, solve_group_knapsack, solve_halp
 
 SOLVERS = {"sp_lamp": solve_group_knapsack, "halp": solve_halp}
+BELOW_STEP = 4  # below_step: keep counts under the first step on multiples of 1/BELOW_STEP of it
 
 
 @dataclass
@@ -95,7 +96,7 @@ MAX_OPTIONS = 128  # per group: wide groups step by a multiple of round_to so th
 
 
 def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[ChannelSpace],
-                   round_to: int) -> _GroupOptions:
+                   round_to: int, below_step: bool = False) -> _GroupOptions:
     importance = np.asarray(importance, dtype=np.float64)
     fixed = np.zeros(group.size, dtype=bool)
     if group.fixed is not None:
@@ -107,10 +108,13 @@ def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[Cha
                    + [int(fixed.sum())])
     # On the grid only: an off-grid width (one channel, say) can make the engine leave its fast layout
     # around the layer, which no per-layer cost sees. A group narrower than one step stays whole.
-    lowest = min(-(-smallest // round_to) * round_to, group.size)
+    # ``below_step``: under the first step too, on multiples of a quarter step (BELOW_STEP).
+    floor = max(1, round_to // BELOW_STEP) if below_step else round_to
+    lowest = min(-(-smallest // floor) * floor, group.size)
     step = round_to * max(1, -(-group.size // (round_to * MAX_OPTIONS)))
     grid = np.arange(step, group.size + 1, step)
-    options = np.unique(np.concatenate([[lowest, group.size], grid[grid >= lowest]]))
+    under = np.arange(lowest, min(round_to, group.size), floor)
+    options = np.unique(np.concatenate([[lowest, group.size], grid[grid >= lowest], under]))
     values = np.concatenate([[0.0], np.cumsum(importance[order])])[options]
     shares = {}
     for space in spaces:
@@ -216,11 +220,13 @@ def _narrower_hint(round_to: int | Mapping[int, int]) -> str:
 
 def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                importance: Mapping[int, np.ndarray] | None = None, round_to: int | Mapping[int, int] = 8,
-               solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10) -> PlanResult:
+               solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10,
+               below_step: bool = False) -> PlanResult:
     """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``.
 
     ``importance``: one score per channel of each prunable group (default: the score pass's).
     ``round_to``: keep counts on multiples of this, one number for every group or one per group id.
+    ``below_step``: a group may also keep fewer than one ``round_to``, on multiples of a quarter of it.
     """
     check_solver(solver, round_to)
     per_group = round_to if isinstance(round_to, Mapping) else {}
@@ -234,7 +240,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
         members.setdefault(space.group_id, []).append(space)
     prunable = groups.prunable_groups()
     entries = {g.id: _group_options(g, importance[g.id], members[g.id],
-                                    int(per_group.get(g.id, 1) if per_group else round_to))
+                                    int(per_group.get(g.id, 1) if per_group else round_to), below_step)
                for g in prunable}
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
     owned: dict[int | None, list] = {}
@@ -244,10 +250,11 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     minimum = cost.total(smallest)
     if minimum > capacity * (1 + 1e-9):
         unit = {"latency": " ms", "flops": " FLOPs", "params": " parameters"}.get(cost.metric, "")
+        advice = f"raise the budget{_narrower_hint(round_to)}"
         raise BudgetError(f"the {cost.metric} budget {capacity / cost.baseline:.3f} of the model ({capacity:.6g}{unit}) "
                           f"cannot be met: the smallest achievable is {minimum / cost.baseline:.3f} of the model "
-                          f"({minimum:.6g}{unit}); raise the budget{_narrower_hint(round_to)}",
-                          smallest=minimum, smallest_share=minimum / cost.baseline)
+                          f"({minimum:.6g}{unit}); {advice}", smallest=minimum, smallest_share=minimum / cost.baseline,
+                          advice=advice)
     start = time.perf_counter()
     target, iterations, best, exact = capacity, 0, None, None
     for _ in range(8):  # tighten the target while no solve gave a plan whose exact cost fits

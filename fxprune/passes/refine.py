@@ -102,15 +102,16 @@ def calibration_points(gm: torch.fx.GraphModule, cost: CostModel) -> list[Latenc
 def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, context: Context, *,
                    steps: int = 1, margin: float = MARGIN, round_to: int | Mapping[int, int] = 8,
                    solver: str = "sp_lamp", resolution: int = 4000,
-                   importance: Mapping[int, np.ndarray] | None = None) -> MeasuredSolve:
+                   importance: Mapping[int, np.ndarray] | None = None, below_step: bool = False) -> MeasuredSolve:
     """Solve for ``capacity`` (ms) of the full model's latency (less ``margin``) under ``cost`` (the latency
     tables), then up to ``steps`` times: time the plan on the context's engine, add the point, solve again
     through the correction. Returns the largest timed plan within the budget, else the last plan solved.
-    ``importance``: per-group channel scores (default: the score pass's), as for ``solve_plan``."""
+    ``importance`` (per-group channel scores, default: the score pass's) and ``below_step`` as for
+    ``solve_plan``."""
     budget_share = capacity / cost.baseline
     correction = Correction(calibration_points(gm, cost))
     solve_ms = lambda capacity: solve_plan(gm, cost, capacity, round_to=round_to, solver=solver,  # noqa: E731
-                                           resolution=resolution, importance=importance)
+                                           resolution=resolution, importance=importance, below_step=below_step)
     solve = lambda share: solve_ms(share * cost.baseline)  # noqa: E731
     nearest = lambda share: nearest_plan(solve_ms, share * cost.baseline)  # noqa: E731
     aim = budget_share * (1 - margin)
@@ -175,7 +176,7 @@ def _smallest_timed(smallest: PlanResult, time: Callable[[PlanResult], float], b
         return
     engine = context.engine.name
     raise BudgetError(f"{error} (the smallest plan, timed on {engine}, measured {share:.3f} of the model)",
-                      smallest=error.smallest, smallest_share=share) from error
+                      smallest=error.smallest, smallest_share=share, advice=error.advice) from error
 
 
 def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> tuple[float, bool]:

@@ -42,3 +42,22 @@ def test_the_plan_meets_the_budget_under_its_metric(budget):
 def test_solver_settings_are_checked_before_anything_runs(options):
     with Context(INPUTS) as context, pytest.raises(SolverError):
         PlanPass(context, fxprune.FLOPs(0.5), **options)
+
+
+def test_a_budget_under_every_whole_step_plan_lets_groups_keep_less_than_a_step():
+    """With the grid left to fxprune, a budget no plan of whole steps reaches is solved with groups under
+    one step (multiples of a quarter step) and the report says so; a grid the user set is kept."""
+    model = tiny_cnn().eval()
+    with pytest.raises(fxprune.BudgetError) as raised:
+        fxprune.compile(model, fxprune.FLOPs(0.001), INPUTS, round_to=8)
+    floor = raised.value.smallest_share  # every group at one 8-channel step
+    budget = fxprune.FLOPs(0.8 * floor)
+    with pytest.raises(fxprune.BudgetError, match="round_to"):
+        fxprune.compile(model, budget, INPUTS, round_to=8)
+    pruned = fxprune.compile(model, budget, INPUTS)
+    report = fxprune.report(pruned)
+    assert report.flops_after <= 0.8 * floor * report.flops_before
+    kept = [g.kept for g in report.groups]
+    assert min(kept) < 8 and all(k % 2 == 0 for k in kept)  # under one step, on quarter steps
+    assert any("whole 8-channel steps" in note for note in report.notes)
+    assert not any("whole" in note for note in fxprune.report(fxprune.compile(model, fxprune.FLOPs(0.5), INPUTS)).notes)

@@ -106,6 +106,18 @@ def test_an_unreachable_budget_says_what_share_is_prunable():
     assert f"Ask for more than {raised.value.smallest_share:.3f} of the model" in str(raised.value)
 
 
+def test_a_budget_under_the_parts_smallest_plan_is_stated_of_the_whole_model():
+    """The parts' planner refuses in the parts' terms; the user asked of the whole model, and is answered so."""
+    stated = r"reaches \d\.\d{3} of the whole model .* to their smallest they keep \d\.\d{3} of it\); raise the budget, or"
+    with pytest.raises(fxprune.BudgetError, match=stated) as raised:
+        fxprune.compile(Detector().eval(), fxprune.FLOPs(0.05), _images(), progress=False, round_to=8)
+    smallest = raised.value.smallest_share
+    assert 0.05 < smallest < 1
+    pruned = fxprune.compile(Detector().eval(), fxprune.FLOPs(smallest + 0.005), _images(), progress=False, round_to=8)
+    report = fxprune.report(pruned)
+    assert report.flops_after <= (smallest + 0.005) * report.flops_before
+
+
 def test_save_load_and_onnx_of_a_model_in_parts(tmp_path):
     torch.manual_seed(0)
     model = Detector().eval()
