@@ -336,7 +336,7 @@ def run_all(args) -> list[dict]:
     if args.again:  # these methods at these budgets run again: their rows from earlier runs go
         results = [r for r in results if not (r["method"] in args.methods and r["budget"] in args.budgets)]
     done = {(r["seed"], r["method"], r["budget"]) for r in results}
-    label = run_label()
+    label = f"{run_label()}, `{command(args)}`"
     cache = fxprune.LatencyCache(args.cache) if args.cache else fxprune.LatencyCache()
     train_set, test_set = digits(size=args.size)
     if args.jitter:
