@@ -26,7 +26,7 @@ from fxprune.ir.keys import (
     SOLUTION_KEY,
 )
 from fxprune.ir.solution import Solution
-from fxprune.passes.budget import PlanPass, parts_budget
+from fxprune.passes.budget import DEFAULT_STEP, PlanPass, parts_budget
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.latency import LatencyPass
@@ -231,7 +231,7 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         engine=context.engine.name,
     )
     if solution.below_step is not None:
-        step = gm.meta[LATENCY_KEY].step if LATENCY_KEY in gm.meta else 8
+        step = gm.meta[LATENCY_KEY].step if LATENCY_KEY in gm.meta else DEFAULT_STEP
         report.notes.append(f"the budget is under the smallest plan whose groups keep whole {step}-channel steps "
                             f"({solution.below_step:.3f} of the model): some may keep less, on multiples of a quarter "
                             "step, which can leave the engine's fast layout (round_to sets the grid)")

@@ -336,14 +336,8 @@ class TorchEngine(Engine):
     def _pair(self, run_unit: Callable[[], Any], run_reference: Callable[[], Any], unit_first: bool) -> tuple[float, float]:
         """One run of the unit and one of the reference, back to back: their wall times in ms."""
         order = (run_unit, run_reference) if unit_first else (run_reference, run_unit)
-        times = []
-        for run in order:
-            self._sync()
-            begin = time.perf_counter()
-            run()
-            self._sync()
-            times.append((time.perf_counter() - begin) * 1e3)
-        return (times[0], times[1]) if unit_first else (times[1], times[0])
+        first, second = (float(_times_ms(run, 0, 1, sync=self._sync)[0]) for run in order)
+        return (first, second) if unit_first else (second, first)
 
     @contextmanager
     def deploy(self, module: nn.Module, example_inputs: tuple) -> Iterator[Deployed]:

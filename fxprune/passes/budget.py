@@ -25,6 +25,9 @@ from fxprune.passes.plan import check_solver, solve_plan
 from fxprune.passes.refine import check_refine, solve_measured
 
 
+DEFAULT_STEP = 8  # FLOPs and parameter budgets: widths on multiples of 8 channels unless round_to says
+
+
 class PlanPass(PassBase):
     """The plan for ``budget`` (an ``fxprune`` budget), with ``solver``; see the module docstring."""
 
@@ -50,7 +53,7 @@ class PlanPass(PassBase):
         # default grid: widths of every layer on multiples of 8 channels (an attention head, a conv group:
         # one group channel spans several); a round_to given is in group channels
         round_to = graph_module.meta[LATENCY_KEY].granularity if latency else \
-            self.round_to or channel_granularity(graph_module, 8)
+            self.round_to or channel_granularity(graph_module, DEFAULT_STEP)
         options = dict(round_to=round_to, solver=self.solver, resolution=self.resolution)
         step_grid_smallest = None
         try:
