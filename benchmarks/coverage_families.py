@@ -74,6 +74,10 @@ def measure(key: str) -> dict:
     record["groups_pruned"] = sum(g.kept < g.total for g in report.groups)
     record["heads"] = next((n.split(": ", 1)[1] for n in report.notes if n.startswith("attention heads kept")), None)
     record["untouched"] = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    record["returned"] = type(pruned).__name__
+    record["own_class"] = type(pruned) is type(model)
+    record["shapes_checked"] = report.shapes_checked
+    record["returned_why"] = next((n for n in report.notes if n.startswith("returned the pruned graph")), None)
     with torch.no_grad():
         actual = pruned(*args, **kwargs)
     record["same_structure"] = pytree.tree_structure(actual) == pytree.tree_structure(expected)
@@ -115,6 +119,7 @@ def passes(record: dict) -> bool:
     """Every check: the budget met, the model untouched, its output structure, the masked reference (to
     1e-4, where a plan could be drawn), the export matching in onnxruntime."""
     return bool("error" not in record and record["untouched"] and record["same_structure"] and record["export_ok"]
+                and (record["own_class"] or record["returned_why"] is not None) and len(record["shapes_checked"]) >= 3
                 and record["flops_ratio"] <= BUDGET + 1e-6
                 and (record["masked_rel_err"] is None or record["masked_rel_err"] < 1e-4))
 
@@ -157,33 +162,46 @@ def _write_markdown(records: list[dict]) -> None:
         "returns the same pytree (a `ModelOutput`, dicts, tuples) as the original.",
         "- **masked err**: max relative difference between the model pruned to a random plan (half of every group "
         "no normalization mixes) and the unpruned model with those channels masked: the equivalence check.",
+        "- **returned**: the class compile returned: the model's own (its modules pruned on a copy), or the pruned "
+        "graph with the reason; **shapes checked**: the input shapes at which the returned model was verified "
+        "(the example against the pruned graph; the others against the masked original model).",
         "- **export**: `fxprune.export_onnx` on the compiled model, checked and compared in onnxruntime.",
         "- **frozen**: channels kept whole, by first reason (the model's own inputs and outputs left out); an "
         "op no rule knows appears as `consumed by <op>`.",
         "",
-        "| family | model | capture | FLOPs | groups | heads | untouched | structure | masked err | compile s | "
-        "export | export s | frozen |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| family | model | capture | FLOPs | groups | heads | untouched | structure | returned | shapes checked | "
+        "masked err | compile s | export | export s | frozen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r['model']} | – | – | – | – | – | – | – | – | **failed**: {r['error']} | – | – |")
+            lines.append(f"| {r['family']} | {r['model']} | – | – | – | – | – | – | – | – | – | – | **failed**: {r['error']} "
+                         "| – | – |")
             continue
         err = ("–" if r["masked_rel_err"] is None else "nan (reference not finite)" if r["masked_rel_err"] != r["masked_rel_err"]
                else f"{r['masked_rel_err']:.1e}")
         lines.append(
             f"| {r['family']} | {r['model']} | {r['capture']} | {r['flops_ratio']:.3f} | "
             f"{r['groups_pruned']}/{r['prunable_groups']} | {r['heads'] or '–'} | {'yes' if r['untouched'] else 'NO'} | "
-            f"{'same' if r['same_structure'] else 'DIFFERENT'} | {err} | {r['compile_s']} | {r['export']} | "
+            f"{'same' if r['same_structure'] else 'DIFFERENT'} | {_returned(r)} | {'; '.join(r.get('shapes_checked', []))} | "
+            f"{err} | {r['compile_s']} | {r['export']} | "
             f"{r['export_s']} | {'; '.join(f'{n}: {why}' for why, n in r.get('frozen', {}).items()) or '–'} |")
-    lines += ["", "## Summary", "", "All checks: FLOPs within the budget, untouched, same structure, masked err below 1e-4, "
-              "export ok.", "", "| family | models | all checks pass | share |", "|---|---|---|---|"]
+    lines += ["", "## Summary", "", "All checks: FLOPs within the budget, untouched, same structure, the model's own class "
+              "returned (or the graph with the reason), verified at 3 shapes or more, masked err below 1e-4, export ok.", "", "| family | models | all checks pass | share |", "|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in records))
     for family in families:
         rows = [r for r in records if r["family"] == family]
         good = sum(passes(r) for r in rows)
         lines.append(f"| {family} | {len(rows)} | {good} | {good / len(rows):.0%} |")
     (DOCS / "coverage_families.md").write_text("\n".join(lines) + "\n")
+
+
+def _returned(record: dict) -> str:
+    if "returned" not in record:
+        return "–"
+    if record["own_class"]:
+        return f"{record['returned']} (own class)"
+    return f"{record['returned']}: {(record['returned_why'] or '').split(': ', 2)[-1][:160]}"
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch.fx
 
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.budgets import Budget, Latency, as_budget
-from fxprune.errors import AnalysisRequiredError, BudgetError
+from fxprune.errors import AnalysisRequiredError, BudgetError, OutputError
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
@@ -41,6 +41,7 @@ from fxprune.passes.pipeline import prune as prune_graph
 from fxprune.passes.partition import assemble, split
 from fxprune.passes.plan import analysis, random_plan, uniform_plan, with_every_member
 from fxprune.passes.score import ScorePass
+from fxprune.passes.verify import own_model
 from fxprune.reports import GroupReport, PartReport, Report
 
 __all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
@@ -87,8 +88,14 @@ def compile(
     cache: Any = None,
     remeasure: bool = False,
     progress: bool = True,
-) -> torch.fx.GraphModule:
-    """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module.
+    output: str = "module",
+) -> torch.nn.Module:
+    """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module:
+    ``output="module"`` (default) a copy of ``model``, its own class, with the removed channels sliced out
+    of its modules (``model`` is not modified), verified against the pruned graph at the example inputs
+    and against the masked original at other shapes; where that fails (code that keeps a size no update
+    reaches), the pruned graph, with a report note naming the module. ``output="graph"``: the pruned
+    ``GraphModule`` (the export-ready form) directly.
 
     ``budget``: a float in (0, 1] (share of the baseline latency on ``engine``), or ``fxprune.Latency``,
     ``fxprune.FLOPs``, ``fxprune.Params``. ``engine``: ``"onnxruntime"`` (CPU, default), ``"torch"``,
@@ -105,6 +112,9 @@ def compile(
     module returned is called like ``model`` and returns the same structure.
     """
     budget = as_budget(budget)
+    if output not in ("module", "graph"):
+        raise OutputError(f"output={output!r}: compile returns output='module' (the model's own class, "
+                                 "smaller) or output='graph' (the pruned GraphModule)")
     latency = budget.metric == "latency"
     calibration = list(calibration) if calibration is not None else None
     if example_inputs is None and not example_kwargs:
@@ -127,17 +137,18 @@ def compile(
             run_passes(gm, [plan_pass])
         except BudgetError as error:  # a partitioned model's parts out of reach: say so of the whole model
             raise whole.unreachable(error, budget) if whole is not None else error
-        pruned = context.pruned(gm, gm.meta[SOLUTION_KEY].result.plan)
+        plan = gm.meta[SOLUTION_KEY].result.plan
+        pruned = context.pruned(gm, plan)
         report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None)
         if whole is None:
-            report.note_over_budget()
-            pruned.meta[REPORT_KEY] = report
-            return structured(pruned)
-        result = assemble(model, split(pruned))
-        whole.report(report, gm, result, context if measure or latency else None)
+            result = structured(pruned)
+        else:
+            result = assemble(model, split(pruned))
+            whole.report(report, gm, result, context if measure or latency else None)
+            result.meta = {PLAN_KEY: plan, CAPTURE_KEY: capture_of(gm)}
         report.note_over_budget()
-    result.meta = {REPORT_KEY: report, PLAN_KEY: pruned.meta[PLAN_KEY], CAPTURE_KEY: capture_of(gm)}
-    return result
+    result.meta[REPORT_KEY] = report
+    return result if output == "graph" else own_model(model, gm, result, plan, example_inputs, example_kwargs)
 
 
 class _Whole:

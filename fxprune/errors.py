@@ -19,6 +19,10 @@ class ExampleInputsError(FxpruneError):
     """The example inputs do not fit the model (wrong type, count, shape or dtype)."""
 
 
+class OutputError(FxpruneError):
+    """compile was asked for a kind of result it does not make (``output=``)."""
+
+
 class PlanError(FxpruneError):
     """A keep plan is invalid for the analysed graph (unknown group, empty group, frozen group...)."""
 

@@ -61,6 +61,8 @@ class Report:
     fp32_latency_ms_after: float | None = None
     notes: list[str] = field(default_factory=list)
     parts: list[PartReport] = field(default_factory=list)  # a partitioned model: each part captured alone
+    returned: str = "GraphModule"  # the class of what compile returned: the user's own, or the pruned graph
+    shapes_checked: list[str] = field(default_factory=list)  # input shapes the returned model was verified at
 
     def __str__(self) -> str:
         lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
@@ -73,6 +75,8 @@ class Report:
                  f"  params: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / max(self.params_before, 1):.1%})"]
         lines += self._latency_lines()
+        if self.shapes_checked:
+            lines.append(f"  returned: {self.returned}, verified at {'; '.join(self.shapes_checked)}")
         if self.parts:
             lines.append(f"  {'part':<28} {'captured by':<12} {'calls':>5} {'params kept':>12}  coupled inputs")
             lines += [f"  {p.path:<28} {p.capture:<12} {p.calls:>5} {p.params_after / max(p.params_before, 1):>12.1%}  "

@@ -21,7 +21,8 @@ LAYERS = [
     ("fxprune.backends",),
     ("fxprune.passes",),
     ("fxprune.training",),
-    ("fxprune.api", "fxprune.reports", "fxprune.saving", "fxprune.testing", "fxprune.plots"),
+    ("fxprune.api", "fxprune.reports", "fxprune.saving", "fxprune.huggingface", "fxprune.yolo", "fxprune.testing",
+     "fxprune.plots"),
     ("fxprune.cli", "fxprune"),
 ]
 

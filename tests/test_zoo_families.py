@@ -25,9 +25,34 @@ def test_a_model_compiles_as_it_is_and_exports(key, tmp_path):
     assert report.flops_after <= 0.7 * report.flops_before
     assert sum(g.kept < g.total for g in report.groups) >= 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert type(pruned) is type(model) and report.returned == type(model).__name__  # the user's own class
+    assert len(report.shapes_checked) >= 3  # verified at the example and two other shapes
     with torch.no_grad():
         assert pytree.tree_structure(pruned(*args, **kwargs)) == pytree.tree_structure(model(*args, **kwargs))
     assert fxprune.export_onnx(pruned, tmp_path / "model.onnx", inputs).max_abs_diff < 1e-3
+
+
+@pytest.mark.parametrize("key", ["hf_text/bert", "hf_vision/vit", "torchvision_video/r3d_18",
+                                 "detection_backbones/ssdlite320_mobilenet_v3_large", "smp/Unet"])
+def test_every_family_returns_its_own_class_verified_at_three_shapes(key):
+    model, inputs = zoo.build(*key.split("/"))
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.7), inputs, progress=False)
+    report = fxprune.report(pruned)
+    assert type(pruned) is type(model), report.notes
+    assert len(report.shapes_checked) >= 3 and len(set(report.shapes_checked)) == len(report.shapes_checked)
+
+
+def test_raft_whose_code_checks_its_widths_comes_back_as_the_graph_with_the_reason():
+    """RAFT's forward refuses a context encoder narrower than its hidden state: its own class cannot be
+    returned at those widths, so compile returns the pruned graph and says which module raised."""
+    model, inputs = zoo.build("optical_flow", "raft_small")
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), inputs, progress=False)
+    report = fxprune.report(pruned)
+    if type(pruned) is type(model):  # a plan that kept the context encoder wide enough: verified as any other
+        assert len(report.shapes_checked) >= 3
+    else:
+        assert isinstance(pruned, torch.fx.GraphModule)
+        assert any("returned the pruned graph" in note and "(RAFT)" in note for note in report.notes)
 
 
 def test_gpt2_heads_through_a_fused_projection_and_split_are_exact():

@@ -44,6 +44,7 @@ class ExportResult:
     quantized: str | None = None  # "int8": the file holds the model statically quantized (QDQ)
     int8_max_abs_diff: float | None = None  # the INT8 file against the FP32 one, over the calibration batches
     int8_top1_agreement: float | None = None  # share of rows whose first output's argmax (last axis) agrees
+    dynamic_sizes: bool = False  # image sizes / sequence lengths are dynamic axes (checked at a larger size)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class _Request:
     output_names: list[str]
     dynamic: bool
     opset: int | None
+    sizes: bool = False  # image sizes and sequence lengths dynamic too (``size_dims``)
 
 
 def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -127,7 +129,10 @@ def _summary(exc: BaseException) -> str:
 
 def _export_dynamo(model: torch.nn.Module, request: _Request, file: str) -> None:
     """torch.export-based export asking for a symbolic dim 0 on every input (verification catches a pinned one)."""
-    dims = tuple({0: torch.export.Dim.DYNAMIC} if x.dim() else None for x in request.inputs)
+    dims = tuple({d: torch.export.Dim.DYNAMIC for d in (0, *(size_dims(x) if request.sizes else ()))}
+                 if x.dim() else None for x in request.inputs)
+    if isinstance(model, _KeywordCall):  # forward(*inputs): torch.export binds them as one tuple
+        dims = (dims,)
     program = torch.onnx.export(model, request.inputs, file, dynamo=True, input_names=request.input_names,
                                 output_names=request.output_names, dynamic_shapes=dims if request.dynamic else None,
                                 opset_version=request.opset, external_data=True, verbose=False)
@@ -143,7 +148,41 @@ def _export_torchscript(model: torch.nn.Module, request: _Request, file: str) ->
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, request.inputs, file, dynamo=False, input_names=request.input_names,
                           output_names=request.output_names, opset_version=request.opset,
-                          dynamic_axes={n: {0: "batch"} for n in names} if request.dynamic else None)
+                          dynamic_axes=_axes(request) if request.dynamic else None)
+
+
+def _axes(request: _Request) -> dict[str, dict[int, str]]:
+    """The TorchScript exporter's dynamic axes: the batch of every input and output, sizes of the inputs."""
+    axes = {name: {0: "batch"} for name in request.input_names + request.output_names}
+    if request.sizes:
+        for name, x in zip(request.input_names, request.inputs):
+            axes[name].update({d: f"{name}_size{d}" for d in size_dims(x)})
+    return axes
+
+
+def size_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The dims of an input a model usually takes at any size: an image's height and width (float, 4 or 5
+    dims), a sequence's length (integer token ids, 2 dims)."""
+    if x.is_floating_point() and x.dim() >= 4:
+        return (x.dim() - 2, x.dim() - 1)
+    if not x.is_floating_point() and x.dim() == 2:
+        return (1,)
+    return ()
+
+
+def larger(x: Any) -> Any:
+    """An input at another size: images 1.5x larger (multiples of 32, what detectors' strides need),
+    sequences 1.5x longer; a list of images each so; anything else as it is."""
+    if isinstance(x, list) and x and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in x):
+        return [larger(t[None])[0] for t in x]
+    if not isinstance(x, torch.Tensor) or not size_dims(x):
+        return x
+    if not x.is_floating_point():
+        return x.repeat(1, 2)[:, :x.shape[1] + max(x.shape[1] // 2, 1)]
+    size = [max(32, round(s * 1.5 / 32) * 32) for s in x.shape[-2:]]
+    if x.dim() == 5:  # video: (N, C, T, H, W), frames kept
+        return torch.nn.functional.interpolate(x, size=(x.shape[2], *size), mode="trilinear")
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear")
 
 
 def _export_any(model: torch.nn.Module, request: _Request, file: str) -> str:
@@ -274,6 +313,19 @@ class _PartOutputs(torch.nn.Module):
         return out, returned
 
 
+class _KeywordCall(torch.nn.Module):
+    """A model called with keyword inputs (a Hugging Face model's ``input_ids=``, ``attention_mask=``), as
+    exporters call it: every input positional, the keywords after the positional ones, in their order."""
+
+    def __init__(self, model: torch.nn.Module, positional: int, keywords: list[str]) -> None:
+        super().__init__()
+        self.model, self.positional, self.keywords = model, positional, keywords
+
+    def forward(self, *inputs: Any) -> Any:
+        args, values = inputs[:self.positional], inputs[self.positional:]
+        return self.model(*args, **dict(zip(self.keywords, values)))
+
+
 def _part_paths(model: torch.nn.Module) -> list[str]:
     """The raw parts of a model fxprune assembled from parts (not of the stitched graph itself)."""
     if isinstance(model, torch.fx.GraphModule) or not is_partitioned(model):
@@ -281,8 +333,10 @@ def _part_paths(model: torch.nn.Module) -> list[str]:
     return [part.path for part in capture_of(model).parts if part.raw]
 
 
-def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool) -> tuple[list[Case], tuple]:
-    """Torch outputs for the verification cases, and the inputs to trace (a doubled batch when dim 0 is dynamic)."""
+def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool,
+               sizes: bool = False) -> tuple[list[Case], tuple]:
+    """Torch outputs for the verification cases, and the inputs to trace (a doubled batch when dim 0 is
+    dynamic); with ``sizes``, a case at a larger image size or longer sequence too."""
     try:
         cases = [("the example batch", inputs, _run_torch(model, inputs))]
     except ExportError:
@@ -298,6 +352,9 @@ def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: boo
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"The model raised on a doubled batch: {_summary(exc)}. "
                               "Pass dynamic_batch=False if it only supports the example batch size.") from exc
+    if sizes and verify:
+        other = tuple(larger(x) for x in inputs)
+        cases.append(("a larger size", other, _run_torch(model, other)))
     return cases, doubled
 
 
@@ -305,7 +362,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
                 example_kwargs: dict | None = None, dynamic_batch: bool = True, opset: int | None = None,
                 verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4, input_names: list[str] | None = None,
                 output_names: list[str] | None = None, quantize: str | None = None,
-                calibration: Iterable[Any] | None = None) -> ExportResult:
+                calibration: Iterable[Any] | None = None, dynamic_sizes: bool = True) -> ExportResult:
     """Export the model (in eval mode, left unchanged) to a cleaned, checked ONNX file verified in onnxruntime.
 
     ``quantize="int8"``: the file written is the model statically quantized (``backends/quantize.py``),
@@ -316,6 +373,10 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
     ``input_names``/``output_names`` name the ONNX graph's inputs and outputs (default: forward's
     parameters, and the outputs' structure), e.g. ``["images"]``/``["output0"]`` as ultralytics names them.
 
+    ``dynamic_sizes``: with a dynamic batch, image sizes and sequence lengths are dynamic too where the
+    model runs at another size and the file matches torch there (``ExportResult.dynamic_sizes`` says
+    whether they are); else the file keeps the example's sizes.
+
     A module fxprune captured through torch.export is called as the model was (keyword inputs, lists,
     nested outputs); its ONNX graph takes the leaves of those inputs and returns the leaves of its outputs,
     at the example's batch size (torch.export's graph holds its sizes as numbers).
@@ -325,6 +386,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
     if is_structured(model):  # called as the model was: its ONNX graph takes the leaves
         example_inputs = flat_inputs(model, *split_inputs(example_inputs, example_kwargs))
         model, dynamic_batch = flat_view(model), False
+    elif isinstance(example_inputs, dict) or example_kwargs:  # keyword inputs: ONNX inputs named by keyword
+        args, kwargs = split_inputs(example_inputs, example_kwargs)
+        model, example_inputs = _KeywordCall(model, len(args), list(kwargs)), (*args, *kwargs.values())
     inputs, path = _check_inputs(example_inputs), Path(path)
     nested = any(isinstance(x, (list, tuple)) for x in inputs)
     if nested:  # lists of images (a whole detector): the ONNX graph takes the images
@@ -332,9 +396,36 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
     paths = _part_paths(model)
     if paths:  # exported with the parts' raw outputs for verification; the file keeps the model's own
         model = _PartOutputs(model, paths)
+    sizes = dynamic_sizes and dynamic_batch and not paths and any(size_dims(x) for x in inputs) \
+        and _runs(model, tuple(larger(x) for x in inputs))
+    try:
+        return _export_verified(model, path, inputs, dynamic_batch, sizes, opset, verify, rtol, atol, input_names,
+                                output_names, nested, paths, quantize, calibration)
+    except ExportError:
+        if not sizes:
+            raise
+    return _export_verified(model, path, inputs, dynamic_batch, False, opset, verify, rtol, atol, input_names,
+                            output_names, nested, paths, quantize, calibration)
+
+
+def _runs(model: torch.nn.Module, inputs: tuple) -> bool:
+    """Whether the model runs on ``inputs`` (the original size is not the only one it takes)."""
+    try:
+        _run_torch(model, inputs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means it does not take this size
+        return False
+
+
+def _export_verified(model: torch.nn.Module, path: Path, inputs: tuple, dynamic_batch: bool, sizes: bool,
+                     opset: int | None, verify: bool, rtol: float, atol: float, input_names: list[str] | None,
+                     output_names: list[str] | None, nested: bool, paths: list[str], quantize: str | None,
+                     calibration: Iterable[Any] | None) -> ExportResult:
+    """One export of ``model`` with the dims asked for, cleaned, checked and verified on every case."""
     with inference(model, grad=None):
-        cases, trace_inputs = _reference(model, inputs, dynamic_batch, verify)
-        names = _input_names(model.model if isinstance(model, _PartOutputs) else model, len(inputs))
+        cases, trace_inputs = _reference(model, inputs, dynamic_batch, verify, sizes)
+        names = list(model.keywords) if isinstance(model, _KeywordCall) and not model.positional else \
+            _input_names(model.model if isinstance(model, _PartOutputs) else model, len(inputs))
         if nested:
             names = [f"{name}_{i}" if isinstance(x, (list, tuple)) else name
                      for name, x in zip(names, inputs) for i in range(len(x) if isinstance(x, (list, tuple)) else 1)]
@@ -346,7 +437,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
         outputs = list(output_names or []) + outputs[len(output_names or []):]
         cases = [(label, case_inputs, [(o, t) for o, (_, t) in zip(outputs, named)])
                  for label, case_inputs, named in cases]
-        request = _Request(trace_inputs, names, outputs, dynamic_batch, opset)
+        request = _Request(trace_inputs, names, outputs, dynamic_batch, opset, sizes)
         with tempfile.TemporaryDirectory() as tmp:
             exporter = _export_any(model, request, str(Path(tmp) / "raw.onnx"))
             proto = _clean(Path(tmp) / "raw.onnx")
@@ -361,7 +452,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
     result = ExportResult(
         path=path, exporter=exporter, opset=next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         input_names=[i.name for i in proto.graph.input], output_names=[o.name for o in proto.graph.output],
-        max_abs_diff=diff, num_nodes=len(proto.graph.node), file_bytes=file_bytes,
+        max_abs_diff=diff, num_nodes=len(proto.graph.node), file_bytes=file_bytes, dynamic_sizes=sizes,
     )
     return _quantized(result, inputs, calibration) if quantize else result
 

@@ -107,9 +107,10 @@ def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) ->
 
 
 def structured(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm`` made to take and return what the model did (in place; a no-op for a graph that already does)."""
+    """``gm`` made to take and return what the model did (in place; a no-op for a graph that already does,
+    and for a module that is not a graph: the user's own model, pruned, is called as it always was)."""
     capture = capture_of(gm)
-    if capture is not None and capture.structure is not None and not is_structured(gm):
+    if isinstance(gm, torch.fx.GraphModule) and capture is not None and capture.structure is not None and not is_structured(gm):
         gm.graph._codegen = _PyTreeCodeGen(copy.copy(capture.structure))
         gm._in_spec, gm._out_spec = capture.structure.in_spec, capture.structure.out_spec  # the code reads them
         gm.recompile()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,11 +61,26 @@ def inference(model: torch.nn.Module, grad: bool | None = False) -> Iterator[Non
     for module, _ in flags:  # not model.eval(): torch.export's modules refuse it
         module.training = False
     try:
-        with torch.set_grad_enabled(torch.is_grad_enabled() if grad is None else grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() if grad is None else grad), cache_off(model):
             yield
     finally:
         for module, training in flags:
             module.training = training
+
+
+@contextlib.contextmanager
+def cache_off(model: torch.nn.Module) -> Iterator[None]:
+    """A model whose config turns a key-value cache on (Hugging Face's ``use_cache``) runs without it while
+    fxprune captures and checks it: the cache is state carried across calls, not channels; the model
+    returned keeps its config, so ``generate`` uses the cache as before."""
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
 
 
 def run_eager(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:

@@ -24,7 +24,7 @@ import torch.fx
 
 from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
 from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, PARTITIONED, Capture, flat, flat_inputs
-from fxprune.ir.graph import run_eager
+from fxprune.ir.graph import cache_off, run_eager
 from fxprune.ir.keys import CAPTURE_KEY
 from fxprune.passes.partition import partition
 from fxprune.passes.trace import check_weights, propagate_shapes, trace, unfed_defaults
@@ -35,7 +35,13 @@ _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "to
 _DROPPED = (torch.ops.aten._assert_tensor_metadata.default,)  # checks of dtype/device, no result
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "auto",
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, **options: Any) -> tuple[torch.fx.GraphModule, tuple]:
+    """``capture_model`` with the model's key-value cache off (``ir.graph.cache_off``)."""
+    with cache_off(model):
+        return capture_model(model, args, kwargs, **options)
+
+
+def capture_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: str = "auto",
             leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable = (),
             concrete_args: dict[str, Any] | None = None, whole: bool = False) -> tuple[torch.fx.GraphModule, tuple]:
     """A GraphModule of a copy of ``model`` and the example call's inputs as that graph takes them.

@@ -70,7 +70,7 @@ class RewritePass(PassBase):
             raise AnalysisRequiredError("this GraphModule has not been analysed; call fxprune.analyze(model, inputs)")
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
-        kept = _kept_positions(graph_module, keep_masks(graph_module, self.plan))
+        kept = kept_positions(graph_module, keep_masks(graph_module, self.plan))
         meta, graph_module.meta = graph_module.meta, {}  # the passes' results describe the old model
         try:
             new_gm = copy.deepcopy(graph_module)
@@ -101,7 +101,7 @@ class RewritePass(PassBase):
         return PassResult(new_gm, modified=True)
 
 
-def _kept_positions(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray]) -> Kept:
+def kept_positions(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray]) -> Kept:
     """Kept positions of every channel space that loses channels, keyed by space id.
 
     Keyed by space rather than node name so a rule that replaces a node (the gather) keeps working for

@@ -5,7 +5,8 @@ names) added to the list below, and its tests; see docs/architecture.md.
 """
 
 from fxprune.rules.attention import MultiheadAttention, ScaledDotProductAttention, WindowAttention
-from fxprune.rules.base import Kept, Registry, Rule, TensorAxis, input_space, kept_of
+from fxprune.rules.attributes import resize_attributes
+from fxprune.rules.base import Kept, Registry, Rule, TensorAxis, input_space, kept_of, set_submodule
 from fxprune.rules.conv import Conv
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.elementwise import Elementwise, NoChannels, Output, Passthrough, Reduction, Softmax
@@ -25,4 +26,5 @@ RULES = Registry(
                          **{name: _SHAPE for name in Shape.wrapped}, "shifted_window_attention": _WINDOW},
 )
 
-__all__ = ["RULES", "ChannelBuilder", "Kept", "Registry", "Rule", "TensorAxis", "input_space", "kept_of"]
+__all__ = ["RULES", "ChannelBuilder", "Kept", "Registry", "Rule", "TensorAxis", "input_space", "kept_of",
+           "resize_attributes", "set_submodule"]

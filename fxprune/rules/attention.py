@@ -90,16 +90,15 @@ class MultiheadAttention(Rule):
             axes.append(TensorAxis(f"{target}.in_proj_weight", 1, inp, False))
         return axes
 
-    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        """A ``PrunedMultiheadAttention`` where the stream's widths changed (``nn.MultiheadAttention`` ties
+        them to its heads); its tensors are the originals (``owns_tensors``), indexed here."""
         keep_in, keep_out = kept_of(input_space(node), kept), kept_of(graph.space(node), kept)
         if keep_in is None and keep_out is None:
-            return
-        module = gm.get_submodule(node.target)
+            return None
         embed = torch.arange(module.embed_dim)
-        new = PrunedMultiheadAttention.from_attention(module, embed if keep_in is None else keep_in,
-                                                      embed if keep_out is None else keep_out)
-        parent, _, name = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent), name, new)
+        return PrunedMultiheadAttention.from_attention(module, embed if keep_in is None else keep_in,
+                                                       embed if keep_out is None else keep_out)
 
     def importance_rows(self, gm, node):
         return f"{node.target}.out_proj.weight", lambda w: w

@@ -45,8 +45,11 @@ class Rule:
     - ``couple``: how channels flow from inputs to outputs (dependency pass);
     - ``tensor_axes``: which axes of which parameters and buffers run over which channel space (the
       rewrite shrinks them; masks, regularizers and parameter counts read them);
-    - ``update``: the op's own fields after its tensors shrank (a module's ``in_channels``, a call's
-      ``groups`` argument, a view's sizes);
+    - ``update``: the op's own fields after its tensors shrank (a call's ``groups`` argument, a view's
+      sizes; for a module call, ``shrink_module``);
+    - ``owner``/``shrink_module``: the module of the user's model this op is the call of, and how that
+      module becomes smaller once its tensors were indexed (its size fields; a replacement where torch's
+      own class cannot express the pruned layer), so the user's own model is pruned, not only the graph;
     - ``unit``: the layer as an engine times it (latency tables), for convolutions and linear layers;
     - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
     - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
@@ -78,6 +81,29 @@ class Rule:
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         """Called once per node (once per module for ``call_module``) after the tensors were indexed."""
+        if node.op == "call_module":
+            replacement = self.shrink_module(gm.get_submodule(node.target), node, kept)
+            if replacement is not None:
+                set_submodule(gm, node.target, replacement)
+
+    def owner(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+        """The qualified name of the module ``node`` is the call of: the module called, or the one holding
+        the op's first tensor (torch.export's graphs call functions on the modules' parameters)."""
+        if node.op == "call_module":
+            return node.target
+        names = [axis.name for axis in self.tensor_axes(gm, node)] \
+            or [n.target for n in node.all_input_nodes if n.op == "get_attr"]
+        return names[0].rpartition(".")[0] if names else None
+
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``shrink_module`` knows ``module``'s size fields (a class of this rule's)."""
+        return isinstance(module, self.modules)
+
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        """Set the size fields of ``module`` (of a class this rule knows; its tensors already indexed along
+        ``node``'s spaces, whose ``kept`` positions say what stayed); return a replacement module where
+        the class cannot hold the pruned layer, else None."""
+        return None
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         return None
@@ -130,6 +156,12 @@ def input_space(node: torch.fx.Node) -> ChannelSpace | None:
 
 def kept_of(space: ChannelSpace | None, kept: Kept) -> torch.Tensor | None:
     return None if space is None else kept.get(space.id)
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` of ``root``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent), attr, module)
 
 
 def tensor_names(prefix: str, module: nn.Module, names: Iterable[str]) -> dict[str, str]:

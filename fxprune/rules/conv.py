@@ -134,21 +134,28 @@ class Conv(Rule):
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         view = self.view(gm, node)  # its weight is indexed already: read the old widths off the spaces
-        out_space = graph.space(node)
-        keep_in, keep_out = kept_of(input_space(node), kept), kept_of(out_space, kept)
-        groups = view.groups
-        if groups > 1 and keep_out is not None:
-            groups = groups * len(keep_out) // out_space.size
-        if view.groups_arg is not None:
-            if groups != view.groups:
-                set_arg(node, *view.groups_arg, groups)
+        if view.groups_arg is None:
+            Rule.update(self, gm, node, kept)
             return
-        module = gm.get_submodule(node.target)
-        module.groups = groups
+        groups = self._groups(view.groups, node, kept)
+        if groups != view.groups:
+            set_arg(node, *view.groups_arg, groups)
+
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        keep_in = kept_of(input_space(node), kept)
+        module.groups = self._groups(module.groups, node, kept)
         if keep_in is not None:
             module.in_channels = len(keep_in)
-        if keep_out is not None:
+        if (keep_out := kept_of(graph.space(node), kept)) is not None:
             module.out_channels = len(keep_out)
+        return None
+
+    @staticmethod
+    def _groups(groups: int, node: torch.fx.Node, kept: Kept) -> int:
+        """A grouped convolution's group count once whole conv groups went with the output channels."""
+        out_space = graph.space(node)
+        keep_out = kept_of(out_space, kept)
+        return groups * len(keep_out) // out_space.size if groups > 1 and keep_out is not None else groups
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         view = self.view(gm, node)

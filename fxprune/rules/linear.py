@@ -53,11 +53,9 @@ class Linear(Rule):
             axes.append(TensorAxis(bias, 0, out, True))
         return axes
 
-    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        if node.op != "call_module":
-            return
-        module = gm.get_submodule(node.target)
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
         module.out_features, module.in_features = module.weight.shape
+        return None
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         names, input_shape = self.tensors(node), graph.shape(node.args[0])
@@ -102,6 +100,14 @@ class AddMM(Linear):
         axes = [TensorAxis(weight, 1, out, True), TensorAxis(bias, 0, out, True)]
         return axes + ([TensorAxis(weight, 0, inp, False)] if inp is not None else [])
 
+    def owns(self, module: nn.Module) -> bool:
+        """Hugging Face's ``Conv1D`` (GPT-2): it keeps its widths as ``nx`` and ``nf`` and reshapes by ``nf``."""
+        return isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int)
+
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        module.nx, module.nf = module.weight.shape
+        return None
+
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         return None  # timed with the rest of the model
 
@@ -135,10 +141,9 @@ class Embedding(Rule):
         weight, out = self.weight(node), graph.space(node)
         return [] if weight is None or out is None else [TensorAxis(weight, 1, out, True)]
 
-    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            module.embedding_dim = module.weight.shape[1]
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        module.embedding_dim = module.weight.shape[1]
+        return None
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:

@@ -89,16 +89,14 @@ class ChannelNorm(Rule):
             return []  # its get_attr tensors carry the space themselves
         return [] if _shared_slope(gm.get_submodule(node.target)) else _module_axes(gm, node)
 
-    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        if node.op != "call_module":
-            return
-        module = gm.get_submodule(node.target)
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
         width = kept_of(graph.space(node), kept)
         if width is None or _shared_slope(module):
-            return
+            return None
         for field in ("num_features", "num_parameters"):
             if hasattr(module, field):
                 setattr(module, field, len(width))
+        return None
 
     def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
         if node.op != "call_module":
@@ -143,15 +141,17 @@ class GroupNorm(ChannelNorm):
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         width = kept_of(graph.space(node), kept)
-        if node.op != "call_module":
-            if width is not None:
-                groups = arg(node, 1, "num_groups")
-                set_arg(node, 1, "num_groups", groups * len(width) // graph.space(node).size)
-            return
-        module = gm.get_submodule(node.target)
-        if width is not None:
-            module.num_groups = module.num_groups * len(width) // module.num_channels
+        if node.op == "call_module":
+            Rule.update(self, gm, node, kept)
+        elif width is not None:
+            groups = arg(node, 1, "num_groups")
+            set_arg(node, 1, "num_groups", groups * len(width) // graph.space(node).size)
+
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        if (width := kept_of(graph.space(node), kept)) is not None:
+            module.num_groups = module.num_groups * len(width) // graph.space(node).size
             module.num_channels = len(width)
+        return None
 
 
 class LayerNorm(Rule):
@@ -187,13 +187,15 @@ class LayerNorm(Rule):
         return _module_axes(gm, node) if node.op == "call_module" else []
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        width = kept_of(graph.space(node), kept)
-        if width is None:
-            return
         if node.op == "call_module":
-            gm.get_submodule(node.target).normalized_shape = (len(width),)
-        else:
+            Rule.update(self, gm, node, kept)
+        elif (width := kept_of(graph.space(node), kept)) is not None:
             set_arg(node, 1, "normalized_shape", (len(width),))
+
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        if (width := kept_of(graph.space(node), kept)) is not None:
+            module.normalized_shape = (len(width),)
+        return None
 
     def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
         return ChannelNorm.affine(self, gm, node) if node.op == "call_module" else None

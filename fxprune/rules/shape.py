@@ -206,6 +206,25 @@ def _mark_gather(b, node, pending, space, element_map) -> None:
         return
     b.replaced_chains.update(pending.chain)
     b.info(node).notes.update(origin=pending.origin_node.name, element_map=element_map)
+    _align_groups(b, pending)
+
+
+def _align_groups(b, pending) -> None:
+    """The first op of a permutation chain spreads the channels over (groups, per group) dims, e.g. a
+    channel shuffle's ``view(B, G, C // G, H, W)``: every group keeps the same positions, so the user's
+    code, which computes ``C // G`` from the width it is given, shuffles the pruned channels as the gather
+    does (the graph's own rewrite needs no such constraint; the user's module does)."""
+    first = pending.chain_labels[0] if pending.chain_labels else None
+    if first is None:
+        return
+    dims = [d for d in range(first.dim()) if not _constant_along(first, d)]
+    if len(dims) != 2:
+        return
+    index = [0] * first.dim()
+    index[dims[0]], index[dims[1]] = slice(None), slice(None)
+    grid = first[tuple(index)].numpy().astype(np.int64) - 1  # (groups, per group) origin elements
+    for row in grid[1:]:
+        b.couple(pending.origin, pending.origin, grid[0], row)
 
 
 def _resize(node: torch.fx.Node, kept: Kept) -> None:
@@ -299,7 +318,11 @@ class Stack(Rule):
 
 class Split(Rule):
     """split/chunk: each piece is an output of the node; along the channel axis it is a slice, and the
-    rewrite splits with the kept width of each piece."""
+    rewrite splits with the kept width of each piece.
+
+    Equal pieces stay equal (piece k's channel j is one group channel with piece 0's): the user's module,
+    unlike the graph, is never given the pruned sizes, and its code splits by count (``chunk(2)``) or by
+    one size it keeps (``split((self.c, self.c))``, set again by ``rules.attributes``)."""
 
     name = "split"
     functions = (torch.split, torch.chunk, torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk)
@@ -313,14 +336,18 @@ class Split(Rule):
         if space is None or not isinstance(pieces, (tuple, list)):
             return
         dim = arg(node, 2, "dim", 0) % len(b.shape(src))
-        offset = 0
+        offset, outs = 0, []
         for index, piece in enumerate(pieces):
             out = b.new_space(node, space.dim, size=piece.shape[space.dim], index=index)
+            outs.append(out)
             if dim == space.dim:
                 b.couple(out, space, None, np.arange(offset, offset + out.size))
                 offset += out.size
             else:
                 b.couple(out, space)
+        if dim == space.dim and len(outs) > 1 and len({out.size for out in outs}) == 1:
+            for out in outs[1:]:  # equal pieces stay equal, position by position: see ``equal_pieces``
+                b.couple(outs[0], out)
         if dim == space.dim:
             b.info(node).notes["dim"] = dim
 

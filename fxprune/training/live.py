@@ -3,11 +3,13 @@
 The analysis runs on fxprune's own traced copy (``fxprune.analyze``); the training happens on the
 user's model. Both name their parameters alike (fx keeps qualified names), which is how a channel group
 maps to the live tensors the optimizer updates. Training-time methods write only those tensors' values
-(zeroing pruned channels), never the model's structure; ``compile`` returns a new, smaller GraphModule.
+(zeroing pruned channels), never the model's structure; ``compile`` returns a new, smaller copy of the
+user's model (its own class).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +31,7 @@ from fxprune.passes.partition import assemble, split
 from fxprune.passes.pipeline import analyze_inputs, infer_example_inputs, prune
 from fxprune.passes.plan import analysis, solve_plan
 from fxprune.passes.refine import solve_measured
+from fxprune.passes.verify import own_model
 from fxprune.rules import TensorAxis
 
 
@@ -57,6 +60,7 @@ class LiveModel:
         # captured by torch.export names its parameters as the live model does too (masks go by those names).
         on_cpu = torch.utils._pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x,
                                               example_inputs)
+        self.call_inputs = on_cpu  # as the model is called (own_model verifies the pruned copy on them)
         self.gm, self.example_inputs = analyze_inputs(self.module, on_cpu, leaf_modules=leaf_modules)
         self.gm.to("cpu")
         self.device = device
@@ -120,8 +124,10 @@ class LiveModel:
         masks = broadcast_masks(masks)
         return Plan({gid: np.flatnonzero(m) for gid, m in masks.items() if not m.all()})
 
-    def compile(self, plan: Plan) -> torch.fx.GraphModule:
-        """A new, physically smaller GraphModule with the live model's current weights and ``plan``."""
+    def compile(self, plan: Plan, output: str = "module") -> nn.Module:
+        """A new, physically smaller model with the live model's current weights and ``plan``: the live
+        model's own class (``passes/verify.own_model``: its modules pruned on a copy and verified), or with
+        ``output="graph"``, or where that copy fails verification, the pruned graph."""
         state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
         self.gm.load_state_dict(state, strict=False)
         pruned = prune(self.gm, plan)
@@ -129,6 +135,9 @@ class LiveModel:
             pruned = assemble(self.module, split(pruned))
         else:
             pruned = structured(pruned)  # called like the live model
+        if output != "graph":
+            on_cpu = copy.deepcopy(self.module).cpu()
+            pruned = own_model(on_cpu, self.gm, pruned.cpu(), plan, self.call_inputs)
         pruned.train(self.module.training)
         return pruned.to(self.device)
 

@@ -7,7 +7,7 @@
         optimizer.zero_grad()
         if (iteration + 1) % 40 == 0 and not pruner.done:
             pruner.step()              # latency target t of T: exp((t/T) log L_target + (1 - t/T) log L0)
-    small = pruner.compile()           # a new, physically smaller GraphModule
+    small = pruner.compile()           # a new, physically smaller copy of the model (its own class)
 
 Importance is HALP's Taylor score accumulated between steps (or any data-free criterion, from the
 current weights). Every step solves HALP's augmented knapsack (or SP-LAMP's) against the cost model

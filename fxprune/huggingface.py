@@ -1,0 +1,132 @@
+"""A pruned Hugging Face model as a Hugging Face folder: ``save_pretrained``'s config and safetensors, and
+the pruned sizes in a file of ours, since the config holds one width per kind of layer and a pruned model
+has one per layer.
+
+``fxprune_sizes.json`` records, against the model the config builds, every module field that differs
+(``out_features``, ``num_attention_heads``, ``split_size``...) and every tensor whose shape differs, so
+``load_folder`` builds the config's model, sets those, and loads the weights into it: the user's class,
+at the pruned widths, with nothing of the original model needed.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fxprune.errors import SaveError
+
+SIZES_FILE = "fxprune_sizes.json"
+SIZES_FORMAT = "fxprune-hf-sizes/1"
+
+
+def is_hugging_face(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (it has a config and ``save_pretrained``)."""
+    return hasattr(model, "save_pretrained") and hasattr(model, "config") and \
+        type(model).__module__.startswith("transformers.")
+
+
+def save_folder(model: nn.Module, folder: Path, header: dict[str, Any]) -> Path:
+    """``model.save_pretrained(folder)`` plus ``fxprune_sizes.json`` (its sizes, and ``header``: plan, report)."""
+    fresh = _fresh(type(model), model.config)
+    fields, tensors = {}, {}
+    fresh_modules = dict(fresh.named_modules())
+    for name, module in model.named_modules():
+        base = fresh_modules.get(name)
+        if base is None or type(base) is not type(module):
+            raise SaveError(f"{name or 'the model'} is a {type(module).__name__} where {type(model).__name__}'s "
+                            "config builds another module; save it to a .pt file instead")
+        changed = {key: value for key, value in _size_fields(module).items() if _size_fields(base).get(key) != value}
+        if changed:
+            fields[name] = changed
+    fresh_shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for key, value in model.state_dict().items():
+        if fresh_shapes.get(key) != tuple(value.shape):
+            tensors[key] = list(value.shape)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    record = {"format": SIZES_FORMAT, "class": type(model).__name__, "fields": fields, "tensors": tensors, **header}
+    (folder / SIZES_FILE).write_text(json.dumps(record, indent=1))
+    return folder
+
+
+def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``save_folder`` wrote, its own class at its pruned sizes, and the header saved with it."""
+    sizes_file = folder / SIZES_FILE
+    if not sizes_file.exists():
+        raise SaveError(f"{folder} has no {SIZES_FILE}: it was not written by fxprune.save; a Hugging Face folder "
+                        "of an unpruned model loads with from_pretrained")
+    try:
+        record = json.loads(sizes_file.read_text())
+        fields, tensors, name = record["fields"], record["tensors"], record["class"]
+    except (ValueError, KeyError) as error:
+        raise SaveError(f"{sizes_file} is not fxprune's size record (missing or unreadable key {error})") from error
+    import transformers  # an optional dependency, needed only for these folders
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise SaveError(f"{sizes_file}: key 'class' names {name!r}, which this transformers does not have")
+
+    def at_pruned_sizes(model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for module_name, changed in fields.items():
+            if module_name not in modules:
+                raise SaveError(f"{sizes_file}: key 'fields' names module {module_name!r}, which {name} does not have")
+            for key, value in changed.items():
+                setattr(modules[module_name], key, tuple(value) if isinstance(value, list) else value)
+        state = model.state_dict()
+        for key, shape in tensors.items():
+            if key not in state:
+                raise SaveError(f"{sizes_file}: key 'tensors' names {key!r}, which {name} does not have")
+            _resize_tensor(model, key, tuple(shape))
+
+    def __init__(self, config, *args, **kwargs):  # the config's model, then the pruned sizes: weights load into them
+        cls.__init__(self, config, *args, **kwargs)
+        at_pruned_sizes(self)
+
+    pruned_cls = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    try:  # Hugging Face's own loader: its key renaming, tied weights, dtype
+        model = pruned_cls.from_pretrained(folder, config=config)
+    except (RuntimeError, ValueError) as error:
+        raise SaveError(f"{folder}: the weights do not fit the sizes in {SIZES_FILE}: "
+                        f"{str(error).strip().splitlines()[-1][:300]}") from error
+    model.__class__ = cls
+    return model.eval(), record
+
+
+def _fresh(cls: type, config: Any) -> nn.Module:
+    """The model ``config`` builds, in eval mode (its weights are overwritten or compared by shape only)."""
+    return cls(config).eval()
+
+
+def _size_fields(module: nn.Module) -> dict[str, Any]:
+    """A module's plain int and int-tuple fields: where modules and third-party blocks keep their sizes."""
+    found = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or isinstance(value, bool):
+            continue
+        if isinstance(value, numbers.Integral):
+            found[key] = int(value)
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, numbers.Integral) and
+                                                                not isinstance(v, bool) for v in value):
+            found[key] = [int(v) for v in value]
+    return found
+
+
+def _resize_tensor(model: nn.Module, key: str, shape: tuple[int, ...]) -> None:
+    """An empty tensor of ``shape`` where ``key`` is (the weights are loaded into it next), at every alias."""
+    owner_path, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    old = getattr(owner, attr)
+    new = torch.empty(shape, dtype=old.dtype)
+    new = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is old:
+                    table[name] = new

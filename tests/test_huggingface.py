@@ -1,0 +1,98 @@
+"""Hugging Face models come back as themselves: generate with the KV cache, train with their own loss,
+save to a Hugging Face folder and load from it at the pruned sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fxprune
+from fxprune import zoo
+from fxprune.errors import SaveError
+from fxprune.huggingface import SIZES_FILE
+from fxprune.passes.pipeline import analyze_inputs
+from fxprune.passes.verify import masked_model
+from fxprune.testing import randomize_parameters
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(**config):
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **config)
+    torch.manual_seed(0)
+    return randomize_parameters(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def test_llama_with_its_default_config_compiles_whole_and_generates_with_its_cache():
+    model = _llama()
+    assert model.config.use_cache  # the default: analysed with the cache off, returned with it on
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), {"input_ids": ids}, progress=False)
+    report = fxprune.report(pruned)
+    assert type(pruned) is transformers.LlamaForCausalLM and report.capture == "export"
+    assert report.flops_after <= 0.6 * report.flops_before
+    assert pruned.config.use_cache and model.config.use_cache
+    assert len(report.shapes_checked) == 3  # the example, batch 2, a longer sequence
+    # the pruned decoder generates with its KV cache the tokens the masked original generates
+    gm, _ = analyze_inputs(model, {"input_ids": ids})
+    reference = masked_model(model, gm, fxprune.plan_of(pruned))
+    prompt = ids[:, :10].repeat(2, 1)
+    with torch.no_grad():
+        tokens = pruned.generate(prompt, max_new_tokens=8, do_sample=False)
+        expected = reference.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(tokens, expected)
+    # one training step with the model's own loss
+    pruned.train()
+    loss = pruned(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and pruned.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("key", ["hf_text/gpt2", "hf_text/bert", "hf_vision/vit"])
+def test_a_pruned_model_saves_to_a_hugging_face_folder_and_loads_as_its_class(key, tmp_path):
+    model, inputs = zoo.build(*key.split("/"))
+    model = randomize_parameters(model)
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), inputs, progress=False)
+    assert type(pruned) is type(model)
+    folder = fxprune.save(pruned, tmp_path / "pruned")
+    assert (folder / "config.json").exists() and (folder / SIZES_FILE).exists()
+    assert list(folder.glob("*.safetensors"))
+    loaded = fxprune.load(folder)
+    assert type(loaded) is type(model)
+    assert fxprune.plan_of(loaded) is not None and fxprune.report(loaded).flops_after == fxprune.report(pruned).flops_after
+    with torch.no_grad():
+        expected, got = pruned.eval()(*args, **kwargs), loaded(*args, **kwargs)
+    for a, b in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_folder_without_our_size_record_or_with_sizes_that_do_not_fit_is_one_error(tmp_path):
+    model, inputs = zoo.build("hf_text", "bert")
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), inputs, progress=False)
+    folder = fxprune.save(pruned, tmp_path / "pruned")
+    record = json.loads((folder / SIZES_FILE).read_text())
+    (folder / SIZES_FILE).unlink()
+    with pytest.raises(SaveError, match=SIZES_FILE):
+        fxprune.load(folder)
+    key = next(iter(record["tensors"]))
+    record["tensors"][key] = [3] * len(record["tensors"][key])
+    (folder / SIZES_FILE).write_text(json.dumps(record))
+    with pytest.raises(SaveError, match="do not fit"):
+        fxprune.load(folder)
+    del record["fields"]
+    (folder / SIZES_FILE).write_text(json.dumps(record))
+    with pytest.raises(SaveError, match="fields"):
+        fxprune.load(folder)
+
+
+def test_saving_to_an_unwritable_place_fails_before_any_work(tmp_path):
+    model, inputs = zoo.build("hf_text", "bert")
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.8), inputs, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SaveError, match="cannot write"):
+        fxprune.save(pruned, blocker / "sub" / "pruned")

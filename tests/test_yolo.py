@@ -1,0 +1,73 @@
+"""ultralytics YOLO pruned and used as ultralytics uses it: loaded by ``YOLO(path)``, validated, trained one
+epoch (at the pruned widths) and exported, on a dataset of generated images written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fxprune.yolo import pruned_trainer
+
+ultralytics = pytest.importorskip("ultralytics")
+
+
+def _dataset(root: Path, count: int = 8, size: int = 64) -> Path:
+    """``count`` images with one or two boxes each (two classes), in ultralytics' folder layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            lines = []
+            for _ in range(1 + i % 2):
+                cls, w, h = int(rng.integers(0, 2)), rng.uniform(0.2, 0.4), rng.uniform(0.2, 0.4)
+                cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
+                x0, y0, x1, y1 = (int(v * size) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+                image[y0:y1, x0:x1] = (200, 40, 40) if cls == 0 else (40, 40, 200)
+                lines.append(f"{cls} {cx:.4f} {cy:.4f} {w:.4f} {h:.4f}")
+            Image.fromarray(image).save(root / "images" / split / f"{i}.jpg")
+            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: blue\n")
+    return data
+
+
+def _widths(model: torch.nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_a_pruned_yolo_loads_validates_trains_and_exports_in_ultralytics(tmp_path, monkeypatch):
+    from ultralytics.nn.tasks import DetectionModel
+
+    monkeypatch.chdir(tmp_path)  # ultralytics writes runs/ where it is called
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=2, verbose=False).eval()
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.6), (torch.randn(1, 3, 128, 128),), progress=False)
+    assert type(pruned) is DetectionModel
+    assert sum(_widths(pruned)) < sum(_widths(model))
+    with torch.no_grad():  # other sizes and batches than the example's (ultralytics' default is 640)
+        assert pruned(torch.randn(2, 3, 320, 256))[0].shape[:2] == (2, 6)
+
+    path = fxprune.save(pruned, tmp_path / "yolo.pt")
+    yolo = ultralytics.YOLO(str(path))
+    assert _widths(yolo.model) == _widths(pruned)
+    assert fxprune.plan_of(fxprune.load(path)) is not None
+
+    data = _dataset(tmp_path / "data")
+    options = dict(data=str(data), imgsz=64, batch=4, device="cpu", workers=0, plots=False, verbose=False)
+    metrics = yolo.val(**options)
+    assert metrics.box.map >= 0.0
+    yolo.train(epochs=1, trainer=pruned_trainer(), amp=False, val=False, project=str(tmp_path / "runs"),
+               name="train", exist_ok=True, **options)
+    assert _widths(yolo.model) == _widths(pruned)  # trained at the pruned widths
+    last = tmp_path / "runs" / "train" / "weights" / "last.pt"
+    assert last.exists() and _widths(ultralytics.YOLO(str(last)).model) == _widths(pruned)
+    onnx_file = ultralytics.YOLO(str(last)).export(format="onnx", imgsz=64)
+    assert Path(onnx_file).exists()
