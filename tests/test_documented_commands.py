@@ -35,6 +35,8 @@ COVERED_ELSEWHERE = {
         "needs a COCO-format folder: test_examples.py generates one and runs the recipe on it",
     "python -m examples.detection.train --data ~/datasets/mycoco --weights fasterrcnn.pth --onnx detector.onnx":
         "needs a COCO-format folder and weights: test_examples.py runs the recipe with --onnx on generated data",
+    "python -m examples.yolo.train --data coco8.yaml --model yolov8n.pt --budget 0.5 --epochs 30 -o yolo_pruned.pt":
+        "needs a dataset and a checkpoint on disk: its --demo command runs the recipe here on generated images",
     "python -m examples.digits.benchmark":
         "the published benchmark (hours on 2 cores); its quick look runs here",
     "python -m examples.digits.benchmark --engine onnxruntime-int8":
@@ -105,6 +107,7 @@ RUN_HERE = [
     "python -m examples.cifar10.train --fake-data --base-epochs 1 --epochs 1",
     "python -m examples.imagenet.train --fake-data --model resnet18 --image-size 64 --base-epochs 1 --epochs 1",
     "python examples/prune_and_export.py mobilenet_v3_large --keep 0.6",
+    "python -m examples.yolo.train --demo -o yolo_pruned.pt",
 ]
 
 
@@ -148,12 +151,15 @@ def test_the_readmes_command_line_block(folder):
     assert "table" in info
 
 
-@pytest.mark.parametrize("command", RUN_HERE[6:], ids=["cifar10-smoke", "imagenet-smoke", "prune-and-export"])
+@pytest.mark.parametrize("command", RUN_HERE[6:], ids=["cifar10-smoke", "imagenet-smoke", "prune-and-export",
+                                                      "yolo-demo"])
 def test_the_examples_commands(folder, command):
     done = run(command, folder)
     text = _ok(done)
     assert "Warning: This DataLoader will create" not in done.stderr  # --workers fits the machine
-    if "train" in command:
+    if "yolo" in command:  # pruned, saved as ultralytics' checkpoint, trained by ultralytics, exported
+        assert "map50" in text and (folder / "yolo_pruned.pt").exists() and (folder / "yolo_pruned.onnx").exists()
+    elif "train" in command:
         assert "accuracy" in text and list((folder / "out").glob("*.onnx"))
 
 

@@ -5,38 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import fxprune
+from examples.yolo.train import demo_dataset
 from fxprune.yolo import pruned_trainer
 
 ultralytics = pytest.importorskip("ultralytics")
-
-
-def _dataset(root: Path, count: int = 8, size: int = 64) -> Path:
-    """``count`` images with one or two boxes each (two classes), in ultralytics' folder layout."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(count):
-            image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-            lines = []
-            for _ in range(1 + i % 2):
-                cls, w, h = int(rng.integers(0, 2)), rng.uniform(0.2, 0.4), rng.uniform(0.2, 0.4)
-                cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
-                x0, y0, x1, y1 = (int(v * size) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-                image[y0:y1, x0:x1] = (200, 40, 40) if cls == 0 else (40, 40, 200)
-                lines.append(f"{cls} {cx:.4f} {cy:.4f} {w:.4f} {h:.4f}")
-            Image.fromarray(image).save(root / "images" / split / f"{i}.jpg")
-            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: blue\n")
-    return data
 
 
 def _widths(model: torch.nn.Module) -> list[int]:
@@ -60,7 +36,7 @@ def test_a_pruned_yolo_loads_validates_trains_and_exports_in_ultralytics(tmp_pat
     assert _widths(yolo.model) == _widths(pruned)
     assert fxprune.plan_of(fxprune.load(path)) is not None
 
-    data = _dataset(tmp_path / "data")
+    data = demo_dataset(tmp_path / "data")
     options = dict(data=str(data), imgsz=64, batch=4, device="cpu", workers=0, plots=False, verbose=False)
     metrics = yolo.val(**options)
     assert metrics.box.map >= 0.0
@@ -71,3 +47,4 @@ def test_a_pruned_yolo_loads_validates_trains_and_exports_in_ultralytics(tmp_pat
     assert last.exists() and _widths(ultralytics.YOLO(str(last)).model) == _widths(pruned)
     onnx_file = ultralytics.YOLO(str(last)).export(format="onnx", imgsz=64)
     assert Path(onnx_file).exists()
+

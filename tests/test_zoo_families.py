@@ -55,6 +55,24 @@ def test_raft_whose_code_checks_its_widths_comes_back_as_the_graph_with_the_reas
         assert any("returned the pruned graph" in note and "(RAFT)" in note for note in report.notes)
 
 
+def test_a_pruned_detector_takes_images_of_three_sizes_in_one_batch(tmp_path):
+    """Its parts are shrunk in place (no graph frozen at the example's size): the detector resizes and batches
+    images of any size and aspect ratio as before, and the whole object saves and loads with torch."""
+    model, images = zoo.build("detectors", "fasterrcnn_mobilenet_v3_large_320_fpn")
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.7), images, progress=False)
+    assert type(pruned) is type(model) and not any(isinstance(m, torch.fx.GraphModule) for m in pruned.modules())
+    batch = [torch.rand(3, 320, 320), torch.rand(3, 240, 400), torch.rand(3, 500, 280)]
+    with torch.no_grad():
+        out = pruned(batch)
+    assert len(out) == 3 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
+    torch.save(pruned, tmp_path / "detector.pt")
+    loaded = torch.load(tmp_path / "detector.pt", weights_only=False)
+    with torch.no_grad():
+        again = loaded(batch)
+    for a, b in zip(out, again):
+        torch.testing.assert_close(a["scores"], b["scores"])
+
+
 def test_gpt2_heads_through_a_fused_projection_and_split_are_exact():
     model, inputs = zoo.build("hf_text", "gpt2")
     model = randomize_parameters(model)

@@ -152,6 +152,34 @@ def test_resnet18_dynamic_batch(tmp_path):
     _assert_runs_at_batch(result.path, model, (x,), batch=3)
 
 
+def test_a_pruned_model_exports_with_dynamic_batch_and_image_size(tmp_path):
+    """The model compile returns (the user's class) runs at any size, and so does its ONNX file."""
+    import fxprune
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.5), (x,), progress=False)
+    result = export_onnx(pruned, tmp_path / "small.onnx", (x,))
+    assert result.dynamic_sizes and result.max_abs_diff <= 1e-3
+    other = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = pruned(other).numpy()
+    np.testing.assert_allclose(run_onnxruntime(result.path, (other,))[0], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_sizes_stay_fixed_where_the_model_takes_one_size(tmp_path):
+    class FixedSize(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    result = export_onnx(FixedSize().eval(), tmp_path / "fixed.onnx", (torch.randn(1, 3, 8, 8),))
+    assert not result.dynamic_sizes and all(_batch_dim(result.path))
+
+
 def test_model_is_not_modified(tmp_path):
     model = torch.fx.symbolic_trace(_seeded(ConvBnReluLinear()))
     model.train()
