@@ -8,6 +8,7 @@ import re
 import onnx
 import pytest
 import torch
+import torchvision
 
 import fxprune
 from fxprune.cli import main
@@ -24,6 +25,7 @@ def test_prune_writes_onnx_and_both_torch_formats_and_reports(tmp_path, capsys):
     onnx.checker.check_model(str(outputs[0]))
     x = torch.randn(2, 3, 64, 64)
     reloaded = [fxprune.load(outputs[1]), fxprune.load(outputs[2])]
+    assert type(reloaded[0]) is torchvision.models.MobileNetV3  # -o x.pt writes the model's own class
     torch.testing.assert_close(reloaded[0](x), reloaded[1](x))
     assert main(["report", str(outputs[1])]) == 0
     assert "FLOPs(0.5)" in capsys.readouterr().out
