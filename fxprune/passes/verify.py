@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.backends.export import larger
-from fxprune.ir.capture import split_inputs
+from fxprune.ir.capture import capture_of, is_partitioned, split_inputs
 from fxprune.ir.channels import Plan
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
@@ -70,16 +70,17 @@ def verify_model(original: nn.Module, shrunk: nn.Module, pruned: nn.Module, gm: 
     with inference(shrunk):
         exact = not any(analysis(gm).groups[gid].norm_coupled for gid in plan.keep
                         if len(plan.keep[gid]) < analysis(gm).groups[gid].size)
+        raw = [part.path for part in capture.parts if part.raw] if (capture := capture_of(gm)) is not None else []
         with inference(masked):
             for other_args, other_kwargs in other_shapes(args, kwargs):
                 if len(result.shapes) >= 3:
                     break
-                expected, error = _run(masked, other_args, other_kwargs)
+                expected, error = _run(masked, other_args, other_kwargs, raw=raw)
                 if error is not None:
                     continue  # the model itself does not take this shape
                 where = describe(other_args, other_kwargs)
-                failure = _compare(expected, _run(shrunk, other_args, other_kwargs), "the masked original model",
-                                   where, rtol, result, values=exact)
+                failure = _compare(expected, _run(shrunk, other_args, other_kwargs, raw=raw),
+                                   "the masked original model", where, rtol, result, values=exact, raw=bool(raw))
                 if failure:
                     result.failure = failure
                     return result
@@ -102,8 +103,9 @@ def own_model(model: torch.nn.Module, gm: torch.fx.GraphModule, pruned: torch.nn
     if not verification.ok:
         if report is not None:
             report.returned = type(pruned).__name__
-            report.notes.append(f"returned the pruned graph, not the model's own class {type(model).__name__}: its "
-                                f"modules, pruned, fail verification: {verification.failure}")
+            graph = "its captured parts as pruned graphs" if is_partitioned(pruned) else "the pruned graph"
+            report.notes.append(f"returned {graph}, not the model's own modules pruned: they fail verification: "
+                                f"{verification.failure}")
         return pruned
     shrunk.meta = {key: meta[key] for key in (PLAN_KEY, REPORT_KEY, CAPTURE_KEY) if key in meta}
     if report is not None:  # parameters of what is returned (with modules the example call never ran)
@@ -177,24 +179,40 @@ def _run_training(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Bas
         return _run(copied, args, kwargs)
 
 
-def _run(model: nn.Module, args: tuple, kwargs: dict, called: set[str] | None = None) -> tuple[Any, BaseException | None]:
+def _run(model: nn.Module, args: tuple, kwargs: dict, called: set[str] | None = None,
+         raw: list[str] = ()) -> tuple[Any, BaseException | None]:
     """The model's output, or the error it raised with the innermost module it raised in; ``called``
-    collects the names of the modules that ran."""
+    collects the names of the modules that ran. With ``raw`` (the parts of a model captured in parts that
+    no post-processing precedes), the output is ``(output, what those parts returned)``: NMS and top-k
+    turn last-digit differences into other boxes, so those are compared instead of the boxes."""
+    returned: list = []
+    hooks = [model.get_submodule(path).register_forward_hook(lambda m, a, out: returned.append(out)) for path in raw]
     try:
         with _module_stack(model, called) as stack:
-            return model(*args, **kwargs), None
+            output = model(*args, **kwargs)
+            return ((output, returned) if raw else output), None
     except Exception as error:  # noqa: BLE001 - whatever forward raises is what verification reports
         error.fxprune_module = stack[-1] if stack else None  # type: ignore[attr-defined]
         return None, error
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _compare(expected: Any, got: tuple[Any, BaseException | None], reference: str, where: str, rtol: float,
-             result: Verification, values: bool = True) -> str | None:
+             result: Verification, values: bool = True, raw: bool = False) -> str | None:
     output, error = got
     if error is not None:
         module = getattr(error, "fxprune_module", None)
         inside = f" in {module[0] or 'the model'} ({module[1]})" if module else ""
         return f"at {where} it raised{inside}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    if raw:  # the boxes' structure, and the raw parts' outputs where the pruning left their shapes alone
+        if torch.utils._pytree.tree_structure(expected[0]) != torch.utils._pytree.tree_structure(output[0]):
+            return f"at {where} it returned another structure than {reference}"
+        pairs = [(a, b) for a, b in zip(_leaves(expected[1]), _leaves(output[1])) if a.shape == b.shape]
+        if not pairs:
+            return f"at {where} no raw output of its parts kept the shape of {reference}'s"
+        expected, output = [a for a, _ in pairs], [b for _, b in pairs]
     want, have = _leaves(expected), _leaves(output)
     if len(want) != len(have):
         return f"at {where} it returned {len(have)} tensors where {reference} returns {len(want)}"
