@@ -143,7 +143,6 @@ def _export_dynamo(model: torch.nn.Module, request: _Request, file: str) -> None
 
 def _export_torchscript(model: torch.nn.Module, request: _Request, file: str) -> None:
     """Legacy TorchScript export, the fallback when torch.export cannot capture the model."""
-    names = request.input_names + request.output_names
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, request.inputs, file, dynamo=False, input_names=request.input_names,
