@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import SaveError
+from fxprune.passes.shrink import replace_tensors
 
 SIZES_FILE = "fxprune_sizes.json"
 SIZES_FORMAT = "fxprune-hf-sizes/1"
@@ -79,11 +80,12 @@ def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
                 raise SaveError(f"{sizes_file}: key 'fields' names module {module_name!r}, which {name} does not have")
             for key, value in changed.items():
                 setattr(modules[module_name], key, tuple(value) if isinstance(value, list) else value)
-        state = model.state_dict()
+        state, new_by_old = model.state_dict(keep_vars=True), {}
         for key, shape in tensors.items():
             if key not in state:
                 raise SaveError(f"{sizes_file}: key 'tensors' names {key!r}, which {name} does not have")
-            _resize_tensor(model, key, tuple(shape))
+            new_by_old[id(state[key])] = _empty_like(state[key], tuple(shape))
+        replace_tensors(model, new_by_old)  # the weights are loaded into them next
 
     def __init__(self, config, *args, **kwargs):  # the config's model, then the pruned sizes: weights load into them
         cls.__init__(self, config, *args, **kwargs)
@@ -118,15 +120,7 @@ def _size_fields(module: nn.Module) -> dict[str, Any]:
     return found
 
 
-def _resize_tensor(model: nn.Module, key: str, shape: tuple[int, ...]) -> None:
-    """An empty tensor of ``shape`` where ``key`` is (the weights are loaded into it next), at every alias."""
-    owner_path, _, attr = key.rpartition(".")
-    owner = model.get_submodule(owner_path)
-    old = getattr(owner, attr)
+def _empty_like(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty tensor of ``shape``, a parameter where ``old`` is one."""
     new = torch.empty(shape, dtype=old.dtype)
-    new = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is old:
-                    table[name] = new
+    return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new

@@ -20,7 +20,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import Plan
 from fxprune.passes.params import tensor_axes
 from fxprune.passes.rewrite import kept_positions, keep_masks
-from fxprune.rules import RULES, Kept, resize_attributes, set_submodule
+from fxprune.rules import RULES, Kept, resize_attributes
 
 
 def shrink_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.Module:
@@ -34,14 +34,14 @@ def shrink_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.M
     return shrunk
 
 
-def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """Every (owner, attribute) that holds each parameter or buffer, by the tensor's id (tied weights)."""
-    found: dict[int, list[tuple[nn.Module, str]]] = {}
+def replace_tensors(model: nn.Module, new_by_old: dict[int, torch.Tensor]) -> None:
+    """Put each new tensor at every place of ``model`` that holds the one it replaces (keyed by the old
+    tensor's id), so tied weights stay one tensor."""
     for module in model.modules():
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is not None:
-                found.setdefault(id(tensor), []).append((module, name))
-    return found
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) in new_by_old:
+                    table[name] = new_by_old[id(tensor)]
 
 
 def _index_tensors(model: nn.Module, gm: torch.fx.GraphModule, kept: Kept) -> None:
@@ -52,18 +52,14 @@ def _index_tensors(model: nn.Module, gm: torch.fx.GraphModule, kept: Kept) -> No
             owner_path, _, attr = axis.name.rpartition(".")
             tensor = getattr(model.get_submodule(owner_path), attr)
             by_tensor.setdefault(id(tensor), (tensor, {}))[1].setdefault(axis.dim, axis)
-    aliases = _aliases(model)
+    new_by_old = {}
     for key, (old, axes) in by_tensor.items():
         tensor = old.detach()
         for axis in axes.values():
             tensor = tensor.index_select(axis.dim, kept[axis.space.id].to(tensor.device))
-        new = nn.Parameter(tensor.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
-            else tensor.clone()
-        for module, field in aliases[key]:
-            if field in module._parameters:
-                module._parameters[field] = new
-            else:
-                module._buffers[field] = new
+        new_by_old[key] = nn.Parameter(tensor.clone(), requires_grad=old.requires_grad) \
+            if isinstance(old, nn.Parameter) else tensor.clone()
+    replace_tensors(model, new_by_old)
 
 
 def _shrink_modules(model: nn.Module, gm: torch.fx.GraphModule, kept: Kept) -> set[str]:
@@ -92,8 +88,5 @@ def _shrink_modules(model: nn.Module, gm: torch.fx.GraphModule, kept: Kept) -> s
         done.add(path)
         replacement = rule.shrink_module(module, node, kept)
         if replacement is not None:
-            set_submodule(model, path, replacement)
+            model.set_submodule(path, replacement)
     return done
-
-
-

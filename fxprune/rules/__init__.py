@@ -6,7 +6,7 @@ names) added to the list below, and its tests; see docs/architecture.md.
 
 from fxprune.rules.attention import MultiheadAttention, ScaledDotProductAttention, WindowAttention
 from fxprune.rules.attributes import resize_attributes
-from fxprune.rules.base import Kept, Registry, Rule, TensorAxis, input_space, kept_of, set_submodule
+from fxprune.rules.base import Kept, Registry, Rule, TensorAxis, input_space, kept_of
 from fxprune.rules.conv import Conv
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.elementwise import Elementwise, NoChannels, Output, Passthrough, Reduction, Softmax
@@ -27,4 +27,4 @@ RULES = Registry(
 )
 
 __all__ = ["RULES", "ChannelBuilder", "Kept", "Registry", "Rule", "TensorAxis", "input_space", "kept_of",
-           "resize_attributes", "set_submodule"]
+           "resize_attributes"]

@@ -84,7 +84,7 @@ class Rule:
         if node.op == "call_module":
             replacement = self.shrink_module(gm.get_submodule(node.target), node, kept)
             if replacement is not None:
-                set_submodule(gm, node.target, replacement)
+                gm.set_submodule(node.target, replacement)
 
     def owner(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         """The qualified name of the module ``node`` is the call of: the module called, or the one holding
@@ -156,12 +156,6 @@ def input_space(node: torch.fx.Node) -> ChannelSpace | None:
 
 def kept_of(space: ChannelSpace | None, kept: Kept) -> torch.Tensor | None:
     return None if space is None else kept.get(space.id)
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the qualified ``name`` of ``root``."""
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent), attr, module)
 
 
 def tensor_names(prefix: str, module: nn.Module, names: Iterable[str]) -> dict[str, str]:
