@@ -3,6 +3,7 @@
 from fxprune.api import (
                          analysis,
                          analyze,
+                         blocks,
                          capture_of,
                          compile,
                          graph_inputs,
@@ -50,7 +51,7 @@ from fxprune.saving import load, save
 from fxprune.training import SSR, Pruner
 
 __all__ = [
-    "analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
+    "analysis", "analyze", "blocks", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
     "count_flops", "count_params", "export_onnx", "load", "save",
     "FLOPs", "Latency", "Params", "Engine", "LatencyCache", "Pruner", "SSR",
     "AnalysisRequiredError", "BudgetError", "CaptureError", "EngineUnavailableError", "ExampleInputsError", "ExportError",

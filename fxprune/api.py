@@ -13,7 +13,7 @@ from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.budgets import Budget, Latency, as_budget
 from fxprune.errors import AnalysisRequiredError, BudgetError, OutputError
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
-from fxprune.ir.channels import ChannelGroup, Plan
+from fxprune.ir.channels import Block, ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
 from fxprune.ir.graph import space as graph_space
 from fxprune.ir.keys import (
@@ -53,6 +53,12 @@ def groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
     return list(analysis(gm).groups.values())
 
 
+def blocks(gm: torch.fx.GraphModule) -> tuple[list[Block], dict[str, str]]:
+    """The residual blocks a plan may remove (``compile(..., depth=True)``), and for every other residual
+    add of the graph, why its block is not removable."""
+    return analysis(gm).blocks, analysis(gm).kept_blocks
+
+
 def importance(gm: torch.fx.GraphModule) -> dict[int, np.ndarray]:
     """One score per channel of every group, from the score pass (``compile`` runs it)."""
     if IMPORTANCE_KEY not in gm.meta:
@@ -89,13 +95,15 @@ def compile(
     remeasure: bool = False,
     progress: bool = True,
     output: str = "module",
+    depth: bool = False,
 ) -> torch.nn.Module:
     """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module:
     ``output="module"`` (default) a copy of ``model``, its own class, with the removed channels sliced out
     of its modules (``model`` is not modified), verified against the pruned graph at the example inputs
     and against the masked original at other shapes; where that fails (code that keeps a size no update
     reaches), the pruned graph, with a report note naming the module. ``output="graph"``: the pruned
-    ``GraphModule`` (the export-ready form) directly.
+    ``GraphModule`` (the export-ready form) directly. ``depth``: the plan may also remove whole residual
+    blocks (``x + f(x)`` becomes ``x``) where that buys the budget more cheaply than thinning them.
 
     ``budget``: a float in (0, 1] (share of the baseline latency on ``engine``), or ``fxprune.Latency``,
     ``fxprune.FLOPs``, ``fxprune.Params``. ``engine``: ``"onnxruntime"`` (CPU, default), ``"torch"``,
@@ -124,7 +132,8 @@ def compile(
         if isinstance(context.engine, OnnxRuntimeInt8Engine) and calibration:  # activations calibrated on them too
             context.engine = context.engine.calibrated([batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2
                                                         else batch for batch in calibration])
-        plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine)
+        plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine,
+                             depth=depth)
         gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
                                                     capture=capture, leaf_modules=leaf_modules,
                                                     autowrap_functions=autowrap_functions)
@@ -139,7 +148,7 @@ def compile(
             raise whole.unreachable(error, budget) if whole is not None else error
         plan = gm.meta[SOLUTION_KEY].result.plan
         pruned = context.pruned(gm, plan)
-        report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None)
+        report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None, depth)
         if whole is None:
             result = structured(pruned)
         else:
@@ -226,7 +235,7 @@ def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
 
 
 def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: Budget,
-            importance_name: str, solver: str, measure: bool) -> Report:
+            importance_name: str, solver: str, measure: bool, depth: bool = False) -> Report:
     """What compile did: the solution, FLOPs and parameters before and after, latency where measured."""
     solution: Solution = gm.meta[SOLUTION_KEY]
     result, scores, inputs = solution.result, gm.meta[IMPORTANCE_KEY].scores, context.example_inputs
@@ -246,6 +255,12 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         report.notes.append(f"the budget is under the smallest plan whose groups keep whole {step}-channel steps "
                             f"({solution.below_step:.3f} of the model): some may keep less, on multiples of a quarter "
                             "step, which can leave the engine's fast layout (round_to sets the grid)")
+    blocks = analysis(gm).blocks
+    report.blocks_removed = [blocks[b].module for b in result.plan.drop]
+    if depth:
+        report.notes.append(f"depth: {len(result.plan.drop)} of {len(blocks)} removable residual blocks removed"
+                            if blocks else "depth: the model has no removable residual block (see "
+                            "fxprune.blocks(gm) for why each add is not one); the plan is width-only")
     if heads := _heads_kept(gm, result.keep_counts):
         report.notes.append("attention heads kept per layer: " + ", ".join(heads))
     if (capture := capture_of(gm)) is not None:

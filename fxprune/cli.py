@@ -235,7 +235,7 @@ def cmd_prune(args) -> None:
     model, inputs = _load(args, step)
     with step(f"compiling to {args.budget}"):
         pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
-                                 engine=args.engine, threads=args.threads, round_to=args.round_to,
+                                 engine=args.engine, threads=args.threads, round_to=args.round_to, depth=args.depth,
                                  measure=args.measure, refine=args.refine, remeasure=args.remeasure,
                                  **_capture(args))
     report = fxprune.report(pruned)
@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=positive_int,
                        help="keep counts on multiples of this (default: the engine's step)")
     prune.add_argument("--measure", action="store_true", help="time the model before and after on the engine")
+    prune.add_argument("--depth", action="store_true",
+                       help="the plan may also remove whole residual blocks (x + f(x) becomes x)")
     prune.add_argument("--refine", type=int, default=4, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
                             "the measurements (default 4; 0 trusts the tables alone)")

@@ -3,7 +3,8 @@ the pruned sizes in a file of ours, since the config holds one width per kind of
 has one per layer.
 
 ``fxprune_sizes.json`` records, against the model the config builds, every module field that differs
-(``out_features``, ``num_attention_heads``, ``split_size``...) and every tensor whose shape differs, so
+(``out_features``, ``num_attention_heads``, ``split_size``...), every tensor whose shape differs and the
+modules of residual blocks the plan removed (``Skip``, ``ZeroBranch``), so
 ``load_folder`` builds the config's model, sets those, and loads the weights into it: the user's class,
 at the pruned widths, with nothing of the original model needed.
 """
@@ -19,8 +20,11 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import SaveError
+from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.shrink import replace_tensors
 
+REMOVED = (Skip, ZeroBranch)
+REMOVED_BY_NAME = {cls.__name__: cls for cls in REMOVED}
 SIZES_FILE = "fxprune_sizes.json"
 SIZES_FORMAT = "fxprune-hf-sizes/1"
 
@@ -34,9 +38,12 @@ def is_hugging_face(model: nn.Module) -> bool:
 def save_folder(model: nn.Module, folder: Path, header: dict[str, Any]) -> Path:
     """``model.save_pretrained(folder)`` plus ``fxprune_sizes.json`` (its sizes, and ``header``: plan, report)."""
     fresh = _fresh(type(model), model.config)
-    fields, tensors = {}, {}
+    fields, tensors, removed = {}, {}, {}
     fresh_modules = dict(fresh.named_modules())
     for name, module in model.named_modules():
+        if isinstance(module, REMOVED):  # a residual block (or its branch) the plan removed
+            removed[name] = type(module).__name__
+            continue
         base = fresh_modules.get(name)
         if base is None or type(base) is not type(module):
             raise SaveError(f"{name or 'the model'} is a {type(module).__name__} where {type(model).__name__}'s "
@@ -50,7 +57,8 @@ def save_folder(model: nn.Module, folder: Path, header: dict[str, Any]) -> Path:
             tensors[key] = list(value.shape)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    record = {"format": SIZES_FORMAT, "class": type(model).__name__, "fields": fields, "tensors": tensors, **header}
+    record = {"format": SIZES_FORMAT, "class": type(model).__name__, "fields": fields, "tensors": tensors,
+              "removed": removed, **header}
     (folder / SIZES_FILE).write_text(json.dumps(record, indent=1))
     return folder
 
@@ -74,6 +82,11 @@ def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise SaveError(f"{sizes_file}: key 'class' names {name!r}, which this transformers does not have")
 
     def at_pruned_sizes(model: nn.Module) -> None:
+        for path, kind in record.get("removed", {}).items():
+            if kind not in REMOVED_BY_NAME:
+                raise SaveError(f"{sizes_file}: key 'removed' names {kind!r} for {path!r}; fxprune writes "
+                                f"{' or '.join(REMOVED_BY_NAME)}")
+            model.set_submodule(path, REMOVED_BY_NAME[kind]())
         modules = dict(model.named_modules())
         for module_name, changed in fields.items():
             if module_name not in modules:

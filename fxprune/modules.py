@@ -129,3 +129,18 @@ def shifted_window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_wei
 
 
 torch.fx.wrap("shifted_window_attention")
+
+
+class Skip(nn.Module):
+    """A residual block the plan removed: returns the block's input, ``x + f(x)`` without ``f``."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+
+class ZeroBranch(nn.Module):
+    """The branch ``f`` of a residual block the plan removed, where the model's code adds it: a zero
+    that broadcasts, so ``x + f(x)`` is ``x``."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x.new_zeros(())

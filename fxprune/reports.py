@@ -63,6 +63,7 @@ class Report:
     parts: list[PartReport] = field(default_factory=list)  # a partitioned model: each part captured alone
     returned: str = "GraphModule"  # the class of what compile returned: the user's own, or the pruned graph
     shapes_checked: list[str] = field(default_factory=list)  # input shapes the returned model was verified at
+    blocks_removed: list[str] = field(default_factory=list)  # modules of the residual blocks the plan removed
 
     def __str__(self) -> str:
         lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
@@ -77,6 +78,8 @@ class Report:
         lines += self._latency_lines()
         if self.shapes_checked:
             lines.append(f"  returned: {self.returned}, verified at {'; '.join(self.shapes_checked)}")
+        if self.blocks_removed:
+            lines.append(f"  blocks removed ({len(self.blocks_removed)}): {', '.join(self.blocks_removed)}")
         if self.parts:
             lines.append(f"  {'part':<28} {'captured by':<12} {'calls':>5} {'params kept':>12}  coupled inputs")
             lines += [f"  {p.path:<28} {p.capture:<12} {p.calls:>5} {p.params_after / max(p.params_before, 1):>12.1%}  "

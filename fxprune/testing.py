@@ -13,6 +13,7 @@ import torch.nn as nn
 from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming
 from fxprune.ir import graph
 from fxprune.ir.channels import Plan
+from fxprune.ir.keys import ANALYSIS_KEY
 from fxprune.passes.pipeline import analyze
 from fxprune.passes.rewrite import keep_masks
 from fxprune.passes.units import find_units
@@ -28,9 +29,12 @@ class MaskedInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, plan: Plan) -> None:
         super().__init__(gm)
         self.masks = {gid: torch.as_tensor(mask) for gid, mask in keep_masks(gm, plan).items()}
+        self.zero = {gm.meta[ANALYSIS_KEY].blocks[b].output for b in plan.drop}  # removed blocks' branches
 
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
+        if n.name in self.zero:
+            return torch.zeros_like(result)
         spaces = graph.channels(n).spaces
         if not spaces:
             return result

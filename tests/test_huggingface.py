@@ -12,8 +12,10 @@ import fxprune
 from fxprune import zoo
 from fxprune.errors import SaveError
 from fxprune.huggingface import SIZES_FILE
+from fxprune.modules import ZeroBranch
 from fxprune.passes.pipeline import analyze_inputs
-from fxprune.passes.verify import masked_model
+from fxprune.passes.shrink import shrink_model
+from fxprune.passes.verify import masked_model, verify_model
 from fxprune.testing import randomize_parameters
 
 transformers = pytest.importorskip("transformers")
@@ -125,3 +127,27 @@ def test_bert_pruned_at_one_length_runs_at_other_lengths_and_batches():
         got = pruned(input_ids=other, attention_mask=torch.ones_like(other)).logits
         want = reference(input_ids=other, attention_mask=torch.ones_like(other)).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_llama_loses_a_decoder_layers_mlp_whole_and_saves_and_loads_without_it(tmp_path):
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    gm, _ = analyze_inputs(model, {"input_ids": ids})
+    found, why = fxprune.blocks(gm)
+    assert [(b.module, b.kind) for b in found] == [("model.layers.0.mlp", "zero"), ("model.layers.1.mlp", "zero")]
+    assert any("not computed from the skip input alone" in reason for reason in why.values())  # attention: rotary
+    plan = fxprune.Plan({}, (1,))
+    pruned = fxprune.prune(gm, plan)
+    shrunk = shrink_model(model, gm, plan)
+    assert verify_model(model, shrunk, pruned, gm, plan, (), {"input_ids": ids}).ok
+    assert isinstance(shrunk.model.layers[1].mlp, ZeroBranch)
+    reference = masked_model(model, gm, plan)
+    with torch.no_grad():
+        tokens = shrunk.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens, reference.generate(ids[:, :8], max_new_tokens=6, do_sample=False))
+    shrunk.meta = {"fxprune_plan": plan}
+    fxprune.save(shrunk, tmp_path / "llama")
+    loaded = fxprune.load(tmp_path / "llama")
+    assert type(loaded) is transformers.LlamaForCausalLM and isinstance(loaded.model.layers[1].mlp, ZeroBranch)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids[:, :8], max_new_tokens=6, do_sample=False), tokens)

@@ -39,6 +39,7 @@ from fxprune.backends.onnx_resize import ResizeError, fill, name_transposes, res
 from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.backends.onnx_units import IR_VERSION, OPSET, branch_weight_bytes, unit_model, unit_prefix
 from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.ir.keys import PLAN_KEY
 
 # Kernels outside layers that move memory in proportion to the tensors around them: what the latency
 # pass scales with the widths of the tensors they touch.
@@ -239,6 +240,9 @@ class OnnxRuntimeEngine(Engine):
         try:
             if not isinstance(full, _OrtDeployed):
                 raise ResizeError("the full model was not deployed on onnxruntime")
+            plan = getattr(module, "meta", {}).get(PLAN_KEY)
+            if plan is not None and plan.drop:  # the full model's graph still computes them
+                raise ResizeError("the plan removes whole residual blocks")
             graph = resize(full.graph(), _shapes(full.tensors), _shapes(module.state_dict()))
             expected = [tuple(x.shape) for _, x in _run_torch(module, example_inputs)]
             try:

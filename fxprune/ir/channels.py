@@ -87,11 +87,48 @@ class ChannelGroup:
 
 
 @dataclass
+class Block:
+    """A residual block ``out = x + f(x)`` a plan may remove whole (the block pass finds them).
+
+    ``nodes``: the branch ``f`` and the add, what removing the block deletes from the graph; ``output``:
+    the branch's result ``f(x)``; ``skip``: ``x``, which the add's users read instead. ``module``: the
+    module of the user's model that goes with it, ``kind`` how it goes: ``"skip"``, the module is the whole
+    block and becomes ``modules.Skip`` (returns ``x``); ``"zero"``, it computes ``f(x)`` and becomes
+    ``modules.ZeroBranch``. ``zeroed``: parameters whose zeroing makes ``f(x) = 0`` (the masked
+    reference). ``groups``: the prunable channel groups wholly inside the branch.
+    """
+
+    id: int
+    add: str
+    skip: str
+    output: str
+    nodes: tuple[str, ...]
+    module: str
+    kind: str
+    zeroed: tuple[str, ...]
+    groups: tuple[int, ...]
+    share: float = 1.0  # ||f(x)|| / (||x|| + ||f(x)||) on the example inputs: how much the branch adds
+
+    @property
+    def space(self) -> int:
+        """The id cost terms of the block carry as a space: kept share 1 while it stays, 0 once dropped."""
+        return block_space(self.id)
+
+
+def block_space(block_id: int) -> int:
+    """Blocks' spaces are negative, apart from channel spaces (numbered from 0)."""
+    return -1 - block_id
+
+
+@dataclass
 class Analysis:
-    """The dependency pass's graph-level result (``gm.meta["fxprune"]``): groups and every space."""
+    """The dependency pass's graph-level result (``gm.meta["fxprune"]``): groups and every space; the
+    block pass adds the removable residual blocks and why other residual adds are not."""
 
     groups: dict[int, ChannelGroup]
     spaces: list[ChannelSpace] = field(default_factory=list, repr=False)
+    blocks: list[Block] = field(default_factory=list)
+    kept_blocks: dict[str, str] = field(default_factory=dict)  # add node -> why its block is not removable
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]
@@ -111,14 +148,23 @@ class Importance:
 
 @dataclass
 class Plan:
-    """Kept group channels per group id: the one object a solver produces and the rewrite consumes."""
+    """Kept group channels per group id, and the ids of the residual blocks removed whole: the one object a
+    solver produces and the rewrite consumes."""
 
     keep: dict[int, np.ndarray]
+    drop: tuple[int, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps({str(gid): [int(i) for i in idx] for gid, idx in sorted(self.keep.items())})
+        raw: dict[str, list[int]] = {str(gid): [int(i) for i in idx] for gid, idx in sorted(self.keep.items())}
+        if self.drop:  # absent for a width-only plan, whose text stays what it was
+            raw[DROP] = sorted(int(b) for b in self.drop)
+        return json.dumps(raw)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         raw = json.loads(text)
-        return cls({int(gid): np.asarray(idx, dtype=np.int64) for gid, idx in raw.items()})
+        drop = tuple(int(b) for b in raw.pop(DROP, []))
+        return cls({int(gid): np.asarray(idx, dtype=np.int64) for gid, idx in raw.items()}, drop)
+
+
+DROP = "blocks removed"  # the key of a plan's removed blocks in its JSON text

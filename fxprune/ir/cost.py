@@ -12,7 +12,8 @@ from fxprune.ir.latency import LatencyTable
 
 @dataclass
 class CostTerm:
-    """One piece of a cost: ``full`` at full width, scaled by the kept share of ``spaces``."""
+    """One piece of a cost: ``full`` at full width, scaled by the kept share of ``spaces`` (a removable
+    block's space among them: 1 while the block stays, 0 once it is removed)."""
 
     what: str
     full: float
@@ -39,10 +40,11 @@ class TableTerm:
     out_space: int | None
     in_size: int
     out_size: int
+    block: int | None = None  # the space of the removable block the layer is in (share 1 kept, 0 removed)
 
     @property
     def spaces(self) -> tuple[int, ...]:
-        return tuple(s for s in (self.in_space, self.out_space) if s is not None)
+        return tuple(s for s in (self.block, self.in_space, self.out_space) if s is not None)
 
     @property
     def full(self) -> float:
@@ -51,7 +53,8 @@ class TableTerm:
     def price(self, kept_share: Mapping[int, float | np.ndarray]) -> float | np.ndarray:
         width_in = self.in_size * kept_share.get(self.in_space, 1.0)
         width_out = self.out_size * kept_share.get(self.out_space, 1.0)
-        return self.table.at(width_in, width_out)
+        kept = kept_share.get(self.block, 1.0) if self.block is not None else 1.0
+        return self.table.at(width_in, width_out) * kept
 
 
 Term = CostTerm | TableTerm

@@ -32,12 +32,12 @@ class PlanPass(PassBase):
     """The plan for ``budget`` (an ``fxprune`` budget), with ``solver``; see the module docstring."""
 
     def __init__(self, context: Context, budget: Any, *, solver: str = "sp_lamp", resolution: int = 4000,
-                 round_to: int | None = None, refine: int = 0) -> None:
+                 round_to: int | None = None, refine: int = 0, depth: bool = False) -> None:
         super().__init__()
         check_solver(solver, round_to, resolution)
         check_refine(refine, FxpruneError)
         self.context, self.budget, self.solver, self.resolution = context, budget, solver, resolution
-        self.round_to, self.refine = round_to, refine
+        self.round_to, self.refine, self.depth = round_to, refine, depth
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
         needed = [IMPORTANCE_KEY, LATENCY_KEY if self.budget.metric == "latency" else COST_KEY]
@@ -54,7 +54,7 @@ class PlanPass(PassBase):
         # one group channel spans several); a round_to given is in group channels
         round_to = graph_module.meta[LATENCY_KEY].granularity if latency else \
             self.round_to or channel_granularity(graph_module, DEFAULT_STEP)
-        options = dict(round_to=round_to, solver=self.solver, resolution=self.resolution)
+        options = dict(round_to=round_to, solver=self.solver, resolution=self.resolution, depth=self.depth)
         step_grid_smallest = None
         try:
             solution = self._solve(graph_module, cost, capacity, options)

@@ -30,6 +30,7 @@ from fxprune.ir.cost import CostModel, CostTerm
 from fxprune.ir.capture import PART_KEY, capture_of
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import ANALYSIS_KEY, COST_KEY
+from fxprune.passes.blocks import block_spaces
 from fxprune.passes.params import parameter_axes
 from fxprune.rules import RULES, input_space
 
@@ -71,9 +72,11 @@ def _scaling(gm: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
 def param_cost(gm: torch.fx.GraphModule, scaling: dict[str, tuple[int, ...]] | None = None) -> CostModel:
     """Exact parameter count as a function of kept widths (``scaling``: ``_scaling(gm)``, if made already)."""
     scaling = _scaling(gm) if scaling is None else scaling
+    _, blocks = block_spaces(gm)
     model = CostModel("params")
     for name, param in gm.named_parameters():  # shared parameters are listed once
-        model.terms.append(CostTerm(name, float(param.numel()), scaling.get(name, ())))
+        block = (blocks[name],) if name in blocks else ()
+        model.terms.append(CostTerm(name, float(param.numel()), block + scaling.get(name, ())))
     model.baseline = model.total({})
     return model
 
@@ -87,6 +90,11 @@ class _FlopInterpreter(torch.fx.Interpreter):
         self.terms: list[CostTerm] = []
         capture = capture_of(gm)  # in a graph captured in parts, a part the forward calls n times costs n times
         self.calls = {part.path: part.calls for part in capture.parts} if capture is not None else {}
+        self.blocks, _ = block_spaces(gm)
+
+    def block(self, n: torch.fx.Node) -> tuple[int, ...]:
+        """The space of the removable block ``n`` is in, if any: its costs go with the block."""
+        return (self.blocks[n.name],) if n.name in self.blocks else ()
 
     def _calls(self, n: torch.fx.Node) -> int:
         return self.calls.get(n.meta.get(PART_KEY), 1)
@@ -127,10 +135,11 @@ class _FlopInterpreter(torch.fx.Interpreter):
         b = (f[width_in, half_out] - f[half_in, half_out]) / (width_in - half_in) - d * half_out
         c = (f[half_in, width_out] - f[half_in, half_out]) / (width_out - half_out) - d * half_in
         a = f[half_in, half_out] - b * half_in - c * half_out - d * half_in * half_out
-        name = n.name
-        self.terms += [CostTerm(f"{name} (fixed)", a), CostTerm(f"{name} (input width)", b * width_in, (in_space.id,)),
-                       CostTerm(f"{name} (output width)", c * width_out, (out_space.id,)),
-                       CostTerm(f"{name} (input x output)", d * width_in * width_out, (in_space.id, out_space.id))]
+        name, block = n.name, self.block(n)
+        self.terms += [CostTerm(f"{name} (fixed)", a, block),
+                       CostTerm(f"{name} (input width)", b * width_in, block + (in_space.id,)),
+                       CostTerm(f"{name} (output width)", c * width_out, block + (out_space.id,)),
+                       CostTerm(f"{name} (input x output)", d * width_in * width_out, block + (in_space.id, out_space.id))]
 
 
 def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
@@ -147,7 +156,7 @@ def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
         if name is not None and RULES.by_name[name].bilinear_flops:
             weight = next((axis.name for axis in RULES.by_name[name].tensor_axes(gm, node)), None)
             spaces = scaling.get(weight, ())
-        model.terms.append(CostTerm(node.name, float(flops), spaces))
+        model.terms.append(CostTerm(node.name, float(flops), counter.block(node) + spaces))
     model.baseline = model.total({})
     return model
 

@@ -41,6 +41,7 @@ from fxprune.ir.cost import CostModel, CostTerm, TableTerm
 from fxprune.ir.keys import ANALYSIS_KEY, LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
 from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.passes.blocks import block_spaces
 from fxprune.passes.context import Context
 from fxprune.passes.params import tensor_axes
 from fxprune.passes.plan import uniform_plan
@@ -460,13 +461,15 @@ def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str,
 
 def latency_sum(gm: torch.fx.GraphModule, kept_share: dict[int, float]) -> float:
     """The units' table entries at the given kept shares (space id -> share; missing: all), summed."""
-    return sum(_table_term(node).price(kept_share) for node in gm.graph.nodes if LAYER_LATENCY_KEY in node.meta)
+    blocks, _ = block_spaces(gm)
+    return sum(_table_term(node, blocks).price(kept_share) for node in gm.graph.nodes
+               if LAYER_LATENCY_KEY in node.meta)
 
 
-def _table_term(node: torch.fx.Node) -> TableTerm:
+def _table_term(node: torch.fx.Node, blocks: dict[str, int]) -> TableTerm:
     unit, table = node.meta[LAYER_LATENCY_KEY].unit, node.meta[LAYER_LATENCY_KEY].table
     return TableTerm(node.name, table, unit.in_space.id if unit.in_space else None, unit.out_space.id,
-                     unit.spec.in_channels, unit.spec.out_channels)
+                     unit.spec.in_channels, unit.spec.out_channels, blocks.get(node.name))
 
 
 def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
@@ -476,15 +479,17 @@ def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
     calibration: LatencyCalibration = gm.meta[LATENCY_KEY]
     model = CostModel("latency")
     units_nodes: set[str] = set()
+    blocks, _ = block_spaces(gm)
     for node in gm.graph.nodes:
         if LAYER_LATENCY_KEY in node.meta:
             units_nodes.update(node.meta[LAYER_LATENCY_KEY].unit.nodes)
-            model.terms.append(_table_term(node))
+            model.terms.append(_table_term(node, blocks))
     traffic = _traffic(gm, units_nodes)
     total = sum(elements for _, elements, _ in traffic)
     for name, elements, space in traffic:
         share = calibration.memory_ms * elements / total if total else 0.0
-        model.terms.append(CostTerm(f"{name} (memory)", share, (space.id,) if space is not None else ()))
+        block = (blocks[name],) if name in blocks else ()  # a removed block's adds and activations go with it
+        model.terms.append(CostTerm(f"{name} (memory)", share, block + ((space.id,) if space is not None else ())))
     if not total:
         model.terms.append(CostTerm("memory-bound ops", calibration.memory_ms))
     model.terms.append(CostTerm("fixed (overhead, frozen layers)", calibration.fixed_ms))

@@ -18,7 +18,7 @@ import numpy as np
 import torch.fx
 
 from fxprune.errors import AnalysisRequiredError, BudgetError, SolverError
-from fxprune.ir.channels import Analysis, ChannelGroup, ChannelSpace, Plan
+from fxprune.ir.channels import Analysis, Block, ChannelGroup, ChannelSpace, Plan
 from fxprune.ir.cost import CostModel
 from fxprune.ir.keys import ANALYSIS_KEY, IMPORTANCE_KEY
 from fxprune.ir.solution import PlanResult
@@ -123,6 +123,56 @@ def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[Cha
     return _GroupOptions(group, order, options, values, shares)
 
 
+@dataclass
+class _Depth:
+    """A removable block in the knapsack: its primary group's class gains option 0, the block removed
+    (its block space's share 0, so every cost term inside it prices 0); its other groups' classes are
+    priced, and valued, at the block's current share (held like a neighbour width, HALP's approximation)."""
+
+    block: Block
+    primary: int
+    others: tuple[int, ...]
+
+
+def _with_removal(entry: _GroupOptions, block_space: int) -> _GroupOptions:
+    """``entry`` with option 0 in front: the block removed, worth nothing and costing nothing."""
+    shares = {s: np.concatenate([[v[0]], v]) for s, v in entry.shares.items()}
+    shares[block_space] = np.concatenate([[0.0], np.ones(entry.options.size)])
+    return _GroupOptions(entry.group, entry.order, np.concatenate([[0], entry.options]),
+                         np.concatenate([[0.0], entry.values]), shares)
+
+
+def _depth_values(entries: dict[int, _GroupOptions], depth: list[_Depth], current: Mapping[int, float],
+                  previous: Mapping[int, int]) -> dict[int, np.ndarray]:
+    """Values for one solve: a block's other groups count as much as the block is kept now, and keeping
+    the block is worth their current values too, so removing it loses all its channels' importance."""
+    values = {}
+    for item in depth:
+        kept = current.get(item.block.space, 1.0)
+        extra = 0.0
+        for g in item.others:
+            values[g] = entries[g].values * kept
+            width = previous.get(g, entries[g].group.size) if kept > 0 else entries[g].group.size
+            extra += float(entries[g].values[_index(entries[g], width)])
+        values[item.primary] = entries[item.primary].values + np.where(entries[item.primary].options > 0, extra, 0.0)
+    return values
+
+
+def _normalized(entries: dict[int, _GroupOptions], depth: list[_Depth], keep_counts: dict[int, int]) -> dict[int, int]:
+    """Keep counts with the other groups of removed blocks at full width (what they keep is moot)."""
+    keep_counts = dict(keep_counts)
+    for item in depth:
+        if keep_counts[item.primary] == 0:
+            keep_counts.update({g: int(entries[g].group.size) for g in item.others})
+    return keep_counts
+
+
+def _plan_value(entries: dict[int, _GroupOptions], depth: list[_Depth], keep_counts: dict[int, int]) -> float:
+    """Importance kept: a removed block keeps none of its groups' channels."""
+    gone = {g for item in depth if keep_counts[item.primary] == 0 for g in item.others}
+    return sum(float(entries[g].values[_index(entries[g], k)]) for g, k in keep_counts.items() if g not in gone)
+
+
 def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int]) -> int | None:
     """The group a cost term is charged to: the last prunable one among its spaces (the output side)."""
     owners = [group_of[s] for s in term_spaces if s in group_of]
@@ -142,11 +192,14 @@ def _index(entry: _GroupOptions, keep: int) -> int:
     return int(np.searchsorted(entry.options, keep))
 
 
-def _solve_once(entries, owned, current, target, solve, resolution) -> dict[int, int]:
-    """One knapsack solve with every group's neighbour widths held at ``current``."""
+def _solve_once(entries, owned, current, target, solve, resolution,
+                values: Mapping[int, np.ndarray] | None = None) -> dict[int, int]:
+    """One knapsack solve with every group's neighbour widths held at ``current`` (``values``: per group,
+    values other than its own, where removable blocks weigh them)."""
     classes, ids = [], []
     for gid, entry in entries.items():
-        classes.append(Choice(entry.options, entry.values, _option_costs(entry, owned.get(gid, []), current)))
+        value = values.get(gid, entry.values) if values else entry.values
+        classes.append(Choice(entry.options, value, _option_costs(entry, owned.get(gid, []), current)))
         ids.append(gid)
     fixed = sum(t.price(current) for t in owned.get(None, []))
     solved = solve(classes, target - fixed, resolution=resolution)
@@ -221,12 +274,14 @@ def _narrower_hint(round_to: int | Mapping[int, int]) -> str:
 def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                importance: Mapping[int, np.ndarray] | None = None, round_to: int | Mapping[int, int] = 8,
                solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10,
-               below_step: bool = False) -> PlanResult:
+               below_step: bool = False, depth: bool = False) -> PlanResult:
     """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``.
 
     ``importance``: one score per channel of each prunable group (default: the score pass's).
     ``round_to``: keep counts on multiples of this, one number for every group or one per group id.
     ``below_step``: a group may also keep fewer than one ``round_to``, on multiples of a quarter of it.
+    ``depth``: the removable blocks (``Analysis.blocks``) may be removed whole, in the same knapsack: a
+    removed block keeps none of its channels' importance and costs nothing (its cost terms carry its space).
     """
     check_solver(solver, round_to)
     per_group = round_to if isinstance(round_to, Mapping) else {}
@@ -243,6 +298,12 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                                     int(per_group.get(g.id, 1) if per_group else round_to), below_step)
                for g in prunable}
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
+    depth_items = _removable(groups, entries) if depth else []
+    for item, weight in zip(depth_items, _block_weights(depth_items)):
+        for g in item.block.groups:
+            entries[g].values = entries[g].values * weight
+        entries[item.primary] = _with_removal(entries[item.primary], item.block.space)
+        group_of[item.block.space] = item.primary
     owned: dict[int | None, list] = {}
     for term in cost.terms:
         owned.setdefault(_owner(term.spaces, group_of), []).append(term)
@@ -263,7 +324,9 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
         for _ in range(max_iterations):
             iterations += 1
             try:
-                keep_counts = _solve_once(entries, owned, current, target, SOLVERS[solver], resolution)
+                values = _depth_values(entries, depth_items, current, previous) if depth_items else None
+                keep_counts = _normalized(entries, depth_items, _solve_once(entries, owned, current, target,
+                                                                            SOLVERS[solver], resolution, values))
             except BudgetError:
                 if current == smallest:
                     break  # a tightened target below every plan: the fallback below grows the smallest plan
@@ -272,7 +335,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
             shares = {s: float(entries[g].shares[s][_index(entries[g], k)])
                       for g, k in keep_counts.items() for s in entries[g].shares}
             exact = cost.total(shares)
-            value = sum(float(entries[g].values[_index(entries[g], k)]) for g, k in keep_counts.items())
+            value = _plan_value(entries, depth_items, keep_counts)
             if exact <= capacity * (1 + 1e-9) and (best is None or value > best[0]):
                 best = (value, keep_counts, exact)
             if keep_counts == previous:
@@ -286,9 +349,32 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     if best is None:  # the width approximation never produced a fitting plan: grow from the smallest one,
         best = (0.0, {g: int(e.options[0]) for g, e in entries.items()}, minimum)  # which fits (checked above)
     keep_counts, predicted = _fill(entries, cost, best[1], capacity)
+    keep_counts = _normalized(entries, depth_items, keep_counts)
+    removed = [item.block.id for item in depth_items if keep_counts[item.primary] == 0]
     plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
-                 if k < entries[gid].group.size})
+                 if 0 < k < entries[gid].group.size}, tuple(removed))
     return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)
+
+
+def _removable(analysis: Analysis, entries: dict[int, _GroupOptions]) -> list[_Depth]:
+    """The blocks the knapsack may remove, each with its primary group (its widest)."""
+    items = []
+    for block in analysis.blocks:
+        if block.groups and all(g in entries for g in block.groups):
+            primary = max(block.groups, key=lambda g: (entries[g].group.size, -g))
+            items.append(_Depth(block, primary, tuple(g for g in block.groups if g != primary)))
+    return items
+
+
+def _block_weights(items: list[_Depth]) -> list[float]:
+    """Per removable block, the weight of its channels' scores: its branch's share of its residual over the
+    median block's, at most 1. Channel scores are normalized per layer (LAMP) or sized by weights a
+    following norm rescales, so a branch that adds almost nothing to its residual can score as high as any
+    other; this is what its removal would lose, on the same scale as the channel scores."""
+    if not items:
+        return []
+    median = float(np.median([item.block.share for item in items]))
+    return [min(1.0, item.block.share / median) if median > 0 else 1.0 for item in items]
 
 
 def nearest_plan(solve: Callable[[float], PlanResult], capacity: float) -> PlanResult:

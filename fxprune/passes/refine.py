@@ -102,16 +102,18 @@ def calibration_points(gm: torch.fx.GraphModule, cost: CostModel) -> list[Latenc
 def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, context: Context, *,
                    steps: int = 1, margin: float = MARGIN, round_to: int | Mapping[int, int] = 8,
                    solver: str = "sp_lamp", resolution: int = 4000,
-                   importance: Mapping[int, np.ndarray] | None = None, below_step: bool = False) -> MeasuredSolve:
+                   importance: Mapping[int, np.ndarray] | None = None, below_step: bool = False,
+                   depth: bool = False) -> MeasuredSolve:
     """Solve for ``capacity`` (ms) of the full model's latency (less ``margin``) under ``cost`` (the latency
     tables), then up to ``steps`` times: time the plan on the context's engine, add the point, solve again
     through the correction. Returns the largest timed plan within the budget, else the last plan solved.
-    ``importance`` (per-group channel scores, default: the score pass's) and ``below_step`` as for
-    ``solve_plan``."""
+    ``importance`` (per-group channel scores, default: the score pass's), ``below_step`` and ``depth`` as
+    for ``solve_plan``."""
     budget_share = capacity / cost.baseline
     correction = Correction(calibration_points(gm, cost))
     solve_ms = lambda capacity: solve_plan(gm, cost, capacity, round_to=round_to, solver=solver,  # noqa: E731
-                                           resolution=resolution, importance=importance, below_step=below_step)
+                                           resolution=resolution, importance=importance, below_step=below_step,
+                                           depth=depth)
     solve = lambda share: solve_ms(share * cost.baseline)  # noqa: E731
     nearest = lambda share: nearest_plan(solve_ms, share * cost.baseline)  # noqa: E731
     aim = budget_share * (1 - margin)
@@ -162,7 +164,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
 
 
 def _plan_key(result: PlanResult) -> tuple:
-    return tuple(sorted(result.keep_counts.items()))
+    return tuple(sorted(result.keep_counts.items())) + tuple(result.plan.drop)
 
 
 def _smallest_timed(smallest: PlanResult, time: Callable[[PlanResult], float], budget_share: float,

@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.errors import AnalysisRequiredError, PlanError
 from fxprune.ir import graph
-from fxprune.ir.channels import Plan
+from fxprune.ir.channels import Block, Plan
 from fxprune.ir.keys import ANALYSIS_KEY, CAPTURE_KEY, PLAN_KEY
 from fxprune.passes.params import tensor_axes
 from fxprune.rules import RULES, Kept
@@ -49,13 +49,22 @@ def keep_masks(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, np.ndarray]:
                             "fxprune.with_every_member(gm, keep)")
         masks[gid] = np.zeros(group.size, dtype=bool)
         masks[gid][kept] = True
+    blocks = len(analysis.blocks)
+    if any(not 0 <= b < blocks for b in plan.drop):
+        raise PlanError(f"the plan removes blocks {sorted(plan.drop)}; this model's removable blocks are "
+                        f"0..{blocks - 1} (see fxprune.blocks(gm))" if blocks else
+                        f"the plan removes blocks {sorted(plan.drop)}, and this model has no removable block")
     return masks
 
 
 def kept_shares(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, float]:
-    """Per channel space id: the share of its positions ``plan`` keeps (what cost models price)."""
+    """Per channel space id: the share of its positions ``plan`` keeps (what cost models price); per
+    removed block, its space at 0."""
+    analysis = gm.meta[ANALYSIS_KEY]
     masks = keep_masks(gm, plan)
-    return {s.id: len(s.kept_positions(masks[s.group_id])) / s.size for s in gm.meta[ANALYSIS_KEY].spaces}
+    shares = {s.id: len(s.kept_positions(masks[s.group_id])) / s.size for s in analysis.spaces}
+    shares.update({analysis.blocks[b].space: 0.0 for b in plan.drop})
+    return shares
 
 
 class RewritePass(PassBase):
@@ -86,9 +95,11 @@ class RewritePass(PassBase):
             if node.op == "call_module":
                 updated_modules.add(node.target)
             RULES.by_name[name].update(new_gm, node, kept)
+        removed = _remove_blocks(new_gm, [meta[ANALYSIS_KEY].blocks[b] for b in self.plan.drop])
         # what the rewrite left unused goes; a call the model already ignored the result of stays: it is
         # there for what it does in place (torchvision's mvit: _add_shortcut adds the residual into its input)
         new_gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in unused or n.is_impure())
+        _delete_unread_tensors(new_gm, removed)
         new_gm.delete_all_unused_submodules()
         for node in new_gm.graph.nodes:  # shapes and channel spaces describe the old model now
             for key in [k for k in node.meta if k.startswith("fxprune") or k == "tensor_meta"]:
@@ -119,6 +130,33 @@ def kept_positions(gm: torch.fx.GraphModule, masks: dict[int, np.ndarray]) -> Ke
                             "keep at least one of the group channels that feed it")
         kept[space.id] = torch.as_tensor(positions)
     return kept
+
+
+def _remove_blocks(gm: torch.fx.GraphModule, blocks: list[Block]) -> set[str]:
+    """Each block's add reads as its skip input; its nodes, unread now, go with the dead code after.
+    Returns the names of the tensors (get_attr targets) the removed nodes read."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    read: set[str] = set()
+    for block in blocks:
+        nodes[block.add].replace_all_uses_with(nodes[block.skip])
+        for name in block.nodes:
+            read.update(a.target for a in nodes[name].all_input_nodes if a.op == "get_attr")
+    for block in blocks:
+        for name in reversed(block.nodes):
+            if not nodes[name].users:
+                gm.graph.erase_node(nodes[name])
+    return read
+
+
+def _delete_unread_tensors(gm: torch.fx.GraphModule, names: set[str]) -> None:
+    """The tensors of removed blocks that no node reads any more leave the module (torch.export's graphs
+    read parameters through get_attr; their submodules go with ``delete_all_unused_submodules``)."""
+    still = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in names - still:
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner)
+        if hasattr(module, attr):
+            delattr(module, attr)
 
 
 def _index_tensors(gm: torch.fx.GraphModule, kept: Kept) -> None:

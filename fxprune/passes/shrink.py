@@ -17,8 +17,10 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.ir import graph
-from fxprune.ir.channels import Plan
+from fxprune.ir.channels import Block, Plan
+from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.params import tensor_axes
+from fxprune.passes.plan import analysis
 from fxprune.passes.rewrite import kept_positions, keep_masks
 from fxprune.rules import RULES, Kept, resize_attributes
 
@@ -31,7 +33,15 @@ def shrink_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.M
     _index_tensors(shrunk, gm, kept)
     changed = _shrink_modules(shrunk, gm, kept)
     resize_attributes(shrunk, changed)
+    remove_blocks(shrunk, [analysis(gm).blocks[b] for b in plan.drop])
     return shrunk
+
+
+def remove_blocks(model: nn.Module, blocks: list[Block]) -> None:
+    """Each removed block's module gives way: the whole block to ``Skip`` (returns its input), a branch
+    the model's code adds to ``ZeroBranch`` (a zero)."""
+    for block in blocks:
+        model.set_submodule(block.module, Skip() if block.kind == "skip" else ZeroBranch())
 
 
 def replace_tensors(model: nn.Module, new_by_old: dict[int, torch.Tensor]) -> None:

@@ -115,11 +115,16 @@ def own_model(model: torch.nn.Module, gm: torch.fx.GraphModule, pruned: torch.nn
 
 
 def masked_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.Module:
-    """A copy of ``model`` whose parameters are zero at every position of a channel ``plan`` removes: it
-    computes what the pruned model does, eagerly, at any input size (the reference of ``verify_model``)."""
+    """A copy of ``model`` whose parameters are zero at every position of a channel ``plan`` removes, and
+    where the plan removes a block, its branch's last layer's (``Block.zeroed``: the branch computes zero):
+    it computes what the pruned model does, eagerly, at any input size (the reference of ``verify_model``)."""
     masks = keep_masks(gm, plan)
     masked = copy.deepcopy(model)
     with torch.no_grad():
+        for block in plan.drop:
+            for name in analysis(gm).blocks[block].zeroed:
+                owner, _, attr = name.rpartition(".")
+                getattr(masked.get_submodule(owner), attr).zero_()
         for axis in tensor_axes(gm):
             removed = np.flatnonzero(~masks[axis.space.group_id][axis.space.channel_index])
             if removed.size and axis.parameter:

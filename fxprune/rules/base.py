@@ -53,7 +53,8 @@ class Rule:
     - ``unit``: the layer as an engine times it (latency tables), for convolutions and linear layers;
     - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
     - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
-    - ``flop_probe``: FLOPs at given kept widths, for ops whose count is not a product of shares.
+    - ``flop_probe``: FLOPs at given kept widths, for ops whose count is not a product of shares;
+    - ``residual_add``: whether a call is ``a + b`` (where the block pass looks for removable blocks).
     """
 
     name = "frozen"
@@ -107,6 +108,10 @@ class Rule:
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         return None
+
+    def residual_add(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` is a plain sum of two tensors, ``a + b`` (the end of a residual block)."""
+        return False
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:

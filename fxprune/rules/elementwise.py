@@ -95,6 +95,13 @@ class Elementwise(Rule):
     methods = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__mul__", "__sub__",
                "__truediv__", "__radd__", "__rmul__")
 
+    adds = (operator.add, operator.iadd, torch.add, aten.add, aten.add_, "add", "add_", "__add__", "__radd__")
+
+    def residual_add(self, node: torch.fx.Node) -> bool:
+        target = node.target if node.op == "call_method" else getattr(node.target, "overloadpacket", node.target)
+        return (target in self.adds and len(node.args) == 2 and not node.kwargs
+                and all(isinstance(a, torch.fx.Node) for a in node.args))
+
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         out_shape = b.shape(node)
         inputs = tensor_inputs(node)

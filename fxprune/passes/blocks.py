@@ -1,0 +1,300 @@
+"""Block pass: the residual blocks a plan may remove whole (``Analysis.blocks``).
+
+A block is found in the graph, not by class names: an add ``x + y`` whose branch ``y`` is computed from
+``x`` alone (every tensor the branch reads comes from ``x``, a parameter or a constant; no branch result
+is read outside it), so the add without the branch is ``x``, passed unchanged. Stochastic depth and layer
+scale sit inside the branch. The user's model must be able to lose it too: a module whose nodes are the
+branch and the add (and activations after it, which must return ``x`` as it is) becomes
+``modules.Skip``, else a module that computes the branch's result becomes ``modules.ZeroBranch``. A block
+is offered only where zeroing the parameters of the branch's last layer zeroes ``f(x)`` on the example
+inputs (the masked reference of a removed block) and the skip module then returns ``x``; blocks inside
+another block's branch are left to the outer one's channels. Why other adds are no block is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxprune.errors import AnalysisRequiredError
+from fxprune.ir import graph
+from fxprune.ir.capture import is_partitioned
+from fxprune.ir.channels import Analysis, Block
+from fxprune.ir.graph import inference
+from fxprune.ir.keys import ANALYSIS_KEY
+from fxprune.rules import RULES
+
+_CALL = re.compile(r"@\d+$")  # nn_module_stack marks a module's second and later calls with @n
+
+
+class BlockPass(PassBase):
+    """Find the removable residual blocks of an analysed graph (``Analysis.blocks``, ``kept_blocks``)."""
+
+    def __init__(self, example_inputs: tuple) -> None:
+        super().__init__()
+        self.example_inputs = example_inputs
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if ANALYSIS_KEY not in graph_module.meta:
+            raise AnalysisRequiredError("blocks are found on an analysed graph: run the dependency pass first")
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        analysis: Analysis = graph_module.meta[ANALYSIS_KEY]
+        analysis.blocks, analysis.kept_blocks = [], {}
+        if is_partitioned(graph_module):  # parts' module paths are relative to each part
+            return PassResult(graph_module, modified=False)
+        found: list[Block] = []
+        for node in graph_module.graph.nodes:
+            if node.op in ("call_function", "call_method") and _rule(node).residual_add(node):
+                block = _block(graph_module, analysis, node, len(found))
+                if isinstance(block, Block):
+                    found.append(block)
+                else:
+                    analysis.kept_blocks[node.name] = block
+        found = _innermost(found, analysis)
+        analysis.blocks = _checked(graph_module, found, self.example_inputs, analysis)
+        return PassResult(graph_module, modified=False)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        blocks = graph_module.meta[ANALYSIS_KEY].blocks
+        assert [b.id for b in blocks] == list(range(len(blocks)))
+
+
+def _rule(node: torch.fx.Node):
+    name = graph.channels(node).rule
+    return RULES.by_name[name] if name is not None else RULES.fallback
+
+
+def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> set[torch.fx.Node] | str:
+    """The nodes computing ``y`` from ``x`` (no get_attr), or why ``y`` is no branch of ``x``."""
+    branch: set[torch.fx.Node] = set()
+    stack = [y]
+    while stack:
+        node = stack.pop()
+        if node is x or node in branch or node.op == "get_attr":
+            continue
+        if node.op == "placeholder":
+            return "its other input is not computed from the skip input alone"
+        branch.add(node)
+        stack.extend(node.all_input_nodes)
+    if x in branch or y is x:
+        return "the skip input is part of the branch"
+    escaping = [n.name for n in branch for user in n.users if user not in branch and user is not add]
+    if escaping:
+        return f"{escaping[0]} is read outside the branch"
+    return branch
+
+
+def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, index: int) -> Block | str:
+    """The block ending at ``add``, or why there is none."""
+    if graph.shape(add) is None or any(graph.shape(a) != graph.shape(add) for a in add.args):
+        return "the add broadcasts"
+    reasons = []
+    for x, y in (add.args, add.args[::-1]):
+        branch = _branch(add, x, y)
+        if isinstance(branch, str):
+            reasons.append(branch)
+            continue
+        zeroed = _last_parameters(gm, y, branch)
+        if not zeroed:
+            reasons.append("no layer with parameters ends its branch")
+            continue
+        place = _skip_module(add, x, branch) or _branch_module(add, y, branch)
+        if place is None:
+            reasons.append("no module of the model holds the branch alone (the model's code cannot lose it)")
+            continue
+        names = {n.name for n in branch} | {a.name for n in branch for a in n.all_input_nodes if a.op == "get_attr"}
+        groups = tuple(sorted(g.id for g in analysis.prunable_groups()
+                              if all(s.node in names for s in analysis.spaces if s.group_id == g.id)))
+        if not groups:
+            reasons.append("no prunable channel group lies inside its branch")
+            continue
+        nodes = tuple(n.name for n in gm.graph.nodes if n in branch or n is add)
+        return Block(index, add.name, x.name, y.name, nodes, place[0], place[1], tuple(zeroed), groups)
+    return "; ".join(dict.fromkeys(reasons))
+
+
+def _paths(node: torch.fx.Node) -> list[tuple[str, bool]]:
+    """The module paths a node runs inside, outermost first, each with whether it is that module's first
+    call; a call_module node's own module last."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [(_path(value), not _CALL.search(key)) for key, value in stack.items()]
+    if node.op == "call_module" and all(p != node.target for p, _ in paths):
+        paths.append((node.target, True))
+    return [(p, first) for p, first in paths if p]
+
+
+def _path(value) -> str:
+    path = value[0] if isinstance(value, tuple) else str(value)
+    return _CALL.sub("", path)
+
+
+def _inside(nodes, path: str) -> set[torch.fx.Node]:
+    return {n for n in nodes if any(p == path for p, _ in _paths(n))}
+
+
+def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set) -> tuple[str, str] | None:
+    """The deepest module that is the whole block: the branch, the add, and single-input activations after
+    it (the block pass checks they return ``x`` as it is), called once, taking ``x`` from outside."""
+    x_paths = {p for p, _ in _paths(x)}
+    every = list(add.graph.nodes)
+    for path, first in reversed(_paths(add)):
+        if path in x_paths or not first:
+            continue
+        inside = _inside(every, path) - {n for n in every if n.op == "get_attr"}
+        after = inside - branch - {add}
+        chain, node = [], add
+        while len(node.users) == 1 and next(iter(node.users)) in after:
+            node = next(iter(node.users))
+            chain.append(node)
+            if len(node.all_input_nodes) != 1:
+                break
+        if set(chain) == after and all(len(n.all_input_nodes) == 1 for n in chain) and branch <= inside:
+            return path, "skip"
+    return None
+
+
+def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set) -> tuple[str, str] | None:
+    """The outermost module, called once, that computes ``y`` from nodes of the branch and is read only
+    through ``y``, leaving no convolution or linear layer of the branch outside it (those would still run in
+    the model's code; a norm before it may)."""
+    every = list(add.graph.nodes)
+    add_paths = {p for p, _ in _paths(add)}
+    for path, first in _paths(y):
+        if path in add_paths or not first:
+            continue
+        inside = _inside(every, path) - {n for n in every if n.op == "get_attr"}
+        if inside <= branch and all(u in inside for n in inside - {y} for u in n.users) \
+                and not any(_rule(n).bilinear_flops for n in branch - inside):
+            return path, "zero"
+    return None
+
+
+def _last_parameters(gm: torch.fx.GraphModule, y: torch.fx.Node, branch: set) -> list[str]:
+    """The parameters of the first layer met walking back from ``y`` through single-input ops: zeroed,
+    they make the branch's result zero where what follows them maps zero to zero (checked on data)."""
+    parameters = dict(gm.named_parameters())
+    node = y
+    while node in branch:
+        if node.op == "call_module":
+            names = [f"{node.target}.{name}" for name, _ in gm.get_submodule(node.target).named_parameters()]
+        else:
+            names = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in parameters]
+        if names:
+            return names
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if len(inputs) != 1:
+            return []
+        node = inputs[0]
+    return []
+
+
+def _innermost(blocks: list[Block], analysis: Analysis) -> list[Block]:
+    """Blocks whose branch holds no other block's add (an outer block's inner ones are its channels)."""
+    adds = {b.add for b in blocks}
+    kept = []
+    for block in blocks:
+        if adds.intersection(block.nodes[:-1]):
+            analysis.kept_blocks[block.add] = "it holds another residual block"
+        else:
+            kept.append(block)
+    return kept
+
+
+class _Values(torch.fx.Interpreter):
+    """Runs the graph and keeps the values of the nodes asked for."""
+
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        if n.name in self.wanted:  # as it is now: an in-place add later writes into its first input
+            self.values[n.name] = result.clone() if isinstance(result, torch.Tensor) else result
+        return result
+
+
+def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tuple,
+             analysis: Analysis) -> list[Block]:
+    """The blocks whose zeroed parameters zero the branch on the example inputs (all zeroed in one run),
+    and whose skip module then returns ``x``; renumbered in graph order."""
+    if not blocks:
+        return []
+    parameters = dict(gm.named_parameters())
+    saved = {name: parameters[name].detach().clone() for b in blocks for name in b.zeroed}
+    skip_ends = {b.id: _module_output(gm, b) for b in blocks if b.kind == "skip"}
+    wanted = {b.output for b in blocks} | {b.skip for b in blocks} | set(skip_ends.values())
+    with torch.no_grad(), inference(gm):  # the branches' shares of their residuals, as the model is
+        as_is = _Values(gm, wanted)
+        as_is.run(*example_inputs)
+    blocks = [dataclasses.replace(b, share=_share(as_is.values.get(b.skip), as_is.values.get(b.output)))
+              for b in blocks]
+    try:
+        with torch.no_grad():
+            for name in saved:
+                parameters[name].zero_()
+            with inference(gm):
+                values = _Values(gm, wanted)
+                values.run(*example_inputs)
+    finally:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                parameters[name].copy_(tensor)
+    kept, nodes = [], {n.name: n for n in gm.graph.nodes}
+    for block in blocks:
+        branch, skip = values.values.get(block.output), values.values.get(block.skip)
+        end = values.values.get(skip_ends.get(block.id, block.output))
+        if not isinstance(branch, torch.Tensor) or bool(branch.ne(0).any()):
+            analysis.kept_blocks[block.add] = "zeroing its last layer's parameters does not zero its branch"
+        elif block.kind == "skip" and not (isinstance(end, torch.Tensor) and torch.equal(end, skip)):
+            place = _branch_module(nodes[block.add], nodes[block.output], {nodes[n] for n in block.nodes[:-1]})
+            if place is None:  # nor is the branch one module the model's code adds
+                analysis.kept_blocks[block.add] = f"{block.module} does not return its input once the branch is zero"
+            else:
+                kept.append(dataclasses.replace(block, module=place[0], kind=place[1]))
+        else:
+            kept.append(block)
+    return [dataclasses.replace(block, id=index) for index, block in enumerate(kept)]
+
+
+def _share(x, y) -> float:
+    """``||y|| / (||x|| + ||y||)``: the branch's share of the residual's norm (1 where it cannot be read)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return 1.0
+    x_norm, y_norm = float(x.float().norm()), float(y.float().norm())
+    return y_norm / (x_norm + y_norm) if x_norm + y_norm > 0 else 1.0
+
+
+def _module_output(gm: torch.fx.GraphModule, block: Block) -> str:
+    """The last node of a skip block's module (the add, or the activation after it)."""
+    node = next(n for n in gm.graph.nodes if n.name == block.add)
+    inside = _inside(list(gm.graph.nodes), block.module)
+    while len(node.users) == 1 and next(iter(node.users)) in inside:
+        node = next(iter(node.users))
+    return node.name
+
+
+def block_spaces(gm: torch.fx.GraphModule) -> tuple[dict[str, int], dict[str, int]]:
+    """Where the blocks' costs sit: the block space of each node in a block's nodes, and of each tensor
+    (qualified name) only nodes of one block read; what cost models multiply by the block's kept share."""
+    analysis: Analysis | None = gm.meta.get(ANALYSIS_KEY)
+    nodes = {name: block.space for block in (analysis.blocks if analysis else []) for name in block.nodes}
+    readers: dict[str, set[int | None]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            names = [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_parameters()]
+            names += [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_buffers()]
+        elif node.op in ("call_function", "call_method"):
+            names = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+        else:
+            continue
+        for name in names:
+            readers.setdefault(name, set()).add(nodes.get(node.name))
+    tensors = {name: next(iter(spaces)) for name, spaces in readers.items()
+               if len(spaces) == 1 and None not in spaces}
+    return nodes, tensors

@@ -1,0 +1,211 @@
+"""Removable residual blocks: found in the graph, removed from the graph and from the user's model, priced
+and chosen by the knapsack with the channels (depth and width in one plan)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import fxprune
+from fxprune.ir.channels import Plan
+from fxprune.passes.cost import CostPass, count_flops, count_params
+from fxprune.passes.rewrite import kept_shares
+from fxprune.passes.shrink import shrink_model
+from fxprune.passes.verify import verify_model
+from fxprune.modules import Skip, ZeroBranch
+from fxprune.testing import masked_forward
+
+
+class Residual(nn.Module):
+    """``relu(x + bn(conv(relu(bn(conv(x))))))``: a torchvision BasicBlock without downsample."""
+
+    def __init__(self, width: int, inner: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, inner, 3, padding=1, bias=False), nn.BatchNorm2d(inner)
+        self.conv2, self.bn2 = nn.Conv2d(inner, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        with torch.no_grad():
+            self.conv2.weight.mul_(scale)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self, scales=(1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(*[Residual(32, 64, s) for s in scales])
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class Signed(nn.Module):
+    """``tanh(x + f(x))`` on a signed input: without the branch it is tanh(x), not x; ``inline``: the
+    branch is this module's own code, so no module holds it alone."""
+
+    def __init__(self, inline: bool = False) -> None:
+        super().__init__()
+        self.inline = inline
+        self.f = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.w1, self.w2 = nn.Parameter(torch.randn(32, 16)), nn.Parameter(torch.randn(16, 32))
+
+    def forward(self, x):
+        inline = F.linear(torch.relu(F.linear(x, self.w1)), self.w2) if self.inline else None
+        return torch.tanh(x + (inline if self.inline else self.f(x)))
+
+
+class InlineResidual(nn.Module):
+    """A residual add in the model's own forward whose branch is two modules: no module holds it alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(x + self.b(torch.relu(self.a(x))))
+
+
+def _eval(model):
+    model.eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_resnet18s_blocks_are_its_blocks_without_downsample_found_in_the_graph(capture):
+    model = torchvision.models.resnet18().eval()
+    gm = fxprune.analyze(model, (torch.randn(1, 3, 64, 64),), capture=capture)
+    found, why = fxprune.blocks(gm)
+    assert [b.module for b in found] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert all(b.kind == "skip" and len(b.groups) == 1 for b in found)
+    assert sum("not computed from the skip input alone" in reason for reason in why.values()) == 3  # downsample
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
+def test_inverted_residuals_and_layer_scaled_blocks_are_found(name):
+    model = getattr(torchvision.models, name)().eval()
+    gm = fxprune.analyze(model, (torch.randn(1, 3, 64, 64),))
+    found, _ = fxprune.blocks(gm)
+    assert len(found) >= 3
+    zeroed = [name for b in found for name in b.zeroed]
+    if name == "convnext_tiny":  # layer scale is the branch's last parameter
+        assert all(z.endswith("layer_scale") for z in zeroed)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_removed_blocks_match_the_masked_reference_in_the_graph_and_the_users_model(capture):
+    model = _eval(Net())
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxprune.analyze(model, (x,), capture=capture)
+    found, _ = fxprune.blocks(gm)
+    assert len(found) == 3
+    plan = fxprune.random_plan(gm, 0.5, seed=1)
+    plan.drop = (0, 2)
+    pruned = fxprune.prune(gm, plan)
+    with torch.no_grad():
+        expected, got = masked_forward(gm, plan, x), pruned(x)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not any("blocks.0" in name or "blocks.2" in name for name, _ in pruned.named_parameters())
+    shrunk = shrink_model(model, gm, plan)
+    assert type(shrunk) is Net and isinstance(shrunk.blocks[0], Skip) and isinstance(shrunk.blocks[2], Skip)
+    assert isinstance(shrunk.blocks[1], Residual)
+    verification = verify_model(model, shrunk, pruned, gm, plan, (x,), {})
+    assert verification.ok, verification.failure
+    assert len(verification.shapes) == 3
+    # the cost models price the removed blocks at nothing: exact FLOPs and parameters of the pruned graph
+    CostPass((x,))(gm)
+    shares = kept_shares(gm, plan)
+    assert gm.meta["fxprune_cost"]["params"].total(shares) == count_params(pruned)
+    assert gm.meta["fxprune_cost"]["flops"].total(shares) == pytest.approx(count_flops(pruned, (x,)), rel=1e-9)
+
+
+def test_a_block_whose_module_would_not_return_its_input_loses_its_branch_module_instead():
+    model = nn.Sequential(Signed(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 16)
+    gm = fxprune.analyze(model, (x,))
+    found, _ = fxprune.blocks(gm)
+    assert [(b.module, b.kind) for b in found] == [("0.f", "zero")]
+    plan = Plan({}, (0,))
+    shrunk = shrink_model(model, gm, plan)
+    assert verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {}).ok
+    gm = fxprune.analyze(nn.Sequential(Signed(inline=True), nn.Linear(16, 4)).eval(), (x,))
+    found, why = fxprune.blocks(gm)
+    assert found == [] and any("0 does not return its input" in reason for reason in why.values())
+
+
+def test_a_branch_no_module_holds_alone_is_not_removable_and_says_so():
+    gm = fxprune.analyze(InlineResidual().eval(), (torch.randn(4, 16),))
+    found, why = fxprune.blocks(gm)
+    assert found == [] and any("no module of the model holds the branch alone" in r for r in why.values())
+
+
+def test_the_knapsack_removes_the_block_that_matters_least_where_thinning_cannot_reach_the_budget():
+    torch.manual_seed(0)
+    model = _eval(Net(scales=(1.0, 1e-3, 1.0)))  # the middle block's branch is almost nothing
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(fxprune.BudgetError):  # every group keeps at least one 32-channel step
+        fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32)
+    result = fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32, depth=True)
+    report = fxprune.report(result)
+    assert type(result) is Net and isinstance(result.blocks[1], Skip)
+    assert report.blocks_removed == ["blocks.1"]
+    assert report.flops_after <= 0.5 * report.flops_before
+    assert any("1 of 3 removable residual blocks removed" in note for note in report.notes)
+    assert "blocks removed (1): blocks.1" in str(report)
+
+
+def test_depth_on_a_model_without_blocks_is_width_only_and_the_report_says_so():
+    model = torchvision.models.vgg11().eval()
+    result = fxprune.compile(model, fxprune.FLOPs(0.5), torch.randn(1, 3, 32, 32), progress=False, depth=True)
+    report = fxprune.report(result)
+    assert report.blocks_removed == [] and report.flops_after <= 0.5 * report.flops_before
+    assert any("no removable residual block" in note and "width-only" in note for note in report.notes)
+
+
+def test_a_plan_with_removed_blocks_round_trips_as_json_and_bad_block_ids_are_refused():
+    plan = Plan({0: np.array([1, 2])}, (3, 1))
+    again = Plan.from_json(plan.to_json())
+    assert again.drop == (1, 3) and again.keep[0].tolist() == [1, 2]
+    assert Plan.from_json(Plan({0: np.array([1])}).to_json()).drop == ()
+    gm = fxprune.analyze(_eval(Net()), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(fxprune.PlanError, match="removable blocks are 0..2"):
+        fxprune.prune(gm, Plan({}, (5,)))
+
+
+def test_a_branch_module_the_models_code_adds_becomes_a_zero():
+    class Tower(nn.Module):
+        """Pre-norm MLP blocks added in the model's own forward, as Hugging Face decoders add theirs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlps = nn.ModuleList([nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 64), nn.GELU(),
+                                                     nn.Linear(64, 16)) for _ in range(2)])
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x):
+            for mlp in self.mlps:
+                x = x + mlp(x)
+            return self.out(x)
+
+    model = Tower().eval()
+    x = torch.randn(2, 5, 16)
+    gm = fxprune.analyze(model, (x,))
+    found, _ = fxprune.blocks(gm)
+    assert [(b.module, b.kind) for b in found] == [("mlps.0", "zero"), ("mlps.1", "zero")]
+    plan = Plan({}, (1,))
+    shrunk = shrink_model(model, gm, plan)
+    verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {})
+    assert verification.ok, verification.failure
+    assert isinstance(shrunk.mlps[1], ZeroBranch) and isinstance(shrunk.mlps[0], nn.Sequential)
+    assert (x + ZeroBranch()(x)).equal(x)
