@@ -209,3 +209,23 @@ def test_a_branch_module_the_models_code_adds_becomes_a_zero():
     assert verification.ok, verification.failure
     assert isinstance(shrunk.mlps[1], ZeroBranch) and isinstance(shrunk.mlps[0], nn.Sequential)
     assert (x + ZeroBranch()(x)).equal(x)
+
+
+@pytest.mark.parametrize("name, size", [("mobilenet_v3_small", 64), ("efficientnet_b0", 64), ("regnet_y_400mf", 64),
+                                        ("mnasnet0_5", 64), ("convnext_tiny", 64), ("vit_b_32", 224)])
+def test_zoo_families_lose_every_other_block_exactly_in_the_graph_and_their_own_class(name, size):
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(1, 3, size, size)
+    gm = fxprune.analyze(model, (x,))
+    found, _ = fxprune.blocks(gm)
+    assert len(found) >= 6
+    plan = fxprune.random_plan(gm, 0.5, seed=0, include_norm_coupled=False)
+    plan.drop = tuple(range(0, len(found), 2))
+    pruned = fxprune.prune(gm, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked_forward(gm, plan, x), rtol=1e-4, atol=1e-4)
+    shrunk = shrink_model(model, gm, plan)
+    assert type(shrunk) is type(model)
+    assert sum(isinstance(m, (Skip, ZeroBranch)) for m in shrunk.modules()) == len(plan.drop)
+    verification = verify_model(model, shrunk, pruned, gm, plan, (x,), {})
+    assert verification.ok, verification.failure
