@@ -41,7 +41,7 @@ def _build(key: str):
     return model, inputs
 
 
-def _shares(runners: list, rounds: int, calls: int) -> list[float]:
+def round_robin_shares(runners: list, rounds: int, calls: int) -> list[float]:
     """Median over rounds of each runner's share of runner 0 (its 20% quantile of ``calls`` per round)."""
     ratios: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
@@ -79,7 +79,7 @@ def measure(key: str, rounds: int, calls: int) -> dict:
         eager = [lambda m=m: m(*args, **kwargs) for m in (model, graph, returned)]
         for run in eager:
             run()
-        base, graph_share, returned_share = _shares(eager, rounds, calls)
+        base, graph_share, returned_share = round_robin_shares(eager, rounds, calls)
     record["torch"] = {"graph": graph_share, "returned": returned_share}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -89,7 +89,7 @@ def measure(key: str, rounds: int, calls: int) -> dict:
             paths.append(path)
         flat = tuple(x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor))
         runners = [_ort_runner(p, flat) for p in paths]
-        base, graph_share, returned_share = _shares(runners, rounds, calls)
+        base, graph_share, returned_share = round_robin_shares(runners, rounds, calls)
     record["onnxruntime"] = {"graph": graph_share, "returned": returned_share}
     return record
 

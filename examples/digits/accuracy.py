@@ -31,6 +31,7 @@ of the per-pair ratios), not by fxprune. Methods:
 - fxprune IMPORTANCE [+ halp solver]: ``fxprune.compile(model, Latency(b), importance=..., solver=...)``
   with each importance criterion and SP-LAMP's group knapsack, and HALP's augmented knapsack (compile's
   closed loop times its plans on onnxruntime: up to four, ``refine=4``);
+- fxprune sp_lamp + depth: ``compile(..., depth=True)``, the plan may remove whole residual blocks too;
 - fxprune halp schedule: ``fxprune.Pruner`` prunes in steps during the first half of the short fine-tune
   (no one-shot point);
 - fxprune ssr: ``fxprune.SSR`` regularizes through the short fine-tune, then ``compile(Latency(b))``
@@ -73,7 +74,7 @@ from fxprune.passes.plan import uniform_plan
 IMPORTANCES = ("sp_lamp", "lamp", "l1", "l2", "bn_scale", "taylor")
 TORCH_PRUNING = ("magnitude", "lamp", "taylor", "hessian")
 METHODS = (*(f"fxprune {name}" for name in IMPORTANCES), "fxprune sp_lamp + halp solver",
-           "fxprune taylor + halp solver", "fxprune halp schedule", "fxprune ssr",
+           "fxprune taylor + halp solver", "fxprune sp_lamp + depth", "fxprune halp schedule", "fxprune ssr",
            *(f"torch-pruning {name}" for name in TORCH_PRUNING), "uniform")
 DEFAULT = "fxprune sp_lamp"  # what fxprune.compile does unless told otherwise
 POINTS = ("one-shot", "short", "full")
@@ -261,9 +262,9 @@ def uniform(run: Run, budget: float) -> nn.Module:
     return searched(run, budget, lambda ratio: fxprune.prune(gm, uniform_plan(gm, 1 - ratio, round_to=4)))
 
 
-def fxprune_one_shot(run: Run, budget: float, importance: str, solver: str) -> nn.Module:
+def fxprune_one_shot(run: Run, budget: float, importance: str, solver: str, depth: bool = False) -> nn.Module:
     return run.compile(run.base, budget, importance=importance, solver=solver, calibration=run.calibration(),
-                       loss_fn=F.cross_entropy)
+                       loss_fn=F.cross_entropy, depth=depth)
 
 
 def halp_schedule(run: Run, budget: float) -> nn.Module:
@@ -305,8 +306,9 @@ def prune(run: Run, method: str, budget: float) -> tuple[nn.Module, bool]:
     kind, _, name = method.partition(" ")
     if kind == "torch-pruning":
         return torch_pruning(run, budget, name), False
-    importance, _, solver = name.partition(" + ")
-    return fxprune_one_shot(run, budget, importance, "halp" if solver else "sp_lamp"), False
+    importance, _, extra = name.partition(" + ")
+    return fxprune_one_shot(run, budget, importance, "halp" if extra == "halp solver" else "sp_lamp",
+                            depth=extra == "depth"), False
 
 
 # --- running -------------------------------------------------------------------------------------------

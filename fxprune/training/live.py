@@ -35,6 +35,9 @@ from fxprune.passes.verify import own_model
 from fxprune.rules import TensorAxis
 
 
+BLOCKS = -1  # the key of the removable blocks' keep mask among the groups' (whose ids count from 0)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel wrappers."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -49,7 +52,7 @@ def distributed() -> bool:
 class LiveModel:
     """The user's model (possibly DDP-wrapped) with fxprune's analysis of it."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, leaf_modules=()) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, leaf_modules=(), depth: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise FxpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.module = unwrap(model)
@@ -65,6 +68,7 @@ class LiveModel:
         self.gm.to("cpu")
         self.device = device
         self.groups = analysis(self.gm).groups
+        self.blocks = analysis(self.gm).blocks if depth else []  # removable blocks the plans may remove
         self.params = dict(self.module.named_parameters())
         self._every_name = dict(self.module.named_parameters(remove_duplicate=False))  # tied weights too
         self.axes: list[TensorAxis] = [a for a in parameter_axes(self.gm) if a.name in self.params]
@@ -73,14 +77,21 @@ class LiveModel:
         return self._every_name[name]
 
     def masks_of(self, plan: Plan) -> dict[int, np.ndarray]:
+        """Per group, which channels ``plan`` keeps; under ``BLOCKS``, which removable blocks it keeps."""
         masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.groups.items()}
         for gid, kept in plan.keep.items():
             masks[gid] = np.isin(np.arange(self.groups[gid].size), kept)
+        if self.blocks:
+            masks[BLOCKS] = ~np.isin(np.arange(len(self.blocks)), plan.drop)
         return masks
 
     @torch.no_grad()
     def apply(self, masks: dict[int, np.ndarray]) -> None:
-        """Zero, in the live parameters, every position of a channel the masks remove."""
+        """Zero, in the live parameters, every position of a channel the masks remove, and the last layer of
+        every block they remove (its branch then computes zero, as the masked reference does)."""
+        for block in (b for b, keep in zip(self.blocks, masks.get(BLOCKS, ())) if not keep):
+            for name in block.zeroed:
+                self.params[name].zero_()
         for axis in self.axes:
             keep = masks[axis.space.group_id]
             if keep.all():
@@ -106,7 +117,8 @@ class LiveModel:
     def solve(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any,
               solver: str) -> PlanResult:
         """The best plan under ``capacity`` for the given per-group importance (``solve_plan``)."""
-        return solve_plan(self.gm, cost, capacity, importance=importance, round_to=granularity, solver=solver)
+        return solve_plan(self.gm, cost, capacity, importance=importance, round_to=granularity, solver=solver,
+                          depth=bool(self.blocks))
 
     def solve_timed(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any, solver: str,
                     refine: int) -> MeasuredSolve:
@@ -115,14 +127,15 @@ class LiveModel:
         (``passes/refine.py``)."""
         with Context(self.example_inputs, **self.engine_options) as context:
             return solve_measured(self.gm, cost, capacity, context, steps=refine, round_to=granularity,
-                                  solver=solver, importance=importance)
+                                  solver=solver, importance=importance, depth=bool(self.blocks))
 
     def agreed(self, solve: Callable[[], Plan]) -> Plan:
         """The plan ``solve()`` gives on rank 0, on every rank (latency tables measured on each rank could
         differ; the plan must not)."""
-        masks = self.masks_of(solve()) if rank() == 0 else {g: np.ones(x.size, bool) for g, x in self.groups.items()}
+        masks = self.masks_of(solve() if rank() == 0 else Plan({}))
         masks = broadcast_masks(masks)
-        return Plan({gid: np.flatnonzero(m) for gid, m in masks.items() if not m.all()})
+        drop = tuple(int(b) for b in np.flatnonzero(~masks.pop(BLOCKS, np.ones(0, dtype=bool))))
+        return Plan({gid: np.flatnonzero(m) for gid, m in masks.items() if not m.all()}, drop)
 
     def compile(self, plan: Plan, output: str = "module") -> nn.Module:
         """A new, physically smaller model with the live model's current weights and ``plan``: the live

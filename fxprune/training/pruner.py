@@ -15,7 +15,8 @@ of ``fxprune.compile``, with the latency tables measured once at the start. A la
 shares of the model as the engine runs it: each target is read through the tables' correction by the
 two whole models the latency pass timed (``passes/refine.py``), and the last step runs compile's closed
 loop (``refine`` plans timed on the engine), so the model compiled meets the budget as measured, not
-only as the tables predict. Under DDP the gradients
+only as the tables predict. With ``depth=True`` a step may remove whole residual blocks (the same knapsack
+as ``compile(..., depth=True)``): their last layer is zeroed and stays zero. Under DDP the gradients
 the scores come from are already averaged across ranks; rank 0 solves and broadcasts the masks, so
 every rank holds the same ones.
 """
@@ -38,7 +39,7 @@ from fxprune.ir.keys import IMPORTANCE_KEY
 from fxprune.passes.plan import nearest_plan
 from fxprune.passes.refine import Correction, calibration_points, check_refine
 from fxprune.passes.score import CRITERIA, ScorePass, TaylorAccumulator
-from fxprune.training.live import LiveModel, rank
+from fxprune.training.live import BLOCKS, LiveModel, rank
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Pruner:
     def __init__(self, model: nn.Module, budget: Any, example_inputs: Any = None, *, steps: int = 30,
                  optimizer: torch.optim.Optimizer | None = None, importance: str = "taylor", solver: str = "halp",
                  engine: Any = "onnxruntime", threads: int | None = None, round_to: int | None = None,
-                 cache: Any = None, progress: bool = False, leaf_modules=(), refine: int = 4) -> None:
+                 cache: Any = None, progress: bool = False, leaf_modules=(), refine: int = 4,
+                 depth: bool = False) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise PrunerError(f"steps must be a positive integer, got {steps!r}")
         check_refine(refine, PrunerError)
@@ -73,10 +75,10 @@ class Pruner:
         self.budget, self.steps, self.importance, self.solver = as_budget(budget), steps, importance, solver
         self.refine = refine
         self.correction: Correction | None = None  # a latency budget's: tables' share -> measured share
-        self.live = LiveModel(model, example_inputs, leaf_modules)
+        self.live = LiveModel(model, example_inputs, leaf_modules, depth)
         self.taylor = TaylorAccumulator(self.live.gm, self.live.live) if importance == "taylor" else None
-        self.masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.live.groups.items()}
         self.plan = Plan({})
+        self.masks = self.live.masks_of(self.plan)
         self.history: list[PruneStep] = []
         self._scores_seen: dict[int, np.ndarray] | None = None
         self.passes_read = 0  # backward passes whose gradients the Taylor score has read
@@ -120,7 +122,7 @@ class Pruner:
 
         self.plan = self.live.agreed(solve)
         self.masks = self.live.masks_of(self.plan)
-        kept = int(sum(m.sum() for m in self.masks.values()))
+        kept = int(sum(m.sum() for gid, m in self.masks.items() if gid != BLOCKS))
         target = self.targets[index] if self.targets else float("nan")  # known where the plan is solved: rank 0
         predicted, timed = solved[0] if solved else (float("nan"), False)
         self.history.append(PruneStep(index + 1, target, predicted, kept, timed))

@@ -38,7 +38,7 @@ class SSR:
 
     def __init__(self, model: nn.Module, example_inputs: Any = None, *, optimizer: torch.optim.Optimizer | None = None,
                  strength: float = 1e-3, penalty: float = 1e-2, every: int = 10, norm: str = "l21",
-                 leaf_modules=()) -> None:
+                 leaf_modules=(), depth: bool = False) -> None:
         if norm not in NORMS:
             raise SSRError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         for name, value in (("strength", strength), ("penalty", penalty)):
@@ -47,7 +47,7 @@ class SSR:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise SSRError(f"every must be a positive integer, got {every!r}")
         self.strength, self.penalty, self.every, self.norm = float(strength), float(penalty), every, norm
-        self.live = LiveModel(model, example_inputs, leaf_modules)
+        self.live = LiveModel(model, example_inputs, leaf_modules, depth)  # depth: budgets may remove blocks
         self.rows: list[TensorAxis] = [a for a in self.live.axes if a.produces
                                           and self.live.groups[a.space.group_id].prunable]
         with torch.no_grad():

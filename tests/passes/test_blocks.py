@@ -18,31 +18,6 @@ from fxprune.modules import Skip, ZeroBranch
 from fxprune.testing import masked_forward
 
 
-class Residual(nn.Module):
-    """``relu(x + bn(conv(relu(bn(conv(x))))))``: a torchvision BasicBlock without downsample."""
-
-    def __init__(self, width: int, inner: int, scale: float = 1.0) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(width, inner, 3, padding=1, bias=False), nn.BatchNorm2d(inner)
-        self.conv2, self.bn2 = nn.Conv2d(inner, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        with torch.no_grad():
-            self.conv2.weight.mul_(scale)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-class Net(nn.Module):
-    def __init__(self, scales=(1.0, 1.0, 1.0)) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
-        self.blocks = nn.Sequential(*[Residual(32, 64, s) for s in scales])
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
-
-
 class Signed(nn.Module):
     """``tanh(x + f(x))`` on a signed input: without the branch it is tanh(x), not x; ``inline``: the
     branch is this module's own code, so no module holds it alone."""
@@ -102,8 +77,8 @@ def test_inverted_residuals_and_layer_scaled_blocks_are_found(name):
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_removed_blocks_match_the_masked_reference_in_the_graph_and_the_users_model(capture):
-    model = _eval(Net())
+def test_removed_blocks_match_the_masked_reference_in_the_graph_and_the_users_model(capture, residual_net):
+    model = _eval(residual_net())
     x = torch.randn(2, 3, 16, 16)
     gm = fxprune.analyze(model, (x,), capture=capture)
     found, _ = fxprune.blocks(gm)
@@ -118,8 +93,8 @@ def test_removed_blocks_match_the_masked_reference_in_the_graph_and_the_users_mo
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not any("blocks.0" in name or "blocks.2" in name for name, _ in pruned.named_parameters())
     shrunk = shrink_model(model, gm, plan)
-    assert type(shrunk) is Net and isinstance(shrunk.blocks[0], Skip) and isinstance(shrunk.blocks[2], Skip)
-    assert isinstance(shrunk.blocks[1], Residual)
+    assert type(shrunk) is residual_net and isinstance(shrunk.blocks[0], Skip) and isinstance(shrunk.blocks[2], Skip)
+    assert not isinstance(shrunk.blocks[1], Skip)
     verification = verify_model(model, shrunk, pruned, gm, plan, (x,), {})
     assert verification.ok, verification.failure
     assert len(verification.shapes) == 3
@@ -150,15 +125,15 @@ def test_a_branch_no_module_holds_alone_is_not_removable_and_says_so():
     assert found == [] and any("no module of the model holds the branch alone" in r for r in why.values())
 
 
-def test_the_knapsack_removes_the_block_that_matters_least_where_thinning_cannot_reach_the_budget():
+def test_the_knapsack_removes_the_block_that_matters_least_where_thinning_cannot_reach_the_budget(residual_net):
     torch.manual_seed(0)
-    model = _eval(Net(scales=(1.0, 1e-3, 1.0)))  # the middle block's branch is almost nothing
+    model = _eval(residual_net(scales=(1.0, 1e-3, 1.0)))  # the middle block's branch is almost nothing
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(fxprune.BudgetError):  # every group keeps at least one 32-channel step
         fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32)
     result = fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32, depth=True)
     report = fxprune.report(result)
-    assert type(result) is Net and isinstance(result.blocks[1], Skip)
+    assert type(result) is residual_net and isinstance(result.blocks[1], Skip)
     assert report.blocks_removed == ["blocks.1"]
     assert report.flops_after <= 0.5 * report.flops_before
     assert any("1 of 3 removable residual blocks removed" in note for note in report.notes)
@@ -173,12 +148,12 @@ def test_depth_on_a_model_without_blocks_is_width_only_and_the_report_says_so():
     assert any("no removable residual block" in note and "width-only" in note for note in report.notes)
 
 
-def test_a_plan_with_removed_blocks_round_trips_as_json_and_bad_block_ids_are_refused():
+def test_a_plan_with_removed_blocks_round_trips_as_json_and_bad_block_ids_are_refused(residual_net):
     plan = Plan({0: np.array([1, 2])}, (3, 1))
     again = Plan.from_json(plan.to_json())
     assert again.drop == (1, 3) and again.keep[0].tolist() == [1, 2]
     assert Plan.from_json(Plan({0: np.array([1])}).to_json()).drop == ()
-    gm = fxprune.analyze(_eval(Net()), (torch.randn(1, 3, 8, 8),))
+    gm = fxprune.analyze(_eval(residual_net()), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(fxprune.PlanError, match="removable blocks are 0..2"):
         fxprune.prune(gm, Plan({}, (5,)))
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.modules import Skip
 from fxprune.passes.cost import count_params, count_flops
 from fxprune.training.pruner import PrunerError, geometric_targets
 from fxprune.passes.refine import MARGIN
@@ -128,3 +129,27 @@ def test_misuse_is_explained():
     pruner.step()
     with pytest.raises(PrunerError, match="compile"):
         pruner.step()
+
+
+def test_with_depth_a_step_removes_a_block_keeps_its_last_layer_zero_and_compiles_without_it(residual_net):
+    torch.manual_seed(0)
+    model = residual_net(scales=(1.0, 1e-3, 1.0))  # the middle block adds almost nothing
+    x = torch.randn(4, 3, 16, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = fxprune.Pruner(model, fxprune.FLOPs(0.5), x[:1], steps=2, optimizer=optimizer, importance="l2",
+                            round_to=32, depth=True)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    assert pruner.plan.drop == (1,)
+    model(x).square().mean().backward()
+    optimizer.step()  # the removed block's last layer stays zero through training
+    assert model.blocks[1].bn2.weight.abs().sum() == 0 and model.blocks[1].bn2.bias.abs().sum() == 0
+    pruned = pruner.compile().eval()
+    assert type(pruned) is residual_net and isinstance(pruned.blocks[1], Skip)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-5)
+    assert count_flops(pruned, (x[:1],)) <= 0.5 * count_flops(residual_net(), (x[:1],))

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune.modules import Skip
 from fxprune.passes.cost import count_params
 from fxprune.passes.refine import MARGIN
 from fxprune.testing import CurvedEngine
@@ -95,3 +96,18 @@ def test_bad_settings_are_explained():
         fxprune.SSR(model, (torch.randn(1, 3, 8, 8),), strength=-1)
     with pytest.raises(SSRError, match="every"):
         fxprune.SSR(model, (torch.randn(1, 3, 8, 8),), every=0)
+
+
+def test_with_depth_a_budget_after_ssr_removes_the_block_that_adds_least(residual_net):
+    torch.manual_seed(0)
+    model = residual_net(scales=(1.0, 1e-3, 1.0))
+    x = torch.randn(4, 3, 16, 16)
+    regularizer = fxprune.SSR(model, x[:1], depth=True)
+    with pytest.raises(fxprune.BudgetError):  # width alone keeps one 32-channel step per group
+        fxprune.SSR(model, x[:1]).compile(fxprune.FLOPs(0.5), round_to=32)
+    pruned = regularizer.compile(fxprune.FLOPs(0.5), round_to=32).eval()
+    assert type(pruned) is residual_net and isinstance(pruned.blocks[1], Skip)
+    assert model.blocks[1].bn2.weight.abs().sum() == 0  # the live model's branch computes zero, as the pruned one
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-5)
