@@ -314,6 +314,10 @@ def cmd_analyze(args) -> None:
           f"({fxprune.capture_of(gm).describe()})")
     for group in groups:
         print("  " + group.describe())
+    blocks, others = fxprune.blocks(gm)
+    print(f"{len(blocks)} removable residual blocks (--depth): " + (", ".join(b.module for b in blocks) or "none"))
+    for add, why in others.items():
+        print(f"  {add}: not removable: {why}")
 
 
 def cmd_cache(args) -> None:

@@ -62,6 +62,8 @@ def test_analyze_lists_groups(capsys):
     assert main(["analyze", "resnet18", "--input-shape", "1,3,48,48"]) == 0
     text = capsys.readouterr().out
     assert "prunable" in text and "frozen: model output" in text
+    assert "5 removable residual blocks (--depth): layer1.0, layer1.1, layer2.1, layer3.1, layer4.1" in text
+    assert "not removable: its other input is not computed from the skip input alone" in text  # downsample
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -163,3 +165,12 @@ def test_the_report_speaks_in_flags(tmp_path, capsys, monkeypatch):
                  "--input-shape", "1,3,48,48"]) == 0
     out = capsys.readouterr().out
     assert "pass --measure" in out and "measure=True" not in out
+
+
+def test_depth_lets_the_plan_remove_residual_blocks_and_the_report_lists_them(tmp_path, capsys):
+    output = tmp_path / "small.pt"
+    assert main(["prune", "resnet18", "--input-shape", "1,3,32,32", "--budget", "flops:0.15", "--round-to", "64",
+                 "--depth", "-o", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "depth:" in printed and "removable residual blocks removed" in printed
+    assert "blocks removed (" in printed

@@ -15,6 +15,7 @@ For every seed a base model is trained, then each method prunes it to each laten
 the base model's latency on onnxruntime, batch 1, 2 threads) and gets the same fine-tuning:
 
 - fxprune sp_lamp: ``fxprune.compile(model, Latency(b))`` once, then fine-tuning;
+- fxprune sp_lamp + depth: the same with ``depth=True`` (the plan may remove whole residual blocks);
 - fxprune halp: ``fxprune.Pruner`` (Taylor importance, HALP's solver) prunes in steps during the first
   half of fine-tuning;
 - fxprune ssr: ``fxprune.SSR`` (L2,1, AULM) regularizes during the first half, ``compile(Latency(b))``
@@ -62,8 +63,8 @@ from fxprune.passes.cost import count_flops
 from fxprune.passes.latency import LatencyPass, latency_cost
 from fxprune.backends.registry import get_engine
 
-METHODS = ("fxprune sp_lamp", "fxprune halp", "fxprune ssr", "torch-pruning magnitude", "torch-pruning lamp",
-           "uniform")
+METHODS = ("fxprune sp_lamp", "fxprune sp_lamp + depth", "fxprune halp", "fxprune ssr", "torch-pruning magnitude",
+           "torch-pruning lamp", "uniform")
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ENGINES = ("onnxruntime", "onnxruntime-int8")
@@ -125,10 +126,14 @@ class Bench:
 
 
 # --- the methods -----------------------------------------------------------------------------------------
-def fxprune_sp_lamp(bench: Bench, base: nn.Module, budget: float, seed: int) -> nn.Module:
+def fxprune_sp_lamp(bench: Bench, base: nn.Module, budget: float, seed: int, depth: bool = False) -> nn.Module:
     pruned = fxprune.compile(base, fxprune.Latency(budget), EXAMPLE, cache=bench.cache, progress=False,
-                             engine=bench.args.engine)
+                             engine=bench.args.engine, depth=depth)
     return bench.finetune(pruned, seed, bench.args.epochs)
+
+
+def fxprune_depth(bench: Bench, base: nn.Module, budget: float, seed: int) -> nn.Module:
+    return fxprune_sp_lamp(bench, base, budget, seed, depth=True)
 
 
 def fxprune_halp(bench: Bench, base: nn.Module, budget: float, seed: int) -> nn.Module:
@@ -221,7 +226,8 @@ def uniform(bench: Bench, base: nn.Module, budget: float, seed: int) -> nn.Modul
     return bench.finetune(fxprune.prune(gm, plan_at(low)), seed, bench.args.epochs)
 
 
-RUNNERS = {"fxprune sp_lamp": fxprune_sp_lamp, "fxprune halp": fxprune_halp, "fxprune ssr": fxprune_ssr,
+RUNNERS = {"fxprune sp_lamp": fxprune_sp_lamp, "fxprune sp_lamp + depth": fxprune_depth,
+           "fxprune halp": fxprune_halp, "fxprune ssr": fxprune_ssr,
            "torch-pruning magnitude": torch_pruning_magnitude, "torch-pruning lamp": torch_pruning_lamp,
            "uniform": uniform}
 
