@@ -10,6 +10,9 @@ import torch
 
 import fxprune
 from examples.yolo.train import demo_dataset
+from fxprune.modules import Skip
+from fxprune.passes.shrink import shrink_model
+from fxprune.passes.verify import verify_model
 from fxprune.yolo import pruned_trainer
 
 ultralytics = pytest.importorskip("ultralytics")
@@ -48,3 +51,24 @@ def test_a_pruned_yolo_loads_validates_trains_and_exports_in_ultralytics(tmp_pat
     onnx_file = ultralytics.YOLO(str(last)).export(format="onnx", imgsz=64)
     assert Path(onnx_file).exists()
 
+
+
+def test_a_yolo_without_some_of_its_bottlenecks_loads_and_runs_in_ultralytics(tmp_path):
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=2, verbose=False).eval()
+    x = torch.randn(1, 3, 128, 128)
+    gm = fxprune.analyze(model, (x,))
+    found, _ = fxprune.blocks(gm)
+    assert [b.module for b in found][:3] == ["model.2.m.0", "model.4.m.0", "model.4.m.1"]  # C2f bottlenecks
+    plan = fxprune.random_plan(gm, 0.6, seed=0)
+    plan.drop = (1, 3)
+    shrunk = shrink_model(model, gm, plan)
+    verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {})
+    assert verification.ok, verification.failure
+    shrunk.meta = {"fxprune_plan": plan}
+    yolo = ultralytics.YOLO(str(fxprune.save(shrunk, tmp_path / "yolo.pt")))
+    assert isinstance(yolo.model.model[4].m[0], Skip) and not isinstance(yolo.model.model[4].m[1], Skip)
+    with torch.no_grad():
+        torch.testing.assert_close(yolo.model.float().eval()(x)[0], shrunk(x)[0], rtol=1e-4, atol=1e-4)
