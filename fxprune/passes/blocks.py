@@ -205,6 +205,14 @@ def _innermost(blocks: list[Block], analysis: Analysis) -> list[Block]:
     return kept
 
 
+def _values(gm: torch.fx.GraphModule, wanted: set[str], example_inputs: tuple) -> dict[str, object]:
+    """The values of the ``wanted`` nodes in one run of ``gm`` as fxprune runs models (``inference``)."""
+    with torch.no_grad(), inference(gm):
+        run = _Values(gm, wanted)
+        run.run(*example_inputs)
+    return run.values
+
+
 class _Values(torch.fx.Interpreter):
     """Runs the graph and keeps the values of the nodes asked for."""
 
@@ -229,26 +237,25 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
     saved = {name: parameters[name].detach().clone() for b in blocks for name in b.zeroed}
     skip_ends = {b.id: _module_output(gm, b) for b in blocks if b.kind == "skip"}
     wanted = {b.output for b in blocks} | {b.skip for b in blocks} | set(skip_ends.values())
-    with torch.no_grad(), inference(gm):  # the branches' shares of their residuals, as the model is
-        as_is = _Values(gm, wanted)
-        as_is.run(*example_inputs)
-    blocks = [dataclasses.replace(b, share=_share(as_is.values.get(b.skip), as_is.values.get(b.output)))
-              for b in blocks]
     try:
-        with torch.no_grad():
-            for name in saved:
-                parameters[name].zero_()
-            with inference(gm):
-                values = _Values(gm, wanted)
-                values.run(*example_inputs)
-    finally:
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                parameters[name].copy_(tensor)
+        as_is = _values(gm, wanted, example_inputs)  # the branches' shares of their residuals, as the model is
+        try:
+            with torch.no_grad():
+                for name in saved:
+                    parameters[name].zero_()
+            values = _values(gm, wanted, example_inputs)
+        finally:
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    parameters[name].copy_(tensor)
+    except Exception as error:  # noqa: BLE001 - the model's own code may raise anything; no block is offered
+        analysis.kept_blocks.update({b.add: f"the graph did not run to check its branch: {error}" for b in blocks})
+        return []
     kept, nodes = [], {n.name: n for n in gm.graph.nodes}
     for block in blocks:
-        branch, skip = values.values.get(block.output), values.values.get(block.skip)
-        end = values.values.get(skip_ends.get(block.id, block.output))
+        block = dataclasses.replace(block, share=_share(as_is.get(block.skip), as_is.get(block.output)))
+        branch, skip = values.get(block.output), values.get(block.skip)
+        end = values.get(skip_ends.get(block.id, block.output))
         if not isinstance(branch, torch.Tensor) or bool(branch.ne(0).any()):
             analysis.kept_blocks[block.add] = "zeroing its last layer's parameters does not zero its branch"
         elif block.kind == "skip" and not (isinstance(end, torch.Tensor) and torch.equal(end, skip)):
