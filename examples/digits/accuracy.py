@@ -423,6 +423,7 @@ def summarize(results: list[dict], args, seconds: float | None = None) -> str:
              "(no weight changed).", ""]
     lines += _runs(results)
     lines += _default_vs_torch_pruning(table, budgets, unreachable)
+    lines += _depth_vs_width(table, budgets, unreachable)
     lines += _discrimination(table, methods, budgets)
     for point in POINTS:
         for key, label in (("accuracy", "test accuracy"), ("agreement", "top-1 agreement with the base model"),
@@ -513,6 +514,47 @@ def _default_vs_torch_pruning(table, budgets, unreachable: list[dict]) -> list[s
             lines.append(f"| {budget} | {point} | {_mean(ours, point):.3f} | {theirs}: {_mean(their_rows, point):.3f} | "
                          f"{statistics.mean(differences):+.3f} | {', '.join(f'{d:+.3f}' for d in differences)} | "
                          f"{'yes' if beyond_spread(differences) else 'no'} |")
+    return lines + [""]
+
+
+def _depth_vs_width(table, budgets, unreachable: list[dict]) -> list[str]:
+    """``compile(..., depth=True)`` against the default (width only) and against Torch-Pruning's best, paired
+    per seed (present when both ran)."""
+    depth = f"{DEFAULT} + depth"
+    if not any(method == depth for method, _ in table):
+        return []
+    lines = ["## Depth and width in one plan against width only", "",
+             f"`{depth}` (`compile(..., depth=True)`: the plan may also remove whole residual blocks) minus `{DEFAULT}` "
+             "(width only), and minus Torch-Pruning's best importance at that budget and point (picked after the "
+             "fact), per seed.", "",
+             "| budget | point | depth + width | width only | difference | per seed | beyond spread | "
+             "Torch-Pruning best | difference | beyond spread |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for budget in budgets:
+        ours, width = table.get((depth, budget)), table.get((DEFAULT, budget))
+        if not ours:
+            refused = [r for r in unreachable if r["method"] == depth and r["budget"] == budget]
+            if refused:
+                lines.append(f"| {budget} | all | unreachable on {len(refused)} seeds ({_unreachable_why(refused)}) "
+                             "| | | | | | | |")
+            continue
+        for point in POINTS:
+            if not any(point in r for r in ours):
+                continue
+            row = f"| {budget} | {point} | {_mean(ours, point):.3f} | "
+            if width and any(point in r for r in width):
+                differences = paired(ours, width, point)
+                row += (f"{_mean(width, point):.3f} | {statistics.mean(differences):+.3f} | "
+                        f"{', '.join(f'{d:+.3f}' for d in differences)} | {'yes' if beyond_spread(differences) else 'no'} | ")
+            else:
+                row += "unreachable | | | | "
+            best = _torch_pruning_best(table, budget, point)
+            if best:
+                differences = paired(ours, best[2], point)
+                row += (f"{best[1]}: {_mean(best[2], point):.3f} | {statistics.mean(differences):+.3f} | "
+                        f"{'yes' if beyond_spread(differences) else 'no'} |")
+            else:
+                row += "| | |"
+            lines.append(row)
     return lines + [""]
 
 
