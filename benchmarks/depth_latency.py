@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--out", default=str(DOCS / "depth_latency.md"))
+    parser.add_argument("--cache", default=None, help="latency cache folder (default: fxprune's)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     out = Path(args.out)
@@ -67,7 +68,7 @@ def main() -> None:
                 start = time.perf_counter()
                 try:
                     pruned = fxprune.compile(model, fxprune.Latency(budget), x, engine=args.engine, depth=depth,
-                                             progress=False)
+                                             progress=False, cache=args.cache)
                 except fxprune.BudgetError as error:
                     row = (f"| {name} | {args.engine} | {budget} | {plan} | {time.perf_counter() - start:.0f} | | "
                            f"refused (smallest {error.smallest_share:.3f}) | | |")
