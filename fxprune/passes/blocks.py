@@ -95,7 +95,8 @@ def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, ind
         return "the add broadcasts"
     reasons = []
     for x, y in (add.args, add.args[::-1]):
-        branch = _branch(add, x, y)
+        root, chain = _unchanged(gm, x)  # x itself, or what an identity shortcut passes on
+        branch = _branch(add, root, y)
         if isinstance(branch, str):
             reasons.append(branch)
             continue
@@ -103,7 +104,7 @@ def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, ind
         if not zeroed:
             reasons.append("no layer with parameters ends its branch")
             continue
-        place = _skip_module(add, x, branch) or _branch_module(add, y, branch)
+        place = _skip_module(add, root, branch, chain) or _branch_module(add, y, branch)
         if place is None:
             reasons.append("no module of the model holds the branch alone (the model's code cannot lose it)")
             continue
@@ -137,16 +138,28 @@ def _inside(nodes, path: str) -> set[torch.fx.Node]:
     return {n for n in nodes if any(p == path for p, _ in _paths(n))}
 
 
-def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set) -> tuple[str, str] | None:
-    """The deepest module that is the whole block: the branch, the add, and single-input activations after
-    it (the block pass checks they return ``x`` as it is), called once, taking ``x`` from outside."""
+def _unchanged(gm: torch.fx.GraphModule, x: torch.fx.Node) -> tuple[torch.fx.Node, set[torch.fx.Node]]:
+    """The tensor ``x`` is, unchanged (through ``nn.Identity``, dropout: a shortcut that is a module), and
+    the calls on the way."""
+    chain = set()
+    while x.op in ("call_module", "call_function", "call_method") and len(x.all_input_nodes) == 1 \
+            and _rule(x).identity(gm, x):
+        chain.add(x)
+        x = x.all_input_nodes[0]
+    return x, chain
+
+
+def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set) -> tuple[str, str] | None:
+    """The deepest module that is the whole block: the branch, the add, the identity shortcut ``chain``, and
+    single-input activations after the add (the block pass checks they return ``x`` as it is), called once,
+    taking ``x`` from outside."""
     x_paths = {p for p, _ in _paths(x)}
     every = list(add.graph.nodes)
     for path, first in reversed(_paths(add)):
         if path in x_paths or not first:
             continue
         inside = _inside(every, path) - {n for n in every if n.op == "get_attr"}
-        after = inside - branch - {add}
+        after = inside - branch - {add} - chain
         chain, node = [], add
         while len(node.users) == 1 and next(iter(node.users)) in after:
             node = next(iter(node.users))

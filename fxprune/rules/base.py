@@ -54,7 +54,8 @@ class Rule:
     - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
     - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
     - ``flop_probe``: FLOPs at given kept widths, for ops whose count is not a product of shares;
-    - ``residual_add``: whether a call is ``a + b`` (where the block pass looks for removable blocks).
+    - ``residual_add``, ``identity``: whether a call is ``a + b`` (where the block pass looks for removable
+      blocks), whether it returns its input unchanged (what a skip path may pass through).
     """
 
     name = "frozen"
@@ -111,6 +112,11 @@ class Rule:
 
     def residual_add(self, node: torch.fx.Node) -> bool:
         """Whether ``node`` is a plain sum of two tensors, ``a + b`` (the end of a residual block)."""
+        return False
+
+    def identity(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        """Whether the call returns its tensor input unchanged as fxprune runs models (eval mode): a
+        residual's skip path may pass through it."""
         return False
 
     def importance_rows(self, gm: torch.fx.GraphModule,

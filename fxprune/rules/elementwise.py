@@ -74,6 +74,15 @@ class Passthrough(Rule):
                "clone", "detach", "float", "half", "bfloat16", "to", "type_as")
     wrapped = ("stochastic_depth",)  # functions fx keeps as calls (torch.fx.wrap), known by name
 
+    unchanged_modules = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+    unchanged_calls = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, aten.clone, aten.alias,
+                       aten.contiguous, "clone", "contiguous")
+
+    def identity(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(gm.get_submodule(node.target), self.unchanged_modules)
+        return getattr(node.target, "overloadpacket", node.target) in self.unchanged_calls
+
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         inputs = tensor_inputs(node)
         if inputs and _noop(b, node) and pass_pending(b, node, inputs[0]):

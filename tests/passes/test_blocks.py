@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
+from examples.models import CifarResNet
 from fxprune.ir.channels import Plan
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.rewrite import kept_shares
@@ -204,3 +205,18 @@ def test_zoo_families_lose_every_other_block_exactly_in_the_graph_and_their_own_
     assert sum(isinstance(m, (Skip, ZeroBranch)) for m in shrunk.modules()) == len(plan.drop)
     verification = verify_model(model, shrunk, pruned, gm, plan, (x,), {})
     assert verification.ok, verification.failure
+
+
+def test_a_shortcut_that_is_an_identity_module_is_seen_through():
+    model = CifarResNet(20, in_channels=1, width=16).eval()  # self.shortcut = nn.Identity() where shapes agree
+    x = torch.randn(2, 1, 16, 16)
+    gm = fxprune.analyze(model, (x,))
+    found, why = fxprune.blocks(gm)
+    assert [b.module for b in found] == ["layers.0", "layers.1", "layers.2", "layers.4", "layers.5", "layers.7",
+                                         "layers.8"]
+    assert len(why) == 2  # the two blocks whose shortcut is a strided 1x1 convolution
+    plan = Plan({}, (0, 3, 6))
+    shrunk = shrink_model(model, gm, plan)
+    verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {})
+    assert verification.ok, verification.failure
+    assert [type(layer).__name__ for layer in shrunk.layers].count("Skip") == 3
