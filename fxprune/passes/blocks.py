@@ -85,7 +85,7 @@ def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> set[torch
         return "the skip input is part of the branch"
     escaping = [n.name for n in branch for user in n.users if user not in branch and user is not add]
     if escaping:
-        return f"{escaping[0]} is read outside the branch"
+        return f"a result of the branch is read outside it ({escaping[0]})"
     return branch
 
 
