@@ -160,13 +160,13 @@ def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set) 
             continue
         inside = _inside(every, path) - {n for n in every if n.op == "get_attr"}
         after = inside - branch - {add} - chain
-        chain, node = [], add
+        post, node = [], add  # activations after the add
         while len(node.users) == 1 and next(iter(node.users)) in after:
             node = next(iter(node.users))
-            chain.append(node)
+            post.append(node)
             if len(node.all_input_nodes) != 1:
                 break
-        if set(chain) == after and all(len(n.all_input_nodes) == 1 for n in chain) and branch <= inside:
+        if set(post) == after and all(len(n.all_input_nodes) == 1 for n in post) and branch <= inside:
             return path, "skip"
     return None
 

@@ -220,3 +220,10 @@ def test_a_shortcut_that_is_an_identity_module_is_seen_through():
     verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {})
     assert verification.ok, verification.failure
     assert [type(layer).__name__ for layer in shrunk.layers].count("Skip") == 3
+
+
+def test_swins_attention_blocks_say_why_they_are_not_removable():
+    gm = fxprune.analyze(torchvision.models.swin_t().eval(), (torch.randn(1, 3, 224, 224),))
+    found, why = fxprune.blocks(gm)
+    assert found == [] and len(why) == 24  # its code adds each branch inside the block: no module holds one alone
+    assert all("no module of the model holds the branch alone" in reason for reason in why.values())
