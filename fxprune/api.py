@@ -95,7 +95,7 @@ def compile(
     remeasure: bool = False,
     progress: bool = True,
     output: str = "module",
-    depth: bool = False,
+    depth: bool = True,
 ) -> torch.nn.Module:
     """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module:
     ``output="module"`` (default) a copy of ``model``, its own class, with the removed channels sliced out
@@ -103,7 +103,8 @@ def compile(
     and against the masked original at other shapes; where that fails (code that keeps a size no update
     reaches), the pruned graph, with a report note naming the module. ``output="graph"``: the pruned
     ``GraphModule`` (the export-ready form) directly. ``depth``: the plan may also remove whole residual
-    blocks (``x + f(x)`` becomes ``x``) where that buys the budget more cheaply than thinning them.
+    blocks (``x + f(x)`` becomes ``x``) where that buys the budget more cheaply than thinning them (default:
+    on, docs/depth.md says why; ``fxprune.blocks(gm)`` lists them); ``depth=False``: width only.
 
     ``budget``: a float in (0, 1] (share of the baseline latency on ``engine``), or ``fxprune.Latency``,
     ``fxprune.FLOPs``, ``fxprune.Params``. ``engine``: ``"onnxruntime"`` (CPU, default), ``"torch"``,

@@ -374,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=positive_int,
                        help="keep counts on multiples of this (default: the engine's step)")
     prune.add_argument("--measure", action="store_true", help="time the model before and after on the engine")
-    prune.add_argument("--depth", action="store_true",
-                       help="the plan may also remove whole residual blocks (x + f(x) becomes x)")
+    prune.add_argument("--depth", action=argparse.BooleanOptionalAction, default=True,
+                       help="the plan may also remove whole residual blocks, x + f(x) becoming x (default: on; "
+                            "--no-depth: width only)")
     prune.add_argument("--refine", type=int, default=4, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
                             "the measurements (default 4; 0 trusts the tables alone)")

@@ -131,8 +131,8 @@ def test_the_knapsack_removes_the_block_that_matters_least_where_thinning_cannot
     model = _eval(residual_net(scales=(1.0, 1e-3, 1.0)))  # the middle block's branch is almost nothing
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(fxprune.BudgetError):  # every group keeps at least one 32-channel step
-        fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32)
-    result = fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32, depth=True)
+        fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32, depth=False)
+    result = fxprune.compile(model, fxprune.FLOPs(0.5), x, progress=False, round_to=32)  # depth: the default
     report = fxprune.report(result)
     assert type(result) is residual_net and isinstance(result.blocks[1], Skip)
     assert report.blocks_removed == ["blocks.1"]
