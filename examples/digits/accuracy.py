@@ -28,10 +28,11 @@ Every pruned model's latency is measured here, by plain onnxruntime sessions in 
 rounds against the base model (a round's latency is the 10% quantile of its runs; the share is the median
 of the per-pair ratios), not by fxprune. Methods:
 
-- fxprune IMPORTANCE [+ halp solver]: ``fxprune.compile(model, Latency(b), importance=..., solver=...)``
-  with each importance criterion and SP-LAMP's group knapsack, and HALP's augmented knapsack (compile's
-  closed loop times its plans on onnxruntime: up to four, ``refine=4``);
-- fxprune sp_lamp + depth: ``compile(..., depth=True)``, the plan may remove whole residual blocks too;
+- fxprune IMPORTANCE [+ halp solver]: ``fxprune.compile(model, Latency(b), importance=..., solver=...,
+  depth=False)`` with each importance criterion and SP-LAMP's group knapsack, and HALP's augmented knapsack
+  (compile's closed loop times its plans on onnxruntime: up to four, ``refine=4``): width only;
+- fxprune sp_lamp + depth: ``compile(..., depth=True)``, the plan may remove whole residual blocks too
+  (compile's default since issue 28);
 - fxprune halp schedule: ``fxprune.Pruner`` prunes in steps during the first half of the short fine-tune
   (no one-shot point);
 - fxprune ssr: ``fxprune.SSR`` regularizes through the short fine-tune, then ``compile(Latency(b))``
@@ -76,7 +77,8 @@ TORCH_PRUNING = ("magnitude", "lamp", "taylor", "hessian")
 METHODS = (*(f"fxprune {name}" for name in IMPORTANCES), "fxprune sp_lamp + halp solver",
            "fxprune taylor + halp solver", "fxprune sp_lamp + depth", "fxprune halp schedule", "fxprune ssr",
            *(f"torch-pruning {name}" for name in TORCH_PRUNING), "uniform")
-DEFAULT = "fxprune sp_lamp"  # what fxprune.compile does unless told otherwise
+DEFAULT = "fxprune sp_lamp + depth"  # what fxprune.compile does unless told otherwise (depth=True since issue 28)
+WIDTH_ONLY = "fxprune sp_lamp"  # compile(..., depth=False): the default before issue 28
 POINTS = ("one-shot", "short", "full")
 BUDGETS = (0.2, 0.3, 0.5)
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -520,17 +522,17 @@ def _default_vs_torch_pruning(table, budgets, unreachable: list[dict]) -> list[s
 def _depth_vs_width(table, budgets, unreachable: list[dict]) -> list[str]:
     """``compile(..., depth=True)`` against the default (width only) and against Torch-Pruning's best, paired
     per seed (present when both ran)."""
-    depth = f"{DEFAULT} + depth"
+    depth = DEFAULT
     if not any(method == depth for method, _ in table):
         return []
     lines = ["## Depth and width in one plan against width only", "",
-             f"`{depth}` (`compile(..., depth=True)`: the plan may also remove whole residual blocks) minus `{DEFAULT}` "
+             f"`{depth}` (`compile(..., depth=True)`: the plan may also remove whole residual blocks) minus `{WIDTH_ONLY}` "
              "(width only), and minus Torch-Pruning's best importance at that budget and point (picked after the "
              "fact), per seed.", "",
              "| budget | point | depth + width | width only | difference | per seed | beyond spread | "
              "Torch-Pruning best | difference | beyond spread |", "|---|---|---|---|---|---|---|---|---|---|"]
     for budget in budgets:
-        ours, width = table.get((depth, budget)), table.get((DEFAULT, budget))
+        ours, width = table.get((depth, budget)), table.get((WIDTH_ONLY, budget))
         if not ours:
             refused = [r for r in unreachable if r["method"] == depth and r["budget"] == budget]
             if refused:
