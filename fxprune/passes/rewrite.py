@@ -137,8 +137,11 @@ def _remove_blocks(gm: torch.fx.GraphModule, blocks: list[Block]) -> set[str]:
     Returns the names of the tensors (get_attr targets) the removed nodes read."""
     nodes = {n.name: n for n in gm.graph.nodes}
     read: set[str] = set()
-    for block in blocks:
-        nodes[block.add].replace_all_uses_with(nodes[block.skip])
+    instead: dict[str, torch.fx.Node] = {}  # a removed add -> the node its users read now
+    for block in sorted(blocks, key=lambda b: b.id):  # graph order: a block's skip may be the add of the one before
+        skip = instead.get(block.skip, nodes[block.skip])
+        nodes[block.add].replace_all_uses_with(skip)
+        instead[block.add] = skip
         for name in block.nodes:
             read.update(a.target for a in nodes[name].all_input_nodes if a.op == "get_attr")
     for block in blocks:

@@ -1,6 +1,8 @@
 """Removable residual blocks: found in the graph, removed from the graph and from the user's model, priced
 and chosen by the knapsack with the channels (depth and width in one plan)."""
 
+import operator
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,25 @@ def test_swins_attention_blocks_say_why_they_are_not_removable():
     found, why = fxprune.blocks(gm)
     assert found == [] and len(why) == 24  # its code adds each branch inside the block: no module holds one alone
     assert all("no module of the model holds the branch alone" in reason for reason in why.values())
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_consecutive_blocks_removed_leave_no_add_and_cost_exactly_what_the_models_keep(capture):
+    model = torchvision.models.mobilenet_v2().eval()  # features.5 and .6 are consecutive blocks: 6's skip is 5's add
+    x = torch.randn(1, 3, 64, 64)
+    gm = fxprune.analyze(model, (x,), capture=capture)
+    found, _ = fxprune.blocks(gm)
+    plan = fxprune.random_plan(gm, 0.5, seed=0)
+    plan.drop = tuple(range(len(found)))
+    pruned = fxprune.prune(gm, plan)
+    assert not any(node.target in (operator.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+                   for node in pruned.graph.nodes)
+    shrunk = shrink_model(model, gm, plan)
+    CostPass((x,))(gm)
+    shares = kept_shares(gm, plan)
+    assert gm.meta["fxprune_cost"]["params"].total(shares) == count_params(pruned) == count_params(shrunk)
+    assert count_flops(pruned, (x,)) == pytest.approx(count_flops(shrunk, (x,)), rel=1e-9)
+    with torch.no_grad():  # an exported graph returns a flat tuple
+        expected = masked_forward(gm, plan, x)
+        torch.testing.assert_close(pruned(x), expected[0] if isinstance(expected, tuple) else expected,
+                                   rtol=1e-4, atol=1e-5)
