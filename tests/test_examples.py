@@ -113,7 +113,9 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
         return {"seed": seed, "method": method, "budget": 0.3, "base_accuracy": 0.96, "latency_share": 0.3,
                 "params_share": 0.2, "short": point, "full": point, **one_shot}
     noise = [0.001, -0.002, 0.0]
-    rows = [row(seed, "fxprune sp_lamp", 0.90 + noise[seed]) for seed in range(3)]
+    default, width_only = digits_accuracy.DEFAULT, digits_accuracy.WIDTH_ONLY  # depth + width; width only
+    rows = [row(seed, default, 0.90 + noise[seed]) for seed in range(3)]
+    rows += [row(seed, width_only, 0.87 + noise[seed] / 2) for seed in range(3)]
     rows += [row(seed, "torch-pruning lamp", 0.85 - noise[seed]) for seed in range(3)]  # behind, consistently
     rows += [row(seed, "torch-pruning magnitude", 0.80) for seed in range(3)]
     rows += [row(seed, "uniform", 0.90 + (0.05 if seed == 0 else -0.04)) for seed in range(3)]  # level, noisy
@@ -124,7 +126,7 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
     rows.append({"seed": 1, "method": "fxprune ssr", "budget": 0.3, "base_accuracy": 0.96,
                  "unreachable": "the latency budget 0.300 of the model (1.2 ms) cannot be met: the smallest achievable "
                                 "is 0.430 of the model (1.72 ms)", "smallest_share": 0.43})
-    rows += [{"seed": seed, "method": "fxprune sp_lamp", "budget": 0.2, "base_accuracy": 0.96,
+    rows += [{"seed": seed, "method": default, "budget": 0.2, "base_accuracy": 0.96,
               "unreachable": f"the latency budget 0.200 of the model (0.8 ms) cannot be met: the smallest achievable "
                              f"is 0.2{6 + seed} of the model (1.1 ms)", "smallest_share": 0.26 + 0.01 * seed}
              for seed in range(3)]
@@ -134,12 +136,14 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
     text = digits_accuracy.summarize(rows, args)
     assert "`python -m examples.digits.accuracy --seeds 3`" in text
     assert "| 0.3 | one-shot | 0.900 | torch-pruning lamp: 0.850 | +0.049 | +0.052, +0.046, +0.050 | yes |" in text
-    assert "| 0.3 | one-shot | fxprune sp_lamp (0.900) | 0.800-0.900 |" in text
-    assert "2 of 3: torch-pruning magnitude, torch-pruning lamp |" in text  # uniform is level within its spread
+    assert f"| 0.3 | one-shot | {default} (0.900) | 0.800-0.900 |" in text
+    assert "3 of 4: fxprune sp_lamp, torch-pruning magnitude, torch-pruning lamp |" in text  # uniform: level
+    assert ("| 0.3 | full | 0.900 | 0.870 | +0.030 | +0.031, +0.029, +0.030 | yes | torch-pruning lamp: 0.850 | "
+            "+0.049 | yes |") in text  # depth + width against width only
     assert "| fxprune halp schedule |  | — |" in text  # no one-shot point for a schedule (not run at 0.2)
     assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's tables or timing)) | "
             "one-shot 0.500, short 0.500, full 0.500 |") in text
-    assert "| fxprune sp_lamp | unreachable | 0.900 ± 0.002 |" in text
+    assert f"| {default} | unreachable | 0.900 ± 0.002 |" in text
     assert "| fxprune ssr | 0.3 | 0, 1 | smallest plan 0.410-0.430 of the model (fxprune's tables or timing) |" in text
     assert (tmp_path / "accuracy.png").exists() and json.loads((tmp_path / "accuracy.json").read_text()) == rows
 
