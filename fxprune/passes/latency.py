@@ -332,9 +332,15 @@ class _Timed:
     def merge(self, indices: np.ndarray, timing) -> None:
         """Take the new timing of the points at ``indices`` where it scattered less than the one held."""
         self.attempts[indices] += 1
-        better = ~(timing.spread >= self.spread[indices])
+        better = ~(np.asarray(timing.spread) >= self.spread[indices]) | ~np.isfinite(self.ms[indices])  # untimed: any
         for name in ("ms", "reference_ms", "spread"):
             getattr(self, name)[indices[better]] = np.asarray(getattr(timing, name))[better]
+        # a layer too small to time apart from its reference can read at or under zero, with a scatter over a
+        # median of zero (infinite): it costs nothing measurable, and its timing is kept as a noisy one
+        unmeasurable = self.ms[indices] < 0
+        self.ms[indices] = np.maximum(self.ms[indices], 0.0)
+        self.spread[indices] = np.where(unmeasurable | ~np.isfinite(self.spread[indices]), UNMEASURED_SPREAD,
+                                        self.spread[indices])
 
 
 def _layer_kernels(units: list[Unit], kernels: list[KernelTime]) -> list[tuple[Unit, float]]:
@@ -413,6 +419,9 @@ def _fit(full: float, reduced: float, timing: dict, units: int, smallest: float)
         if scale > 0 and scale * smallest + offset >= 0:
             return scale, offset
     return layers / full, 0.0
+
+
+UNMEASURED_SPREAD = 1e6  # the spread recorded for a timing whose scatter could not be read (over SPREAD_LIMIT)
 
 
 def _checked_ms(values, count: int) -> np.ndarray:

@@ -23,7 +23,8 @@ from fxprune.backends.engines import quiet_ratios
 from fxprune.ir.keys import LATENCY_KEY
 from fxprune.passes.context import Context
 from fxprune.backends.engines import KernelTime
-from fxprune.passes.latency import LatencyPass, _kept_counts, _layer_kernels, detect_step, disagreeing, latency_cost
+from fxprune.passes.latency import (UNMEASURED_SPREAD, LatencyPass, _kept_counts, _layer_kernels, _Timed, detect_step,
+                                    disagreeing, latency_cost)
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 from fxprune.passes.units import find_units
 from fxprune.testing import SyntheticEngine
@@ -481,3 +482,13 @@ def test_a_point_that_scatters_through_two_compiles_is_kept(tmp_path):
     assert _run(_analysed(), second, LatencyCache(tmp_path)).healed and second.unit_calls > 0
     third = Busy(noisy_calls=100)
     assert not _run(_analysed(), third, LatencyCache(tmp_path)).healed and third.unit_calls == 0
+
+
+def test_a_layer_too_small_to_time_is_kept_as_a_noisy_zero_not_a_bad_cache_entry():
+    timed = _Timed.empty(3)
+    timed.merge(np.array([0, 1, 2]), types.SimpleNamespace(ms=np.array([-0.01, 0.5, 0.2]), reference_ms=np.ones(3),
+                                                     spread=np.array([np.inf, 0.01, np.inf])))
+    assert timed.ms.tolist() == [0.0, 0.5, 0.2]
+    assert timed.spread.tolist() == [UNMEASURED_SPREAD, 0.01, UNMEASURED_SPREAD]
+    assert timed.noisy().tolist() == [0, 2]
+    assert _Timed.parse(timed.to_value(), 3).ms.tolist() == [0.0, 0.5, 0.2]  # what the cache stores parses again
