@@ -190,19 +190,27 @@ def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set) -> tuple[s
 def _last_parameters(gm: torch.fx.GraphModule, y: torch.fx.Node, branch: set) -> list[str]:
     """The parameters of the first layer met walking back from ``y`` through single-input ops: zeroed,
     they make the branch's result zero where what follows them maps zero to zero (checked on data)."""
-    parameters = dict(gm.named_parameters())
+    parameters = dict(gm.named_parameters(remove_duplicate=False))
     node = y
     while node in branch:
-        if node.op == "call_module":
-            names = [f"{node.target}.{name}" for name, _ in gm.get_submodule(node.target).named_parameters()]
-        else:
-            names = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in parameters]
+        names = [name for name in _tensors_read(gm, node) if name in parameters]
         if names:
             return names
         inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
         if len(inputs) != 1:
             return []
         node = inputs[0]
+    return []
+
+
+def _tensors_read(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
+    """Qualified names of the parameters and buffers a call reads: a called module's own, or the tensors
+    its get_attr inputs fetch (torch.export's graphs)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return [f"{node.target}.{n}" for n, _ in (*module.named_parameters(), *module.named_buffers())]
+    if node.op in ("call_function", "call_method"):
+        return [a.target for a in node.all_input_nodes if a.op == "get_attr"]
     return []
 
 
@@ -306,14 +314,7 @@ def block_spaces(gm: torch.fx.GraphModule) -> tuple[dict[str, int], dict[str, in
     nodes = {name: block.space for block in (analysis.blocks if analysis else []) for name in block.nodes}
     readers: dict[str, set[int | None]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            names = [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_parameters()]
-            names += [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_buffers()]
-        elif node.op in ("call_function", "call_method"):
-            names = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
-        else:
-            continue
-        for name in names:
+        for name in _tensors_read(gm, node):
             readers.setdefault(name, set()).add(nodes.get(node.name))
     tensors = {name: next(iter(spaces)) for name, spaces in readers.items()
                if len(spaces) == 1 and None not in spaces}
