@@ -151,3 +151,23 @@ def test_llama_loses_a_decoder_layers_mlp_whole_and_saves_and_loads_without_it(t
     assert type(loaded) is transformers.LlamaForCausalLM and isinstance(loaded.model.layers[1].mlp, ZeroBranch)
     with torch.no_grad():
         assert torch.equal(loaded.generate(ids[:, :8], max_new_tokens=6, do_sample=False), tokens)
+
+
+def test_gpt2_loses_its_mlps_whole_exactly_and_generates_the_masked_originals_tokens():
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    randomize_parameters(model)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    gm, _ = analyze_inputs(model, {"input_ids": ids})
+    found, _ = fxprune.blocks(gm)
+    assert [(b.module, b.kind) for b in found] == [(f"transformer.h.{i}.mlp", "zero") for i in range(3)]
+    plan = fxprune.Plan({}, (0, 2))
+    shrunk = shrink_model(model, gm, plan)
+    verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (), {"input_ids": ids})
+    assert verification.ok, verification.failure
+    assert [isinstance(block.mlp, ZeroBranch) for block in shrunk.transformer.h] == [True, False, True]
+    reference = masked_model(model, gm, plan)
+    with torch.no_grad():
+        tokens = shrunk.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens, reference.generate(ids[:, :8], max_new_tokens=6, do_sample=False))

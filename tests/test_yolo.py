@@ -10,7 +10,7 @@ import torch
 
 import fxprune
 from examples.yolo.train import demo_dataset
-from fxprune.modules import Skip
+from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.shrink import shrink_model
 from fxprune.passes.verify import verify_model
 from fxprune.yolo import pruned_trainer
@@ -70,5 +70,26 @@ def test_a_yolo_without_some_of_its_bottlenecks_loads_and_runs_in_ultralytics(tm
     shrunk.meta = {"fxprune_plan": plan}
     yolo = ultralytics.YOLO(str(fxprune.save(shrunk, tmp_path / "yolo.pt")))
     assert isinstance(yolo.model.model[4].m[0], Skip) and not isinstance(yolo.model.model[4].m[1], Skip)
+    with torch.no_grad():
+        torch.testing.assert_close(yolo.model.float().eval()(x)[0], shrunk(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_yolo11n_c3k2_bottlenecks_and_attention_branch_are_removed_exactly_and_load_in_ultralytics(tmp_path):
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=2, verbose=False).eval()
+    x = torch.randn(1, 3, 128, 128)
+    gm = fxprune.analyze(model, (x,))
+    found, _ = fxprune.blocks(gm)
+    kinds = [b.kind for b in found]
+    assert kinds.count("skip") == 11 and kinds.count("zero") == 1
+    plan = fxprune.Plan({}, tuple(sorted(set(range(0, len(found), 2)) | {kinds.index("zero")})))
+    shrunk = shrink_model(model, gm, plan)
+    verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {})
+    assert verification.ok, verification.failure
+    shrunk.meta = {"fxprune_plan": plan}
+    yolo = ultralytics.YOLO(str(fxprune.save(shrunk, tmp_path / "yolo11.pt")))
+    assert sum(isinstance(m, (Skip, ZeroBranch)) for m in yolo.model.modules()) == len(plan.drop)
     with torch.no_grad():
         torch.testing.assert_close(yolo.model.float().eval()(x)[0], shrunk(x)[0], rtol=1e-4, atol=1e-4)

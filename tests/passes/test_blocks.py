@@ -189,14 +189,15 @@ def test_a_branch_module_the_models_code_adds_becomes_a_zero():
     assert (x + ZeroBranch()(x)).equal(x)
 
 
-@pytest.mark.parametrize("name, size", [("mobilenet_v3_small", 64), ("efficientnet_b0", 64), ("regnet_y_400mf", 64),
-                                        ("mnasnet0_5", 64), ("convnext_tiny", 64), ("vit_b_32", 224)])
+@pytest.mark.parametrize("name, size", [("mobilenet_v3_small", 64), ("mobilenet_v3_large", 64), ("efficientnet_b0", 64),
+                                        ("efficientnet_v2_s", 64), ("resnet50", 64), ("regnet_y_400mf", 64),
+                                        ("mnasnet0_5", 64), ("convnext_tiny", 64), ("vit_b_32", 224), ("maxvit_t", 224)])
 def test_zoo_families_lose_every_other_block_exactly_in_the_graph_and_their_own_class(name, size):
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, size, size)
     gm = fxprune.analyze(model, (x,))
     found, _ = fxprune.blocks(gm)
-    assert len(found) >= 6
+    assert len(found) >= 6 if name != "maxvit_t" else len(found) == 7  # maxvit: its MBConv blocks with a skip
     plan = fxprune.random_plan(gm, 0.5, seed=0, include_norm_coupled=False)
     plan.drop = tuple(range(0, len(found), 2))
     pruned = fxprune.prune(gm, plan)
