@@ -13,7 +13,7 @@ timing graph gets its values from the module it stands for (``fill``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -33,6 +33,7 @@ WIDTH_FREE = frozenset({
     "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Resize",
     "Pad", "Einsum",
 })
+IDEMPOTENT = frozenset({"Relu", "Abs"})  # f(f(x)) = f(x): one of two in a row goes, as the exporter drops it
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "PRelu", "Where", "Max", "Min", "Pow", "Equal", "Less",
                          "Greater"})
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -161,6 +162,71 @@ def resize(model: onnx.ModelProto, full_shapes: Mapping[str, tuple[int, ...]],
     for output in graph.output:
         output.type.CopyFrom(types[output.name])
     return resized
+
+
+def remove_blocks(model: onnx.ModelProto, full_names: Collection[str], kept_names: Collection[str],
+                  blocks: int) -> onnx.ModelProto:
+    """``model`` without the branches of ``blocks`` removed residual blocks, so a plan that drops blocks is
+    resized, not exported: every node reading a parameter of the full model (``full_names``) that the pruned
+    copy lost (not in ``kept_names``) goes, with all computed from it; each Add joining such a branch to a
+    kept tensor reads as that tensor (the graph rewrite's ``x + f(x) -> x``); nodes left unread go. Raises
+    ResizeError unless exactly ``blocks`` Adds join a removed branch (anything else: export instead)."""
+    removed = onnx.ModelProto()
+    removed.CopyFrom(model)
+    graph = removed.graph
+    kept_names = set(kept_names)
+    dead = {t.name for t in graph.initializer
+            if _parameter_of(t) in full_names and _parameter_of(t) not in kept_names}
+    instead: dict[str, str] = {}  # a join's output -> the kept tensor it now is
+    joins, nodes = 0, []
+    made_by: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ResizeError(f"{node.op_type} node {node.name!r} holds a subgraph")
+        for index, name in enumerate(node.input):
+            node.input[index] = instead.get(name, name)
+        reads_dead = [name in dead for name in node.input]
+        source = made_by.get(node.input[0]) if node.input else None
+        if not any(reads_dead) and node.op_type in IDEMPOTENT and source is not None and _same_op(node, source):
+            instead[node.output[0]] = node.input[0]  # relu(relu(x)), left where a block's add was: as exported
+        elif not any(reads_dead):
+            nodes.append(node)
+            made_by.update((name, node) for name in node.output)
+        elif node.op_type == "Add" and len(node.input) == 2 and sum(reads_dead) == 1:
+            instead[node.output[0]] = node.input[reads_dead.index(False)]
+            joins += 1
+        else:
+            dead.update(filter(None, node.output))
+    if joins != blocks:
+        raise ResizeError(f"{joins} adds join a removed parameter's branch to the rest, the plan removes {blocks} "
+                          "blocks")
+    for output in graph.output:
+        if output.name in dead:
+            raise ResizeError(f"the model's output {output.name!r} is computed from a removed block's branch")
+        if output.name in instead:
+            nodes.append(helper.make_node("Identity", [instead[output.name]], [output.name]))
+    read = {output.name for output in graph.output}
+    live = []
+    for node in reversed(nodes):  # a node none of whose outputs is read any more went with the branch
+        if any(name in read for name in node.output):
+            live.append(node)
+            read.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    unread = [t for t in graph.initializer if t.name not in read]
+    for tensor in unread:
+        graph.initializer.remove(tensor)
+    del graph.value_info[:]
+    return removed
+
+
+def _same_op(node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
+    return (node.op_type, node.domain, list(node.attribute)) == (other.op_type, other.domain, list(other.attribute))
+
+
+def _parameter_of(tensor: TensorProto) -> str:
+    """The parameter an initializer holds: its name, or the one whose transpose it is (``name_transposes``)."""
+    return tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else tensor.name
 
 
 # --- the walk -----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming, quiet, spread
 from fxprune.backends.export import _run_torch, export_onnx
-from fxprune.backends.onnx_resize import ResizeError, fill, name_transposes, resize, strip
+from fxprune.backends.onnx_resize import ResizeError, fill, name_transposes, remove_blocks, resize, strip
 from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.backends.onnx_units import IR_VERSION, OPSET, branch_weight_bytes, unit_model, unit_prefix
 from fxprune.ir.units import REFERENCE, UnitSpec
@@ -241,9 +241,10 @@ class OnnxRuntimeEngine(Engine):
             if not isinstance(full, _OrtDeployed):
                 raise ResizeError("the full model was not deployed on onnxruntime")
             plan = getattr(module, "meta", {}).get(PLAN_KEY)
+            graph = full.graph()
             if plan is not None and plan.drop:  # the full model's graph still computes them
-                raise ResizeError("the plan removes whole residual blocks")
-            graph = resize(full.graph(), _shapes(full.tensors), _shapes(module.state_dict()))
+                graph = remove_blocks(graph, full.tensors, module.state_dict(), len(plan.drop))
+            graph = resize(graph, _shapes(full.tensors), _shapes(module.state_dict()))
             expected = [tuple(x.shape) for _, x in _run_torch(module, example_inputs)]
             try:
                 tensors = module.state_dict()

@@ -22,6 +22,7 @@ from fxprune.backends.onnx_resize import (
     _reshape_target,
     fill,
     name_transposes,
+    remove_blocks,
     resize,
     strip,
 )
@@ -219,3 +220,35 @@ def test_a_corrupt_cached_graph_is_exported_again(tmp_path):
     with engine.deploy_traced(gm, INPUTS, again, model_digest(gm, INPUTS)) as full:
         assert full.run()[0].shape == (1, 10)
     assert again.rejected and again.measured == 1
+
+
+@pytest.mark.parametrize("drop", [(0,), (1, 2), (0, 1, 2)])
+def test_a_plan_that_removes_blocks_is_resized_to_the_pruned_models_export(residual_net, drop):
+    gm = fxprune.analyze(randomize_parameters(residual_net().eval()), INPUTS)
+    full = _exported(gm)
+    plan = fxprune.random_plan(gm, seed=len(drop))
+    plan.drop = drop
+    pruned = fxprune.prune(gm, plan)
+    removed = remove_blocks(full, _shapes(gm), _shapes(pruned), len(drop))
+    resized = resize(removed, _shapes(gm), _shapes(pruned))
+    assert _layout(resized) == _layout(_exported(pruned))
+    assert sorted(tuple(t.dims) for t in resized.graph.initializer) == sorted(
+        tuple(t.dims) for t in _exported(pruned).graph.initializer)
+    with pytest.raises(ResizeError, match="adds join"):  # a count that does not match is never guessed at
+        remove_blocks(full, _shapes(gm), _shapes(pruned), len(drop) + 1)
+
+
+def test_the_engine_resizes_a_plan_that_removes_blocks_without_exporting_it(residual_net, tmp_path, monkeypatch):
+    gm = fxprune.analyze(randomize_parameters(residual_net().eval()), INPUTS)
+    engine, cache = OnnxRuntimeEngine(threads=1), LatencyCache(tmp_path)
+    exports = []
+    real_export = ort_engine._exported
+    monkeypatch.setattr(ort_engine, "_exported", lambda *a: exports.append(1) or real_export(*a))
+    plan = fxprune.Plan({}, (1,))
+    pruned = fxprune.prune(gm, plan)
+    with engine.deploy_traced(gm, INPUTS, cache, model_digest(gm, INPUTS)) as full:
+        with engine.deploy_pruned(full, pruned, INPUTS) as small:
+            (out,) = small.run()
+    assert len(exports) == 1 and small.origin == "resized graph"  # the full model's export, nothing more
+    assert out.shape == (1, 10) and np.isfinite(out).all()
+    assert sum(n.op_type == "Add" for n in small.graph().graph.node) == 2  # of three blocks
