@@ -203,12 +203,37 @@ def _clean(raw: Path) -> onnx.ModelProto:
     # Weights stay in the side file while graphsurgeon copies tensor protos: protobuf cannot copy one over 2 GiB.
     model = onnx.load(str(raw), load_external_data=False)
     graph = gs.import_onnx(model)
+    global_pools(graph)
     graph.cleanup().toposort()
     cleaned = gs.export_onnx(graph)
     needed = onnx.helper.find_min_ir_version_for(list(cleaned.opset_import), ignore_unknown=True)
     cleaned.ir_version = max(model.ir_version, needed)
     load_external_data_for_model(cleaned, str(raw.parent))
     return cleaned
+
+
+def global_pools(graph: gs.Graph) -> int:
+    """Each ReduceMean over every spatial axis of a float image, dims kept, becomes GlobalAveragePool (in
+    place; returns how many). The dynamo exporter writes adaptive average pooling so; onnxruntime runs
+    ReduceMean outside its blocked (NCHWc) convolution layout, reordering the whole tensor around it, which
+    an SE block pays twice and the TorchScript exporter's GlobalAveragePool does not."""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "ReduceMean" or node.attrs.get("keepdims", 1) != 1 or node.attrs.get("noop_with_empty_axes", 0):
+            continue
+        x = node.inputs[0]
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) == 2 and isinstance(node.inputs[1], gs.Constant):
+            axes = node.inputs[1].values.reshape(-1).tolist()
+        rank = len(x.shape) if x.shape is not None else 0
+        if rank < 4 or axes is None or np.dtype(x.dtype or np.int64).kind != "f":
+            continue
+        if sorted(int(a) % rank for a in axes) == list(range(2, rank)):
+            while len(node.inputs) > 1:  # the axes (one at a time: the list syncs the tensors' consumers)
+                node.inputs.pop()
+            node.op, node.attrs = "GlobalAveragePool", {}
+            count += 1
+    return count
 
 
 def _save(model: onnx.ModelProto, path: Path) -> int:

@@ -55,7 +55,7 @@ ORT_MEMORY_OPS = frozenset({
 SESSION_WEIGHT_BYTES = 256 << 20  # weights of one measuring session; more points go to another session
 OVERHEAD_CHAIN = 64  # trivial kernels timed to measure what the profiler adds
 REFERENCES = 2  # reference branches in every measuring session
-GRAPH_FORMAT = 1  # of cached exported graphs: raise it when passes/export.py changes what a graph holds
+GRAPH_FORMAT = 2  # of cached exported graphs: raise it when passes/export.py changes what a graph holds
 logger = logging.getLogger("fxprune")
 
 

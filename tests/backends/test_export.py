@@ -265,3 +265,24 @@ def test_mismatch_reports_output_and_difference(tmp_path):
         export_onnx(Noisy(), tmp_path / "m.onnx", (torch.randn(1, 4),))
     result = export_onnx(Noisy(), tmp_path / "unchecked.onnx", (torch.randn(1, 4),), verify=False)
     assert result.max_abs_diff is None
+
+
+class _Pools(nn.Module):
+    """A squeeze-excitation (adaptive average pooling, dims kept), then a mean that drops the dims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool, self.excite = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(self.excite(self.pool(y)))
+        return y.mean((1, 3), keepdim=True), y.mean((2, 3))
+
+
+def test_average_pooling_over_the_whole_image_is_written_as_onnxs_global_pool(tmp_path):
+    model, x = _Pools().eval(), torch.randn(2, 3, 12, 12)
+    export_onnx(model, tmp_path / "pools.onnx", (x,))  # verified against the model in onnxruntime
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "pools.onnx")).graph.node]
+    assert ops.count("GlobalAveragePool") == 1  # the SE block's pooling, not the means over other axes
+    assert ops.count("ReduceMean") == 2  # (1, 3) is not the spatial axes; (2, 3) without dims kept is not a pool
