@@ -43,6 +43,11 @@ def _build(key: str):
 
 def round_robin_shares(runners: list, rounds: int, calls: int) -> list[float]:
     """Median over rounds of each runner's share of runner 0 (its 20% quantile of ``calls`` per round)."""
+    return [statistics.median(r) for r in round_robin_ratios(runners, rounds, calls)]
+
+
+def round_robin_ratios(runners: list, rounds: int, calls: int) -> list[list[float]]:
+    """Per round, each runner's 20% quantile of ``calls`` calls over runner 0's (runners in turn, round by round)."""
     ratios: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
         quantiles = []
@@ -55,7 +60,7 @@ def round_robin_shares(runners: list, rounds: int, calls: int) -> list[float]:
             quantiles.append(float(np.quantile(times, 0.2)))
         for index, value in enumerate(quantiles):
             ratios[index].append(value / quantiles[0])
-    return [statistics.median(r) for r in ratios]
+    return ratios
 
 
 def _ort_runner(path: Path, flat: tuple):
