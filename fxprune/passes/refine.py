@@ -8,8 +8,9 @@ solved plan against the full model on the engine (a share, from pairs of rounds)
 (predicted share -> measured share) of a ``Correction``, and solves again for the predicted share the
 points map onto the budget. Plans are aimed ``MARGIN`` under the budget (a second timing of one plan
 moves by a few percent on a shared machine). The plan returned is the largest timed plan that measured
-within the budget, timed again in this run (the mean of both timings must stay within it); only when none
-did is it a plan predicted through the correction. A re-solved plan
+within the budget, timed again in this run (the mean of both timings must stay within it, and replaces the
+first in the correction); where that leaves no timed plan within the budget, the loop solves again lower
+(``RESOLVES``); only when none did is it a plan predicted through the correction. A re-solved plan
 is not trusted untimed where a timed one fits: the tables' error moves from plan to plan
 (docs/latency_model.md). The tables' own prediction is kept beside it.
 """
@@ -47,6 +48,9 @@ PLAN_SPREAD_LIMIT, QUIET_PAIRS = 0.05, 6  # a plan timing trusted (and kept in t
 # and read by the mean of both timings; if that is over the budget, the next largest is tried
 # (CONFIRMATIONS plans at most).
 CONFIRMATIONS = 2
+# Where every timed plan is over the budget once confirmed (its second timing read higher), the loop solves
+# again through the pooled shares, aimed a MARGIN lower each time, at most RESOLVES times.
+RESOLVES = 2
 
 __all__ = ["Correction", "LatencyPoint", "MeasuredSolve", "check_refine", "solve_measured"]
 
@@ -149,14 +153,34 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
             break  # a timed plan fits: an untimed re-solve would not be returned
         result = nearest(correction.predicted_share(aim))  # under the tables' reach: the smallest
     confirmed: set[tuple] = set()
-    while fits := fitting():  # the plan to return, timed again at another moment (once per plan)
-        share, result = max(fits, key=lambda entry: entry[0])
-        key = _plan_key(result)
-        if key in confirmed or len(confirmed) == CONFIRMATIONS:
+
+    def confirm(chosen: PlanResult) -> PlanResult:
+        """The plan to return: the largest fitting, timed again at another moment (once per plan); its
+        pooled share replaces its first in the correction's points."""
+        while fits := fitting():
+            share, chosen = max(fits, key=lambda entry: entry[0])
+            key = _plan_key(chosen)
+            if key in confirmed or len(confirmed) == CONFIRMATIONS:
+                break
+            confirmed.add(key)
+            pooled = _confirm_share(gm, chosen, context, share, key in now)
+            timed[key] = pooled, chosen
+            now.add(key)
+            predicted = chosen.predicted_cost / cost.baseline
+            correction.points = [LatencyPoint(p.predicted, pooled, p.source) if p.source == "plan"
+                                 and p.predicted == predicted else p for p in correction.points]
+        return chosen
+
+    result = confirm(result)
+    for resolve in range(RESOLVES):  # every timed plan is over the budget once confirmed: aim lower
+        if fitting() or not timed:
             break
-        confirmed.add(key)
-        timed[key] = _confirm_share(gm, result, context, share, key in now), result
-        now.add(key)
+        lower = nearest(correction.predicted_share(aim * (1 - margin) ** (resolve + 1)))
+        if _plan_key(lower) in timed or not lower.plan.keep:
+            continue
+        time(lower)
+        confirmed.clear()
+        result = confirm(lower)
     tables_share = result.predicted_cost / cost.baseline
     key = _plan_key(result)
     predicted = timed[key][0] if key in timed else correction.measured_share(tables_share)
