@@ -22,6 +22,17 @@ def _widths(model: torch.nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
+def _analysed(yaml: str):
+    """A detector built from its yaml (random weights, 2 classes), an input, its graph and removable blocks."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel(yaml, nc=2, verbose=False).eval()
+    x = torch.randn(1, 3, 128, 128)
+    gm = fxprune.analyze(model, (x,))
+    return model, x, gm, fxprune.blocks(gm)[0]
+
+
 def test_a_pruned_yolo_loads_validates_trains_and_exports_in_ultralytics(tmp_path, monkeypatch):
     from ultralytics.nn.tasks import DetectionModel
 
@@ -54,13 +65,7 @@ def test_a_pruned_yolo_loads_validates_trains_and_exports_in_ultralytics(tmp_pat
 
 
 def test_a_yolo_without_some_of_its_bottlenecks_loads_and_runs_in_ultralytics(tmp_path):
-    from ultralytics.nn.tasks import DetectionModel
-
-    torch.manual_seed(0)
-    model = DetectionModel("yolov8n.yaml", nc=2, verbose=False).eval()
-    x = torch.randn(1, 3, 128, 128)
-    gm = fxprune.analyze(model, (x,))
-    found, _ = fxprune.blocks(gm)
+    model, x, gm, found = _analysed("yolov8n.yaml")
     assert [b.module for b in found][:3] == ["model.2.m.0", "model.4.m.0", "model.4.m.1"]  # C2f bottlenecks
     plan = fxprune.random_plan(gm, 0.6, seed=0)
     plan.drop = (1, 3)
@@ -75,13 +80,7 @@ def test_a_yolo_without_some_of_its_bottlenecks_loads_and_runs_in_ultralytics(tm
 
 
 def test_yolo11n_c3k2_bottlenecks_and_attention_branch_are_removed_exactly_and_load_in_ultralytics(tmp_path):
-    from ultralytics.nn.tasks import DetectionModel
-
-    torch.manual_seed(0)
-    model = DetectionModel("yolo11n.yaml", nc=2, verbose=False).eval()
-    x = torch.randn(1, 3, 128, 128)
-    gm = fxprune.analyze(model, (x,))
-    found, _ = fxprune.blocks(gm)
+    model, x, gm, found = _analysed("yolo11n.yaml")
     kinds = [b.kind for b in found]
     assert kinds.count("skip") == 11 and kinds.count("zero") == 1
     plan = fxprune.Plan({}, tuple(sorted(set(range(0, len(found), 2)) | {kinds.index("zero")})))

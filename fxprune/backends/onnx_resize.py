@@ -66,7 +66,7 @@ def fill(model: onnx.ModelProto, tensors: Mapping[str, torch.Tensor] | None = No
         if _has_data(tensor):
             continue
         shape = tuple(tensor.dims)
-        source = tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else None
+        source = _transposed_from(tensor)
         if tensor.name in tensors and tuple(tensors[tensor.name].shape) == shape:
             values = tensors[tensor.name].detach().cpu().numpy()
         elif source in tensors and tuple(tensors[source].shape)[::-1] == shape:
@@ -120,7 +120,7 @@ def resize(model: onnx.ModelProto, full_shapes: Mapping[str, tuple[int, ...]],
     pending: set[str] = set()  # float initializers whose width only their consumer can tell
     for name, tensor in initializers.items():
         shape = tuple(tensor.dims)
-        source = tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else None
+        source = _transposed_from(tensor)
         if name in full_shapes and tuple(full_shapes[name]) == shape and name in pruned_shapes:
             shape = tuple(pruned_shapes[name])
         elif source in pruned_shapes and tuple(full_shapes.get(source, ()))[::-1] == shape:
@@ -226,7 +226,12 @@ def _same_op(node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
 
 def _parameter_of(tensor: TensorProto) -> str:
     """The parameter an initializer holds: its name, or the one whose transpose it is (``name_transposes``)."""
-    return tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else tensor.name
+    return _transposed_from(tensor) or tensor.name
+
+
+def _transposed_from(tensor: TensorProto) -> str | None:
+    """The parameter whose transpose the initializer holds, as ``name_transposes`` marked it; else None."""
+    return tensor.doc_string[len(TRANSPOSE_TAG):] if tensor.doc_string.startswith(TRANSPOSE_TAG) else None
 
 
 # --- the walk -----------------------------------------------------------------------------------------
