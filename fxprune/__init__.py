@@ -27,6 +27,7 @@ from fxprune.errors import (
                          ExportError,
                          FxpruneError,
                          FxpruneTraceError,
+                         HealError,
                          InvalidWeightsError,
                          LatencyError,
                          ModelNotFoundError,
@@ -48,14 +49,14 @@ from fxprune.ir import (
 )
 from fxprune.passes.cost import count_flops, count_params
 from fxprune.saving import load, save
-from fxprune.training import SSR, Pruner
+from fxprune.training import SSR, Pruner, heal
 
 __all__ = [
     "analysis", "analyze", "blocks", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
-    "count_flops", "count_params", "export_onnx", "load", "save",
+    "count_flops", "count_params", "export_onnx", "heal", "load", "save",
     "FLOPs", "Latency", "Params", "Engine", "LatencyCache", "Pruner", "SSR",
     "AnalysisRequiredError", "BudgetError", "CaptureError", "EngineUnavailableError", "ExampleInputsError", "ExportError",
-    "FxpruneError", "FxpruneTraceError", "InvalidWeightsError", "LatencyError", "ModelNotFoundError", "PlanError",
+    "FxpruneError", "FxpruneTraceError", "HealError", "InvalidWeightsError", "LatencyError", "ModelNotFoundError", "PlanError",
     "PrunerError", "SaveError", "ScoreError", "SolverError", "SSRError", "UnsupportedModelError",
     "ChannelGroup", "ChannelSpace", "GroupMember", "LatencyTable", "NodeChannels", "Plan",
 ]

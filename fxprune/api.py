@@ -12,6 +12,7 @@ import torch.fx
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.budgets import Budget, Latency, as_budget
 from fxprune.errors import AnalysisRequiredError, BudgetError, OutputError
+from fxprune.huggingface import DecodeStep, decodes
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import Block, ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
@@ -128,6 +129,10 @@ def compile(
     calibration = list(calibration) if calibration is not None else None
     if example_inputs is None and not example_kwargs:
         example_inputs = infer_example_inputs(model)
+    if latency and budget.phase == "decode":  # the decode step is the model analysed, timed and pruned
+        user_model, model = model, _decode_step(model, budget, example_inputs, example_kwargs)
+        example_inputs, example_kwargs = {"input_ids": torch.randint(
+            0, user_model.config.vocab_size, (model.batch, 1), generator=torch.Generator().manual_seed(1))}, None
     with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
                  remeasure=remeasure) as context:
         if isinstance(context.engine, OnnxRuntimeInt8Engine) and calibration:  # activations calibrated on them too
@@ -158,7 +163,31 @@ def compile(
             result.meta = {PLAN_KEY: plan, CAPTURE_KEY: capture_of(gm)}
         report.note_over_budget()
     result.meta[REPORT_KEY] = report
-    return result if output == "graph" else own_model(model, gm, result, plan, example_inputs, example_kwargs)
+    if output == "graph":
+        return result
+    returned = own_model(model, gm, result, plan, example_inputs, example_kwargs)
+    if isinstance(returned, DecodeStep):  # the decoder the step ran, pruned, with the step's plan and report
+        returned.model.meta = returned.meta
+        report.returned = type(returned.model).__name__
+        return returned.model
+    return returned
+
+
+def _decode_step(model: torch.nn.Module, budget: Latency, example_inputs: Any,
+                 example_kwargs: dict | None) -> DecodeStep:
+    """One generated token of ``model`` with a cache of ``budget.tokens`` tokens (default: the example's
+    length) at ``budget.batch`` (default: the example's batch): what a decode budget analyses and times."""
+    if not decodes(model):
+        raise BudgetError(f"Latency(phase='decode') times one generated token of a Hugging Face decoder with its "
+                          f"key-value cache; a {type(model).__name__} is none: give a prefill budget "
+                          "(Latency(0.5)) instead")
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise BudgetError("Latency(phase='decode') reads the cache length and batch from the example's input_ids "
+                          "(batch, tokens); give them as example_inputs={'input_ids': ids}, or set "
+                          "Latency(..., tokens=N, batch=B)")
+    return DecodeStep(model, budget.tokens or ids.shape[1], budget.batch or ids.shape[0])
 
 
 class _Whole:

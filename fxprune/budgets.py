@@ -16,15 +16,34 @@ def _check_fraction(value, what: str) -> float:
     return float(value)
 
 
+PHASES = ("prefill", "decode")
+
+
 @dataclass(frozen=True)
 class Latency:
-    """A latency budget: a share of the baseline latency on the engine, or absolute milliseconds."""
+    """A latency budget: a share of the baseline latency on the engine, or absolute milliseconds.
+
+    ``phase="decode"`` (Hugging Face decoders): the latency of one generated token given a key-value cache of
+    ``tokens`` past tokens (default: the example's length) at ``batch`` (default: the example's), not of a
+    forward over the example (``"prefill"``)."""
 
     fraction: float | None = None
     ms: float | None = None
+    phase: str = "prefill"
+    tokens: int | None = None
+    batch: int | None = None
     metric = "latency"
 
     def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise BudgetError(f"Latency(phase={self.phase!r}): a decoder's latency is 'prefill' (one forward of the "
+                              "example's tokens, the default) or 'decode' (one token with a key-value cache)")
+        for name in ("tokens", "batch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BudgetError(f"Latency({name}={value!r}) must be a positive whole number")
+            if value is not None and self.phase != "decode":
+                raise BudgetError(f"Latency({name}=...) sets the decode step: give it with phase='decode'")
         if (self.fraction is None) == (self.ms is None):
             raise BudgetError("give Latency exactly one of a fraction (Latency(0.5)) or milliseconds "
                               "(Latency(ms=4.0))")
@@ -41,7 +60,11 @@ class Latency:
         return self.fraction if self.fraction is not None else float(self.ms) / baseline
 
     def __str__(self) -> str:
-        return f"Latency({self.fraction})" if self.fraction is not None else f"Latency(ms={self.ms})"
+        value = f"{self.fraction}" if self.fraction is not None else f"ms={self.ms}"
+        if self.phase == "decode":
+            value += ", phase='decode'" + "".join(f", {n}={getattr(self, n)}" for n in ("tokens", "batch")
+                                                   if getattr(self, n) is not None)
+        return f"Latency({value})"
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,10 @@ class PrunerError(FxpruneError):
     """The training-time pruner was set up or stepped in a way it cannot work with."""
 
 
+class HealError(FxpruneError):
+    """fxprune.heal was called with settings it cannot train with."""
+
+
 class SSRError(FxpruneError):
     """SSR was set up with values it cannot work with."""
 

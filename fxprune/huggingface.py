@@ -43,6 +43,8 @@ def save_folder(model: nn.Module, folder: Path, header: dict[str, Any]) -> Path:
     for name, module in model.named_modules():
         if isinstance(module, REMOVED):  # a residual block (or its branch) the plan removed
             removed[name] = type(module).__name__
+            if getattr(module, "returns", 0):
+                fields[name] = {"returns": module.returns}  # a zero branch standing for a module that returned a tuple
             continue
         base = fresh_modules.get(name)
         if base is None or type(base) is not type(module):
@@ -114,19 +116,60 @@ def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), record
 
 
+class DecodeStep(nn.Module):
+    """One generated token of a Hugging Face decoder with a key-value cache of ``tokens`` past tokens: what a
+    ``Latency(phase="decode")`` budget times and analyses. The cache is computed once from random tokens and
+    kept as buffers, read by each call (not grown), so a captured step indexes the cache's kv heads with the
+    heads it prunes. ``model`` is the decoder itself: a plan on this module applies to it."""
+
+    def __init__(self, model: nn.Module, tokens: int, batch: int) -> None:
+        super().__init__()
+        self.model, self.tokens, self.batch = model, tokens, batch
+        ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+        self.layers = [index for index, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None
+                       and layer.keys.numel()]  # a layer whose attention went keeps no cache
+        for index in self.layers:
+            self.register_buffer(f"past_keys_{index}", cache.layers[index].keys.detach().clone())
+            self.register_buffer(f"past_values_{index}", cache.layers[index].values.detach().clone())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        import transformers  # an optional dependency, needed only for these models
+
+        cache = transformers.DynamicCache(config=self.model.config)
+        for index in self.layers:
+            keys, values = getattr(self, f"past_keys_{index}"), getattr(self, f"past_values_{index}")
+            if input_ids.shape[0] != keys.shape[0]:  # checked at other batches: the same cache for each row
+                keys, values = (t.expand(input_ids.shape[0], *t.shape[1:]) for t in (keys, values))
+            cache.layers[index].lazy_initialization(keys, values)
+            cache.layers[index].keys, cache.layers[index].values = keys, values
+        positions = torch.arange(self.tokens, self.tokens + input_ids.shape[1]).expand(input_ids.shape[0], -1)
+        return self.model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True).logits
+
+
+def decodes(model: nn.Module) -> bool:
+    """A Hugging Face model that generates with a key-value cache (a decoder a decode budget applies to)."""
+    return is_hugging_face(model) and bool(getattr(model, "can_generate", lambda: False)()) \
+        and not getattr(model.config, "is_encoder_decoder", False)
+
+
 def _fresh(cls: type, config: Any) -> nn.Module:
     """The model ``config`` builds, in eval mode (its weights are overwritten or compared by shape only)."""
     return cls(config).eval()
 
 
 def _size_fields(module: nn.Module) -> dict[str, Any]:
-    """A module's plain int and int-tuple fields: where modules and third-party blocks keep their sizes."""
+    """A module's plain int, float and int-tuple fields: where modules and third-party blocks keep their sizes
+    (and the epsilon of an RMS norm over fewer channels, ``rules.elementwise.Reduction.shrink_module``)."""
     found = {}
     for key, value in vars(module).items():
         if key.startswith("_") or isinstance(value, bool):
             continue
         if isinstance(value, numbers.Integral):
             found[key] = int(value)
+        elif isinstance(value, float):
+            found[key] = value
         elif isinstance(value, (tuple, list)) and value and all(isinstance(v, numbers.Integral) and
                                                                 not isinstance(v, bool) for v in value):
             found[key] = [int(v) for v in value]

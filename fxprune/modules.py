@@ -131,16 +131,30 @@ def shifted_window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_wei
 torch.fx.wrap("shifted_window_attention")
 
 
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The call's first tensor argument, positional or keyword (Hugging Face calls its blocks with keywords)."""
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+
 class Skip(nn.Module):
     """A residual block the plan removed: returns the block's input, ``x + f(x)`` without ``f``."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return x
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return _first_tensor(args, kwargs)
 
 
 class ZeroBranch(nn.Module):
     """The branch ``f`` of a residual block the plan removed, where the model's code adds it: a zero
-    that broadcasts, so ``x + f(x)`` is ``x``."""
+    that broadcasts, so ``x + f(x)`` is ``x``. ``returns``: where the module returned a tuple (Hugging Face's
+    attention: its output and its weights), its length; the zero comes first, None after it."""
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return x.new_zeros(())
+    def __init__(self, returns: int = 0) -> None:
+        super().__init__()
+        self.returns = returns
+
+    def forward(self, *args, **kwargs) -> torch.Tensor | tuple:
+        zero = _first_tensor(args, kwargs).new_zeros(())
+        return (zero, *[None] * (self.returns - 1)) if self.returns else zero
+
+    def extra_repr(self) -> str:
+        return f"returns={self.returns}" if self.returns else ""

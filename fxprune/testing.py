@@ -128,11 +128,12 @@ def build_torchvision_model(name: str, *, small: bool = True, seed: int = 0):
 
 @torch.no_grad()
 def randomize_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Re-draw every parameter and norm statistic so activations stay O(1) and nothing is zero."""
+    """Re-draw every parameter and norm statistic so activations stay O(1) and nothing is zero; buffers the
+    model computes rather than saves (non-persistent: rotary frequencies) stay as they are."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if not tensor.is_floating_point():
+            if not tensor.is_floating_point() or name in module._non_persistent_buffers_set:
                 continue
             if name == "running_var" or (name == "weight" and tensor.dim() == 1):
                 new = torch.rand(tensor.shape, generator=generator) + 0.5

@@ -63,7 +63,7 @@ def test_analyze_lists_groups(capsys):
     text = capsys.readouterr().out
     assert "prunable" in text and "frozen: model output" in text
     assert "5 removable residual blocks (--depth): layer1.0, layer1.1, layer2.1, layer3.1, layer4.1" in text
-    assert "not removable: its other input is not computed from the skip input alone" in text  # downsample
+    assert "not removable: its other input does not read the skip input" in text  # downsample
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -134,9 +134,9 @@ def test_llama_loses_a_decoder_layers_mlp_whole_and_saves_and_loads_without_it(t
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     gm, _ = analyze_inputs(model, {"input_ids": ids})
     found, why = fxprune.blocks(gm)
-    assert [(b.module, b.kind) for b in found] == [("model.layers.0.mlp", "zero"), ("model.layers.1.mlp", "zero")]
-    assert any("not computed from the skip input alone" in reason for reason in why.values())  # attention: rotary
-    plan = fxprune.Plan({}, (1,))
+    assert [(b.module, b.kind, b.returns) for b in found] == [  # attention reads rotary context made once
+        (f"model.layers.{i}.{part}", "zero", 2 if part == "self_attn" else 0) for i in (0, 1) for part in ("self_attn", "mlp")]
+    plan = fxprune.Plan({}, (3,))
     pruned = fxprune.prune(gm, plan)
     shrunk = shrink_model(model, gm, plan)
     assert verify_model(model, shrunk, pruned, gm, plan, (), {"input_ids": ids}).ok
@@ -161,8 +161,9 @@ def test_gpt2_loses_its_mlps_whole_exactly_and_generates_the_masked_originals_to
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     gm, _ = analyze_inputs(model, {"input_ids": ids})
     found, _ = fxprune.blocks(gm)
-    assert [(b.module, b.kind) for b in found] == [(f"transformer.h.{i}.mlp", "zero") for i in range(3)]
-    plan = fxprune.Plan({}, (0, 2))
+    assert [(b.module, b.kind) for b in found] == [(f"transformer.h.{i}.{part}", "zero") for i in range(3)
+                                                   for part in ("attn", "mlp")]
+    plan = fxprune.Plan({}, (1, 5))
     shrunk = shrink_model(model, gm, plan)
     verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (), {"input_ids": ids})
     assert verification.ok, verification.failure

@@ -108,6 +108,7 @@ class Block:
     zeroed: tuple[str, ...]
     groups: tuple[int, ...]
     share: float = 1.0  # ||f(x)|| / (||x|| + ||f(x)||) on the example inputs: how much the branch adds
+    returns: int = 0  # a "zero" module that returned a tuple: its length (the branch's result first)
 
     @property
     def space(self) -> int:

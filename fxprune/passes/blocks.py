@@ -1,8 +1,8 @@
 """Block pass: the residual blocks a plan may remove whole (``Analysis.blocks``).
 
 A block is found in the graph, not by class names: an add ``x + y`` whose branch ``y`` is computed from
-``x`` alone (every tensor the branch reads comes from ``x``, a parameter or a constant; no branch result
-is read outside it), so the add without the branch is ``x``, passed unchanged. Stochastic depth and layer
+``x`` (and from context computed without ``x``: a decoder's rotary embeddings and attention mask; no branch
+result is read outside it), so the add without the branch is ``x``, passed unchanged. Stochastic depth and layer
 scale sit inside the branch. The user's model must be able to lose it too: a module whose nodes are the
 branch and the add (and activations after it, which must return ``x`` as it is) becomes
 ``modules.Skip``, else a module that computes the branch's result becomes ``modules.ZeroBranch``. A block
@@ -24,7 +24,7 @@ from fxprune.errors import AnalysisRequiredError
 from fxprune.ir import graph
 from fxprune.ir.capture import is_partitioned
 from fxprune.ir.channels import Analysis, Block
-from fxprune.ir.graph import inference
+from fxprune.ir.graph import inference, run_eager
 from fxprune.ir.keys import ANALYSIS_KEY
 from fxprune.rules import RULES
 
@@ -69,24 +69,32 @@ def _rule(node: torch.fx.Node):
     return RULES.by_name[name] if name is not None else RULES.fallback
 
 
-def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> set[torch.fx.Node] | str:
-    """The nodes computing ``y`` from ``x`` (no get_attr), or why ``y`` is no branch of ``x``."""
-    branch: set[torch.fx.Node] = set()
+def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> tuple[set, set] | str:
+    """The nodes computing ``y`` from ``x`` (no get_attr), and the context they read, computed without ``x``
+    (a decoder's rotary embeddings and mask, made once for every layer); or why ``y`` is no branch of ``x``."""
+    ancestors: set[torch.fx.Node] = set()
     stack = [y]
     while stack:
         node = stack.pop()
-        if node is x or node in branch or node.op == "get_attr":
+        if node is x or node in ancestors or node.op == "get_attr":
             continue
-        if node.op == "placeholder":
-            return "its other input is not computed from the skip input alone"
-        branch.add(node)
+        ancestors.add(node)
         stack.extend(node.all_input_nodes)
-    if x in branch or y is x:
-        return "the skip input is part of the branch"
+    reads_x: dict[torch.fx.Node, bool] = {x: True}
+    for node in sorted(ancestors, key=_order(add)):  # inputs before their users
+        reads_x[node] = any(reads_x.get(a, False) for a in node.all_input_nodes)
+    branch = {n for n in ancestors if reads_x[n]}
+    if y is x or not reads_x.get(y, False):
+        return "its other input does not read the skip input" if y is not x else "the skip input is part of the branch"
     escaping = [n.name for n in branch for user in n.users if user not in branch and user is not add]
     if escaping:
         return f"a result of the branch is read outside it ({escaping[0]})"
-    return branch
+    return branch, ancestors - branch
+
+
+def _order(add: torch.fx.Node):
+    position = {n: i for i, n in enumerate(add.graph.nodes)}
+    return position.__getitem__
 
 
 def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, index: int) -> Block | str:
@@ -96,15 +104,16 @@ def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, ind
     reasons = []
     for x, y in (add.args, add.args[::-1]):
         root, chain = _unchanged(gm, x)  # x itself, or what an identity shortcut passes on
-        branch = _branch(add, root, y)
-        if isinstance(branch, str):
-            reasons.append(branch)
+        found = _branch(add, root, y)
+        if isinstance(found, str):
+            reasons.append(found)
             continue
+        branch, context = found
         zeroed = _last_parameters(gm, y, branch)
         if not zeroed:
             reasons.append("no layer with parameters ends its branch")
             continue
-        place = _skip_module(add, root, branch, chain) or _branch_module(add, y, branch)
+        place = _skip_module(add, root, branch, chain, context) or _branch_module(add, y, branch, context)
         if place is None:
             reasons.append("no module of the model holds the branch alone (the model's code cannot lose it)")
             continue
@@ -149,7 +158,8 @@ def _unchanged(gm: torch.fx.GraphModule, x: torch.fx.Node) -> tuple[torch.fx.Nod
     return x, chain
 
 
-def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set) -> tuple[str, str] | None:
+def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set,
+                 context: set = frozenset()) -> tuple[str, str] | None:
     """The deepest module that is the whole block: the branch, the add, the identity shortcut ``chain``, and
     single-input activations after the add (the block pass checks they return ``x`` as it is), called once,
     taking ``x`` from outside."""
@@ -159,7 +169,7 @@ def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set) 
         if path in x_paths or not first:
             continue
         inside = _inside(every, path) - {n for n in every if n.op == "get_attr"}
-        after = inside - branch - {add} - chain
+        after = inside - branch - {add} - chain - context
         post, node = [], add  # activations after the add
         while len(node.users) == 1 and next(iter(node.users)) in after:
             node = next(iter(node.users))
@@ -171,7 +181,8 @@ def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set) 
     return None
 
 
-def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set) -> tuple[str, str] | None:
+def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set,
+                   context: set = frozenset()) -> tuple[str, str] | None:
     """The outermost module, called once, that computes ``y`` from nodes of the branch and is read only
     through ``y``, leaving no convolution or linear layer of the branch outside it (those would still run in
     the model's code; a norm before it may)."""
@@ -180,8 +191,10 @@ def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set) -> tuple[s
     for path, first in _paths(y):
         if path in add_paths or not first:
             continue
-        inside = _inside(every, path) - {n for n in every if n.op == "get_attr"}
+        whole = _inside(every, path) - {n for n in every if n.op == "get_attr"}
+        inside = whole - context  # context the module computes for itself goes with it: read by it alone
         if inside <= branch and all(u in inside for n in inside - {y} for u in n.users) \
+                and all(u in whole for n in whole & context for u in n.users) \
                 and not any(_rule(n).bilinear_flops for n in branch - inside):
             return path, "zero"
     return None
@@ -280,7 +293,8 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
         if not isinstance(branch, torch.Tensor) or bool(branch.ne(0).any()):
             analysis.kept_blocks[block.add] = "zeroing its last layer's parameters does not zero its branch"
         elif block.kind == "skip" and not (isinstance(end, torch.Tensor) and torch.equal(end, skip)):
-            place = _branch_module(nodes[block.add], nodes[block.output], {nodes[n] for n in block.nodes[:-1]})
+            found = _branch(nodes[block.add], nodes[block.skip], nodes[block.output])
+            place = None if isinstance(found, str) else _branch_module(nodes[block.add], nodes[block.output], *found)
             if place is None:  # nor is the branch one module the model's code adds
                 analysis.kept_blocks[block.add] = f"{block.module} does not return its input once the branch is zero"
             else:
@@ -305,6 +319,74 @@ def _module_output(gm: torch.fx.GraphModule, block: Block) -> str:
     while len(node.users) == 1 and next(iter(node.users)) in inside:
         node = next(iter(node.users))
     return node.name
+
+
+def record_returns(model: torch.nn.Module, args: tuple, kwargs: dict, gm: torch.fx.GraphModule) -> None:
+    """What each block's "zero" module returns, seen in one eager run of ``model``: where a tuple (Hugging
+    Face's attention returns its output and its weights), its length, so ``ZeroBranch`` returns one alike;
+    a module whose tuple does not start with the branch's result is no block."""
+    analysis: Analysis = gm.meta[ANALYSIS_KEY]
+    zero = {b.module for b in analysis.blocks if b.kind == "zero"}
+    if not zero:
+        return
+    outputs: dict[str, object] = {}
+    hooks = [model.get_submodule(path).register_forward_hook(
+        lambda module, inputs, output, path=path: outputs.setdefault(path, output)) for path in zero]
+    try:
+        run_eager(model, args, kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    kept = []
+    for block in analysis.blocks:
+        output = outputs.get(block.module)
+        if block.kind == "zero" and isinstance(output, (tuple, list)):
+            if not output or not isinstance(output[0], torch.Tensor):
+                analysis.kept_blocks[block.add] = f"{block.module} returns a tuple that does not start with its branch"
+                continue
+            block = dataclasses.replace(block, returns=len(output))
+        kept.append(block)
+    analysis.blocks = [dataclasses.replace(block, id=index) for index, block in enumerate(kept)]
+
+
+def emptied_modules(gm: torch.fx.GraphModule, blocks: list[Block]) -> list[str]:
+    """The outermost modules (called once) every node of which goes with the removed ``blocks``: their
+    branches and adds, and what only those read (a decoder layer whose attention and MLP both go). Each
+    then returns its input, so the user's model swaps it for ``Skip``."""
+    if not blocks:
+        return []
+    nodes = list(gm.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    skip_of = {by_name[b.add]: by_name[b.skip] for b in blocks}
+    live: set[torch.fx.Node] = set()
+    stack = [n for n in nodes if n.op == "output"]
+    while stack:  # what the output still reads once each removed add reads as its skip input
+        node = stack.pop()
+        if node in skip_of:  # a removed add passes its skip input on and is itself gone
+            stack.append(skip_of[node])
+        elif node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    gone = set(nodes) - live
+    candidates = {p for b in blocks for n in nodes if n.name == b.add for p, first in _paths(n) if first}
+    emptied = []
+    for path in sorted(candidates, key=lambda p: p.count(".")):
+        inside = _inside(nodes, path) - {n for n in nodes if n.op == "get_attr"}
+        kept = {n for n in inside - gone if not _passes_on(gm, n)}  # a cast of the input passes it on as it is
+        if inside and not kept and not any(path.startswith(f"{e}.") for e in emptied) \
+                and all(first for n in inside for p, first in _paths(n) if p == path):
+            emptied.append(path)
+    return emptied
+
+
+def _passes_on(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A call that returns its one tensor input as it is, or cast to the dtype it has (an RMS norm's float32)."""
+    if node.op not in ("call_function", "call_method", "call_module") or len(node.all_input_nodes) != 1:
+        return False
+    cast = getattr(node.target, "overloadpacket", None) in (torch.ops.aten.to, torch.ops.aten._to_copy)
+    value, source = node.meta.get("val"), node.all_input_nodes[0].meta.get("val")
+    same = isinstance(value, torch.Tensor) and isinstance(source, torch.Tensor) and value.dtype == source.dtype
+    return _rule(node).identity(gm, node) or (cast and same)
 
 
 def block_spaces(gm: torch.fx.GraphModule) -> tuple[dict[str, int], dict[str, int]]:

@@ -13,7 +13,7 @@ from fxprune.errors import ExampleInputsError
 from fxprune.ir.capture import flat_inputs, split_inputs
 from fxprune.ir.channels import Plan
 from fxprune.passes.capture import capture as capture_model
-from fxprune.passes.blocks import BlockPass
+from fxprune.passes.blocks import BlockPass, record_returns
 from fxprune.passes.dependency import DependencyPass
 from fxprune.passes.rewrite import RewritePass
 
@@ -45,6 +45,7 @@ def analyze_inputs(model: torch.nn.Module, example_inputs: Any, *, example_kwarg
     gm, inputs = capture_model(model, args, kwargs, mode=capture, leaf_modules=leaf_modules,
                                autowrap_functions=autowrap_functions, concrete_args=concrete_args)
     run_passes(gm, [DependencyPass(), BlockPass(inputs)])  # the capture left shapes on the graph
+    record_returns(model, args, kwargs, gm)
     return gm, inputs
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from fxprune.ir import graph
 from fxprune.ir.channels import Block, Plan
 from fxprune.modules import Skip, ZeroBranch
+from fxprune.passes.blocks import emptied_modules
 from fxprune.passes.params import tensor_axes
 from fxprune.passes.plan import analysis
 from fxprune.passes.rewrite import kept_positions, keep_masks
@@ -33,7 +34,10 @@ def shrink_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.M
     _index_tensors(shrunk, gm, kept)
     changed = _shrink_modules(shrunk, gm, kept)
     resize_attributes(shrunk, changed)
-    remove_blocks(shrunk, [analysis(gm).blocks[b] for b in plan.drop])
+    dropped = [analysis(gm).blocks[b] for b in plan.drop]
+    remove_blocks(shrunk, dropped)
+    for path in emptied_modules(gm, dropped):  # a decoder layer that lost its attention and its MLP
+        shrunk.set_submodule(path, Skip())
     return shrunk
 
 
@@ -41,7 +45,7 @@ def remove_blocks(model: nn.Module, blocks: list[Block]) -> None:
     """Each removed block's module gives way: the whole block to ``Skip`` (returns its input), a branch
     the model's code adds to ``ZeroBranch`` (a zero)."""
     for block in blocks:
-        model.set_submodule(block.module, Skip() if block.kind == "skip" else ZeroBranch())
+        model.set_submodule(block.module, Skip() if block.kind == "skip" else ZeroBranch(block.returns))
 
 
 def replace_tensors(model: nn.Module, new_by_old: dict[int, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
@@ -26,7 +27,8 @@ class ScaledDotProductAttention(Rule):
     the output are one group channel, and so is the block of projection channels each head is made from
     (q/k/v projections split by ``view``, a fused qkv by ``reshape``/``permute``/``unbind``, the output
     projection after the heads are merged back). Within a head nothing is pruned: the scale reads E.
-    A mask with one row per head, or grouped-query attention, keeps every head."""
+    Grouped-query attention (``enable_gqa``, or Hugging Face's ``repeat_kv`` before it) prunes kv heads
+    with the query heads that read them. A mask with one row per head keeps every head."""
 
     name = "scaled_dot_product_attention"
     functions = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention)
@@ -37,16 +39,23 @@ class ScaledDotProductAttention(Rule):
         shapes = [b.shape(x) for x in (q, k, v)]
         rank = len(shapes[0])
         heads = shapes[0][-3] if rank >= 3 else 0
+        kv_heads = shapes[1][-3] if rank >= 3 else 0
+        grouped = bool(arg(node, 7, "enable_gqa", False)) and rank >= 3 and shapes[2][-3] == kv_heads \
+            and kv_heads and heads % kv_heads == 0
         why = ("its inputs have no head dim" if rank < 3 or any(len(s) != rank for s in shapes)
-               else "grouped-query attention" if arg(node, 7, "enable_gqa", False) or any(s[-3] != heads for s in shapes)
+               else "its heads differ in number without enable_gqa" if any(s[-3] != heads for s in shapes)
+               and not grouped
                else "its mask has one row per head" if isinstance(mask, torch.fx.Node) and len(b.shape(mask)) >= 3
                and b.shape(mask)[-3] != 1 else None)
         if why is None:
             spaces = [b.head_space(x, rank - 3) for x in (q, k, v)]
             if all(s is not None for s in spaces):
                 out = b.new_space(node, rank - 3)
-                for space in spaces:
-                    b.couple(out, space)
+                b.couple(out, spaces[0])
+                b.couple(spaces[1], spaces[2])
+                # grouped-query attention: query head h reads kv head h // (heads / kv heads), so a kv head
+                # and the query heads of its group are one channel (the layer stays a valid GQA layer)
+                b.couple(spaces[0], spaces[1], None, np.arange(heads) // (heads // kv_heads))
                 return
             why = "its q, k and v are not all split into heads from tracked channels"
         for x in (q, k, v):

@@ -29,8 +29,33 @@ class Pending:
     origin: ChannelSpace
     origin_node: torch.fx.Node
     labels: torch.Tensor  # origin element index at every position of this node's output
-    chain: tuple[torch.fx.Node, ...] = ()  # the shape ops from the origin to here
-    chain_labels: tuple[torch.Tensor, ...] = ()  # ``labels`` at each node of the chain
+    chain: tuple[torch.fx.Node, ...] = ()  # the ops from the origin to here
+    chain_labels: tuple[torch.Tensor, ...] = ()  # ``labels`` at each node of the chain (a node that adds two
+    # layouts of one origin, rotary's ``q * cos + rotate_half(q) * sin``, is listed once per layout)
+    shared: tuple[tuple[torch.fx.Node, frozenset[int]], ...] = ()  # nodes of the chain whose other operands
+    # vary along these dims (rotary's cos/sin along the head's width): no head may run along them
+
+    def extended(self, node: torch.fx.Node, labels: torch.Tensor, shared: frozenset[int] = frozenset()) -> "Pending":
+        """This layout after ``node``, which put the positions where ``labels`` says."""
+        return Pending(self.origin, self.origin_node, labels, self.chain + (node,), self.chain_labels + (labels,),
+                       self.shared + (((node, shared),) if shared else ()))
+
+    @staticmethod
+    def merged(parts: list["Pending"], node: torch.fx.Node, labels: list[torch.Tensor], out: torch.Tensor,
+               shared: frozenset[int] = frozenset()) -> "Pending":
+        """One layout from several of the same origin that ``node`` combines position by position (an add)
+        or along a dim (a cat); ``labels[k]`` is part k as ``node``'s output holds it, ``out`` the result."""
+        seen: dict[tuple[int, int], tuple[torch.fx.Node, torch.Tensor]] = {}
+        for part in parts:
+            for chain_node, chain_labels in zip(part.chain, part.chain_labels):
+                seen.setdefault((id(chain_node), id(chain_labels)), (chain_node, chain_labels))
+        for each in labels:
+            seen[(id(node), id(each))] = (node, each)
+        chain = tuple(n for n, _ in seen.values())
+        shared_nodes = tuple(dict.fromkeys(s for part in parts for s in part.shared)) + \
+            (((node, shared),) if shared else ())
+        return Pending(parts[0].origin, parts[0].origin_node, out, chain, tuple(l for _, l in seen.values()),
+                       shared_nodes)
 
 
 class ChannelBuilder:
@@ -172,35 +197,54 @@ class ChannelBuilder:
             return space
         labels = pending.labels.numpy() - 1  # origin element at each position
         blocks = [np.unique(np.take(labels, h, axis=dim)) for h in range(labels.shape[dim])]
-        every = np.concatenate(blocks)
+        distinct = list({tuple(block): block for block in blocks}.values())
+        every = np.concatenate(distinct)
         if np.unique(every).size != every.size or (every < 0).any():
             self.freeze(pending.origin, f"{node.name}: the heads on dim {dim} do not hold disjoint blocks of channels")
             return None
+        # a head repeated (grouped-query attention's repeat_kv: kv head g read by query heads g*r .. g*r+r-1)
+        # is one channel at every position that holds it
+        first_position = [next(h for h, block in enumerate(blocks) if np.array_equal(block, d)) for d in distinct]
         head_of = np.full(pending.origin.size, -1)
-        for h, block in enumerate(blocks):
-            head_of[block] = h
+        for k, block in enumerate(distinct):
+            head_of[block] = first_position[k]
         heads = self.new_space(node, dim)
         for h, block in enumerate(blocks):
             self.couple(heads, pending.origin, np.full(block.size, h), block)
-        for chain_node, chain_labels in zip(pending.chain[:-1], pending.chain_labels[:-1]):
-            if not self.chain_space(chain_node, head_of[chain_labels.numpy() - 1], heads):
-                self.freeze(pending.origin, f"{chain_node.name} spreads the heads of {node.name} over several dims")
+        avoid = self._shared_dims(pending)
+        for chain_node, chain_labels in zip(pending.chain, pending.chain_labels):
+            if chain_node is node and chain_labels is pending.labels:
+                continue
+            if not self.chain_space(chain_node, head_of[chain_labels.numpy() - 1], heads, avoid.get(chain_node, ())):
+                self.freeze(pending.origin, f"{chain_node.name} spreads the heads of {node.name} over several dims"
+                            if chain_node not in avoid else
+                            f"{chain_node.name} combines the heads of {node.name} with a tensor that varies along them")
                 return None
         return heads
+
+    @staticmethod
+    def _shared_dims(pending: Pending) -> dict[torch.fx.Node, set[int]]:
+        avoid: dict[torch.fx.Node, set[int]] = {}
+        for node, dims in pending.shared:
+            avoid.setdefault(node, set()).update(dims)
+        return avoid
 
     def resolve_chain(self, pending: Pending, space: ChannelSpace, element_map: np.ndarray) -> bool:
         """A part of a pending layout became ``space`` (element j is origin element ``element_map[j]``: q out
         of a fused qkv): every node of the chain gets a space along the dim that part varies on."""
         position_of = np.full(pending.origin.size, -1)
         position_of[element_map] = np.arange(element_map.size)
-        return all(self.chain_space(node, position_of[labels.numpy() - 1], space)
+        avoid = self._shared_dims(pending)
+        return all(self.chain_space(node, position_of[labels.numpy() - 1], space, avoid.get(node, ()))
                    for node, labels in zip(pending.chain, pending.chain_labels))
 
-    def chain_space(self, node: torch.fx.Node, heads_at: np.ndarray, heads: ChannelSpace) -> bool:
+    def chain_space(self, node: torch.fx.Node, heads_at: np.ndarray, heads: ChannelSpace, avoid=()) -> bool:
         """Give ``node`` (on a chain that split channels over several dims) a space along the one dim its
         heads vary on, coupled to ``heads``; ``heads_at`` is the position of ``heads`` each element holds
-        (-1: another input's). False where no single dim holds them."""
+        (-1: another input's). False where no single dim holds them, or where it is one of ``avoid``."""
         for dim in range(heads_at.ndim):
+            if dim in avoid:
+                continue
             per_slice = [np.unique(v[v >= 0]) for v in (np.take(heads_at, i, axis=dim) for i in range(heads_at.shape[dim]))]
             if any(v.size > 1 for v in per_slice) or heads_at.shape[dim] == 1:
                 continue

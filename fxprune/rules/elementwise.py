@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import collections
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.rules.base import Rule, arg, same_position, tensor_inputs
+from fxprune.ir import graph
+from fxprune.rules.base import Kept, Rule, arg, input_space, kept_of, same_position, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder
-from fxprune.rules.shape import ensure_space, pass_pending
+from fxprune.rules.shape import combine_pending, ensure_space, pass_pending
 
 aten = torch.ops.aten
 
@@ -28,6 +30,12 @@ def _noop(b: ChannelBuilder, node: torch.fx.Node) -> bool:
         return isinstance(b.module(node), _NOOPS[:2])
     target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
     return target in _NOOPS
+
+
+def _pointwise(node: torch.fx.Node) -> bool:
+    """An ATen op that computes each output position from the same position of its inputs (a pending
+    layout passes through it: rotary's ``neg``)."""
+    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
 
 
 class Passthrough(Rule):
@@ -85,7 +93,7 @@ class Passthrough(Rule):
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         inputs = tensor_inputs(node)
-        if inputs and _noop(b, node) and pass_pending(b, node, inputs[0]):
+        if inputs and (_noop(b, node) or _pointwise(node) and len(inputs) == 1) and pass_pending(b, node, inputs[0]):
             return
         if inputs:
             same_position(b, node, inputs[0])
@@ -115,6 +123,9 @@ class Elementwise(Rule):
         out_shape = b.shape(node)
         inputs = tensor_inputs(node)
         if out_shape is None or not inputs:
+            return
+        if any(src in b.pending for src in inputs):
+            combine_pending(b, node, inputs)
             return
         out_dim = None
         for src in inputs:
@@ -157,12 +168,108 @@ class Reduction(Rule):
         dims = arg(node, 1, "dim", None)
         dims = range(rank) if dims is None else ([dims] if isinstance(dims, int) else dims)
         dims = sorted(d % rank for d in dims)
-        if space.dim in dims:
-            b.freeze(space, f"{node.name} reduces over the channel axis")
-            return
         keepdim = arg(node, 2, "keepdim", False)
+        if space.dim in dims:
+            statistic = _root_mean_square(b, node, dims == [space.dim] and keepdim)
+            if isinstance(statistic, str):
+                b.freeze(space, f"{node.name} reduces over the channel axis" + statistic)
+            else:
+                b.info(node).notes["root_mean_square"] = statistic
+            return
         dim = space.dim if keepdim else space.dim - sum(d < space.dim for d in dims)
         b.couple(space, b.new_space(node, dim))
+
+
+    def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
+        """An RMS norm's mean of squares over fewer channels: times d'/d, so it is the sum over the kept
+        channels divided by the original width, as in the original with the removed channels zero."""
+        width = kept_of(input_space(node), kept)
+        if "root_mean_square" not in graph.channels(node).notes or width is None:
+            return
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_function(operator.mul, (node, len(width) / input_space(node).size))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+
+    def owner(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+        statistic = graph.channels(node).notes.get("root_mean_square")
+        return statistic.module if statistic is not None else None
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(getattr(module, "weight", None), torch.Tensor) and \
+            RootMeanSquare.eps_attribute(module) is not None
+
+    def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        """The user's RMS norm computes the mean over the kept channels itself: its scale times
+        sqrt(d/d') and its epsilon times d/d' give the same output, since rsqrt(s/d + eps) =
+        sqrt(d/d') * rsqrt(s/d' + eps * d/d')."""
+        width = kept_of(input_space(node), kept)
+        if width is None:
+            return None
+        ratio = input_space(node).size / len(width)
+        with torch.no_grad():
+            module.weight.mul_(ratio ** 0.5)
+        eps = RootMeanSquare.eps_attribute(module)
+        setattr(module, eps, getattr(module, eps) * ratio)
+        return None
+
+
+@dataclass(frozen=True)
+class RootMeanSquare:
+    """A mean of squares over the channel axis that an RMS norm divides by (``x * rsqrt(mean(x**2) + eps)``,
+    scaled by ``module``'s ``weight``): pruned exactly, the mean rescaled to the original width."""
+
+    module: str
+    eps: float
+
+    @staticmethod
+    def eps_attribute(module: nn.Module) -> str | None:
+        """Where an RMS norm module keeps its epsilon (Hugging Face's ``variance_epsilon``, torch's ``eps``)."""
+        return next((name for name in ("variance_epsilon", "eps") if isinstance(getattr(module, name, None), float)),
+                    None)
+
+
+def _root_mean_square(b: ChannelBuilder, node: torch.fx.Node, over_channels_kept: bool) -> RootMeanSquare | str:
+    """The RMS norm ``node`` (a mean over the channel axis) is the statistic of, or why it is none."""
+    target = getattr(node.target, "overloadpacket", node.target)
+    square = node.args[0]
+    if not over_channels_kept or target not in (aten.mean, torch.mean, "mean") or not isinstance(square, torch.fx.Node):
+        return ""
+    square_target = getattr(square.target, "overloadpacket", square.target)
+    if square_target in (aten.pow, torch.pow, "pow") and len(square.args) == 2 and square.args[1] == 2:
+        x = square.args[0]
+    elif square_target in (aten.mul, torch.mul, operator.mul, "mul") and square.args[0] is square.args[1]:
+        x = square.args[0]
+    else:
+        return " (not a mean of squares)"
+    plus_eps = next(iter(node.users)) if len(node.users) == 1 else None
+    root = next(iter(plus_eps.users)) if plus_eps is not None and len(plus_eps.users) == 1 else None
+    if root is None or getattr(root.target, "overloadpacket", root.target) not in (aten.rsqrt, torch.rsqrt, "rsqrt") \
+            or not isinstance(plus_eps.args[1], float):
+        return " (its mean of squares is not followed by + eps and rsqrt)"
+    scaled = list(root.users)
+    if not all(set(user.args[:2]) == {x, root} for user in scaled):
+        return " (its rsqrt does not scale the tensor it was computed from)"
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    module = stack[-1][0] if stack else None
+    if not module:
+        return " (an RMS norm outside a module)"
+    if not _scaled_by(scaled, f"{module}.weight"):
+        return f" (an RMS norm in {module} whose output is not its weight times x / rms(x))"
+    return RootMeanSquare(module, plus_eps.args[1])
+
+
+def _scaled_by(nodes: list[torch.fx.Node], weight: str) -> bool:
+    """True when every one of ``nodes``, through casts, is multiplied by the get_attr ``weight`` alone."""
+    for node in nodes:
+        while len(node.users) == 1 and getattr(next(iter(node.users)).target, "overloadpacket", None) in \
+                (aten.to, aten._to_copy, aten.type_as):
+            node = next(iter(node.users))
+        users = list(node.users)
+        if not users or not all(getattr(u.target, "overloadpacket", u.target) in (aten.mul, operator.mul, torch.mul)
+                                and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target == weight
+                                        for a in u.args) for u in users):
+            return False
+    return True
 
 
 class Softmax(Rule):

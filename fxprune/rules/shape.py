@@ -135,8 +135,8 @@ class Shape(Rule):
             elif pending is not None:
                 _mark_gather(b, node, pending, space, element_map)
         elif len(dims) > 1:
-            origin_node = src if pending is None else pending.origin_node
-            b.pending[node] = Pending(origin, origin_node, out, *_extended(pending, node, out))
+            b.pending[node] = (Pending(origin, src, out, (node,), (out,)) if pending is None
+                               else pending.extended(node, out))
         else:
             b.freeze(origin, f"{node.name} reduces its channel axis to one element")
 
@@ -152,20 +152,42 @@ class Shape(Rule):
 SHAPE = Shape()
 
 
-def _extended(pending: Pending | None, node: torch.fx.Node, labels: torch.Tensor) -> tuple[tuple, tuple]:
-    """A pending chain (its nodes, and the labels at each) with ``node`` added."""
-    chain, chain_labels = (pending.chain, pending.chain_labels) if pending is not None else ((), ())
-    return chain + (node,), chain_labels + (labels,)
-
-
 def pass_pending(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) -> bool:
     """Carry a pending channel layout through an op that leaves every position where it was (a no-op at
     inference: Identity, dropout, contiguous, a cast). True if ``src`` was pending."""
     if src not in b.pending or b.shape(node) != tuple(b.pending[src].labels.shape):
         return False
     pending = b.take_pending(src, node)
-    b.pending[node] = Pending(pending.origin, pending.origin_node, pending.labels,
-                              *_extended(pending, node, pending.labels))
+    b.pending[node] = pending.extended(node, pending.labels)
+    return True
+
+
+def combine_pending(b: ChannelBuilder, node: torch.fx.Node, inputs: list[torch.fx.Node], out=None,
+                    stored: list[tuple[torch.fx.Node, torch.Tensor]] = ()) -> bool:
+    """Carry pending layouts of one origin through ``node``, which combines them (an add, a mul, a cat along a
+    dim), with other operands that hold no channels: rotary embeddings' ``q * cos + rotate_half(q) * sin``.
+    ``out``: the labels at ``node`` (default: its first pending input's, for position-by-position ops).
+    Dims along which the other operands vary are marked: no head may run along them. False, and the
+    layouts frozen, where the inputs are not so."""
+    pendings = [src for src in inputs if src in b.pending]
+    others = [src for src in inputs if src not in b.pending]
+    out_shape = b.shape(node)
+    ok = (len({id(b.pending[src].origin) for src in pendings}) == 1
+          and all(graph.space(src) is None for src in others)
+          and (out is not None or all(tuple(b.pending[src].labels.shape) == out_shape for src in pendings)))
+    if not ok:
+        for src in pendings:
+            b.space_of(src)  # frozen as any op that is not a rearrangement
+        return False
+    shared = frozenset(len(out_shape) - len(b.shape(src)) + d for src in others
+                       for d, size in enumerate(b.shape(src)) if size > 1)
+    parts = [b.take_pending(src, node) for src in pendings]
+    labels = [part.labels for part in parts] if out is None else [out]
+    merged = Pending.merged(parts, node, labels, labels[0], shared)
+    for tensor, tensor_labels in stored:  # stored tensors laid out as the layout: on its chain, so indexed with it
+        merged = Pending(merged.origin, merged.origin_node, merged.labels, (tensor, *merged.chain),
+                         (tensor_labels, *merged.chain_labels), merged.shared)
+    b.pending[node] = merged
     return True
 
 
@@ -286,6 +308,9 @@ class Cat(Rule):
         tensors = list(arg(node, 0, "tensors"))
         out_shape = b.shape(node)
         cat_dim = arg(node, 1, "dim", 0) % len(out_shape)
+        if any(t in b.pending for t in tensors):
+            _cat_pending(b, node, tensors, cat_dim)
+            return
         spaces = [b.space_of(t) for t in tensors]
         known = [s for s in spaces if s is not None]
         if not known:
@@ -298,6 +323,29 @@ class Cat(Rule):
             positions = np.arange(offset, offset + width) if cat_dim == channel_dim else None
             b.couple(out, ensure_space(b, t, channel_dim), positions)
             offset += width if cat_dim == channel_dim else 0
+
+
+def _cat_pending(b: ChannelBuilder, node: torch.fx.Node, tensors: list, cat_dim: int) -> None:
+    """Parts of one split layout put back together (rotary's ``rotate_half``), or a layout appended to a
+    stored tensor laid out alike along another dim (a key-value cache of past tokens, a buffer, gains the new
+    token's keys): the buffer takes the layout, so the heads that go leave it too."""
+    reference = next(b.pending[t].labels for t in tensors if t in b.pending)
+    parts, stored = [], []
+    for t in tensors:
+        if t in b.pending:
+            parts.append(b.pending[t].labels)
+            continue
+        shape = b.shape(t)
+        alike = (isinstance(t, torch.fx.Node) and t.op == "get_attr" and graph.space(t) is None
+                 and len(shape) == reference.dim() and _constant_along(reference, cat_dim)
+                 and all(n == m for d, (n, m) in enumerate(zip(shape, reference.shape)) if d != cat_dim))
+        if not alike:
+            for each in tensors:
+                b.space_of(each)  # frozen as any op that is not a rearrangement
+            return
+        parts.append(reference.narrow(cat_dim, 0, 1).expand(shape).contiguous())
+        stored.append((t, parts[-1]))
+    combine_pending(b, node, [t for t in tensors if t in b.pending], torch.cat(parts, cat_dim), stored)
 
 
 class Stack(Rule):
@@ -404,8 +452,7 @@ class Unbind(Rule):
             for user in node.users:
                 if user.target is operator.getitem and isinstance(user.args[1], int):
                     labels = pending.labels.select(dim, user.args[1])
-                    b.pending[user] = Pending(pending.origin, pending.origin_node, labels,
-                                              *_extended(pending, user, labels))
+                    b.pending[user] = pending.extended(user, labels)
             return
         space = b.space_of(src)
         if space is None:

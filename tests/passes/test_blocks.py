@@ -65,7 +65,7 @@ def test_resnet18s_blocks_are_its_blocks_without_downsample_found_in_the_graph(c
     found, why = fxprune.blocks(gm)
     assert [b.module for b in found] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     assert all(b.kind == "skip" and len(b.groups) == 1 for b in found)
-    assert sum("not computed from the skip input alone" in reason for reason in why.values()) == 3  # downsample
+    assert sum("does not read the skip input" in reason for reason in why.values()) == 3  # downsample
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])

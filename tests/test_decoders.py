@@ -1,0 +1,135 @@
+"""Decoder language models (issue 29): Llama, Qwen2, Mistral, Phi-3 and GPT-2 from small configs, pruned to
+FLOPs and decode-latency budgets, returned as their own class: exact against the masked original,
+generating its tokens, saved and loaded with fxprune.save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import BudgetError
+from fxprune.modules import Skip
+from fxprune.passes.pipeline import analyze_inputs
+from fxprune.passes.shrink import shrink_model
+from fxprune.passes.verify import masked_model
+from fxprune.testing import SyntheticEngine, randomize_parameters
+
+transformers = pytest.importorskip("transformers")
+
+_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _COMMON),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _COMMON),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, sliding_window=None)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                                   bos_token_id=1, eos_token_id=2)),
+}
+
+
+def _decoder(family: str) -> torch.nn.Module:
+    config, cls, fields = FAMILIES[family]
+    torch.manual_seed(0)
+    return randomize_parameters(getattr(transformers, cls)(getattr(transformers, config)(**fields)).eval())
+
+
+def _ids(length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generates_as(model, reference, prompt) -> None:
+    with torch.no_grad():
+        tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens, reference.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_llama_style_decoders_offer_kv_groups_mlp_and_the_hidden_size_and_gpt2_its_heads():
+    for family in FAMILIES:
+        gm, _ = analyze_inputs(_decoder(family), {"input_ids": _ids()})
+        free = sorted(g.size for g in fxprune.groups(gm) if g.frozen_reason is None)
+        expected = {"phi3": [64, 128, 128],  # fused qkv sliced by the config's head count: heads kept
+                    "gpt2": [4, 4, 64, 256, 256]}.get(family, [2, 2, 64, 128, 128])  # kv groups, MLP, hidden
+        assert free == expected, family
+    phi3, _ = analyze_inputs(_decoder("phi3"), {"input_ids": _ids()})
+    assert any("selects individual channels" in (g.frozen_reason or "") for g in fxprune.groups(phi3))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_decoder_compiled_to_half_its_flops_is_its_class_exact_generates_and_round_trips(family, tmp_path):
+    model, ids = _decoder(family), _ids()
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.5), {"input_ids": ids}, progress=False)
+    report = fxprune.report(pruned)
+    assert type(pruned) is type(model) and report.returned == type(model).__name__
+    assert report.flops_after <= 0.5 * report.flops_before
+    gm, _ = analyze_inputs(model, {"input_ids": ids})
+    plan = fxprune.plan_of(pruned)
+    mixed = [g for g in fxprune.groups(gm) if g.norm_coupled and g.id in plan.keep and len(plan.keep[g.id]) < g.size]
+    # GPT-2's stream runs through LayerNorms, whose statistics no pruning keeps (its exactness with the stream
+    # whole is the next test); every other stream here is RMS-normed, pruned exactly
+    assert not mixed or family == "gpt2"
+    if not mixed:
+        _generates_as(pruned, masked_model(model, gm, plan), ids[:, :8])
+    fxprune.save(pruned, tmp_path / family)
+    loaded = fxprune.load(tmp_path / family)
+    assert type(loaded) is type(model)
+    _generates_as(loaded, pruned, ids[:, :8])
+    pruned.train()  # its own loss trains it
+    loss = pruned(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_gpt2_without_its_layernorm_stream_pruned_is_exact_and_generates_the_masked_tokens():
+    model, ids = _decoder("gpt2"), _ids()
+    gm, _ = analyze_inputs(model, {"input_ids": ids})
+    plan = fxprune.random_plan(gm, 0.5, include_norm_coupled=False)
+    assert {g.size for g in fxprune.groups(gm) if g.id in plan.keep} == {4, 256}
+    _generates_as(shrink_model(model, gm, plan), masked_model(model, gm, plan), ids[:, :8])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])  # GPT-2's Conv1D: no synthetic units
+def test_a_decode_latency_budget_prunes_the_cached_step_and_returns_the_decoder(family):
+    model, ids = _decoder(family), _ids(24)
+    pruned = fxprune.compile(model, fxprune.Latency(0.5, phase="decode"), {"input_ids": ids},
+                             engine=SyntheticEngine(), progress=False)
+    report = fxprune.report(pruned)
+    assert type(pruned) is type(model) and report.returned == type(model).__name__
+    assert report.predicted_latency_ms_after <= 0.5 * report.predicted_latency_ms_before * (1 + 1e-6)
+    assert [s.split("x")[-1] for s in report.shapes_checked][:1] == ["1"]  # the step: one new token
+    with torch.no_grad():
+        pruned.generate(ids[:, :8], max_new_tokens=4, do_sample=False)  # its own cache, fewer kv heads
+
+
+def test_a_decode_budget_needs_a_decoder():
+    with pytest.raises(BudgetError, match="phase='decode'"):
+        fxprune.compile(torch.nn.Linear(4, 4), fxprune.Latency(0.5, phase="decode"), torch.randn(1, 4),
+                        engine=SyntheticEngine(), progress=False)
+    with pytest.raises(BudgetError, match="prefill"):
+        fxprune.Latency(0.5, phase="generate")
+    with pytest.raises(BudgetError, match="with phase='decode'"):
+        fxprune.Latency(0.5, tokens=128)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_and_whole_layers_go_and_the_decoder_generates_with_its_cache_and_round_trips(family, tmp_path):
+    model, ids = _decoder(family), _ids()
+    gm, _ = analyze_inputs(model, {"input_ids": ids})
+    found, _ = fxprune.blocks(gm)
+    attention, mlp = ("self_attn", "mlp") if family == "llama" else ("attn", "mlp")
+    assert [b.module.rpartition(".")[2] for b in found] == [attention, mlp] * 2
+    layers = model.model.layers if family == "llama" else model.transformer.h
+    for drop in [(0,), (2, 3), (0, 2, 3)]:  # the first layer's attention (its cache slot stays empty), layer 1
+        plan = fxprune.Plan({}, drop)
+        shrunk = shrink_model(model, gm, plan)
+        shrunk_layers = shrunk.model.layers if family == "llama" else shrunk.transformer.h
+        assert isinstance(shrunk_layers[1], Skip) == (2 in drop) and len(shrunk_layers) == len(layers)
+        _generates_as(shrunk, masked_model(model, gm, plan), ids[:, :8])
+    shrunk.meta = {"fxprune_plan": plan}
+    fxprune.save(shrunk, tmp_path / family)
+    loaded = fxprune.load(tmp_path / family)
+    loaded_layers = loaded.model.layers if family == "llama" else loaded.transformer.h
+    assert isinstance(loaded_layers[1], Skip)
+    assert getattr(loaded_layers[0], attention).returns == 2  # the attention's (output, weights), as a zero
+    _generates_as(loaded, shrunk, ids[:, :8])
