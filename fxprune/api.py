@@ -169,6 +169,7 @@ def compile(
     if isinstance(returned, DecodeStep):  # the decoder the step ran, pruned, with the step's plan and report
         returned.model.meta = returned.meta
         report.returned = type(returned.model).__name__
+        report.blocks_removed = [path.removeprefix("model.") for path in report.blocks_removed]
         return returned.model
     return returned
 

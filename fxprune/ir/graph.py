@@ -22,6 +22,12 @@ def shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
 
 
+def dtype(node: Any) -> torch.dtype | None:
+    """dtype of a node's tensor output, or None for non-tensors and tuples."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return getattr(meta, "dtype", None)
+
+
 def value(arg: Any) -> Any:
     """Concrete value of an argument: constants as is, nodes through the value the trace recorded."""
     if isinstance(arg, torch.fx.Node):

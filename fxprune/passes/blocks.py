@@ -48,9 +48,10 @@ class BlockPass(PassBase):
         if is_partitioned(graph_module):  # parts' module paths are relative to each part
             return PassResult(graph_module, modified=False)
         found: list[Block] = []
+        position = {n: i for i, n in enumerate(graph_module.graph.nodes)}
         for node in graph_module.graph.nodes:
             if node.op in ("call_function", "call_method") and _rule(node).residual_add(node):
-                block = _block(graph_module, analysis, node, len(found))
+                block = _block(graph_module, analysis, node, len(found), position)
                 if isinstance(block, Block):
                     found.append(block)
                 else:
@@ -69,9 +70,11 @@ def _rule(node: torch.fx.Node):
     return RULES.by_name[name] if name is not None else RULES.fallback
 
 
-def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> tuple[set, set] | str:
+def _branch(x: torch.fx.Node, y: torch.fx.Node, add: torch.fx.Node,
+            position: dict[torch.fx.Node, int]) -> tuple[set, set] | str:
     """The nodes computing ``y`` from ``x`` (no get_attr), and the context they read, computed without ``x``
-    (a decoder's rotary embeddings and mask, made once for every layer); or why ``y`` is no branch of ``x``."""
+    (a decoder's rotary embeddings and mask, made once for every layer); or why ``y`` is no branch of ``x``.
+    ``position``: each node's place in the graph."""
     ancestors: set[torch.fx.Node] = set()
     stack = [y]
     while stack:
@@ -81,7 +84,7 @@ def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> tuple[set
         ancestors.add(node)
         stack.extend(node.all_input_nodes)
     reads_x: dict[torch.fx.Node, bool] = {x: True}
-    for node in sorted(ancestors, key=_order(add)):  # inputs before their users
+    for node in sorted(ancestors, key=position.__getitem__):  # inputs before their users
         reads_x[node] = any(reads_x.get(a, False) for a in node.all_input_nodes)
     branch = {n for n in ancestors if reads_x[n]}
     if y is x or not reads_x.get(y, False):
@@ -92,19 +95,15 @@ def _branch(add: torch.fx.Node, x: torch.fx.Node, y: torch.fx.Node) -> tuple[set
     return branch, ancestors - branch
 
 
-def _order(add: torch.fx.Node):
-    position = {n: i for i, n in enumerate(add.graph.nodes)}
-    return position.__getitem__
-
-
-def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, index: int) -> Block | str:
+def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, index: int,
+           position: dict[torch.fx.Node, int]) -> Block | str:
     """The block ending at ``add``, or why there is none."""
     if graph.shape(add) is None or any(graph.shape(a) != graph.shape(add) for a in add.args):
         return "the add broadcasts"
     reasons = []
     for x, y in (add.args, add.args[::-1]):
         root, chain = _unchanged(gm, x)  # x itself, or what an identity shortcut passes on
-        found = _branch(add, root, y)
+        found = _branch(root, y, add, position)
         if isinstance(found, str):
             reasons.append(found)
             continue
@@ -286,6 +285,7 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
         analysis.kept_blocks.update({b.add: f"the graph did not run to check its branch: {error}" for b in blocks})
         return []
     kept, nodes = [], {n.name: n for n in gm.graph.nodes}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for block in blocks:
         block = dataclasses.replace(block, share=_share(as_is.get(block.skip), as_is.get(block.output)))
         branch, skip = values.get(block.output), values.get(block.skip)
@@ -293,7 +293,7 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
         if not isinstance(branch, torch.Tensor) or bool(branch.ne(0).any()):
             analysis.kept_blocks[block.add] = "zeroing its last layer's parameters does not zero its branch"
         elif block.kind == "skip" and not (isinstance(end, torch.Tensor) and torch.equal(end, skip)):
-            found = _branch(nodes[block.add], nodes[block.skip], nodes[block.output])
+            found = _branch(nodes[block.skip], nodes[block.output], nodes[block.add], position)
             place = None if isinstance(found, str) else _branch_module(nodes[block.add], nodes[block.output], *found)
             if place is None:  # nor is the branch one module the model's code adds
                 analysis.kept_blocks[block.add] = f"{block.module} does not return its input once the branch is zero"
@@ -368,7 +368,7 @@ def emptied_modules(gm: torch.fx.GraphModule, blocks: list[Block]) -> list[str]:
             live.add(node)
             stack.extend(node.all_input_nodes)
     gone = set(nodes) - live
-    candidates = {p for b in blocks for n in nodes if n.name == b.add for p, first in _paths(n) if first}
+    candidates = {p for b in blocks for p, first in _paths(by_name[b.add]) if first}
     emptied = []
     for path in sorted(candidates, key=lambda p: p.count(".")):
         inside = _inside(nodes, path) - {n for n in nodes if n.op == "get_attr"}
@@ -383,9 +383,9 @@ def _passes_on(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """A call that returns its one tensor input as it is, or cast to the dtype it has (an RMS norm's float32)."""
     if node.op not in ("call_function", "call_method", "call_module") or len(node.all_input_nodes) != 1:
         return False
-    cast = getattr(node.target, "overloadpacket", None) in (torch.ops.aten.to, torch.ops.aten._to_copy)
-    value, source = node.meta.get("val"), node.all_input_nodes[0].meta.get("val")
-    same = isinstance(value, torch.Tensor) and isinstance(source, torch.Tensor) and value.dtype == source.dtype
+    cast = getattr(node.target, "overloadpacket", node.target) in \
+        (torch.ops.aten.to, torch.ops.aten._to_copy, "to", "float", "type_as")
+    same = graph.dtype(node) is not None and graph.dtype(node) == graph.dtype(node.all_input_nodes[0])
     return _rule(node).identity(gm, node) or (cast and same)
 
 

@@ -206,9 +206,12 @@ class Reduction(Rule):
         if width is None:
             return None
         ratio = input_space(node).size / len(width)
+        statistic = graph.channels(node).notes["root_mean_square"]
+        eps = RootMeanSquare.eps_attribute(module, statistic.eps)
+        if eps is None:  # no field holds the epsilon its graph adds: left whole, verify_model reports it
+            return None
         with torch.no_grad():
             module.weight.mul_(ratio ** 0.5)
-        eps = RootMeanSquare.eps_attribute(module)
         setattr(module, eps, getattr(module, eps) * ratio)
         return None
 
@@ -222,10 +225,11 @@ class RootMeanSquare:
     eps: float
 
     @staticmethod
-    def eps_attribute(module: nn.Module) -> str | None:
-        """Where an RMS norm module keeps its epsilon (Hugging Face's ``variance_epsilon``, torch's ``eps``)."""
-        return next((name for name in ("variance_epsilon", "eps") if isinstance(getattr(module, name, None), float)),
-                    None)
+    def eps_attribute(module: nn.Module, value: float | None = None) -> str | None:
+        """Where an RMS norm module keeps its epsilon (Hugging Face's ``variance_epsilon``, torch's ``eps``);
+        with ``value``, only an attribute holding that value (the literal its graph adds)."""
+        return next((name for name in ("variance_epsilon", "eps") if isinstance(getattr(module, name, None), float)
+                     and (value is None or getattr(module, name) == value)), None)
 
 
 def _root_mean_square(b: ChannelBuilder, node: torch.fx.Node, over_channels_kept: bool) -> RootMeanSquare | str:
