@@ -12,8 +12,9 @@ import torchvision
 
 import fxprune
 from fxprune.cli import main
+from tests.doubles import tiny_cnn
 
-TINY = "fxprune.testing:tiny_cnn"
+TINY = "tests.doubles:tiny_cnn"
 
 
 def test_prune_writes_onnx_and_both_torch_formats_and_reports(tmp_path, capsys):
@@ -33,7 +34,7 @@ def test_prune_writes_onnx_and_both_torch_formats_and_reports(tmp_path, capsys):
 
 def test_prune_to_a_latency_budget_with_weights_and_plots(tmp_path, capsys):
     weights = tmp_path / "ckpt.pth"
-    torch.save({"state_dict": fxprune.testing.tiny_cnn().state_dict()}, weights)
+    torch.save({"state_dict": tiny_cnn().state_dict()}, weights)
     plots = tmp_path / "plots"
     assert main(["prune", TINY, "--weights", str(weights), "--input-shape", "1,3,32,32", "--budget", "0.6",
                  "--threads", "1", "--measure", "--plot", str(plots)]) == 0
@@ -88,13 +89,13 @@ def test_malformed_budgets_are_refused_by_the_parser(budget, capsys):
 
 def test_a_state_dict_given_as_the_model_is_explained(tmp_path, capsys):
     path = tmp_path / "weights.pth"
-    torch.save(fxprune.testing.tiny_cnn().state_dict(), path)
+    torch.save(tiny_cnn().state_dict(), path)
     assert main(["prune", str(path), "--budget", "flops:0.5"]) != 0
     assert "--weights" in capsys.readouterr().err
 
 
 def test_capture_flags_and_advice_in_flags(capsys):
-    spec = "fxprune.testing:split_block"
+    spec = "tests.doubles:split_block"
     assert main(["prune", spec, "--input-shape", "1,3,16,16", "--budget", "flops:0.7"]) == 0
     assert "captured by export" in capsys.readouterr().out
     assert main(["analyze", spec, "--input-shape", "1,3,16,16", "--capture", "fx"]) != 0

@@ -13,7 +13,8 @@ from fxprune.modules import Skip
 from fxprune.passes.pipeline import analyze_inputs
 from fxprune.passes.shrink import shrink_model
 from fxprune.passes.verify import masked_model
-from fxprune.testing import SyntheticEngine, randomize_parameters
+from fxprune.testing import randomize_parameters
+from tests.doubles import SyntheticEngine
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.passes.cost import count_flops
-from fxprune.testing import build_torchvision_model, tiny_cnn
+from fxprune.testing import build_torchvision_model
+from tests.doubles import tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 

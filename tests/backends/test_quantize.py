@@ -15,7 +15,7 @@ from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.backends.registry import get_engine
 from fxprune.cli import main
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
-from fxprune.testing import tiny_cnn
+from tests.doubles import tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 
@@ -82,9 +82,9 @@ def test_export_writes_the_int8_model_checked_against_fp32(tmp_path):
 
 def test_the_cli_writes_a_quantized_file_and_refuses_quantize_without_onnx(tmp_path, capsys):
     output = tmp_path / "small.onnx"
-    assert main(["prune", "fxprune.testing:tiny_cnn", "--input-shape", "1,3,32,32", "--budget", "flops:0.6",
+    assert main(["prune", "tests.doubles:tiny_cnn", "--input-shape", "1,3,32,32", "--budget", "flops:0.6",
                  "--quantize", "int8", "-o", str(output)]) == 0
     assert "INT8: max abs diff vs FP32" in capsys.readouterr().out and "QuantizeLinear" in _ops(str(output))
-    assert main(["prune", "fxprune.testing:tiny_cnn", "--input-shape", "1,3,32,32", "--budget", "flops:0.6",
+    assert main(["prune", "tests.doubles:tiny_cnn", "--input-shape", "1,3,32,32", "--budget", "flops:0.6",
                  "--quantize", "int8", "-o", str(tmp_path / "small.pt")]) != 0
     assert "add -o NAME.onnx" in capsys.readouterr().err

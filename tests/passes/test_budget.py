@@ -13,7 +13,7 @@ from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass
 from fxprune.passes.pipeline import run_passes
 from fxprune.passes.score import ScorePass
-from fxprune.testing import tiny_cnn
+from tests.doubles import tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 

@@ -13,7 +13,8 @@ import transformers
 import fxprune
 from fxprune.passes.latency import channel_granularity
 from fxprune.passes.pipeline import prune as prune_graph
-from fxprune.testing import SplitBlock, masked_forward, randomize_parameters
+from fxprune.testing import masked_forward, randomize_parameters
+from tests.doubles import SplitBlock
 
 
 class DataDependent(nn.Module):

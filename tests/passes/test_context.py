@@ -10,7 +10,7 @@ import torch
 import fxprune
 from fxprune.passes import context as context_module
 from fxprune.passes.rewrite import RewritePass
-from fxprune.testing import SyntheticEngine, tiny_cnn
+from tests.doubles import SyntheticEngine, tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 

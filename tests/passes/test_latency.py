@@ -27,7 +27,7 @@ from fxprune.passes.latency import (UNMEASURED_SPREAD, LatencyPass, _kept_counts
                                     disagreeing, latency_cost)
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 from fxprune.passes.units import find_units
-from fxprune.testing import SyntheticEngine
+from tests.doubles import SyntheticEngine
 
 
 # --- tables ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import fxprune
 from fxprune.passes import refine as refine_pass
 from fxprune.passes.refine import MARGIN, Correction, LatencyPoint
-from fxprune.testing import CurvedEngine, SyntheticEngine, tiny_cnn
+from tests.doubles import CurvedEngine, SyntheticEngine, tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 

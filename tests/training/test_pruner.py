@@ -15,7 +15,7 @@ from fxprune.modules import Skip
 from fxprune.passes.cost import count_params, count_flops
 from fxprune.training.pruner import PrunerError, geometric_targets
 from fxprune.passes.refine import MARGIN
-from fxprune.testing import CurvedEngine, SyntheticEngine
+from tests.doubles import CurvedEngine, SyntheticEngine
 
 
 class Net(nn.Module):

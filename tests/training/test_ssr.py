@@ -11,7 +11,7 @@ import fxprune
 from fxprune.modules import Skip
 from fxprune.passes.cost import count_params
 from fxprune.passes.refine import MARGIN
-from fxprune.testing import CurvedEngine
+from tests.doubles import CurvedEngine
 from fxprune.training.ssr import SSRError
 
 
