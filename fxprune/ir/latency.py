@@ -112,6 +112,8 @@ class LatencyCalibration:
     tables_measured: int = 0  # tables (and the step probe) timed in this call, not read from the cache
     tables_checked: int = 0  # layers whose table was checked against the whole model's profile taken now
     healed: list[str] = field(default_factory=list)  # tables timed again, and why
+    busy_points: int = 0  # points timed in this call whose repeats still scattered after their retries ...
+    busy_spread: float = 0.0  # ... the largest such scatter (interquartile range over median)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -120,8 +122,11 @@ class LatencyCalibration:
         checked = (f"; {self.tables_checked} of {self.layers} layers checked against the whole model profiled in "
                    f"this run" if self.tables_checked else "")
         healed = f", {len(self.healed)} tables timed again" if self.healed else ""
+        busy = (f"; the machine was busy: {self.busy_points} points kept with their scatter (up to "
+                f"{self.busy_spread:.0%}) after their retries, and the whole-model timings decide"
+                if self.busy_points else "")
         return (f"{self.layers} layers share {self.tables} tables, {self.tables - read} timed in this run and {read} "
-                f"read from the cache{checked}{healed}; latency step {self.step} channels")
+                f"read from the cache{checked}{healed}; latency step {self.step} channels{busy}")
 
     @property
     def fixed_ms(self) -> float:

@@ -54,14 +54,15 @@ WARM_ROUNDS = 4  # rounds of the whole model and its reduced copy when every tab
 STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
-# Tables that heal. A point whose repeats scatter more than SPREAD_LIMIT (interquartile range over median,
+# Retiming is bounded. A point whose repeats scatter more than SPREAD_LIMIT (interquartile range over median,
 # of its ratios to the reference timed in the same runs) was timed while the machine was busy: it is timed
-# again, up to RETRIES times, keeping the quietest attempt; a cached table holding such a point is timed
-# again by the next compile, once (a point that stays noisy through that compile's retries too is a kernel
-# that scatters on a quiet machine, and is kept). A layer that runs DISAGREEMENT x faster or slower inside the whole model (its
-# kernel in a profile taken now) than its table says, relative to the other layers, has its table timed
-# again when the difference is MATERIAL of the layers' time; a new table within CONFIRMED of the old one
-# says the layer does run differently in the model, and is kept.
+# again, at most RETRIES more times, keeping the quietest attempt, and then used with its spread recorded
+# (the report says the machine was busy; the closed loop's whole-model timings decide). A cached table is
+# read as it was stored: a later compile times nothing again for noise alone. A layer that runs
+# DISAGREEMENT x faster or slower inside the whole model (its kernel in a profile taken now) than its table
+# says, relative to the other layers, has its table timed again when the difference is MATERIAL of the
+# layers' time; a new table within CONFIRMED of the old one says the layer does run differently in the
+# model, and is kept.
 SPREAD_LIMIT = 0.10
 RETRIES = 2
 DISAGREEMENT = 2.5
@@ -145,6 +146,7 @@ class LatencyPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         start = time.perf_counter()
         self.healed: list[str] = []
+        self.busy: list[float] = []  # spreads of the points that stayed noisy through their retries in this run
         measured_before = self.cache.measured
         step = self.step()
         granularity = (channel_granularity(graph_module, step) if self.round_to is None else
@@ -166,7 +168,8 @@ class LatencyPass(PassBase):
             units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
             context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], reduced=reduced, tables=len(tables),
             layers=len(units), tables_measured=self.cache.measured - measured_before, tables_checked=checked,
-            healed=self.healed, seconds=time.perf_counter() - start)
+            healed=self.healed, busy_points=len(self.busy), busy_spread=max(self.busy, default=0.0),
+            seconds=time.perf_counter() - start)
         return PassResult(graph_module, modified=False)
 
     def _measure(self, gm: torch.fx.GraphModule, keys: dict[int, dict],
@@ -276,23 +279,19 @@ class LatencyPass(PassBase):
                             (timed.ms / timed.reference_ms).reshape(rows, widths_out.size), key["tied"]).monotone()
 
     def _points(self, key: dict, spec: UnitSpec, points: list[tuple[int, int]], again: bool = False) -> "_Timed":
-        """``spec`` timed at ``points``, from the cache where every point there was timed quietly; the
-        points that were not (or all, ``again``) are timed now, each up to RETRIES more times while its
-        repeats scatter over SPREAD_LIMIT, keeping its quietest attempt."""
+        """``spec`` timed at ``points``: from the cache as stored, else (or ``again``) timed now, each point
+        up to RETRIES more times while its repeats scatter over SPREAD_LIMIT, keeping its quietest attempt."""
         parse = lambda value: _Timed.parse(value, len(points))  # noqa: E731
         found = None if again else self.cache.lookup(key, parse)
-        timed = found or _Timed.empty(len(points))
-        todo = timed.noisy(retimed=False)
-        if found is not None and not todo.size:
-            return found
         if found is not None:
-            self.healed.append(f"{spec.describe()}: {todo.size} of {len(points)} points were timed on a "
-                               f"busy machine (spread up to {found.spread.max():.0%}); timed again")
+            return found
+        timed, todo = _Timed.empty(len(points)), np.arange(len(points))
         for _ in range(1 + RETRIES):
             if not todo.size:
                 break
             timed.merge(todo, self.engine.measure_units(spec, [points[i] for i in todo]))
             todo = np.intersect1d(todo, timed.noisy())
+        self.busy += [float(timed.spread[i]) for i in todo if timed.spread[i] < UNMEASURED_SPREAD]  # too small: no noise
         return self.cache.store(key, timed.to_value(), parse)
 
 
@@ -323,11 +322,9 @@ class _Timed:
         return {"ms": self.ms.tolist(), "reference_ms": self.reference_ms.tolist(), "spread": self.spread.tolist(),
                 "attempts": self.attempts.tolist()}
 
-    def noisy(self, retimed: bool = True) -> np.ndarray:
-        """Indices of points timed while the machine was busy; without ``retimed``, only those not yet
-        timed again by a later compile (each compile times a point up to 1 + RETRIES times)."""
-        noisy = ~(self.spread <= SPREAD_LIMIT)
-        return np.flatnonzero(noisy if retimed else noisy & (self.attempts <= 1 + RETRIES))
+    def noisy(self) -> np.ndarray:
+        """Indices of points timed while the machine was busy (their repeats scattered over SPREAD_LIMIT)."""
+        return np.flatnonzero(~(self.spread <= SPREAD_LIMIT))
 
     def merge(self, indices: np.ndarray, timing) -> None:
         """Take the new timing of the points at ``indices`` where it scattered less than the one held."""
