@@ -9,7 +9,8 @@ solved plan against the full model on the engine (a share, from pairs of rounds)
 points map onto the budget. Plans are aimed ``MARGIN`` under the budget (a second timing of one plan
 moves by a few percent on a shared machine). The plan returned is the largest timed plan that measured
 within the budget, timed again in this run (the mean of both timings must stay within it, and replaces the
-first in the correction); where that leaves no timed plan within the budget, the loop solves again lower
+first in the correction) unless its timing is a trusted cached one taken while the full model ran as it
+does in this run; where that leaves no timed plan within the budget, the loop solves again lower
 (``RESOLVES``); only when none did is it a plan predicted through the correction. A re-solved plan
 is not trusted untimed where a timed one fits: the tables' error moves from plan to plan
 (docs/latency_model.md). The tables' own prediction is kept beside it.
@@ -43,9 +44,10 @@ PLAN_SPREAD_LIMIT, QUIET_PAIRS = 0.05, 6  # a plan timing trusted (and kept in t
 # One plan timed twice moves by up to 15% on this machine (efficientnet_b0, Latency(0.5): 0.473 in compile,
 # 0.545 timed again minutes later, in a first run of benchmarks/latency_accuracy.py whose output was
 # replaced). The largest timed plan within the budget is the one whose timing erred low most likely, so
-# the plan returned is timed again in every compile (a cached timing may come from a busier machine:
-# efficientnet_b0's Latency(0.7) read 0.641 from a cache written under load and measured 0.764, docs/latency.md)
-# and read by the mean of both timings; if that is over the budget, the next largest is tried
+# the plan returned is timed again (a cached timing may come from a busier machine: efficientnet_b0's
+# Latency(0.7) read 0.641 from a cache written under load and measured 0.764, docs/latency.md) unless its cached
+# timing is trusted and its full model's latency is within PLAN_SPREAD_LIMIT of this run's (a warm compile on
+# a machine in the same state times no plan), and read by the mean of both timings; if that is over the budget, the next largest is tried
 # (CONFIRMATIONS plans at most).
 CONFIRMATIONS = 2
 # Where every timed plan is over the budget once confirmed (its second timing read higher), the loop solves
@@ -163,6 +165,8 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
             if key in confirmed or len(confirmed) == CONFIRMATIONS:
                 break
             confirmed.add(key)
+            if key not in now and _reference_agrees(gm, chosen, context):
+                break  # a trusted cached timing, taken when the full model ran as it does in this run
             pooled = _confirm_share(gm, chosen, context, share, key in now)
             timed[key] = pooled, chosen
             now.add(key)
@@ -217,6 +221,17 @@ def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Contex
     if not _trusted(found):
         found = min(found, _time_plan(gm, result, context), key=lambda value: value["spread"])
     return float(context.cache.store(_timing_key(gm, result, context), found, _parse_timing)["share"]), True
+
+
+def _reference_agrees(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> bool:
+    """Whether the plan's cached timing was taken with the full model running within PLAN_SPREAD_LIMIT of
+    its latency timed in this run (the calibration's): the machine then was as it is now, and the cached
+    share stands without a second timing."""
+    found = context.cache.lookup(_timing_key(gm, result, context), _parse_timing)
+    calibration = gm.meta.get(LATENCY_KEY)
+    if found is None or calibration is None or not _trusted(found) or "reference_ms" not in found:
+        return False
+    return abs(float(found["reference_ms"]) / calibration.measured_ms - 1) <= PLAN_SPREAD_LIMIT
 
 
 def _confirm_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context, first: float,
