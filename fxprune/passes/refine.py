@@ -7,8 +7,8 @@ in cache, and kernels change algorithm with width. ``solve_measured`` closes the
 solved plan against the full model on the engine (a share, from pairs of rounds), adds it to the points
 (predicted share -> measured share) of a ``Correction``, and solves again for the predicted share the
 points map onto the budget. Plans are aimed ``MARGIN`` under the budget (a second timing of one plan
-moves by a few percent on a shared machine). The plan returned is the largest timed plan that measured
-within the budget, timed again in this run (the mean of both timings must stay within it, and replaces the
+moves by a few percent on a shared machine). The plan returned is the largest timed plan whose measured
+share is within the budget with its upper confidence bound (``upper_bound``: from this run's spread), timed again in this run (the mean of both timings must stay within it, and replaces the
 first in the correction) unless its timing is a trusted cached one taken while the full model ran as it
 does in this run; where that leaves no timed plan within the budget, the loop solves again lower
 (``RESOLVES``); only when none did is it a plan predicted through the correction. A re-solved plan
@@ -50,6 +50,10 @@ PLAN_SPREAD_LIMIT, QUIET_PAIRS = 0.05, 6  # a plan timing trusted (and kept in t
 # a machine in the same state times no plan), and read by the mean of both timings; if that is over the budget, the next largest is tried
 # (CONFIRMATIONS plans at most).
 CONFIRMATIONS = 2
+# A plan fits the budget when the upper confidence bound of its measured share does (``upper_bound``): the
+# median of n ratios has a standard error of about 1.253 sigma / sqrt(n), sigma about IQR / 1.349, and a
+# one-sided 95% bound is 1.645 of them: 1.53 x spread / sqrt(n), spread = IQR / median (engines.spread).
+CONFIDENCE = 1.53
 # Where every timed plan is over the budget once confirmed (its second timing read higher), the loop solves
 # again through the pooled shares, aimed a MARGIN lower each time, at most RESOLVES times.
 RESOLVES = 2
@@ -124,12 +128,13 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
     nearest = lambda share: nearest_plan(solve_ms, share * cost.baseline)  # noqa: E731
     aim = budget_share * (1 - margin)
     timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
+    upper: dict[tuple, float] = {}  # plan key -> the upper confidence bound of its measured share
     now: set[tuple] = set()  # plans timed in this call (the rest: trusted timings from the cache)
 
     def time(result: PlanResult) -> float:
-        share, fresh = _measure_share(gm, result, context)
-        key = _plan_key(result)
-        timed[key] = share, result
+        timing, fresh = _measure_share(gm, result, context)
+        share, key = float(timing["share"]), _plan_key(result)
+        timed[key], upper[key] = (share, result), upper_bound(timing)
         if fresh:
             now.add(key)
         correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, share, "plan"))
@@ -143,7 +148,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
         except BudgetError as error:  # the tables' smallest plan is over the budget: the engine decides
             _smallest_timed(nearest(budget_share), time, budget_share, error, context)
             result = nearest(correction.predicted_share(aim))
-    fitting = lambda: [entry for entry in timed.values() if entry[0] <= budget_share]  # noqa: E731
+    fitting = lambda: [entry for key, entry in timed.items() if upper[key] <= budget_share]  # noqa: E731
     for step in range(steps):
         key = _plan_key(result)
         if key in timed or not result.plan.keep:  # timed already, or the full model (share 1)
@@ -167,8 +172,9 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
             confirmed.add(key)
             if key not in now and _reference_agrees(gm, chosen, context):
                 break  # a trusted cached timing, taken when the full model ran as it does in this run
-            pooled = _confirm_share(gm, chosen, context, share, key in now)
-            timed[key] = pooled, chosen
+            timing = _confirm_share(gm, chosen, context, share, key in now)
+            pooled = float(timing["share"])
+            timed[key], upper[key] = (pooled, chosen), upper_bound(timing)
             now.add(key)
             predicted = chosen.predicted_cost / cost.baseline
             correction.points = [LatencyPoint(p.predicted, pooled, p.source) if p.source == "plan"
@@ -209,18 +215,24 @@ def _smallest_timed(smallest: PlanResult, time: Callable[[PlanResult], float], b
                       smallest=error.smallest, smallest_share=share, advice=error.advice) from error
 
 
-def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> tuple[float, bool]:
+def _measure_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> tuple[dict, bool]:
     """The plan's latency as a share of the full model's, timed in pairs of rounds. Cached per plan with
     its spread (of the quiet pairs' ratios): a timing whose pairs scattered over PLAN_SPREAD_LIMIT, or that
     had fewer than QUIET_PAIRS quiet pairs, is timed again (once more now, keeping the better one; a
-    cached one on the next compile). Returns the share, and whether it was timed now."""
+    cached one on the next compile). Returns the timing (share, spread, pairs), and whether it was timed now."""
     found = context.cache.lookup(_timing_key(gm, result, context), _parse_timing)
     if found is not None and _trusted(found):
-        return float(found["share"]), False
+        return found, False
     found = _time_plan(gm, result, context)
     if not _trusted(found):
         found = min(found, _time_plan(gm, result, context), key=lambda value: value["spread"])
-    return float(context.cache.store(_timing_key(gm, result, context), found, _parse_timing)["share"]), True
+    return context.cache.store(_timing_key(gm, result, context), found, _parse_timing), True
+
+
+def upper_bound(timing: dict) -> float:
+    """The one-sided upper confidence bound (about 95%) of a plan's measured share: the median of its pairs'
+    ratios plus CONFIDENCE standard errors of a median, read from their quartile spread."""
+    return float(timing["share"]) * (1 + CONFIDENCE * float(timing["spread"]) / np.sqrt(int(timing["pairs"])))
 
 
 def _reference_agrees(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> bool:
@@ -235,7 +247,7 @@ def _reference_agrees(gm: torch.fx.GraphModule, result: PlanResult, context: Con
 
 
 def _confirm_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context, first: float,
-                   first_now: bool) -> float:
+                   first_now: bool) -> dict:
     """The plan to return, timed again in this run: the mean of its first timing and this one, or, where
     the first came from the cache and this run disagrees with it by more than PLAN_SPREAD_LIMIT (a cache
     written on a busier or quieter machine), the mean of two timings taken now. Cached as the latest."""
@@ -243,12 +255,13 @@ def _confirm_share(gm: torch.fx.GraphModule, result: PlanResult, context: Contex
     share = timing["share"]
     if first_now or abs(share / first - 1) <= PLAN_SPREAD_LIMIT:
         pooled = (first + share) / 2
+        timing = {**timing, "pairs": 2 * timing["pairs"]}  # the first timing had as many pairs
     else:
         again = _time_plan(gm, result, context)
         pooled = (share + again["share"]) / 2
         timing = {**timing, "spread": max(timing["spread"], again["spread"]), "pairs": timing["pairs"] + again["pairs"]}
-    context.cache.store(_timing_key(gm, result, context), {**timing, "share": pooled}, _parse_timing)
-    return pooled
+    timing = {**timing, "share": pooled}
+    return context.cache.store(_timing_key(gm, result, context), timing, _parse_timing)
 
 
 def _timing_key(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> dict:

@@ -207,3 +207,25 @@ def test_when_every_confirmed_plan_is_over_the_budget_the_loop_solves_again_lowe
     else:  # solved again through the pooled share, timed twice, and within the budget by both timings' mean
         assert report.over_budget is None and report.latency_prediction == "measured"
         assert _true_share(SyntheticEngine(), pruned, model) * (1.0 + 1.6) / 2 <= 0.5
+
+
+def test_the_upper_confidence_bound_of_a_plans_share_decides_whether_it_fits():
+    assert refine_pass.upper_bound({"share": 0.49, "spread": 0.0, "pairs": 16}) == pytest.approx(0.49)
+    bound = refine_pass.upper_bound({"share": 0.49, "spread": 0.1, "pairs": 16})
+    assert bound == pytest.approx(0.49 * (1 + refine_pass.CONFIDENCE * 0.1 / 4)) and bound > 0.5
+    assert refine_pass.upper_bound({"share": 0.49, "spread": 0.1, "pairs": 64}) < bound  # more pairs: tighter
+
+
+def test_a_plan_whose_timing_scattered_is_returned_only_with_its_bound_within_the_budget(tmp_path, monkeypatch):
+    """The engine's pairs scatter (spread 0.3 over 16 pairs): every plan returned as measured has the upper
+    confidence bound of its share, not only its median, within the budget."""
+    timed = refine_pass._time_plan
+    monkeypatch.setattr(refine_pass, "_time_plan", lambda *a: {**timed(*a), "spread": 0.3, "pairs": 16})
+    monkeypatch.setattr(refine_pass, "PLAN_SPREAD_LIMIT", 0.5)  # such timings are trusted, as a quiet kernel's
+    model = tiny_cnn().eval()
+    pruned = fxprune.compile(model, 0.5, INPUTS, engine=CurvedEngine(), cache=tmp_path, round_to=1, refine=3,
+                             progress=False)
+    report = fxprune.report(pruned)
+    share = _true_share(CurvedEngine(), pruned, model)
+    assert report.latency_prediction == "measured"
+    assert share * (1 + 1.53 * 0.3 / 32 ** 0.5) <= 0.5 + 1e-9, share  # confirmed: two timings of 16 pairs
