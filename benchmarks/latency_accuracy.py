@@ -18,7 +18,11 @@ For each model (random weights, batch 1, 224x224, onnxruntime CPU, 2 threads):
    1.038 in two repeats on resnet18, 1.073 and 1.096 on mobilenet_v3_large), which would count as
    misses plans that meet their budget as deployed;
 4. each latency plan's timing graph as compile's closed loop builds it (the unpruned model's exported
-   graph resized to the plan's widths, carrying the plan's weights) timed against the plan's own export.
+   graph resized to the plan's widths, carrying the plan's weights) timed against the plan's own export;
+5. an independent timing, none of fxprune's code: the baseline and each latency plan (the module compile
+   returned) exported by ``torch.onnx.export(dynamo=False)`` and timed in plain onnxruntime sessions by
+   this script, round-robin (``_independent_shares``): is the budget met by anyone's timing, and does the
+   closed loop's reading agree with it?
 
 For the models named by ``--loaded`` the latency cache is first written while two busy processes spin beside the
 build (every budget compiled with the closed loop, so tables and plan timings are cached under load);
@@ -138,6 +142,11 @@ def run_model(name: str, budgets, rounds: int, cache_root: Path, refine: int, lo
               f"(tables only {case['tables_compile_s']:.1f}s)", flush=True)
     for case, ratio in zip(cases, _resized_vs_exported(model, latency_plans, inputs, rounds // 2)):
         case["resized_vs_exported"] = ratio
+    for case, share in zip(cases, _independent_shares(model, latency_plans, inputs, rounds)):
+        case.update({"independent_share": share, "independent_within_budget": share <= 1.03 * case["budget"],
+                     "loop_vs_independent": case["predicted_share"] / share - 1})
+        print(f"{name} {case['budget']}: independent share {share:.3f} (closed loop read "
+              f"{case['predicted_share']:.3f}, {case['loop_vs_independent']:+.1%})", flush=True)
     return {"model": name, "cold_build_s": cold_s, "refine": refine, "cache": "loaded" if loaded else "fresh",
             "warm_compile_s": statistics.median(c["compile_s"] for c in cases),
             "warm_tables_compile_s": statistics.median(c["tables_compile_s"] for c in cases), "cases": cases}
@@ -174,6 +183,48 @@ def _resized_vs_exported(model, plans: list, inputs, rounds: int) -> list[float 
                 else:
                     ratios.append(None)
     return ratios
+
+
+def _independent_shares(model, plans: list, inputs, rounds: int, seconds: float = 0.1,
+                        quantile: float = 0.1) -> list[float]:
+    """Each plan's latency share of ``model`` by a timing fxprune did not do: both exported by
+    ``torch.onnx.export(dynamo=False)``, run in onnxruntime sessions of 2 threads, in ``rounds`` round-robin
+    rounds (the baseline first in every other round); a round's latency is the ``quantile`` of its runs over
+    ``seconds``, and the share the median of the per-round ratios."""
+    import onnxruntime
+
+    def session(module, folder: str, name: str):
+        path = os.path.join(folder, name + ".onnx")
+        with torch.no_grad():
+            torch.onnx.export(module, inputs, path, dynamo=False, input_names=["x"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+        return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def round_ms(run) -> float:
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return float(np.quantile(times, quantile)) * 1e3
+
+    feed = {"x": inputs[0].numpy()}
+    shares = []
+    with tempfile.TemporaryDirectory() as folder:
+        base = session(model, folder, "base")
+        for index, plan in enumerate(plans):
+            pruned = session(plan, folder, f"plan{index}")
+            runs = [lambda: base.run(None, feed), lambda pruned=pruned: pruned.run(None, feed)]
+            for run in runs:  # warm-up
+                round_ms(run)
+            ratios = []
+            for round_ in range(rounds):
+                order = runs if round_ % 2 == 0 else runs[::-1]
+                ms = dict(zip((id(r) for r in order), (round_ms(r) for r in order)))
+                ratios.append(ms[id(runs[1])] / ms[id(runs[0])])
+            shares.append(statistics.median(ratios))
+    return shares
 
 
 def _flops_only(model, flops_share: float, inputs, round_to: int):
@@ -257,6 +308,7 @@ def write_docs(results: list[dict], args) -> None:
         _summary_line("Prediction error |predicted / measured - 1|", [abs(c["error"]) for _, c in cases]),
         _summary_line("Tables alone, same plans", [abs(c["tables_error"]) for _, c in cases]),
         f"- Measured latency within 1.03 x budget: **{sum(within)} of {len(within)}** ({np.mean(within):.0%}).",
+        *_independent_lines(cases),
         *([_summary_line(f"The same plan timed twice, by compile and here (the {len(twice)} plans compile "
                          "timed): |difference|", twice)] if twice else []),
         *_resize_lines(cases),
@@ -275,9 +327,11 @@ def write_docs(results: list[dict], args) -> None:
     lines += ["", "## Prediction and budgets", "",
               "`share` = latency / unpruned latency. *points*: the whole models compile timed, as (tables' "
               "predicted share, measured share): the reduced copy from the table build, then each plan.", "",
+              "*independent*: the share by the independent timing (step 5 of the script's docstring); *loop vs "
+              "independent*: the closed loop's reading (predicted share) against it.", "",
               "| model | cache | budget | predicted share (source) | tables alone | measured share | error | tables-alone "
-              "error | within 1.03 x budget | FLOPs kept | points |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "error | within 1.03 x budget | independent | loop vs independent | FLOPs kept | points |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for c in r["cases"]:
             name = r["model"]
@@ -285,6 +339,8 @@ def write_docs(results: list[dict], args) -> None:
             lines.append(f"| {name} | {_cache(r)} | {c['budget']} | {c['predicted_share']:.3f} ({c['prediction']}) | "
                          f"{c['tables_share']:.3f} | {c['measured_share']:.3f} | {c['error']:+.1%} | "
                          f"{c['tables_error']:+.1%} | {'yes' if c['within_budget'] else '**no**'} | "
+                         f"{_share(c.get('independent_share'))} | "
+                         f"{format(c['loop_vs_independent'], '+.1%') if 'loop_vs_independent' in c else ''} | "
                          f"{c['flops_share']:.1%} | {points} |")
     lines += ["", "## Latency-aware vs FLOPs-only at equal FLOPs", "",
               "Same importance (`sp_lamp`), FLOPs budget = the FLOPs the latency-aware plan kept. *grid*: FLOPs-only "
@@ -298,6 +354,24 @@ def write_docs(results: list[dict], args) -> None:
                      f"{_share(c['flops_grid_measured_share'])} | {_share(c['flops_free_measured_share'])} |")
     (DOCS / f"{args.doc}.md").write_text("\n".join(lines) + "\n")
     (DOCS / f"{args.doc}.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _independent_lines(cases) -> list[str]:
+    """The budget by an independent timing (step 5), per cache condition, and the closed loop against it."""
+    timed = [(name, c) for name, c in cases if "independent_share" in c]
+    if not timed:
+        return []
+    lines = []
+    for condition, label in ((False, "fresh"), (True, "written under load")):
+        within = [c["independent_within_budget"] for name, c in timed if ("under load" in name) == condition]
+        if within:
+            lines.append(f"- Independent timing (TorchScript export, plain onnxruntime sessions timed by this "
+                         f"script), cache {label}: within 1.03 x budget in **{sum(within)} of {len(within)}** "
+                         f"({np.mean(within):.0%}).")
+    agree = [abs(c["loop_vs_independent"]) for _, c in timed]
+    lines.append(_summary_line("Closed loop's reading against the independent timing, |difference|", agree)
+                 + f" Within 3% in {sum(a <= 0.03 for a in agree)} of {len(agree)}.")
+    return lines
 
 
 def _cache(result: dict) -> str:
