@@ -18,7 +18,8 @@ is used: internal module paths differ between the trees.
    under a time limit): channel groups, prunable groups and channels, and the masked-reference error of a
    random plan, with timm's own untraceable modules kept opaque as ``benchmarks/coverage.py`` does.
 
-Writes docs/<output>.md (default refactor_check), and the raw results to docs/<output>.json.
+Writes <output>.md (default out/before_after: a check of one change, not a page of docs/) and the raw results
+to <output>.json.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ CASES = (("FLOPs", "sp_lamp", "sp_lamp"), ("FLOPs", "l1", "sp_lamp"), ("Params",
 REPORT_FIELDS = ("flops_before", "flops_after", "params_before", "params_after", "predicted_before",
                  "predicted_after")
 THREADS = 2
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 MARK = "RESULT "  # prefixes the child's JSON line on stdout
 
 
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=PLAN_MODELS, help="models for the plan comparison")
     parser.add_argument("--timm", nargs="*", default=[], help="timm models for the analysis comparison")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per timm model")
-    parser.add_argument("--output", default="refactor_check", help="docs/<output>.md and .json")
+    parser.add_argument("--output", type=Path, default=Path("out/before_after"), help="<output>.md and .json")
     parser.add_argument("--speed-models", nargs="*", default=SPEED_MODELS)
     parser.add_argument("--repeats", type=int, default=3, help="timed compiles per subprocess")
     parser.add_argument("--rounds", type=int, default=1, help="subprocesses per tree and speed model")
@@ -219,10 +219,10 @@ def main() -> None:
                 out["speed"][key][model].append(result)
                 print(f"speed {model} {key}: {result.get('error', result['times'])}", flush=True)
     out["load_after_timing"] = os.getloadavg()[0]
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / f"{args.output}.json").write_text(json.dumps(out, indent=1) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     text = markdown(out, args)
-    (DOCS / f"{args.output}.md").write_text(text)
+    args.output.with_suffix(".md").write_text(text)
     print(text)
 
 

@@ -1,7 +1,8 @@
 """Every command the README and the examples' docstrings document runs as written, from a fresh folder
 that sees the repository's examples (outputs land there, not in the checkout). A command that needs a
 dataset or hardware a test machine lacks is listed in COVERED_ELSEWHERE with what runs instead; a newly
-documented command that is neither run here nor listed fails the inventory test."""
+documented command that is neither run here nor listed fails the inventory test. The README stays short
+(README_LINES, STATUS_CELL_CHARS: figures live in docs/) and its links, and the docs pages', resolve."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+README_LINES = 150  # the README at most; figures go in docs/, linked from the Status table
+STATUS_CELL_CHARS = 200  # a Status table cell at most: a short claim and a link to the docs page with the figures
 
 # documented commands a test machine cannot run as written, and what runs in their place
 COVERED_ELSEWHERE = {
@@ -175,3 +178,30 @@ def test_the_digits_quick_look_stops_at_once_without_torch_pruning_or_runs(folde
     else:
         _ok(run(command, folder, timeout=1800))
         assert (folder / "out" / "quick" / "digits.md").exists() and not (folder / "docs").exists()
+
+
+def status_cells(text: str) -> list[str]:
+    """The cells of the table in the README's Status section (header row included, separator row left out)."""
+    section = text.split("\n## Status\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip() for line in section.splitlines() if line.startswith("|")]
+    rows = [row for row in rows if not re.fullmatch(r"[|:\- ]+", row)]
+    return [cell.strip() for row in rows for cell in re.split(r"(?<!\\)\|", row.strip("|"))]
+
+
+def test_the_readme_is_short_and_its_status_cells_are_claims_not_tables():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= README_LINES, f"README.md has {len(text.splitlines())} lines: move detail to docs/"
+    cells = status_cells(text)
+    assert len(cells) >= 20  # the table is there and was read
+    long = [cell for cell in cells if len(cell) > STATUS_CELL_CHARS]
+    assert not long, f"Status cells over {STATUS_CELL_CHARS} characters (put the figures in docs/ and link): {long}"
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
+def test_relative_links_point_to_files(page):
+    path = ROOT / page
+    targets = [t for t in re.findall(r"\]\(([^)\s]+)\)", path.read_text()) if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]
+    missing = [t for t in targets if not (path.parent / t.split("#")[0]).exists()]
+    assert not missing, f"{page} links to files that do not exist: {missing}"
+    if page == "README.md":
+        assert any(t.startswith("docs/") for t in targets)  # links were found
