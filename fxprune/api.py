@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
-from fxprune.budgets import Budget, Latency, as_budget
+from fxprune.budgets import Budget, Latency, UserBudget, as_budget
 from fxprune.errors import AnalysisRequiredError, BudgetError, OutputError
 from fxprune.huggingface import DecodeStep, decodes
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
@@ -31,6 +31,7 @@ from fxprune.passes.budget import DEFAULT_STEP, PlanPass, parts_budget
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.latency import LatencyPass
+from fxprune.passes.partition import assemble, split
 from fxprune.passes.pipeline import (
     analyze,
     analyze_inputs,
@@ -39,14 +40,13 @@ from fxprune.passes.pipeline import (
     run_passes,
 )
 from fxprune.passes.pipeline import prune as prune_graph
-from fxprune.passes.partition import assemble, split
 from fxprune.passes.plan import analysis, random_plan, uniform_plan, with_every_member
 from fxprune.passes.score import ScorePass
 from fxprune.passes.verify import own_model
 from fxprune.reports import GroupReport, PartReport, Report
 
-__all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune", "random_plan", "report",
-           "uniform_plan", "with_every_member"]
+__all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune",
+           "random_plan", "report", "uniform_plan", "with_every_member"]
 
 
 def groups(gm: torch.fx.GraphModule) -> list[ChannelGroup]:
@@ -75,7 +75,7 @@ def plan_of(gm: torch.fx.GraphModule) -> Plan | None:
 
 def compile(
     model: torch.nn.Module,
-    budget: Any,
+    budget: UserBudget | float,
     example_inputs: Any = None,
     *,
     example_kwargs: dict | None = None,
@@ -129,10 +129,12 @@ def compile(
     calibration = list(calibration) if calibration is not None else None
     if example_inputs is None and not example_kwargs:
         example_inputs = infer_example_inputs(model)
-    if latency and budget.phase == "decode":  # the decode step is the model analysed, timed and pruned
-        user_model, model = model, _decode_step(model, budget, example_inputs, example_kwargs)
+    if isinstance(budget, Latency) and budget.phase == "decode":  # the decode step: the model analysed, timed, pruned
+        step = _decode_step(model, budget, example_inputs, example_kwargs)
+        config: Any = model.config  # a Hugging Face decoder's (_decode_step checked)
+        model = step
         example_inputs, example_kwargs = {"input_ids": torch.randint(
-            0, user_model.config.vocab_size, (model.batch, 1), generator=torch.Generator().manual_seed(1))}, None
+            0, config.vocab_size, (step.batch, 1), generator=torch.Generator().manual_seed(1))}, None
     with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
                  remeasure=remeasure) as context:
         if isinstance(context.engine, OnnxRuntimeInt8Engine) and calibration:  # activations calibrated on them too
@@ -151,18 +153,23 @@ def compile(
         try:
             run_passes(gm, [plan_pass])
         except BudgetError as error:  # a partitioned model's parts out of reach: say so of the whole model
-            raise whole.unreachable(error, budget) if whole is not None else error
+            if whole is None or (restated := whole.unreachable(error, budget)) is error:
+                raise
+            raise restated from error
         plan = gm.meta[SOLUTION_KEY].result.plan
         pruned = context.pruned(gm, plan)
         report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None, depth)
+        result: torch.nn.Module
         if whole is None:
             result = structured(pruned)
+            meta = pruned.meta
         else:
             result = assemble(model, split(pruned))
             whole.report(report, gm, result, context if measure or latency else None)
-            result.meta = {PLAN_KEY: plan, CAPTURE_KEY: capture_of(gm)}
+            meta = {PLAN_KEY: plan, CAPTURE_KEY: capture_of(gm)}
+            result.meta = meta  # type: ignore[assignment]  # torch types Module attributes as tensors or modules
         report.note_over_budget()
-    result.meta[REPORT_KEY] = report
+    meta[REPORT_KEY] = report
     if output == "graph":
         return result
     returned = own_model(model, gm, result, plan, example_inputs, example_kwargs)
@@ -205,7 +212,7 @@ class _Whole:
         """The unpruned model's FLOPs, whole forward (the budget and the report read it)."""
         return count_flops(self.model, self.args, self.kwargs)
 
-    def budget(self, budget: Any, gm: torch.fx.GraphModule, context: Context) -> Any:
+    def budget(self, budget: UserBudget, gm: torch.fx.GraphModule, context: Context) -> Budget:
         """The parts' budget: what the whole model's budget leaves them once the rest is paid for."""
         if budget.metric != "latency":
             whole = self.flops if budget.metric == "flops" else count_params(self.model)
@@ -213,14 +220,14 @@ class _Whole:
             self.prunable = min(parts / whole, 1.0)
             return parts_budget(budget, parts, whole)
         # end to end on the engine: the whole model exported as it runs, against its captured parts alone
-        whole_ms, (share,) = context.engine.time_shares(context.deploy(self.model, self.args).run,
-                                                        [context.deployed(gm).run])
+        whole_ms, (share,) = context.timing_engine().time_shares(context.deploy(self.model, self.args).run,
+                                                                 [context.deployed(gm).run])
         self.prunable_latency = self.prunable = share = min(share, 1.0)
         self.budget_share = budget.share(whole_ms)
         amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
         return Latency(amount.value / (share * whole_ms))
 
-    def unreachable(self, error: BudgetError, budget: Any) -> BudgetError:
+    def unreachable(self, error: BudgetError, budget: Budget) -> BudgetError:
         """``error``, raised for the parts' budget, restated for the whole model: its smallest plan as a
         share of the whole model (what the parts' smallest plan leaves plus the rest, which stays)."""
         if error.smallest_share is None:
@@ -241,7 +248,9 @@ class _Whole:
         report.flops_after = count_flops(result, self.args, self.kwargs)
         report.params_before, report.params_after = count_params(self.model), count_params(result)
         report.budget_share = self.budget_share
-        for part in capture_of(gm).parts:
+        capture = capture_of(gm)
+        assert capture is not None  # a graph captured in parts lists them
+        for part in capture.parts:
             report.parts.append(PartReport(
                 part.path, part.capture.path, part.calls, count_params(self.model.get_submodule(part.path)),
                 count_params(result.get_submodule(part.path)), len(part.coupled)))
@@ -249,7 +258,7 @@ class _Whole:
                             f"{len(report.parts)} parts fxprune captured and can prune; the rest runs as written")
         if context is None:
             return
-        engine = context.engine
+        engine = context.timing_engine()
         with engine.deploy(result, self.args) as after:
             before_ms, (share,) = engine.time_shares(context.deploy(self.model, self.args).run, [after.run])
         report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
@@ -279,7 +288,7 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         params_before=count_params(gm), params_after=count_params(pruned),
         predicted_before=solution.cost.baseline, predicted_after=result.predicted_cost, capacity=solution.capacity,
         solver_seconds=result.solver_seconds, iterations=result.iterations,
-        engine=context.engine.name,
+        engine=context.timing_engine().name,
     )
     if solution.below_step is not None:
         step = gm.meta[LATENCY_KEY].step if LATENCY_KEY in gm.meta else DEFAULT_STEP
@@ -305,13 +314,14 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         report.budget_share = budget.share(solution.cost.baseline)  # a partitioned model's: _Whole.report
         if solution.measured_solve is not None:
             _report_measured_solve(report, solution.measured_solve, solution.cost.baseline)
-        report.notes.append(f"latency tables on {context.engine.name} ({context.engine.threads} threads): "
+        engine = context.timing_engine()
+        report.notes.append(f"latency tables on {engine.name} ({engine.threads} threads): "
                             + calibration.summary())
         report.notes += [f"timed again: {why}" for why in calibration.healed[:HEALED_SHOWN]]
         if len(calibration.healed) > HEALED_SHOWN:
             report.notes.append(f"timed again: {len(calibration.healed) - HEALED_SHOWN} more tables")
     if measure:
-        engine = context.engine
+        engine = context.timing_engine()
         with engine.deploy(pruned, inputs) as deployed:
             before_ms, (share,) = engine.time_shares(context.deployed(gm).run, [deployed.run])
         report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
@@ -347,9 +357,10 @@ def _report_measured_solve(report: Report, solved, baseline_ms: float) -> None:
 HEALED_SHOWN = 5  # tables timed again listed one by one in the report's notes
 
 
-def report(gm: torch.fx.GraphModule) -> Report:
-    """The Report of a GraphModule returned by ``fxprune.compile``."""
-    if not isinstance(gm, torch.nn.Module) or REPORT_KEY not in getattr(gm, "meta", {}):
+def report(gm: torch.nn.Module) -> Report:
+    """The Report of a module returned by ``fxprune.compile``."""
+    meta = getattr(gm, "meta", {}) if isinstance(gm, torch.nn.Module) else {}
+    if REPORT_KEY not in meta:
         raise AnalysisRequiredError("this module was not made by fxprune.compile, so it has no report")
-    return gm.meta[REPORT_KEY]
+    return meta[REPORT_KEY]
 

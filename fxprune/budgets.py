@@ -53,11 +53,16 @@ class Latency:
             raise BudgetError(f"Latency(ms=...) must be a positive number of milliseconds, got {self.ms!r}")
 
     def capacity(self, baseline: float) -> float:
-        return baseline * self.fraction if self.fraction is not None else float(self.ms)
+        return baseline * self.fraction if self.fraction is not None else self._ms()
 
     def share(self, baseline: float) -> float:
         """The budget as a share of ``baseline``: the fraction given, exactly, where one was."""
-        return self.fraction if self.fraction is not None else float(self.ms) / baseline
+        return self.fraction if self.fraction is not None else self._ms() / baseline
+
+    def _ms(self) -> float:
+        """``ms`` as a float, for a budget given in milliseconds (``__post_init__``: no fraction, then ms)."""
+        assert self.ms is not None
+        return float(self.ms)
 
     def __str__(self) -> str:
         value = f"{self.fraction}" if self.fraction is not None else f"ms={self.ms}"
@@ -119,11 +124,16 @@ class Amount:
         return f"{self.metric} <= {self.value:.6g}"
 
 
-Budget = Latency | FLOPs | Params
+UserBudget = Latency | FLOPs | Params
+"""A budget a user gives (``compile``, ``Pruner``, ``SSR``; a float becomes ``Latency(float)``)."""
+
+Budget = UserBudget | Amount
+"""Every budget the pipeline solves for: a user's, or the ``Amount`` a partitioned model's captured parts may
+cost once the rest of the model is paid for (``passes/budget.py``'s ``parts_budget``)."""
 
 
-def as_budget(budget) -> Budget:
-    """Accept a Budget or a float (a share of the baseline latency)."""
+def as_budget(budget: UserBudget | float) -> UserBudget:
+    """Accept a user's budget or a float (a share of the baseline latency); anything else is a BudgetError."""
     if isinstance(budget, (Latency, FLOPs, Params)):
         return budget
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):

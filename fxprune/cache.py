@@ -118,14 +118,18 @@ class LatencyCache:
         try:
             entry = json.loads(path.read_text())
             if not isinstance(entry, dict) or entry.get("format") != FORMAT:
-                return self._reject(path, "not an fxprune latency entry of this format")
+                self._reject(path, "not an fxprune latency entry of this format")
+                return None
             if entry.get("key") != json.loads(_canonical(key)):
-                return self._reject(path, "written for another key (another engine, machine or layer)")
+                self._reject(path, "written for another key (another engine, machine or layer)")
+                return None
             if entry.get("checksum") != _checksum(entry["key"], entry.get("value")):
-                return self._reject(path, "checksum mismatch (the file was altered or truncated)")
+                self._reject(path, "checksum mismatch (the file was altered or truncated)")
+                return None
             return parse(entry["value"])
         except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-            return self._reject(path, f"unreadable ({type(err).__name__}: {err})")
+            self._reject(path, f"unreadable ({type(err).__name__}: {err})")
+            return None
 
     def _reject(self, path: Path, why: str) -> None:
         self.rejected.append((path, why))

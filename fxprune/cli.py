@@ -17,11 +17,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 import fxprune
 from fxprune import plots
+from fxprune.budgets import UserBudget
 from fxprune.cache import LatencyCache
 from fxprune.errors import FxpruneError, InvalidWeightsError, ModelNotFoundError
 from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
@@ -83,8 +85,9 @@ def _model_from(spec: str) -> torch.nn.Module:
         return _timm(spec)
     except ModelNotFoundError:
         close = [n for n in names if n.startswith(spec[:4])][:6]
-        raise ModelNotFoundError(f"{spec!r} is not a torchvision model (close: {', '.join(close) or 'none'}), a timm "
-                                 "model, package.module:factory or a model file. `fxprune models` lists names.") from None
+        raise ModelNotFoundError(f"{spec!r} is not a torchvision model (close: {', '.join(close) or 'none'}), a "
+                                 "timm model, package.module:factory or a model file. `fxprune models` lists "
+                                 "names.") from None
 
 
 def _timm(name: str) -> torch.nn.Module:
@@ -100,7 +103,7 @@ def _timm(name: str) -> torch.nn.Module:
 def _state_dict(path: str) -> dict:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - unpickling errors of many kinds
+    except Exception as err:  # unpickling errors of many kinds
         raise ModelNotFoundError(f"cannot read weights from {path}: {err}") from err
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -114,27 +117,28 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape must be comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--input-shape must be comma-separated integers, got {text!r}") from None
     if not shape or any(d <= 0 for d in shape):
         raise argparse.ArgumentTypeError(f"--input-shape needs positive sizes, got {text!r}")
     return shape
 
 
-def parse_budget(text: str):
+def parse_budget(text: str) -> UserBudget:
     """``0.5`` (latency share), ``latency:0.5``, ``ms:4.0``, ``flops:0.5``, ``params:0.5``."""
     kind, _, value = text.rpartition(":")
-    builders = {"": fxprune.Latency, "latency": fxprune.Latency, "flops": fxprune.FLOPs, "params": fxprune.Params,
-                "ms": lambda v: fxprune.Latency(ms=v)}
+    builders: dict[str, Callable[[float], UserBudget]] = {
+        "": fxprune.Latency, "latency": fxprune.Latency, "flops": fxprune.FLOPs, "params": fxprune.Params,
+        "ms": lambda v: fxprune.Latency(ms=v)}
     if kind not in builders:
         raise argparse.ArgumentTypeError(f"--budget kind must be latency, ms, flops or params, got {kind!r}")
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget needs a number, got {value!r} (e.g. 0.5 or flops:0.4)")
+        raise argparse.ArgumentTypeError(f"--budget needs a number, got {value!r} (e.g. 0.5 or flops:0.4)") from None
     try:
         return builders[kind](number)
     except FxpruneError as err:
-        raise argparse.ArgumentTypeError(str(err))
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 class Steps:
@@ -150,7 +154,8 @@ class Steps:
 
     def __exit__(self, kind, *rest) -> None:
         if kind is None:
-            print(f"fxprune: {self.what}: done in {time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
+            print(f"fxprune: {self.what}: done in {time.perf_counter() - self.start:.1f} s", file=sys.stderr,
+                  flush=True)
 
 
 def _inputs(args, model: torch.nn.Module) -> tuple:
@@ -310,8 +315,10 @@ def cmd_analyze(args) -> None:
     model = load_model(args.model, args.weights)
     gm = fxprune.analyze(model, _inputs(args, model), **_capture(args))
     groups = fxprune.groups(gm)
+    capture = fxprune.capture_of(gm)
+    assert capture is not None  # analyze records how it captured the model
     print(f"{args.model}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable "
-          f"({fxprune.capture_of(gm).describe()})")
+          f"({capture.describe()})")
     for group in groups:
         print("  " + group.describe())
     blocks, others = fxprune.blocks(gm)
@@ -363,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--budget", type=parse_budget, default=fxprune.Latency(0.5),
                        help="0.5 (latency share, the default), ms:4.0, flops:0.5 or params:0.5")
     for cmd in (prune, model_command("profile", cmd_profile, "per-layer latency table on an engine")):
-        cmd.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "onnxruntime-int8", "torch", "cuda"),
+        cmd.add_argument("--engine", default="onnxruntime",
+                         choices=("onnxruntime", "onnxruntime-int8", "torch", "cuda"),
                          help="where latency is measured; onnxruntime-int8: the model statically quantized to INT8")
         cmd.add_argument("--threads", type=positive_int, help="engine threads (default: torch's)")
         cmd.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
@@ -381,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
                             "the measurements (default 4; 0 trusts the tables alone)")
     prune.add_argument("--quantize", choices=("int8",),
-                       help="write the .onnx outputs statically quantized (activations calibrated on the example input)")
+                       help="write the .onnx outputs statically quantized (activations calibrated on the example "
+                            "input)")
     prune.add_argument("-o", "--output", action="append", default=[],
                        help="write the pruned model: .onnx (checked export), .pt (GraphModule) or .pt2 (torch.export)")
     sub.choices["profile"].add_argument("--sort", action="store_true", help="costliest layers first")

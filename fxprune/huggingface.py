@@ -58,7 +58,8 @@ def save_folder(model: nn.Module, folder: Path, header: dict[str, Any]) -> Path:
         if fresh_shapes.get(key) != tuple(value.shape):
             tensors[key] = list(value.shape)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    pretrained: Any = model  # a transformers PreTrainedModel (is_hugging_face)
+    pretrained.save_pretrained(folder)
     record = {"format": SIZES_FORMAT, "class": type(model).__name__, "fields": fields, "tensors": tensors,
               "removed": removed, **header}
     (folder / SIZES_FILE).write_text(json.dumps(record, indent=1))
@@ -106,7 +107,7 @@ def load_folder(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         cls.__init__(self, config, *args, **kwargs)
         at_pruned_sizes(self)
 
-    pruned_cls = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    pruned_cls: Any = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
     try:  # Hugging Face's own loader: its key renaming, tied weights, dtype
         model = pruned_cls.from_pretrained(folder, config=config)
     except (RuntimeError, ValueError) as error:
@@ -125,7 +126,8 @@ class DecodeStep(nn.Module):
     def __init__(self, model: nn.Module, tokens: int, batch: int) -> None:
         super().__init__()
         self.model, self.tokens, self.batch = model, tokens, batch
-        ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+        config: Any = model.config  # a Hugging Face decoder's (decodes)
+        ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             cache = model(input_ids=ids, use_cache=True).past_key_values
         self.layers = [index for index, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None
@@ -137,13 +139,15 @@ class DecodeStep(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         import transformers  # an optional dependency, needed only for these models
 
-        cache = transformers.DynamicCache(config=self.model.config)
+        config: Any = self.model.config
+        cache = transformers.DynamicCache(config=config)
         for index in self.layers:
             keys, values = getattr(self, f"past_keys_{index}"), getattr(self, f"past_values_{index}")
             if input_ids.shape[0] != keys.shape[0]:  # checked at other batches: the same cache for each row
                 keys, values = (t.expand(input_ids.shape[0], *t.shape[1:]) for t in (keys, values))
-            cache.layers[index].lazy_initialization(keys, values)
-            cache.layers[index].keys, cache.layers[index].values = keys, values
+            layer: Any = cache.layers[index]  # an attention layer's (self.layers holds those with keys)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
         positions = torch.arange(self.tokens, self.tokens + input_ids.shape[1]).expand(input_ids.shape[0], -1)
         return self.model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True).logits
 
@@ -162,7 +166,7 @@ def _fresh(cls: type, config: Any) -> nn.Module:
 def _size_fields(module: nn.Module) -> dict[str, Any]:
     """A module's plain int, float and int-tuple fields: where modules and third-party blocks keep their sizes
     (and the epsilon of an RMS norm over fewer channels, ``rules.elementwise.Reduction.shrink_module``)."""
-    found = {}
+    found: dict[str, Any] = {}
     for key, value in vars(module).items():
         if key.startswith("_") or isinstance(value, bool):
             continue

@@ -69,8 +69,8 @@ class Report:
         lines = [f"fxprune.compile: budget {self.budget}, importance {self.importance}, solver {self.solver} "
                  f"({self.solver_seconds * 1e3:.0f} ms, {self.iterations} solves), captured by {self.capture}"]
         if self.budget_share is None:
-            lines.append(f"  predicted {self._metric_name()}: {self.predicted_before:.4g} -> {self.predicted_after:.4g} "
-                         f"(budget {self.capacity:.4g})")
+            lines.append(f"  predicted {self._metric_name()}: {self.predicted_before:.4g} -> "
+                         f"{self.predicted_after:.4g} (budget {self.capacity:.4g})")
         lines += [f"  FLOPs:  {self.flops_before:,} -> {self.flops_after:,} "
                  f"({self.flops_after / max(self.flops_before, 1):.1%})",
                  f"  params: {self.params_before:,} -> {self.params_after:,} "
@@ -113,6 +113,7 @@ class Report:
             return None
         share = self.measured_share
         if share is None and self.predicted_latency_ms_before:
+            assert self.predicted_latency_ms_after is not None  # set with predicted_latency_ms_before
             share = self.predicted_latency_ms_after / self.predicted_latency_ms_before
         return share if share is not None and round(share, 3) > round(self.budget_share, 3) else None
 
@@ -140,6 +141,7 @@ class Report:
         if self.budget_share is not None:
             rows.append(("budget", self.budget_share, ""))
         if self.predicted_latency_ms_before:
+            assert self.predicted_latency_ms_after is not None  # set with predicted_latency_ms_before
             tables = self.predicted_latency_ms_tables_after or self.predicted_latency_ms_after
             rows.append((f"tables' prediction{parts}", tables / self.predicted_latency_ms_before, ""))
             closed = self.predicted_latency_ms_after / self.predicted_latency_ms_before
@@ -155,10 +157,13 @@ class Report:
                          f"{self.measured_latency_ms_after:.3f} ms, timed in this run"))
         if self.fp32_latency_ms_before and self.fp32_latency_ms_after is not None:
             rows.append(("the FP32 models on onnxruntime", self.fp32_latency_ms_after / self.fp32_latency_ms_before,
-                         f"{self.fp32_latency_ms_before:.3f} -> {self.fp32_latency_ms_after:.3f} ms, timed in this run"))
+                         f"{self.fp32_latency_ms_before:.3f} -> {self.fp32_latency_ms_after:.3f} ms, timed in this "
+                         "run"))
         lines += [f"    {name:<40}{share:>7.3f}" + (f"   ({why})" if why else "") for name, share, why in rows]
         if self.measured_share is not None and self.predicted_latency_ms_before and not self.parts:
-            tables = (self.predicted_latency_ms_tables_after or self.predicted_latency_ms_after) / self.predicted_latency_ms_before
+            assert self.predicted_latency_ms_after is not None  # set with predicted_latency_ms_before
+            tables = ((self.predicted_latency_ms_tables_after or self.predicted_latency_ms_after)
+                      / self.predicted_latency_ms_before)
             lines.append(f"    tables' prediction error: {tables / self.measured_share - 1:+.1%} of the measured share")
         elif self.measured_share is None and self.predicted_latency_ms_before:
             lines.append("    measured after compiling: pass measure=True to fxprune.compile")

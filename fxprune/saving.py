@@ -43,7 +43,7 @@ def save(gm: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = Non
     path = Path(path)
     if not isinstance(gm, torch.nn.Module):
         raise SaveError(f"expected the module fxprune.compile returned, got {type(gm).__name__}")
-    plan, report = gm.meta.get(PLAN_KEY) if hasattr(gm, "meta") else None, _report(gm)
+    plan, report = getattr(gm, "meta", {}).get(PLAN_KEY), _report(gm)
     _check_writable(path)
     capture, parts = capture_of(gm), is_partitioned(gm)
     if path.suffix == "" and is_hugging_face(gm):
@@ -54,8 +54,10 @@ def save(gm: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = Non
     elif path.suffix == ".pt" and is_ultralytics(gm) and not parts:  # what ultralytics.YOLO(path) loads
         save_checkpoint(gm, path, {"format": FORMAT, "plan": plan.to_json() if plan else None, "report": report})
     elif path.suffix == ".pt":  # a graph captured by torch.export is stored flat, its structure beside it
-        module = assemble(gm, {p.path: flat_view(gm.get_submodule(p.path)) for p in capture.parts}) if parts \
-            else flat_view(gm)
+        if parts and capture is not None:
+            module = assemble(gm, {p.path: flat_view(gm.get_submodule(p.path)) for p in capture.parts})
+        else:
+            module = flat_view(gm)
         torch.save({"format": FORMAT, "module": module, "plan": plan.to_json() if plan else None,
                     "report": report, "capture": capture}, path)
     elif path.suffix == ".pt2" and parts:
@@ -66,9 +68,10 @@ def save(gm: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = Non
         inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         dims = tuple({0: torch.export.Dim.DYNAMIC} if x.dim() else None for x in inputs)
         try:
-            with inference(gm, grad=None):  # traced at a batch of 2, so that the batch size stays free (not 0/1-specialized)
+            # traced at a batch of 2, so that the batch size stays free (not 0/1-specialized)
+            with inference(gm, grad=None):
                 program = torch.export.export(gm, double_batch(inputs), dynamic_shapes=dims)
-        except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
+        except Exception as exc:  # torch.export raises many kinds
             raise SaveError(f"torch.export could not capture the model: {type(exc).__name__}: {exc}; save to .pt "
                             "instead") from exc
         extra = {"fxprune.json": json.dumps({"format": FORMAT, "plan": plan.to_json() if plan else None,
@@ -95,7 +98,7 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
             header = json.loads(extra["fxprune.json"] or "{}")
         else:
             header = torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - torch.load and torch.export.load raise many kinds
+    except Exception as error:  # torch.load and torch.export.load raise many kinds
         raise SaveError(f"{path} is not a file fxprune.save wrote ({type(error).__name__}: {str(error)[:120]}); "
                         "load and report read the .pt or .pt2 written by `fxprune prune -o X.pt` or fxprune.save "
                         "(an ONNX file keeps no plan or report)") from error
@@ -129,7 +132,7 @@ def restore(module: torch.nn.Module, header: dict) -> torch.nn.Module:
     """Put a saved plan and report back on the module's meta."""
     meta = getattr(module, "meta", None)
     if meta is None:
-        module.meta = meta = {}
+        module.meta = meta = {}  # type: ignore[assignment]  # torch types Module attributes as tensors or modules
     if header.get("plan"):
         meta[PLAN_KEY] = Plan.from_json(header["plan"])
     if header.get("report"):

@@ -52,7 +52,8 @@ def pruned_trainer() -> type:
             if weights is None:
                 return super().get_model(cfg, weights, verbose)
             model = copy.deepcopy(weights).float()
-            classes = getattr(model.model[-1], "nc", None)  # the head's: its last layer's widths hold them
+            layers: Any = model.model  # ultralytics' nn.Sequential of layers
+            classes = getattr(layers[-1], "nc", None)  # the head's: its last layer's widths hold them
             if classes != self.data["nc"]:
                 raise ValueError(f"the pruned model predicts {classes} classes and the data has {self.data['nc']}: "
                                  "fine-tune it on data with the classes it was built for")

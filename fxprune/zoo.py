@@ -165,7 +165,8 @@ def _flow(name: str, size: int = 128) -> Callable[[], Built]:
 
 FAMILIES: dict[str, dict[str, Callable[[], Built]]] = {
     "hf_vision": HF_VISION, "hf_text": HF_TEXT, "yolo": YOLO, "smp": SMP, "torchvision_video": VIDEO,
-    "detection_backbones": DETECTION_BACKBONES, "detectors": DETECTORS, "optical_flow": {"raft_small": _flow("raft_small")},
+    "detection_backbones": DETECTION_BACKBONES, "detectors": DETECTORS,
+    "optical_flow": {"raft_small": _flow("raft_small")},
 }
 
 

@@ -44,7 +44,8 @@ class SyntheticEngine(Engine):
 
     def kernels(self, module: torch.nn.Module, example_inputs: tuple) -> list[KernelTime]:
         """A whole model's profile: a kernel per unit, named by its shapes as onnxruntime's profile does."""
-        return [KernelTime("Conv" if u.spec.op == "conv" else "Gemm", [list(u.spec.input_shape), list(u.spec.weight_shapes[0])],
+        return [KernelTime("Conv" if u.spec.op == "conv" else "Gemm",
+                           [list(u.spec.input_shape), list(u.spec.weight_shapes[0])],
                            [list(u.spec.output_shape)], 1e3 * self.in_model_ms(u.spec))
                 for u in find_units(analyze(module, example_inputs))]
 
@@ -72,10 +73,10 @@ class SyntheticEngine(Engine):
         yield Synthetic()
 
     def time_interleaved(self, runners, rounds=1, seconds=0.0) -> list[float]:
-        return [getattr(run, "__self__").latency_ms for run in runners]
+        return [run.__self__.latency_ms for run in runners]
 
     def time_round(self, run, seconds=0.0, warmup=1) -> float:
-        return getattr(run, "__self__").latency_ms
+        return run.__self__.latency_ms
 
 
 class CurvedEngine(SyntheticEngine):

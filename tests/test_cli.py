@@ -138,7 +138,8 @@ def test_counts_below_one_are_refused(flag, capsys):
 
 def test_a_factory_in_the_current_folder_is_found(tmp_path, capsys, monkeypatch):
     (tmp_path / "mymodels_fxprune_test.py").write_text(
-        "import torch.nn as nn\ndef mlp():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))\n")
+        "import torch.nn as nn\ndef mlp():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     assert main(["analyze", "mymodels_fxprune_test:mlp", "--input-shape", "1,3,16,16"]) == 0
@@ -158,7 +159,8 @@ def test_cache_info_and_clear(tmp_path, capsys, monkeypatch):
 
 def test_the_report_speaks_in_flags(tmp_path, capsys, monkeypatch):
     (tmp_path / "tiny_fxprune_test.py").write_text(
-        "import torch.nn as nn\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Conv2d(128, 128, 3), nn.ReLU(), "
+        "import torch.nn as nn\ndef net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Conv2d(128, 128, 3), nn.ReLU(), "
         "nn.Conv2d(128, 8, 1))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path / "cache"))

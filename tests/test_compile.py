@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.passes.cost import count_params, count_flops
+from fxprune.passes.cost import count_flops, count_params
 from fxprune.testing import build_torchvision_model
 
 DATA_FREE = ("sp_lamp", "lamp", "l1", "l2", "bn_scale")

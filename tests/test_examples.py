@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import fxprune
-
 from examples.cifar10 import train as cifar10
 from examples.digits import accuracy as digits_accuracy
 from examples.digits import benchmark as digits_benchmark
@@ -102,7 +101,8 @@ def test_the_accuracy_report_says_which_rows_came_from_which_run(tmp_path):
     text = digits_accuracy.summarize(rows, args)
     assert "--again" in text and "Rows come from more than one run" in text
     assert "- 2026-12-03 at abc1234: 1 rows; budgets 0.2; 1 methods (fxprune sp_lamp)" in text
-    assert "- an earlier run (before rows recorded theirs): 2 rows; budgets 0.3; 2 methods (fxprune sp_lamp, uniform)" in text
+    assert ("- an earlier run (before rows recorded theirs): 2 rows; budgets 0.3; 2 methods "
+            "(fxprune sp_lamp, uniform)") in text
     assert "more than one run" not in digits_accuracy.summarize(rows[:2], args)
 
 
@@ -141,15 +141,16 @@ def test_the_accuracy_summary_says_which_differences_exceed_the_seeds_spread(tmp
     assert ("| 0.3 | full | 0.900 | 0.870 | +0.030 | +0.031, +0.029, +0.030 | yes | torch-pruning lamp: 0.850 | "
             "+0.049 | yes |") in text  # depth + width against width only
     assert "| fxprune halp schedule |  | — |" in text  # no one-shot point for a schedule (not run at 0.2)
-    assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's tables or timing)) | "
-            "one-shot 0.500, short 0.500, full 0.500 |") in text
+    assert ("| 0.2 | all | unreachable on 3 of 3 seeds (smallest plan 0.260-0.280 of the model (fxprune's tables or "
+            "timing)) | one-shot 0.500, short 0.500, full 0.500 |") in text
     assert f"| {default} | unreachable | 0.900 ± 0.002 |" in text
     assert "| fxprune ssr | 0.3 | 0, 1 | smallest plan 0.410-0.430 of the model (fxprune's tables or timing) |" in text
     assert (tmp_path / "accuracy.png").exists() and json.loads((tmp_path / "accuracy.json").read_text()) == rows
 
 
 def test_cifar_resnets_have_the_papers_depths():
-    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3) for x in m.modules())
+    def convs(m):
+        return sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3) for x in m.modules())
     assert convs(resnet20()) == 19 and convs(CifarResNet(56)) == 55
     with pytest.raises(ValueError, match="6n"):
         CifarResNet(21)
@@ -176,7 +177,8 @@ def test_the_cifar10_recipe_runs_under_torchrun_with_two_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "examples.cifar10.train", *SMOKE, "--model", "resnet20", "--method", "halp",
                "--metric", "flops", "--budget", "0.5", "--out", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'method': 'halp'" in done.stdout and (tmp_path / "pruned.onnx").exists()
 

@@ -26,7 +26,8 @@ def _state(model: nn.Module) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return (a["tensors"].keys() == b["tensors"].keys() and all(torch.equal(v, b["tensors"][k]) for k, v in a["tensors"].items())
+    return (a["tensors"].keys() == b["tensors"].keys()
+            and all(torch.equal(v, b["tensors"][k]) for k, v in a["tensors"].items())
             and a["training"] == b["training"] and a["grad"] == b["grad"] and a["hooks"] == b["hooks"])
 
 

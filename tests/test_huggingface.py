@@ -74,10 +74,12 @@ def test_a_pruned_model_saves_to_a_hugging_face_folder_and_loads_as_its_class(ke
     assert list(folder.glob("*.safetensors"))
     loaded = fxprune.load(folder)
     assert type(loaded) is type(model)
-    assert fxprune.plan_of(loaded) is not None and fxprune.report(loaded).flops_after == fxprune.report(pruned).flops_after
+    assert fxprune.plan_of(loaded) is not None
+    assert fxprune.report(loaded).flops_after == fxprune.report(pruned).flops_after
     with torch.no_grad():
         expected, got = pruned.eval()(*args, **kwargs), loaded(*args, **kwargs)
-    tensors = [[x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)] for out in (expected, got)]
+    tensors = [[x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+               for out in (expected, got)]
     assert tensors[0]
     for a, b in zip(*tensors):
         torch.testing.assert_close(a, b)
@@ -135,7 +137,8 @@ def test_llama_loses_a_decoder_layers_mlp_whole_and_saves_and_loads_without_it(t
     gm, _ = analyze_inputs(model, {"input_ids": ids})
     found, why = fxprune.blocks(gm)
     assert [(b.module, b.kind, b.returns) for b in found] == [  # attention reads rotary context made once
-        (f"model.layers.{i}.{part}", "zero", 2 if part == "self_attn" else 0) for i in (0, 1) for part in ("self_attn", "mlp")]
+        (f"model.layers.{i}.{part}", "zero", 2 if part == "self_attn" else 0)
+        for i in (0, 1) for part in ("self_attn", "mlp")]
     plan = fxprune.Plan({}, (3,))
     pruned = fxprune.prune(gm, plan)
     shrunk = shrink_model(model, gm, plan)

@@ -4,7 +4,6 @@ reference computes."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn as nn

@@ -7,8 +7,13 @@ import torch
 
 import fxprune
 from fxprune.ir import Plan
-from fxprune.testing import (FAMILY_REPRESENTATIVES, build_torchvision_model, classification_models,
-                             family, masked_forward)
+from fxprune.testing import (
+    FAMILY_REPRESENTATIVES,
+    build_torchvision_model,
+    classification_models,
+    family,
+    masked_forward,
+)
 
 
 def _main_output(out):

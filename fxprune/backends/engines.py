@@ -14,6 +14,7 @@ measurements comparable; it is part of every cache key. A new engine (TensorRT, 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import platform
 import time
@@ -115,7 +116,8 @@ def _times_ms(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: flo
     for _ in range(warmup):
         fn()
     sync()
-    times, start = [], time.perf_counter()
+    times: list[float] = []
+    start = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - start < min_seconds:
         begin = time.perf_counter()
         fn()
@@ -168,7 +170,7 @@ class Engine(ABC):
     def device(self) -> dict[str, str]:
         return cpu_identity()
 
-    def check_available(self) -> None:
+    def check_available(self) -> None:  # noqa: B027 - an engine that runs everywhere keeps this default
         """Raise EngineUnavailableError, saying what to do, when this engine cannot run here."""
 
     @abstractmethod
@@ -246,7 +248,7 @@ class Engine(ABC):
         reference_ms = min(min(values) for values in befores)
         return reference_ms, [quiet_ratios(before, after, reference_ms) for before, after in zip(befores, afters)]
 
-    def _sync(self) -> None:
+    def _sync(self) -> None:  # noqa: B027 - CPU engines have nothing to wait for
         """Wait for queued device work (GPU engines)."""
 
 
@@ -263,26 +265,29 @@ TORCH_MEMORY_OPS = frozenset({
 def _activation_module(act: Activation | None) -> nn.Module:
     if act is None:
         return nn.Identity()
-    build = {"relu": lambda: nn.ReLU(), "clip": lambda: nn.Hardtanh(*act.args), "silu": lambda: nn.SiLU(),
+    args = act.args
+    build = {"relu": lambda: nn.ReLU(), "clip": lambda: nn.Hardtanh(args[0], args[1]), "silu": lambda: nn.SiLU(),
              "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
              "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "gelu": lambda: nn.GELU(),
-             "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": lambda: nn.LeakyReLU(*act.args),
-             "elu": lambda: nn.ELU(*act.args), "mish": lambda: nn.Mish()}
+             "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": lambda: nn.LeakyReLU(args[0]),
+             "elu": lambda: nn.ELU(args[0]), "mish": lambda: nn.Mish()}
     return build[act.name]()
 
 
 def unit_module(spec: UnitSpec, width_in: int, width_out: int) -> tuple[nn.Module, torch.Tensor]:
     """The unit as torch runs it (layer, BatchNorm, activation), and an input of its kept width."""
     dtype = getattr(torch, spec.dtype)
+    layer: nn.Module
     if spec.op == "conv":
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spec.kernel) - 1]
+        conv: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spec.kernel) - 1]  # sizes as tuples of its rank
         groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
         spatial = len(spec.kernel)
         padding = tuple(spec.padding[:spatial])
         layer = conv(width_in, width_out, spec.kernel, spec.stride, padding, spec.dilation, groups,
                      bias=spec.bias and not spec.batch_norm)
         shape = (spec.input_shape[0], width_in, *spec.input_shape[2:])
-        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial - 1](width_out) if spec.batch_norm else nn.Identity()
+        norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        norm = norms[spatial - 1](width_out) if spec.batch_norm else nn.Identity()
     else:
         layer = nn.Linear(width_in, width_out, bias=spec.bias and not spec.batch_norm)
         shape = (*spec.input_shape[:-1], width_in)
@@ -322,7 +327,7 @@ class TorchEngine(Engine):
             for width_in, width_out in points:
                 module, x = unit_module(spec, int(width_in), int(width_out))
                 module, x = module.to(self.device_type), x.to(self.device_type)
-                run_unit = lambda: module(x)  # noqa: E731
+                run_unit = functools.partial(module, x)
                 for _ in range(self.warmup):
                     run_unit(), run_reference()
                 pairs = np.array([self._pair(run_unit, run_reference, unit_first=i % 2 == 0)
@@ -333,7 +338,8 @@ class TorchEngine(Engine):
                 spreads.append(spread(ratios))
         return UnitTiming(np.asarray(results), np.asarray(references), np.asarray(spreads))
 
-    def _pair(self, run_unit: Callable[[], Any], run_reference: Callable[[], Any], unit_first: bool) -> tuple[float, float]:
+    def _pair(self, run_unit: Callable[[], Any], run_reference: Callable[[], Any],
+              unit_first: bool) -> tuple[float, float]:
         """One run of the unit and one of the reference, back to back: their wall times in ms."""
         order = (run_unit, run_reference) if unit_first else (run_reference, run_unit)
         first, second = (float(_times_ms(run, 0, 1, sync=self._sync)[0]) for run in order)

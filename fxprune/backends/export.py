@@ -129,13 +129,14 @@ def _summary(exc: BaseException) -> str:
 
 def _export_dynamo(model: torch.nn.Module, request: _Request, file: str) -> None:
     """torch.export-based export asking for a symbolic dim 0 on every input (verification catches a pinned one)."""
-    dims = tuple({d: torch.export.Dim.DYNAMIC for d in (0, *(size_dims(x) if request.sizes else ()))}
+    dims: tuple = tuple({d: torch.export.Dim.DYNAMIC for d in (0, *(size_dims(x) if request.sizes else ()))}
                  if x.dim() else None for x in request.inputs)
     if isinstance(model, _KeywordCall):  # forward(*inputs): torch.export binds them as one tuple
         dims = (dims,)
     program = torch.onnx.export(model, request.inputs, file, dynamo=True, input_names=request.input_names,
                                 output_names=request.output_names, dynamic_shapes=dims if request.dynamic else None,
                                 opset_version=request.opset, external_data=True, verbose=False)
+    assert program is not None  # dynamo=True returns the ONNXProgram
     opset = program.model.opset_imports.get("")
     if request.opset is not None and opset != request.opset:  # below 18 the version converter may give up quietly
         raise ExportError(f"the dynamo exporter produced opset {opset} instead of {request.opset}")
@@ -252,7 +253,7 @@ def _check(path: Path) -> None:
     """Run the full ONNX checker on the file (given by path, which also works beyond 2 GiB)."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001 - checker and shape-inference errors have several types
+    except Exception as exc:  # checker and shape-inference errors have several types
         raise ExportError(f"onnx.checker rejected {path}: {_summary(exc)}. "
                           "Try another opset, or report the model with this message.") from exc
 
@@ -269,7 +270,7 @@ def run_onnxruntime(path: str | os.PathLike, inputs: tuple[torch.Tensor, ...], *
         if len(names) != len(inputs):
             raise ValueError(f"the file has {len(names)} inputs but {len(inputs)} tensors were given")
         return session.run(None, {name: x.detach().cpu().numpy() for name, x in zip(names, inputs)})
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception family
+    except Exception as exc:  # onnxruntime raises its own exception family
         raise ExportError(f"onnxruntime could not run {path}: {_summary(exc)}") from exc
 
 
@@ -352,9 +353,10 @@ class _KeywordCall(torch.nn.Module):
 
 def _part_paths(model: torch.nn.Module) -> list[str]:
     """The raw parts of a model fxprune assembled from parts (not of the stitched graph itself)."""
-    if isinstance(model, torch.fx.GraphModule) or not is_partitioned(model):
+    capture = capture_of(model)
+    if isinstance(model, torch.fx.GraphModule) or capture is None or not is_partitioned(model):
         return []
-    return [part.path for part in capture_of(model).parts if part.raw]
+    return [part.path for part in capture.parts if part.raw]
 
 
 def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: bool,
@@ -365,7 +367,7 @@ def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: boo
         cases = [("the example batch", inputs, _run_torch(model, inputs))]
     except ExportError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever forward raises means the inputs do not fit
+    except Exception as exc:  # whatever forward raises means the inputs do not fit
         raise ExampleInputsError(f"The model raised on example_inputs: {_summary(exc)}") from exc
     if not dynamic:
         return cases, inputs
@@ -373,7 +375,7 @@ def _reference(model: torch.nn.Module, inputs: tuple, dynamic: bool, verify: boo
     if verify:
         try:
             cases.append(("a doubled batch", doubled, _run_torch(model, doubled)))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ExportError(f"The model raised on a doubled batch: {_summary(exc)}. "
                               "Pass dynamic_batch=False if it only supports the example batch size.") from exc
     if sizes and verify:

@@ -69,7 +69,7 @@ def fill(model: onnx.ModelProto, tensors: Mapping[str, torch.Tensor] | None = No
         source = _transposed_from(tensor)
         if tensor.name in tensors and tuple(tensors[tensor.name].shape) == shape:
             values = tensors[tensor.name].detach().cpu().numpy()
-        elif source in tensors and tuple(tensors[source].shape)[::-1] == shape:
+        elif source is not None and source in tensors and tuple(tensors[source].shape)[::-1] == shape:
             values = tensors[source].detach().cpu().t().numpy()
         elif len(shape) >= 2:
             values = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(int(np.prod(shape[1:])), 1))
@@ -123,7 +123,7 @@ def resize(model: onnx.ModelProto, full_shapes: Mapping[str, tuple[int, ...]],
         source = _transposed_from(tensor)
         if name in full_shapes and tuple(full_shapes[name]) == shape and name in pruned_shapes:
             shape = tuple(pruned_shapes[name])
-        elif source in pruned_shapes and tuple(full_shapes.get(source, ()))[::-1] == shape:
+        elif source is not None and source in pruned_shapes and tuple(full_shapes.get(source, ()))[::-1] == shape:
             shape = tuple(pruned_shapes[source])[::-1]
         elif tensor.data_type in FLOAT_TYPES and any(d > 1 for d in shape):  # a scalar records no width
             pending.add(name)
@@ -151,7 +151,8 @@ def resize(model: onnx.ModelProto, full_shapes: Mapping[str, tuple[int, ...]],
             if name not in inferred or not inferred[name].tensor_type.HasField("shape"):
                 raise ResizeError(f"ONNX cannot infer the shape of {name!r} ({node.op_type} {node.name!r})")
             types[name] = inferred[name]
-            new[name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in inferred[name].tensor_type.shape.dim)
+            new[name] = tuple(d.dim_value if d.HasField("dim_value") else -1
+                              for d in inferred[name].tensor_type.shape.dim)
             if -1 in new[name]:
                 raise ResizeError(f"{name!r} ({node.op_type} {node.name!r}) has a symbolic dimension")
     read = {name for node in graph.node for name in node.input}
@@ -445,7 +446,8 @@ def _set_shape(tensor: TensorProto, shape: tuple[int, ...]) -> None:
     if tuple(tensor.dims) == tuple(shape):
         return
     if tensor.data_type not in FLOAT_TYPES:
-        raise ResizeError(f"initializer {tensor.name!r} ({TensorProto.DataType.Name(tensor.data_type)}) would change shape")
+        raise ResizeError(f"initializer {tensor.name!r} ({TensorProto.DataType.Name(tensor.data_type)}) would "
+                          "change shape")
     _clear_data(tensor)
     del tensor.dims[:]
     tensor.dims.extend(shape)

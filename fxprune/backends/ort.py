@@ -10,7 +10,6 @@ only says how that time divides between layer kernels and memory-bound kernels.
 
 from __future__ import annotations
 
-
 import base64
 import copy
 import json
@@ -31,15 +30,15 @@ import torch.fx
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from fxprune.cache import LatencyCache
-from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming, quiet, spread
 from fxprune.backends.export import _run_torch, export_onnx
 from fxprune.backends.onnx_resize import ResizeError, fill, name_transposes, remove_blocks, resize, strip
-from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.backends.onnx_units import IR_VERSION, OPSET, branch_weight_bytes, unit_model, unit_prefix
-from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.backends.quantize import quantize_int8, settings
+from fxprune.cache import LatencyCache
+from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.ir.keys import PLAN_KEY
+from fxprune.ir.units import REFERENCE, UnitSpec
 
 # Kernels outside layers that move memory in proportion to the tensors around them: what the latency
 # pass scales with the widths of the tensors they touch.
@@ -250,7 +249,7 @@ class OnnxRuntimeEngine(Engine):
                 tensors = module.state_dict()
                 deployed = self._load(graph, fill(graph, tensors), example_inputs, tensors, "resized graph")
                 got = [tuple(np.shape(x)) for x in deployed.run()]
-            except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception family
+            except Exception as error:  # onnxruntime raises its own exception family
                 raise ResizeError(f"onnxruntime rejects the resized graph: {error}") from error
             if got != expected:
                 raise ResizeError(f"the resized graph's outputs are {got}, the model's {expected}")
@@ -329,8 +328,8 @@ class _OrtDeployed(Deployed):
         return self._profiled
 
     def kernels(self) -> list[KernelTime]:
-        return [KernelTime(k.op, k.inputs, k.outputs, quiet(self.engine._kernel_us(k))) for k in self.profile().kernels.values()
-                if k.us]
+        return [KernelTime(k.op, k.inputs, k.outputs, quiet(self.engine._kernel_us(k)))
+                for k in self.profile().kernels.values() if k.us]
 
     def split(self) -> tuple[float, float]:
         """From a profiled session of the same file: the shares of a run spent in memory-bound kernels
@@ -359,7 +358,7 @@ def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
 
 
-def _exporter_versions() -> dict[str, str]:
+def _exporter_versions() -> dict[str, str | int]:
     """What an exported graph depends on besides the model: the exporter's libraries and fxprune's cleaning."""
     import onnxscript
 
@@ -375,7 +374,7 @@ def _parse_graph(value: dict) -> onnx.ModelProto:
     return graph
 
 
-def _feeds(inputs: list, example_inputs: tuple) -> dict[str, np.ndarray]:
+def _feeds(inputs: list, example_inputs: tuple | list) -> dict[str, np.ndarray]:
     """A model's inputs (a session's or a graph's) fed the leaves of the example's (a detector's list of
     images is one input per image)."""
     leaves = torch.utils._pytree.tree_leaves(example_inputs)
@@ -424,7 +423,9 @@ def _branch_of(node: str, kind: str) -> int | None:
 
 def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
     """Consecutive index runs whose sizes add up to at most ``limit`` (a larger single item runs alone)."""
-    chunks, current, total = [], [], 0
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    total = 0
     for index, size in enumerate(sizes):
         if current and total + size > limit:
             chunks.append(current)

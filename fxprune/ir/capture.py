@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import torch
 import torch.fx
@@ -22,6 +22,7 @@ from fxprune.ir.keys import CAPTURE_KEY
 
 FX, EXPORT, EXPORT_STRICT, PARTITIONED = "fx", "export", "export-strict", "partitioned"
 PART_KEY = "part"  # node.meta of a partitioned graph: the part a node belongs to (kept by the rewrite)
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Capture:
 def split_inputs(example_inputs: Any, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
     """The example call as (positional, keyword): a tensor is one positional input, a tuple or list the
     positional ones, a dict the keyword ones; ``example_kwargs`` adds keyword inputs."""
+    args: tuple
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
@@ -89,7 +91,7 @@ def is_partitioned(module: torch.nn.Module) -> bool:
     return capture is not None and capture.path == PARTITIONED
 
 
-def is_structured(gm: torch.nn.Module) -> bool:
+def is_structured(gm: torch.nn.Module) -> TypeGuard[torch.fx.GraphModule]:
     """Whether ``gm`` takes and returns its inputs' and outputs' structure (not the flat leaves)."""
     return isinstance(gm, torch.fx.GraphModule) and isinstance(gm.graph._codegen, _PyTreeCodeGen)
 
@@ -106,11 +108,12 @@ def flat_inputs(gm: torch.nn.Module, args: tuple, kwargs: dict | None = None) ->
     return tuple(torch.fx._pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), capture.structure.in_spec))
 
 
-def structured(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def structured(gm: M) -> M:
     """``gm`` made to take and return what the model did (in place; a no-op for a graph that already does,
     and for a module that is not a graph: the user's own model, pruned, is called as it always was)."""
     capture = capture_of(gm)
-    if isinstance(gm, torch.fx.GraphModule) and capture is not None and capture.structure is not None and not is_structured(gm):
+    if (isinstance(gm, torch.fx.GraphModule) and capture is not None and capture.structure is not None
+            and not is_structured(gm)):
         gm.graph._codegen = _PyTreeCodeGen(copy.copy(capture.structure))
         gm._in_spec, gm._out_spec = capture.structure.in_spec, capture.structure.out_spec  # the code reads them
         gm.recompile()

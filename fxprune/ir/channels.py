@@ -26,6 +26,12 @@ class ChannelSpace:
     group_id: int = -1
     channel_index: np.ndarray | None = None
 
+    @property
+    def group_channels(self) -> np.ndarray:
+        """``channel_index`` of a space the dependency pass grouped (every space of an analysed graph)."""
+        assert self.channel_index is not None, f"the channel space of {self.node} is not grouped yet"
+        return self.channel_index
+
     def kept_positions(self, keep_mask: np.ndarray) -> np.ndarray:
         """Positions along ``dim`` that survive, given the group's boolean keep mask over its channels."""
         return np.flatnonzero(keep_mask[self.channel_index])
@@ -136,7 +142,8 @@ class Analysis:
 
     def member_channels(self, group_id: int) -> list[np.ndarray]:
         """Group channels present in each member space; a plan must keep one of each to be valid."""
-        return [np.unique(s.channel_index) for s in self.spaces if s.group_id == group_id]
+        return [np.unique(s.channel_index) for s in self.spaces
+                if s.group_id == group_id and s.channel_index is not None]
 
 
 @dataclass

@@ -24,7 +24,7 @@ class CostTerm:
 
         Shares may be arrays (one entry per option of a group), which gives an array of prices.
         """
-        value = self.full
+        value: float | np.ndarray = self.full
         for s in self.spaces:
             value = value * kept_share.get(s, 1.0)
         return value
@@ -51,8 +51,8 @@ class TableTerm:
         return self.table.at(self.in_size, self.out_size)
 
     def price(self, kept_share: Mapping[int, float | np.ndarray]) -> float | np.ndarray:
-        width_in = self.in_size * kept_share.get(self.in_space, 1.0)
-        width_out = self.out_size * kept_share.get(self.out_space, 1.0)
+        width_in = self.in_size * (kept_share.get(self.in_space, 1.0) if self.in_space is not None else 1.0)
+        width_out = self.out_size * (kept_share.get(self.out_space, 1.0) if self.out_space is not None else 1.0)
         kept = kept_share.get(self.block, 1.0) if self.block is not None else 1.0
         return self.table.at(width_in, width_out) * kept
 

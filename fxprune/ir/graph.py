@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,15 @@ from fxprune.ir.keys import CHANNELS_KEY, VALUE_KEY
 def shape(node: Any) -> tuple[int, ...] | None:
     """Shape of a node's tensor output, or None for non-tensors and tuples."""
     meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
-    return tuple(int(d) for d in meta.shape) if hasattr(meta, "shape") else None
+    return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def tensor_shape(node: Any) -> tuple[int, ...]:
+    """``shape`` of a node known to output one tensor (an op's tensor operand); TypeError otherwise."""
+    found = shape(node)
+    if found is None:
+        raise TypeError(f"{node} does not output one tensor of known shape")
+    return found
 
 
 def dtype(node: Any) -> torch.dtype | None:
@@ -52,6 +59,13 @@ def space(node: Any, index: int = 0) -> ChannelSpace | None:
     return spaces[index] if index < len(spaces) else None
 
 
+def target_name(node: torch.fx.Node) -> str:
+    """The name a ``get_attr``, ``call_module`` or ``call_method`` node's target is (a callable for the
+    other calls)."""
+    assert isinstance(node.target, str), f"{node.name} ({node.op}) calls a function, not a name"
+    return node.target
+
+
 def attribute(module: torch.nn.Module, target: str) -> Any:
     """The tensor (or module) at a qualified name, as ``get_attr`` reads it."""
     owner, _, name = target.rpartition(".")
@@ -79,7 +93,8 @@ def cache_off(model: torch.nn.Module) -> Iterator[None]:
     """A model whose config turns a key-value cache on (Hugging Face's ``use_cache``) runs without it while
     fxprune captures and checks it: the cache is state carried across calls, not channels; the model
     returned keeps its config, so ``generate`` uses the cache as before."""
-    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    configs: dict[int, Any] = {id(c): c for m in model.modules()
+                               if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
     for config in configs.values():
         config.use_cache = False
     try:
@@ -102,6 +117,7 @@ def model_digest(gm: torch.fx.GraphModule, example_inputs: tuple) -> str:
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         parts.append(f"{node.name}:{node.op}:{tuple(meta.shape) if hasattr(meta, 'shape') else ''}")
-    parts += [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
+    parts += [f"{name}:{tuple(t.shape)}:{t.dtype}"
+              for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
     parts += [f"input:{tuple(x.shape)}:{x.dtype}" for x in example_inputs if isinstance(x, torch.Tensor)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -11,7 +11,8 @@ SCORES_KEY = "fxprune_scores"  # score: this layer's per-channel contribution to
 LAYER_LATENCY_KEY = "fxprune_layer_latency"  # latency: LayerLatency (unit and calibrated table)
 
 # GraphModule.meta
-CAPTURE_KEY = "fxprune_capture"  # capture: Capture (the path that captured the model, the inputs' and outputs' structure)
+# capture: Capture (the path that captured the model, the inputs' and outputs' structure)
+CAPTURE_KEY = "fxprune_capture"
 ANALYSIS_KEY = "fxprune"  # dependency: Analysis (channel groups and every channel space)
 IMPORTANCE_KEY = "fxprune_importance"  # score: Importance (criterion, one score per group channel)
 COST_KEY = "fxprune_cost"  # cost: {"flops": CostModel, "params": CostModel}

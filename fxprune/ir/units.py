@@ -63,7 +63,8 @@ class UnitSpec:
 
     @classmethod
     def from_key(cls, key: dict[str, Any]) -> "UnitSpec":
-        fields = {name: tuple(value) if isinstance(value, list) else value for name, value in key.items()}
+        fields: dict[str, Any] = {name: tuple(value) if isinstance(value, list) else value
+                                  for name, value in key.items()}
         if fields.get("activation") is not None:
             fields["activation"] = Activation(fields["activation"]["name"], tuple(fields["activation"]["args"]))
         return cls(**fields)
@@ -76,7 +77,8 @@ class UnitSpec:
             core = (f"conv{kernel} {self.in_channels}->{self.out_channels} /{self.stride[0]} "
                     f"at {'x'.join(map(str, self.input_shape[2:]))}" + (f" g{self.groups}" if self.groups > 1 else ""))
         tail = "".join(f"+{name}" for name, on in (("bn", self.batch_norm),
-                                                     (self.activation.name if self.activation else "", True)) if on and name)
+                                                     (self.activation.name if self.activation else "", True))
+                       if on and name)
         return core + tail
 
 

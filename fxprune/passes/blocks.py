@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Set as AbstractSet
+from typing import cast
 
 import torch
 import torch.fx
@@ -101,7 +103,8 @@ def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, ind
     if graph.shape(add) is None or any(graph.shape(a) != graph.shape(add) for a in add.args):
         return "the add broadcasts"
     reasons = []
-    for x, y in (add.args, add.args[::-1]):
+    operands = cast(tuple[torch.fx.Node, torch.fx.Node], add.args)  # a residual add: two nodes (residual_add)
+    for x, y in (operands, operands[::-1]):
         root, chain = _unchanged(gm, x)  # x itself, or what an identity shortcut passes on
         found = _branch(root, y, add, position)
         if isinstance(found, str):
@@ -133,7 +136,7 @@ def _paths(node: torch.fx.Node) -> list[tuple[str, bool]]:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [(_path(value), not _CALL.search(key)) for key, value in stack.items()]
     if node.op == "call_module" and all(p != node.target for p, _ in paths):
-        paths.append((node.target, True))
+        paths.append((graph.target_name(node), True))
     return [(p, first) for p, first in paths if p]
 
 
@@ -158,7 +161,7 @@ def _unchanged(gm: torch.fx.GraphModule, x: torch.fx.Node) -> tuple[torch.fx.Nod
 
 
 def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set,
-                 context: set = frozenset()) -> tuple[str, str] | None:
+                 context: AbstractSet = frozenset()) -> tuple[str, str] | None:
     """The deepest module that is the whole block: the branch, the add, the identity shortcut ``chain``, and
     single-input activations after the add (the block pass checks they return ``x`` as it is), called once,
     taking ``x`` from outside."""
@@ -181,7 +184,7 @@ def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set,
 
 
 def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set,
-                   context: set = frozenset()) -> tuple[str, str] | None:
+                   context: AbstractSet = frozenset()) -> tuple[str, str] | None:
     """The outermost module, called once, that computes ``y`` from nodes of the branch and is read only
     through ``y``, leaving no convolution or linear layer of the branch outside it (those would still run in
     the model's code; a norm before it may)."""
@@ -219,10 +222,10 @@ def _tensors_read(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
     """Qualified names of the parameters and buffers a call reads: a called module's own, or the tensors
     its get_attr inputs fetch (torch.export's graphs)."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(graph.target_name(node))
         return [f"{node.target}.{n}" for n, _ in (*module.named_parameters(), *module.named_buffers())]
     if node.op in ("call_function", "call_method"):
-        return [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+        return [graph.target_name(a) for a in node.all_input_nodes if a.op == "get_attr"]
     return []
 
 
@@ -251,7 +254,8 @@ class _Values(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
         super().__init__(gm)
-        self.wanted, self.values = wanted, {}
+        self.wanted = wanted
+        self.values: dict[str, object] = {}
 
     def run_node(self, n: torch.fx.Node):
         result = super().run_node(n)
@@ -292,7 +296,8 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
         end = values.get(skip_ends.get(block.id, block.output))
         if not isinstance(branch, torch.Tensor) or bool(branch.ne(0).any()):
             analysis.kept_blocks[block.add] = "zeroing its last layer's parameters does not zero its branch"
-        elif block.kind == "skip" and not (isinstance(end, torch.Tensor) and torch.equal(end, skip)):
+        elif block.kind == "skip" and not (isinstance(end, torch.Tensor)
+                                           and torch.equal(end, cast(torch.Tensor, skip))):
             found = _branch(nodes[block.skip], nodes[block.output], nodes[block.add], position)
             place = None if isinstance(found, str) else _branch_module(nodes[block.add], nodes[block.output], *found)
             if place is None:  # nor is the branch one module the model's code adds
@@ -369,7 +374,7 @@ def emptied_modules(gm: torch.fx.GraphModule, blocks: list[Block]) -> list[str]:
             stack.extend(node.all_input_nodes)
     gone = set(nodes) - live
     candidates = {p for b in blocks for p, first in _paths(by_name[b.add]) if first}
-    emptied = []
+    emptied: list[str] = []
     for path in sorted(candidates, key=lambda p: p.count(".")):
         inside = _inside(nodes, path) - {n for n in nodes if n.op == "get_attr"}
         kept = {n for n in inside - gone if not _passes_on(gm, n)}  # a cast of the input passes it on as it is
@@ -398,6 +403,6 @@ def block_spaces(gm: torch.fx.GraphModule) -> tuple[dict[str, int], dict[str, in
     for node in gm.graph.nodes:
         for name in _tensors_read(gm, node):
             readers.setdefault(name, set()).add(nodes.get(node.name))
-    tensors = {name: next(iter(spaces)) for name, spaces in readers.items()
-               if len(spaces) == 1 and None not in spaces}
+    tensors = {name: space for name, spaces in readers.items()
+               if len(spaces) == 1 and (space := next(iter(spaces))) is not None}
     return nodes, tensors

@@ -9,13 +9,11 @@ set ``round_to``. Writes ``gm.meta["fxprune_solution"]``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxprune.budgets import Amount
+from fxprune.budgets import Amount, Budget
 from fxprune.errors import AnalysisRequiredError, BudgetError, FxpruneError
 from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, SOLUTION_KEY
 from fxprune.ir.solution import Solution
@@ -24,14 +22,13 @@ from fxprune.passes.latency import channel_granularity, latency_cost
 from fxprune.passes.plan import check_solver, solve_plan
 from fxprune.passes.refine import check_refine, solve_measured
 
-
 DEFAULT_STEP = 8  # FLOPs and parameter budgets: widths on multiples of 8 channels unless round_to says
 
 
 class PlanPass(PassBase):
     """The plan for ``budget`` (an ``fxprune`` budget), with ``solver``; see the module docstring."""
 
-    def __init__(self, context: Context, budget: Any, *, solver: str = "sp_lamp", resolution: int = 4000,
+    def __init__(self, context: Context, budget: Budget, *, solver: str = "sp_lamp", resolution: int = 4000,
                  round_to: int | None = None, refine: int = 0, depth: bool = False) -> None:
         super().__init__()
         check_solver(solver, round_to, resolution)
@@ -78,7 +75,7 @@ class PlanPass(PassBase):
         assert isinstance(graph_module.meta[SOLUTION_KEY], Solution)
 
 
-def parts_budget(budget: Any, parts: float, whole: float, unit: str = "") -> Amount:
+def parts_budget(budget: Budget, parts: float, whole: float, unit: str = "") -> Amount:
     """The budget of a partitioned model's captured parts, which cost ``parts`` of the ``whole`` model's
     ``budget.metric``: the rest (post-processing, what no front end captured) does not shrink."""
     fixed = max(whole - parts, 0.0)

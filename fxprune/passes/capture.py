@@ -17,10 +17,11 @@ import contextlib
 import copy
 import io
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import torch
 import torch.fx
+from torch.fx.graph import _PyTreeCodeGen
 
 from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
 from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, PARTITIONED, Capture, flat, flat_inputs
@@ -92,7 +93,7 @@ def capture_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: st
                 raise CaptureError(_advice(model, [(path, str(error))])) from error
             failed.append((path, str(error)))
             continue
-        except Exception as error:  # noqa: BLE001 - torch.export raises many kinds
+        except Exception as error:  # torch.export raises many kinds
             message = f"{type(error).__name__}: {error}"
             if mode != "auto":
                 raise CaptureError(_advice(model, [(path, message)])) from error
@@ -172,7 +173,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, strict: bool) -> 
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
     exported = program.module()
-    structure = exported.graph._codegen.pytree_info
+    structure = cast(_PyTreeCodeGen, exported.graph._codegen).pytree_info  # torch.export's: pytrees in and out
     graph = exported.graph
     for node in list(graph.nodes):
         guard = (node.op == "call_module" and node.target == "_guards_fn") or node.target in _DROPPED

@@ -4,19 +4,18 @@ each graph's digest, the analysed model deployed on the engine, and the pruned c
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
 
-from fxprune.backends.engines import Deployed
+from fxprune.backends.engines import Deployed, Engine
 from fxprune.backends.registry import get_engine
 from fxprune.cache import LatencyCache
 from fxprune.errors import LatencyError
 from fxprune.ir.channels import Plan
 from fxprune.ir.graph import model_digest
-from fxprune.passes.rewrite import RewritePass
-
+from fxprune.passes.pipeline import prune
 
 NO_ENGINE = object()  # a Context for passes that time nothing
 
@@ -33,9 +32,9 @@ class Context:
         self.cache.remeasure = self.cache.remeasure or remeasure
         self.progress = progress
         self._stack = ExitStack()
-        self._memo: dict[tuple, tuple[torch.fx.GraphModule, Any]] = {}  # the graph is kept alive with its id
+        self._memo: dict[tuple, tuple[torch.nn.Module, Any]] = {}  # the module is kept alive with its id
 
-    def _once(self, what: str, gm: torch.fx.GraphModule, extra: str, make) -> Any:
+    def _once(self, what: str, gm: torch.nn.Module, extra: str, make: Callable[[], Any]) -> Any:
         key = (what, id(gm), extra)
         if key not in self._memo:
             self._memo[key] = gm, make()
@@ -45,22 +44,28 @@ class Context:
         """``ir.graph.model_digest`` of ``gm`` at these inputs (what cached timings of it are keyed by)."""
         return self._once("digest", gm, "", lambda: model_digest(gm, self.example_inputs))
 
-    def deployed(self, gm: torch.fx.GraphModule) -> Deployed:
-        """The analysed model deployed on the engine, for as long as this context is open."""
+    def timing_engine(self) -> Engine:
+        """The engine, for what deploys or times a model (LatencyError for a Context made without one)."""
         if self.engine is None:
             raise LatencyError("deploying a model needs an engine: make the Context with engine='onnxruntime' "
                                "(or 'torch', 'cuda', an Engine)")
+        return self.engine
+
+    def deployed(self, gm: torch.fx.GraphModule) -> Deployed:
+        """The analysed model deployed on the engine, for as long as this context is open."""
+        engine = self.timing_engine()
         return self._once("deployed", gm, "", lambda: self._stack.enter_context(
-            self.engine.deploy_traced(gm, self.example_inputs, self.cache, self.digest(gm))))
+            engine.deploy_traced(gm, self.example_inputs, self.cache, self.digest(gm))))
 
     def deploy(self, module: torch.nn.Module, example_inputs: tuple) -> Deployed:
         """Any module deployed on the engine as it runs (a model captured in parts, whole), once per context."""
+        engine = self.timing_engine()
         return self._once("deploy", module, "", lambda: self._stack.enter_context(
-            self.engine.deploy(module, example_inputs)))
+            engine.deploy(module, example_inputs)))
 
     def pruned(self, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         """``gm`` pruned to ``plan`` (the rewrite pass's result), built once per plan."""
-        return self._once("pruned", gm, plan.to_json(), lambda: RewritePass(plan)(gm).graph_module)
+        return self._once("pruned", gm, plan.to_json(), lambda: prune(gm, plan))
 
     def close(self) -> None:
         self._stack.close()

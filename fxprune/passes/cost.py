@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import AnalysisRequiredError
 from fxprune.ir import graph
-from fxprune.ir.cost import CostModel, CostTerm
 from fxprune.ir.capture import PART_KEY, capture_of
+from fxprune.ir.cost import CostModel, CostTerm
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import ANALYSIS_KEY, COST_KEY
 from fxprune.passes.blocks import block_spaces
@@ -97,7 +97,8 @@ class _FlopInterpreter(torch.fx.Interpreter):
         return (self.blocks[n.name],) if n.name in self.blocks else ()
 
     def _calls(self, n: torch.fx.Node) -> int:
-        return self.calls.get(n.meta.get(PART_KEY), 1)
+        part = n.meta.get(PART_KEY)
+        return self.calls.get(part, 1) if part is not None else 1
 
     def run_node(self, n: torch.fx.Node):
         name = graph.channels(n).rule
@@ -122,13 +123,15 @@ class _FlopInterpreter(torch.fx.Interpreter):
             return counter.get_total_flops() * self._calls(n)
 
         in_space, out_space = input_space(n), graph.space(n)
+        assert out_space is not None  # flop_probe gives a probe where the node's output has a space
         width_in = in_space.size if in_space is not None else None
         width_out = out_space.size
         half_in = max(1, width_in // 2) if width_in else None
         half_out = max(1, width_out // 2)
         if width_in is None or half_in == width_in or half_out == width_out:
-            self.flops[n] = count(width_in or graph.shape(n.args[0])[-1], width_out)
+            self.flops[n] = count(width_in or graph.tensor_shape(n.args[0])[-1], width_out)
             return
+        assert in_space is not None and half_in is not None  # width_in is in_space's, and at least 2
         f = {(i, o): count(i, o) for i in (width_in, half_in) for o in (width_out, half_out)}
         d = (f[width_in, width_out] - f[half_in, width_out] - f[width_in, half_out] + f[half_in, half_out]) \
             / ((width_in - half_in) * (width_out - half_out))
@@ -139,7 +142,8 @@ class _FlopInterpreter(torch.fx.Interpreter):
         self.terms += [CostTerm(f"{name} (fixed)", a, block),
                        CostTerm(f"{name} (input width)", b * width_in, block + (in_space.id,)),
                        CostTerm(f"{name} (output width)", c * width_out, block + (out_space.id,)),
-                       CostTerm(f"{name} (input x output)", d * width_in * width_out, block + (in_space.id, out_space.id))]
+                       CostTerm(f"{name} (input x output)", d * width_in * width_out,
+                                block + (in_space.id, out_space.id))]
 
 
 def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
@@ -155,7 +159,7 @@ def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
         name = graph.channels(node).rule
         if name is not None and RULES.by_name[name].bilinear_flops:
             weight = next((axis.name for axis in RULES.by_name[name].tensor_axes(gm, node)), None)
-            spaces = scaling.get(weight, ())
+            spaces = scaling.get(weight, ()) if weight is not None else ()
         model.terms.append(CostTerm(node.name, float(flops), counter.block(node) + spaces))
     model.baseline = model.total({})
     return model

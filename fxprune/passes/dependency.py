@@ -53,7 +53,7 @@ class DependencyPass(PassBase):
             for space in graph.channels(node).spaces:
                 if space is not None:
                     assert space.group_id in analysis.groups, f"space of {node.name} has no group"
-                    assert space.channel_index.max(initial=-1) < analysis.groups[space.group_id].size
+                    assert space.group_channels.max(initial=-1) < analysis.groups[space.group_id].size
 
 
 _WIDTH_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
@@ -75,8 +75,8 @@ def _size_position(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
     """Which output dim a size argument of view/reshape/expand sets, or None for other uses."""
     if node.target not in _SIZE_ARG_METHODS and node.target is not torch.reshape:
         return None
-    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-    sizes = list(node.args[1] if packed else node.args[1:])
+    given = node.args[1] if len(node.args) == 2 else None
+    sizes = list(given if isinstance(given, (tuple, list)) else node.args[1:])
     return sizes.index(arg) if arg in sizes else None
 
 
@@ -88,17 +88,18 @@ def _track_widths(b: ChannelBuilder, node: torch.fx.Node, rule: Rule, width_args
         dim = arg(node, 1, "dim", None)
         if dim is None:
             b.widths[node] = {space.dim: space}
-        elif dim % len(b.shape(src)) == space.dim:
+        elif dim % len(b.tensor_shape(src)) == space.dim:
             b.widths[node] = {None: space}
     elif node.target is getattr and node.args[1] == "shape" and space is not None:
         b.widths[node] = {space.dim: space}
-    elif node.target is operator.getitem and src in b.widths:
+    elif node.target is operator.getitem and isinstance(src, torch.fx.Node) and src in b.widths:
         index = node.args[1]
-        if isinstance(index, int) and index % len(b.shape(src.args[0])) in b.widths[src]:
-            b.widths[node] = {None: b.widths[src][index % len(b.shape(src.args[0]))]}
+        if isinstance(index, int) and index % len(b.tensor_shape(src.args[0])) in b.widths[src]:
+            b.widths[node] = {None: b.widths[src][index % len(b.tensor_shape(src.args[0]))]}
         elif isinstance(index, slice):
-            positions = range(len(b.shape(src.args[0])))[index]
-            kept = {i: b.widths[src][p] for i, p in enumerate(positions) if p in b.widths[src]}
+            positions = range(len(b.tensor_shape(src.args[0])))[index]
+            kept: dict[int | None, ChannelSpace] = {i: b.widths[src][p] for i, p in enumerate(positions)
+                                                    if p in b.widths[src]}
             if kept:
                 b.widths[node] = kept
     for position, measured in width_args:

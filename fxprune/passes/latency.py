@@ -116,7 +116,8 @@ def _kept_counts(size: int, granularity: int, points: int) -> np.ndarray:
     if multiples <= 1:
         chosen = np.array([granularity] if multiples == 1 else [], dtype=np.int64)
     else:
-        chosen = np.unique(np.round(np.linspace(1, multiples, min(points - 1, multiples))).astype(np.int64)) * granularity
+        steps = np.round(np.linspace(1, multiples, min(points - 1, multiples))).astype(np.int64)
+        chosen = np.unique(steps) * granularity
     return np.unique(np.concatenate([[1], chosen[chosen <= size], [size]])).astype(np.int64)
 
 
@@ -158,7 +159,8 @@ class LatencyPass(PassBase):
         checked = self._check(units, keys, tables, kernels)
         for unit in units:
             unit.layer.meta[LAYER_LATENCY_KEY] = LayerLatency(unit, tables[_digest(keys[id(unit)])])
-        scale, offset = _fit(latency_sum(graph_module, {}), latency_sum(graph_module, kept_shares(graph_module, reduced)),
+        reduced_sum = latency_sum(graph_module, kept_shares(graph_module, reduced))
+        scale, offset = _fit(latency_sum(graph_module, {}), reduced_sum,
                              timing, len(units), min((t.ms.min() for t in tables.values()), default=0.0))
         for unit in units:  # the tables, in the reference unit's latency, become ms inside this model
             table = unit.layer.meta[LAYER_LATENCY_KEY].table
@@ -291,7 +293,8 @@ class LatencyPass(PassBase):
                 break
             timed.merge(todo, self.engine.measure_units(spec, [points[i] for i in todo]))
             todo = np.intersect1d(todo, timed.noisy())
-        self.busy += [float(timed.spread[i]) for i in todo if timed.spread[i] < UNMEASURED_SPREAD]  # too small: no noise
+        # points still noisy, but for layers too small to time (their scatter is unreadable, not the machine's)
+        self.busy += [float(timed.spread[i]) for i in todo if timed.spread[i] < UNMEASURED_SPREAD]
         return self.cache.store(key, timed.to_value(), parse)
 
 
@@ -351,6 +354,7 @@ def _layer_kernels(units: list[Unit], kernels: list[KernelTime]) -> list[tuple[U
         if not (kernel.inputs and kernel.outputs):
             continue
         data, output = tuple(kernel.inputs[0]), tuple(kernel.outputs[0])
+        keys: set[tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...]]]
         if kernel.op in PREPACKED_WEIGHT_OPS:
             keys = {(data, None, output), (_from_nhwc(data), None, _from_nhwc(output))}
         else:
@@ -445,7 +449,7 @@ def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op in ("placeholder", "get_attr", "output"):
         return True
     if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part
-        return isinstance(gm.get_submodule(node.target), _FREE_MODULES + _LAYERS)
+        return isinstance(gm.get_submodule(graph.target_name(node)), _FREE_MODULES + _LAYERS)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
     return name in _FREE_FUNCTIONS
 
@@ -468,8 +472,8 @@ def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str,
 def latency_sum(gm: torch.fx.GraphModule, kept_share: dict[int, float]) -> float:
     """The units' table entries at the given kept shares (space id -> share; missing: all), summed."""
     blocks, _ = block_spaces(gm)
-    return sum(_table_term(node, blocks).price(kept_share) for node in gm.graph.nodes
-               if LAYER_LATENCY_KEY in node.meta)
+    return sum((float(_table_term(node, blocks).price(kept_share)) for node in gm.graph.nodes
+                if LAYER_LATENCY_KEY in node.meta), 0.0)
 
 
 def _table_term(node: torch.fx.Node, blocks: dict[str, int]) -> TableTerm:

@@ -17,6 +17,7 @@ coupled and pruned together instead of kept.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune.errors import CaptureError
 from fxprune.ir.capture import FX, PART_KEY, PARTITIONED, Capture, Part, capture_of, flat_inputs, structured
-from fxprune.ir.graph import attribute, inference, run_eager
+from fxprune.ir.graph import attribute, inference, run_eager, target_name
 from fxprune.ir.keys import CAPTURE_KEY
 from fxprune.passes.trace import propagate_shapes
 
@@ -110,7 +111,9 @@ def _capture(module: nn.Module, calls: _Calls, capture_part) -> torch.fx.GraphMo
     args, kwargs = calls.samples[0]
     gm, _ = capture_part(module, args, kwargs)
     returned = [run_eager(module, a, k) for a, k in calls.samples]
-    if capture_of(gm).path == FX:
+    capture = capture_of(gm)
+    assert capture is not None  # capture_part records how it captured
+    if capture.path == FX:
         _flatten_fx(gm, args, returned[0])
     for (sample_args, sample_kwargs), value in zip(calls.samples, returned):
         want = pytree.tree_leaves(value)
@@ -158,7 +161,9 @@ def _flatten_fx(gm: torch.fx.GraphModule, args: tuple, returned: Any) -> None:
     gm.recompile()
     structure = _PyTreeInfo([p.name for p in placeholders[:len(args)]], pytree.tree_structure((tuple(args), {})),
                             pytree.tree_structure(returned))
-    gm.meta[CAPTURE_KEY] = Capture(FX, capture_of(gm).failed, structure)
+    capture = capture_of(gm)
+    assert capture is not None  # captured by torch.fx
+    gm.meta[CAPTURE_KEY] = Capture(FX, capture.failed, structure)
 
 
 def _function_name(func: Any) -> str:
@@ -173,7 +178,8 @@ class _OutsideUses(TorchFunctionMode):
 
     def __init__(self, watched: dict[int, torch.Tensor], depth: list[int]) -> None:
         super().__init__()
-        self.watched, self.depth, self.read = watched, depth, set()
+        self.watched, self.depth = watched, depth
+        self.read: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -246,15 +252,17 @@ def _stitch(found: list[_Found], inputs: dict[str, list], outputs: dict[str, lis
         _install(root, f.path, f.gm)
         sources[f.path] = []
         for k, x in enumerate(inputs[f.path]):
-            source = coupled(x, f.path)
+            source: tuple[str, int | str] | None = coupled(x, f.path)
             if source is None:
                 node = graph.placeholder(f"{f.path.replace('.', '_')}_input_{k}")
                 example.append(x.detach() if isinstance(x, torch.Tensor) else x)
                 source = ("input", node.name)
             sources[f.path].append(source)
-    by_output: dict[tuple[str, int], torch.fx.Node] = {}
+    by_output: dict[tuple[str, int | str], torch.fx.Node] = {}
     placeholders = {n.name: n for n in graph.nodes}
-    parts, returned, raw_outputs = [], [], set()
+    parts: list[Part] = []
+    returned: list[torch.fx.Node] = []
+    raw_outputs: set[int] = set()
     for f in found:
         raw = not parts or all(isinstance(x, torch.Tensor) and id(x) in raw_outputs for x in inputs[f.path])
         if raw:
@@ -266,12 +274,13 @@ def _stitch(found: list[_Found], inputs: dict[str, list], outputs: dict[str, lis
         for node in f.gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
-            env[node] = copied = graph.node_copy(node, lambda n: env[n])
+            env[node] = copied = graph.node_copy(node, lambda n: env[n])  # noqa: B023 - called at once, here
             if node.op in ("get_attr", "call_module"):
                 copied.target = f"{f.path}.{node.target}"
             copied.meta[PART_KEY] = f.path
         leaves = next(n for n in reversed(f.gm.graph.nodes) if n.op == "output").args[0]
-        names, constants = [], {}
+        names: list[str | None] = []
+        constants: dict[int, Any] = {}
         for k, leaf in enumerate(leaves):
             if not isinstance(leaf, torch.fx.Node):
                 names.append(None)
@@ -283,7 +292,9 @@ def _stitch(found: list[_Found], inputs: dict[str, list], outputs: dict[str, lis
             tensor = outputs[f.path][k]
             if not any(coupled(tensor, user) for user in consumers.get(id(tensor), [])):
                 returned.append(node)  # read outside the parts (or by no part): an output, kept whole
-        parts.append(Part(f.path, f.calls, capture_of(f.gm), [n.name for n in own],
+        part_capture = capture_of(f.gm)
+        assert part_capture is not None  # each part was captured
+        parts.append(Part(f.path, f.calls, part_capture, [n.name for n in own],
                           [s[1] if s[0] == "input" else f"{s[0]}:{s[1]}" for s in sources[f.path]], names, constants,
                           raw=raw))
     graph.output(tuple(returned))
@@ -308,23 +319,25 @@ def _install(root: nn.Module, path: str, module: nn.Module) -> None:
 def split(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
     """Each part of a (pruned) stitched graph as a module called like the submodule it replaces."""
     capture = capture_of(gm)
+    assert capture is not None  # a stitched graph lists its parts
     _label_new_nodes(gm)
     by_output = {tuple(key): node for node in gm.graph.nodes for key in node.meta.get(PART_OUTPUT_KEY, [])}
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     modules = {}
     for part in capture.parts:
-        graph, env, attrs = torch.fx.Graph(), {}, {}
+        graph, env = torch.fx.Graph(), {}
+        attrs: dict[str, Any] = {}
         for name, source in zip(part.placeholders, part.inputs):
             path, _, leaf = source.rpartition(":")
             env[by_output[(path, int(leaf))] if path else placeholders[source]] = graph.placeholder(name)
         for node in gm.graph.nodes:
             if node.meta.get(PART_KEY) != part.path or node.op in ("placeholder", "output"):
                 continue
-            env[node] = copied = graph.node_copy(node, lambda n: env[n])
+            env[node] = copied = graph.node_copy(node, lambda n: env[n])  # noqa: B023 - called at once, here
             if node.op in ("get_attr", "call_module"):
-                prefix = part.path + "."
-                copied.target = node.target[len(prefix):] if node.target.startswith(prefix) else node.target
-                attrs[copied.target] = attribute(gm, node.target)
+                prefix, target = part.path + ".", target_name(node)
+                copied.target = local = target[len(prefix):] if target.startswith(prefix) else target
+                attrs[local] = attribute(gm, target)
         graph.output(tuple(env[by_output[(part.path, k)]] if name is not None else part.constants[k]
                            for k, name in enumerate(part.outputs)))
         module = torch.fx.GraphModule(attrs, graph, "Part")
@@ -342,7 +355,7 @@ def _label_new_nodes(gm: torch.fx.GraphModule) -> None:
                 node.meta[PART_KEY] = near[0].meta[PART_KEY]
 
 
-def assemble(model: nn.Module, parts: dict[str, nn.Module]) -> nn.Module:
+def assemble(model: nn.Module, parts: Mapping[str, nn.Module]) -> nn.Module:
     """A copy of ``model`` with each part put in place of the submodule it was captured from."""
     result = copy.deepcopy(model)
     for path, module in parts.items():

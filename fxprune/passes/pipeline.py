@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 import torch.fx
@@ -12,8 +12,8 @@ from torch.fx.passes.infra.pass_base import PassBase
 from fxprune.errors import ExampleInputsError
 from fxprune.ir.capture import flat_inputs, split_inputs
 from fxprune.ir.channels import Plan
-from fxprune.passes.capture import capture as capture_model
 from fxprune.passes.blocks import BlockPass, record_returns
+from fxprune.passes.capture import capture as capture_model
 from fxprune.passes.dependency import DependencyPass
 from fxprune.passes.rewrite import RewritePass
 
@@ -58,7 +58,9 @@ def run_passes(gm: torch.fx.GraphModule, passes: Iterable[PassBase]) -> torch.fx
     """Run each pass on ``gm`` in order (``PassBase.__call__`` checks its ``requires`` before and its
     ``ensures`` after); returns the last pass's module."""
     for each in passes:
-        gm = each(gm).graph_module
+        result = each(gm)
+        assert result is not None  # fxprune's passes return a PassResult (PassBase.__call__ passes it on)
+        gm = cast(torch.fx.GraphModule, result.graph_module)
     return gm
 
 

@@ -13,6 +13,7 @@ import time
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch.fx
@@ -83,8 +84,9 @@ def with_every_member(gm: torch.fx.GraphModule, keep: dict[int, np.ndarray],
     plan = {}
     for gid, channels in keep.items():
         kept = set(np.asarray(channels).tolist())
-        if result.groups[gid].fixed is not None:  # channels every plan keeps
-            kept.update(result.groups[gid].fixed.tolist())
+        fixed = result.groups[gid].fixed
+        if fixed is not None:  # channels every plan keeps
+            kept.update(fixed.tolist())
         for member in result.member_channels(gid):
             if not kept.intersection(member.tolist()):
                 kept.add(int(rng.choice(member)) if rng is not None else int(member[0]))
@@ -104,7 +106,7 @@ def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[Cha
     order = np.lexsort((-importance, ~fixed))  # the fixed channels first, then by decreasing importance
     rank = np.empty(group.size, dtype=np.int64)
     rank[order] = np.arange(group.size)
-    smallest = max([int(rank[np.unique(s.channel_index)].min()) + 1 for s in spaces]  # one channel per member
+    smallest = max([int(rank[np.unique(s.group_channels)].min()) + 1 for s in spaces]  # one channel per member
                    + [int(fixed.sum())])
     # On the grid only: an off-grid width (one channel, say) can make the engine leave its fast layout
     # around the layer, which no per-layer cost sees. A group narrower than one step stays whole.
@@ -118,7 +120,7 @@ def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[Cha
     values = np.concatenate([[0.0], np.cumsum(importance[order])])[options]
     shares = {}
     for space in spaces:
-        positions = np.bincount(space.channel_index, minlength=group.size)[order]
+        positions = np.bincount(space.group_channels, minlength=group.size)[order]
         shares[space.id] = np.concatenate([[0], np.cumsum(positions)])[options] / space.size
     return _GroupOptions(group, order, options, values, shares)
 
@@ -181,7 +183,8 @@ def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int]) -> int | None
 
 def _option_costs(entry: _GroupOptions, terms, current: dict[int, float]) -> np.ndarray:
     """Cost of each option of one group, other groups' widths held at ``current``."""
-    shares = ChainMap(entry.shares, current)  # this group's spaces: one share per option
+    # this group's spaces: one share per option (an array); the others' one share (a float)
+    shares: ChainMap[int, Any] = ChainMap(entry.shares, current)
     costs = np.zeros(entry.options.size)
     for term in terms:
         costs += term.price(shares)
@@ -238,11 +241,12 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
     total = cost.total(share)
     candidates = {g: priced(g) for g in entries}
     while True:
-        fitting = [(c[0], g) for g, c in candidates.items() if c is not None and total + c[1] <= capacity * (1 + 1e-9)]
+        fitting = [(c[0], g, c[1]) for g, c in candidates.items()
+                   if c is not None and total + c[1] <= capacity * (1 + 1e-9)]
         if not fitting:
             break
-        _, g = max(fitting)
-        total += candidates[g][1]
+        _, g, added = max(fitting)  # g is unique: the added costs are never compared
+        total += added
         index[g] += 1
         share.update({s: float(entries[g].shares[s][index[g]]) for s in entries[g].shares})
         for h in neighbours[g]:
@@ -284,7 +288,6 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     removed block keeps none of its channels' importance and costs nothing (its cost terms carry its space).
     """
     check_solver(solver, round_to)
-    per_group = round_to if isinstance(round_to, Mapping) else {}
     groups = analysis(gm)
     if importance is None:
         if IMPORTANCE_KEY not in gm.meta:
@@ -295,7 +298,8 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
         members.setdefault(space.group_id, []).append(space)
     prunable = groups.prunable_groups()
     entries = {g.id: _group_options(g, importance[g.id], members[g.id],
-                                    int(per_group.get(g.id, 1) if per_group else round_to), below_step)
+                                    int(round_to.get(g.id, 1) if isinstance(round_to, Mapping) else round_to),
+                                    below_step)
                for g in prunable}
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
     depth_items = _removable(groups, entries) if depth else []
@@ -312,8 +316,9 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     if minimum > capacity * (1 + 1e-9):
         unit = {"latency": " ms", "flops": " FLOPs", "params": " parameters"}.get(cost.metric, "")
         advice = f"raise the budget{_narrower_hint(round_to)}"
-        raise BudgetError(f"the {cost.metric} budget {capacity / cost.baseline:.3f} of the model ({capacity:.6g}{unit}) "
-                          f"cannot be met: the smallest achievable is {minimum / cost.baseline:.3f} of the model "
+        raise BudgetError(f"the {cost.metric} budget {capacity / cost.baseline:.3f} of the model "
+                          f"({capacity:.6g}{unit}) cannot be met: the smallest achievable is "
+                          f"{minimum / cost.baseline:.3f} of the model "
                           f"({minimum:.6g}{unit}); {advice}", smallest=minimum, smallest_share=minimum / cost.baseline,
                           advice=advice)
     start = time.perf_counter()

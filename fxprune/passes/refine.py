@@ -8,12 +8,13 @@ solved plan against the full model on the engine (a share, from pairs of rounds)
 (predicted share -> measured share) of a ``Correction``, and solves again for the predicted share the
 points map onto the budget. Plans are aimed ``MARGIN`` under the budget (a second timing of one plan
 moves by a few percent on a shared machine). The plan returned is the largest timed plan whose measured
-share is within the budget with its upper confidence bound (``upper_bound``: from this run's spread), timed again in this run (the mean of both timings must stay within it, and replaces the
-first in the correction) unless its timing is a trusted cached one taken while the full model ran as it
-does in this run; where that leaves no timed plan within the budget, the loop solves again lower
-(``RESOLVES``); only when none did is it a plan predicted through the correction. A re-solved plan
-is not trusted untimed where a timed one fits: the tables' error moves from plan to plan
-(docs/latency_model.md). The tables' own prediction is kept beside it.
+share is within the budget with its upper confidence bound (``upper_bound``: from this run's spread),
+timed again in this run (the mean of both timings must stay within it, and replaces the first in the
+correction) unless its timing is a trusted cached one taken while the full model ran as it does in this
+run; where that leaves no timed plan within the budget, the loop solves again lower (``RESOLVES``); only
+when none did is it a plan predicted through the correction. A re-solved plan is not trusted untimed where
+a timed one fits: the tables' error moves from plan to plan (docs/latency_model.md). The tables' own
+prediction is kept beside it.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ PLAN_SPREAD_LIMIT, QUIET_PAIRS = 0.05, 6  # a plan timing trusted (and kept in t
 # 0.545 timed again minutes later, in a first run of benchmarks/latency_accuracy.py whose output was
 # replaced). The largest timed plan within the budget is the one whose timing erred low most likely, so
 # the plan returned is timed again (a cached timing may come from a busier machine: efficientnet_b0's
-# Latency(0.7) read 0.641 from a cache written under load and measured 0.764, docs/latency.md) unless its cached
-# timing is trusted and its full model's latency is within PLAN_SPREAD_LIMIT of this run's (a warm compile on
-# a machine in the same state times no plan), and read by the mean of both timings; if that is over the budget, the next largest is tried
-# (CONFIRMATIONS plans at most).
+# Latency(0.7) read 0.641 from a cache written under load and measured 0.764, docs/latency_model.md) unless
+# its cached timing is trusted and its full model's latency is within PLAN_SPREAD_LIMIT of this run's (a warm
+# compile on a machine in the same state times no plan), and read by the mean of both timings; if that is
+# over the budget, the next largest is tried (CONFIRMATIONS plans at most).
 CONFIRMATIONS = 2
 # A plan fits the budget when the upper confidence bound of its measured share does (``upper_bound``): the
 # median of n ratios has a standard error of about 1.253 sigma / sqrt(n), sigma about IQR / 1.349, and a
@@ -210,7 +211,7 @@ def _smallest_timed(smallest: PlanResult, time: Callable[[PlanResult], float], b
     share = time(smallest)
     if share <= budget_share:
         return
-    engine = context.engine.name
+    engine = context.timing_engine().name
     raise BudgetError(f"{error} (the smallest plan, timed on {engine}, measured {share:.3f} of the model)",
                       smallest=error.smallest, smallest_share=share, advice=error.advice) from error
 
@@ -265,7 +266,7 @@ def _confirm_share(gm: torch.fx.GraphModule, result: PlanResult, context: Contex
 
 
 def _timing_key(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> dict:
-    engine = context.engine
+    engine = context.timing_engine()
     return {"kind": "plan", "engine": engine.identity(), "model": context.digest(gm),
             "plan": result.plan.to_json(), "protocol": {"rounds": PAIRS, "seconds": PAIR_SECONDS,
                                                         "warmup": engine.warmup, "pairs": "quiet median",
@@ -274,7 +275,7 @@ def _timing_key(gm: torch.fx.GraphModule, result: PlanResult, context: Context) 
 
 def _time_plan(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> dict:
     """One timing of the plan against the full model, now: the median of its quiet pairs' ratios."""
-    engine, full = context.engine, context.deployed(gm)
+    engine, full = context.timing_engine(), context.deployed(gm)
     with engine.deploy_pruned(full, context.pruned(gm, result.plan), context.example_inputs) as pruned:
         reference_ms, (ratios,) = engine.pair_ratios(full.run, [pruned.run], rounds=PAIRS, seconds=PAIR_SECONDS)
     return {"share": float(np.median(ratios)), "reference_ms": reference_ms, "spread": spread(ratios),

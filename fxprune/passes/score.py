@@ -28,8 +28,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.errors import AnalysisRequiredError, ScoreError
 from fxprune.ir import graph
-from fxprune.ir.graph import inference
 from fxprune.ir.channels import ChannelSpace, Importance
+from fxprune.ir.graph import inference
 from fxprune.ir.keys import ANALYSIS_KEY, IMPORTANCE_KEY, SCORES_KEY
 from fxprune.rules import RULES
 
@@ -53,7 +53,7 @@ def filters(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, ChannelSpace,
 def _producer(gm: torch.fx.GraphModule, node: torch.fx.Node, space: ChannelSpace):
     """The tensor whose rows are this node's output channels (by qualified name), and its row layout."""
     if node.op == "get_attr":
-        tensor = graph.attribute(gm, node.target)
+        tensor = graph.attribute(gm, graph.target_name(node))
         if space.dim == 0 and isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
             return node.target, lambda w: w.reshape(w.shape[0], -1)
         return None
@@ -70,7 +70,7 @@ def _add_per_channel(totals: dict[int, np.ndarray], space: ChannelSpace, values:
 
 def _per_channel(values: np.ndarray, space: ChannelSpace, size: int) -> np.ndarray:
     """Sum per-position values into the group's channels (a channel may span several positions)."""
-    return np.bincount(space.channel_index, weights=values, minlength=size)
+    return np.bincount(space.group_channels, weights=values, minlength=size)
 
 
 def lamp_scores(energies: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def lamp_scores(energies: np.ndarray) -> np.ndarray:
 
 def _filter_scores(weight: np.ndarray, space: ChannelSpace, size: int, criterion: str) -> np.ndarray:
     """One layer's contribution to its group's channel scores."""
-    present = np.unique(space.channel_index)
+    present = np.unique(space.group_channels)
     if criterion == "l1":
         return _per_channel(np.abs(weight).sum(1), space, size)
     energy = _per_channel((weight ** 2).sum(1), space, size)
@@ -106,12 +106,12 @@ def _filter_scores(weight: np.ndarray, space: ChannelSpace, size: int, criterion
 
 def _norm_members(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, ChannelSpace, str, str | None]]:
     """Every normalization with a per-channel scale: (node, space, scale name, shift name or None)."""
-    found = []
+    found: list[tuple[torch.fx.Node, ChannelSpace, str, str | None]] = []
     for node in gm.graph.nodes:
         space, rule = graph.space(node), graph.channels(node).rule
         affine = RULES.by_name[rule].affine(gm, node) if rule and space is not None else None
-        if affine is not None and affine[0] is not None:
-            found.append((node, space, *affine))
+        if affine is not None and affine[0] is not None and space is not None:
+            found.append((node, space, affine[0], affine[1]))
     return found
 
 
@@ -249,6 +249,7 @@ class ScorePass(PassBase):
         for node in graph_module.graph.nodes:
             node.meta.pop(SCORES_KEY, None)
         if self.criterion == "taylor":
+            assert self.calibration is not None and self.loss_fn is not None  # __init__ checks
             scores = taylor_scores(graph_module, self.calibration, self.loss_fn)
         else:
             with torch.no_grad():

@@ -11,6 +11,7 @@ user's class, shape-generic as its code is; ``passes/verify.py`` checks it again
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx
@@ -22,8 +23,8 @@ from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.blocks import emptied_modules
 from fxprune.passes.params import tensor_axes
 from fxprune.passes.plan import analysis
-from fxprune.passes.rewrite import kept_positions, keep_masks
-from fxprune.rules import RULES, Kept, resize_attributes
+from fxprune.passes.rewrite import keep_masks, kept_positions
+from fxprune.rules import RULES, Kept, TensorAxis, resize_attributes
 
 
 def shrink_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.Module:
@@ -52,7 +53,8 @@ def replace_tensors(model: nn.Module, new_by_old: dict[int, torch.Tensor]) -> No
     """Put each new tensor at every place of ``model`` that holds the one it replaces (keyed by the old
     tensor's id), so tied weights stay one tensor."""
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
+        tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for table in tables:
             for name, tensor in table.items():
                 if tensor is not None and id(tensor) in new_by_old:
                     table[name] = new_by_old[id(tensor)]
@@ -60,7 +62,7 @@ def replace_tensors(model: nn.Module, new_by_old: dict[int, torch.Tensor]) -> No
 
 def _index_tensors(model: nn.Module, gm: torch.fx.GraphModule, kept: Kept) -> None:
     """Replace every tensor a rule lists by its kept positions along each listed axis, at every alias."""
-    by_tensor: dict[int, tuple[torch.Tensor, dict[int, object]]] = {}  # a tied tensor once, each axis once
+    by_tensor: dict[int, tuple[torch.Tensor, dict[int, TensorAxis]]] = {}  # a tied tensor once, each axis once
     for axis in tensor_axes(gm, include_replaced=False):
         if axis.space.id in kept:
             owner_path, _, attr = axis.name.rpartition(".")

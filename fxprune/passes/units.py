@@ -67,13 +67,13 @@ def find_units(gm: torch.fx.GraphModule) -> list[Unit]:
         nxt = _only_user(tail)
         foldable = spec.op == "conv" or len(spec.input_shape) == 2  # BatchNorm1d after Linear: over features
         if nxt is not None and nxt.op == "call_module" and foldable \
-                and isinstance(gm.get_submodule(nxt.target), nn.modules.batchnorm._BatchNorm):
+                and isinstance(gm.get_submodule(graph.target_name(nxt)), nn.modules.batchnorm._BatchNorm):
             spec = _replace(spec, batch_norm=True, bias=True)
             fused.append(nxt)
             tail = nxt
         nxt = _only_user(tail)
         activation = activation_of(gm, nxt) if nxt is not None else None
-        if activation is not None:
+        if activation is not None and nxt is not None:
             spec = _replace(spec, activation=activation)
             fused.append(nxt)
         units.append(Unit(node, fused, spec, in_space, out_space))

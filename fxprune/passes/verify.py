@@ -11,6 +11,7 @@ A failure names the innermost module that raised, so compile can say which code 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -107,7 +108,8 @@ def own_model(model: torch.nn.Module, gm: torch.fx.GraphModule, pruned: torch.nn
             report.notes.append(f"returned {graph}, not the model's own modules pruned: they fail verification: "
                                 f"{verification.failure}")
         return pruned
-    shrunk.meta = {key: meta[key] for key in (PLAN_KEY, REPORT_KEY, CAPTURE_KEY) if key in meta}
+    returned_meta = {key: meta[key] for key in (PLAN_KEY, REPORT_KEY, CAPTURE_KEY) if key in meta}
+    shrunk.meta = returned_meta  # type: ignore[assignment]  # torch types Module attributes as tensors or modules
     if report is not None:  # parameters of what is returned (with modules the example call never ran)
         report.returned = type(model).__name__
         report.params_before, report.params_after = count_params(model), count_params(shrunk)
@@ -185,7 +187,7 @@ def _run_training(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Bas
 
 
 def _run(model: nn.Module, args: tuple, kwargs: dict, called: set[str] | None = None,
-         raw: list[str] = ()) -> tuple[Any, BaseException | None]:
+         raw: Sequence[str] = ()) -> tuple[Any, BaseException | None]:
     """The model's output, or the error it raised with the innermost module it raised in; ``called``
     collects the names of the modules that ran. With ``raw`` (the parts of a model captured in parts that
     no post-processing precedes), the output is ``(output, what those parts returned)``: NMS and top-k

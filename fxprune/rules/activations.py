@@ -9,6 +9,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxprune.ir import graph
 from fxprune.ir.units import Activation
 from fxprune.rules.base import arg
 
@@ -49,11 +50,11 @@ _ACTIVATION_METHODS = {"relu": Activation("relu"), "relu_": Activation("relu"), 
 def activation_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Activation | None:
     """The activation a node computes on its first argument, or None if it is not one we know."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = gm.get_submodule(graph.target_name(node))
         make = next((f for cls, f in _ACTIVATION_MODULES.items() if type(module) is cls), None)
         return make(module) if make else None
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         return _ACTIVATION_FUNCTIONS[node.target](node)
     if node.op == "call_method":
-        return _ACTIVATION_METHODS.get(node.target)
+        return _ACTIVATION_METHODS.get(graph.target_name(node))
     return None

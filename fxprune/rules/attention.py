@@ -5,7 +5,7 @@ residual stream they read and write).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -15,11 +15,9 @@ import torch.nn.functional as F
 
 from fxprune.ir import graph
 from fxprune.modules import PrunedMultiheadAttention, shifted_window_attention
-from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, tensor_inputs
+from fxprune.rules.base import Kept, Probe, Rule, TensorAxis, arg, input_space, kept_of, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.shape import ensure_space
-
-Probe = Callable[[int, int], Callable[[], Any]]
 
 
 class ScaledDotProductAttention(Rule):
@@ -34,9 +32,9 @@ class ScaledDotProductAttention(Rule):
     functions = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
-        q, k, v = node.args[:3]
+        q, k, v = (cast(torch.fx.Node, x) for x in node.args[:3])  # tensors (a shape each)
         mask = arg(node, 3, "attn_mask")
-        shapes = [b.shape(x) for x in (q, k, v)]
+        shapes = [b.tensor_shape(x) for x in (q, k, v)]
         rank = len(shapes[0])
         heads = shapes[0][-3] if rank >= 3 else 0
         kv_heads = shapes[1][-3] if rank >= 3 else 0
@@ -45,21 +43,22 @@ class ScaledDotProductAttention(Rule):
         why = ("its inputs have no head dim" if rank < 3 or any(len(s) != rank for s in shapes)
                else "its heads differ in number without enable_gqa" if any(s[-3] != heads for s in shapes)
                and not grouped
-               else "its mask has one row per head" if isinstance(mask, torch.fx.Node) and len(b.shape(mask)) >= 3
-               and b.shape(mask)[-3] != 1 else None)
+               else "its mask has one row per head" if isinstance(mask, torch.fx.Node)
+               and len(b.tensor_shape(mask)) >= 3 and b.tensor_shape(mask)[-3] != 1 else None)
         if why is None:
-            spaces = [b.head_space(x, rank - 3) for x in (q, k, v)]
-            if all(s is not None for s in spaces):
+            q_space, k_space, v_space = (b.head_space(x, rank - 3) for x in (q, k, v))
+            if q_space is not None and k_space is not None and v_space is not None:
                 out = b.new_space(node, rank - 3)
-                b.couple(out, spaces[0])
-                b.couple(spaces[1], spaces[2])
+                b.couple(out, q_space)
+                b.couple(k_space, v_space)
                 # grouped-query attention: query head h reads kv head h // (heads / kv heads), so a kv head
                 # and the query heads of its group are one channel (the layer stays a valid GQA layer)
-                b.couple(spaces[0], spaces[1], None, np.arange(heads) // (heads // kv_heads))
+                b.couple(q_space, k_space, None, np.arange(heads) // (heads // kv_heads))
                 return
             why = "its q, k and v are not all split into heads from tracked channels"
         for x in (q, k, v):
-            b.head_space(x, -3 if len(b.shape(x)) >= 3 else -1)  # a pending layout gets its spaces, then is frozen
+            # a pending layout gets its spaces, then is frozen
+            b.head_space(x, -3 if len(b.tensor_shape(x)) >= 3 else -1)
             b.freeze(b.space_of(x), f"{node.name}: {why}")
 
 
@@ -84,14 +83,15 @@ class MultiheadAttention(Rule):
                          "weights is supported")
             return
         in_space = ensure_space(b, query, -1)
-        b.new_space(node, len(b.shape(query)) - 1, size=in_space.size, index=0)
+        b.new_space(node, len(b.tensor_shape(query)) - 1, size=in_space.size, index=0)
         self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
-        out, inp, target = graph.space(node), input_space(node), node.target
+        out, inp, target = graph.space(node), input_space(node), graph.target_name(node)
         if out is None:
             return []
         module = gm.get_submodule(target)
+        assert isinstance(module, nn.MultiheadAttention)  # a module of this rule's classes
         axes = [TensorAxis(f"{target}.out_proj.weight", 0, out, True)]
         if module.out_proj.bias is not None:
             axes.append(TensorAxis(f"{target}.out_proj.bias", 0, out, True))
@@ -105,6 +105,7 @@ class MultiheadAttention(Rule):
         keep_in, keep_out = kept_of(input_space(node), kept), kept_of(graph.space(node), kept)
         if keep_in is None and keep_out is None:
             return None
+        assert isinstance(module, nn.MultiheadAttention)  # a module of this rule's classes (owns)
         embed = torch.arange(module.embed_dim)
         return PrunedMultiheadAttention.from_attention(module, embed if keep_in is None else keep_in,
                                                        embed if keep_out is None else keep_out)
@@ -112,10 +113,11 @@ class MultiheadAttention(Rule):
     def importance_rows(self, gm, node):
         return f"{node.target}.out_proj.weight", lambda w: w
 
-    def flop_probe(self, gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
+    def flop_probe(self, gm: torch.nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
         """FLOPs as fxprune's kernel computes them at kept widths (torch's fused eval-mode kernel is
         invisible to FlopCounterMode)."""
-        mha = gm.get_submodule(node.target)
+        mha = gm.get_submodule(graph.target_name(node))
+        assert isinstance(mha, nn.MultiheadAttention)  # a module of this rule's classes
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or graph.space(node) is None:
             return None
         x = args[0]
@@ -136,14 +138,14 @@ class WindowAttention(Rule):
     name = "window_attention"
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
-        x, qkv_weight, proj_weight = node.args[:3]
+        x, qkv_weight, proj_weight = (cast(torch.fx.Node, a) for a in node.args[:3])  # checked below: params
         proj_bias = arg(node, 10, "proj_bias")
         params = [qkv_weight, proj_weight] + ([proj_bias] if proj_bias is not None else [])
         if not all(isinstance(p, torch.fx.Node) and p.op == "get_attr" for p in params):
             Rule.couple(self, b, node)
             return
         b.couple(ensure_space(b, x, -1), ensure_space(b, qkv_weight, 1))
-        out = b.new_space(node, len(b.shape(node)) - 1)
+        out = b.new_space(node, len(b.tensor_shape(node)) - 1)
         for param in params[1:]:
             b.couple(out, ensure_space(b, param, 0))
         b.info(node).notes["prunable"] = True
@@ -152,7 +154,7 @@ class WindowAttention(Rule):
         if kept_of(input_space(node), kept) is not None or kept_of(graph.space(node), kept) is not None:
             node.target = shifted_window_attention
 
-    def flop_probe(self, gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
+    def flop_probe(self, gm: torch.nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
         if not graph.channels(node).notes.get("prunable"):
             return None
         x, qkv_weight, proj_weight, *rest = args

@@ -5,16 +5,17 @@ library (a Hugging Face attention, an ultralytics CSP block) keeps some in plain
 reads (``split(self.split_size)``, ``self.c``): each entry here names such a class, by its qualified
 name (nothing is imported), and derives those ints from the block's own layers after pruning. A block
 that keeps a size no entry reaches is caught by the verification (``passes/verify.py``), never guessed.
+The blocks are typed ``Any``: their classes are not imported, their attributes are read by name.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
 
 
-def _gpt2_attention(block: nn.Module) -> None:
+def _gpt2_attention(block: Any) -> None:
     """GPT-2: ``c_attn`` holds q, k, v side by side and the forward splits it by ``split_size``."""
     if getattr(block, "is_cross_attention", False):
         return
@@ -22,18 +23,18 @@ def _gpt2_attention(block: nn.Module) -> None:
     block.num_heads = block.split_size // block.head_dim
 
 
-def _bert_attention(block: nn.Module) -> None:
+def _bert_attention(block: Any) -> None:
     """BERT/RoBERTa/ELECTRA self-attention: the head count and the heads' total width."""
     block.all_head_size = block.query.weight.shape[0]
     block.num_attention_heads = block.all_head_size // block.attention_head_size
 
 
-def _vit_attention(block: nn.Module) -> None:
+def _vit_attention(block: Any) -> None:
     """ViT/DeiT self-attention: the head count."""
     block.num_attention_heads = block.q_proj.weight.shape[0] // block.head_dim
 
 
-def _csp_split(block: nn.Module) -> None:
+def _csp_split(block: Any) -> None:
     """ultralytics C2f/C3k2/C2PSA (and kin): ``cv1`` makes two halves of ``c`` channels each (equal:
     ``Split`` keeps them so)."""
     block.c = block.cv1.conv.out_channels // 2

@@ -20,6 +20,7 @@ from fxprune.ir.units import UnitSpec
 from fxprune.rules.coupling import ChannelBuilder
 
 Kept = dict[int, torch.Tensor]  # channel space id -> kept positions, for spaces that lose channels
+Probe = Callable[[int, int], Callable[[], Any]]  # kept widths (in, out) -> a call whose FLOPs are counted
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Rule:
     - ``unit``: the layer as an engine times it (latency tables), for convolutions and linear layers;
     - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
     - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
-    - ``flop_probe``: FLOPs at given kept widths, for ops whose count is not a product of shares;
+    - ``flop_probe``: the call at given kept widths (whose FLOPs are counted), for ops whose count is not a
+      product of shares;
     - ``residual_add``, ``identity``: whether a call is ``a + b`` (where the block pass looks for removable
       blocks), whether it returns its input unchanged (what a skip path may pass through).
     """
@@ -84,17 +86,17 @@ class Rule:
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         """Called once per node (once per module for ``call_module``) after the tensors were indexed."""
         if node.op == "call_module":
-            replacement = self.shrink_module(gm.get_submodule(node.target), node, kept)
+            replacement = self.shrink_module(gm.get_submodule(graph.target_name(node)), node, kept)
             if replacement is not None:
-                gm.set_submodule(node.target, replacement)
+                gm.set_submodule(graph.target_name(node), replacement)
 
     def owner(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         """The qualified name of the module ``node`` is the call of: the module called, or the one holding
         the op's first tensor (torch.export's graphs call functions on the modules' parameters)."""
         if node.op == "call_module":
-            return node.target
+            return graph.target_name(node)
         names = [axis.name for axis in self.tensor_axes(gm, node)] \
-            or [n.target for n in node.all_input_nodes if n.op == "get_attr"]
+            or [graph.target_name(n) for n in node.all_input_nodes if n.op == "get_attr"]
         return names[0].rpartition(".")[0] if names else None
 
     def owns(self, module: nn.Module) -> bool:
@@ -126,8 +128,7 @@ class Rule:
     def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
         return None
 
-    def flop_probe(self, gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple,
-                   kwargs: dict) -> Callable[[int, int], int] | None:
+    def flop_probe(self, gm: torch.nn.Module, node: torch.fx.Node, args: tuple, kwargs: dict) -> Probe | None:
         return None
 
 
@@ -157,7 +158,7 @@ def set_arg(node: torch.fx.Node, index: int, name: str, value) -> None:
 
 def parameter_name(node: Any) -> str | None:
     """The qualified name a ``get_attr`` node reads, or None for anything else."""
-    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+    return graph.target_name(node) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
 
 def input_space(node: torch.fx.Node) -> ChannelSpace | None:
@@ -180,7 +181,7 @@ def same_position(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) ->
     out_shape = b.shape(node)
     if space is None or out_shape is None:
         return
-    dim = space.dim + len(out_shape) - len(b.shape(src))
+    dim = space.dim + len(out_shape) - len(b.tensor_shape(src))
     if not 0 <= dim < len(out_shape) or out_shape[dim] != space.size:
         b.freeze(space, f"{node.name} changes the size of its channel axis")
         return
@@ -191,7 +192,8 @@ def same_position(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) ->
 class Registry:
     """Rules by module class, function (an ATen overload also by its packet) and method name."""
 
-    def __init__(self, rules: Iterable[Rule], *, fallback: Rule, by_name_of_function: dict[str, Rule] | None = None) -> None:
+    def __init__(self, rules: Iterable[Rule], *, fallback: Rule,
+                 by_name_of_function: dict[str, Rule] | None = None) -> None:
         self.rules = list(rules)
         self.fallback = fallback
         self.by_name = {rule.name: rule for rule in [*self.rules, fallback]}
@@ -202,8 +204,9 @@ class Registry:
         self.by_method: dict[str, Rule] = {}
         self.by_function_name = dict(by_name_of_function or {})
         for rule in self.rules:
-            for table, keys in ((self.by_module, rule.modules), (self.by_function, rule.functions),
-                                (self.by_method, rule.methods)):
+            tables: tuple[tuple[dict[Any, Rule], tuple[Any, ...]], ...] = (
+                (self.by_module, rule.modules), (self.by_function, rule.functions), (self.by_method, rule.methods))
+            for table, keys in tables:
                 for key in keys:
                     if key in table:
                         raise ValueError(f"{key} has two rules: {table[key].name} and {rule.name}")
@@ -220,8 +223,9 @@ class Registry:
         rule = self.by_function.get(target)
         if rule is None and isinstance(target, torch._ops.OpOverload):
             rule = self.by_function.get(target.overloadpacket)
-        if rule is None:
-            rule = self.by_function_name.get(getattr(target, "__name__", None))
+        name = getattr(target, "__name__", None)
+        if rule is None and name is not None:
+            rule = self.by_function_name.get(name)
         return rule
 
     def __call__(self, gm: torch.nn.Module, node: torch.fx.Node) -> Rule:
@@ -231,9 +235,9 @@ class Registry:
         if node.op == "output":
             return self.by_name["output"]
         if node.op == "call_module":
-            return self.module_rule(gm.get_submodule(node.target)) or self.fallback
+            return self.module_rule(gm.get_submodule(graph.target_name(node))) or self.fallback
         if node.op == "call_method":
-            return self.by_method.get(node.target, self.fallback)
+            return self.by_method.get(graph.target_name(node), self.fallback)
         rule = self.function_rule(node.target)
         if rule is None and not tensor_inputs(node):
             return self.by_name["no_channels"]

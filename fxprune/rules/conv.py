@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ aten = torch.ops.aten
 
 # Where each call form keeps its arguments: (stride, padding, dilation, groups, transposed, output_padding);
 # an int is a position (also accepted by keyword), a bool a constant.
-_FUNCTION_ARGS = {
+_FUNCTION_ARGS: dict[Any, tuple[int, int, int, int, bool | int, int | None]] = {
     **{f: (3, 4, 5, 6, False, None) for f in (F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d)},
     **{f: (3, 4, 7, 6, True, 5) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                                           aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)},
@@ -75,7 +75,8 @@ class Conv(Rule):
     def view(self, gm: torch.nn.Module, node: torch.fx.Node) -> ConvView | None:
         """The convolution's weights and settings; None where its weight is not a parameter."""
         if node.op == "call_module":
-            m = gm.get_submodule(node.target)
+            m = gm.get_submodule(graph.target_name(node))
+            assert isinstance(m, nn.modules.conv._ConvNd)  # a module of this rule's classes
             transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
             return ConvView(f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
                             tuple(m.weight.shape), m.groups, transposed, tuple(m.stride),
@@ -105,8 +106,8 @@ class Conv(Rule):
         if view is None:
             Rule.couple(self, b, node)
             return
-        src = node.args[0]
-        channel_dim = len(b.shape(src)) - (len(view.kernel) + 1)
+        src = cast(torch.fx.Node, node.args[0])
+        channel_dim = len(b.tensor_shape(src)) - (len(view.kernel) + 1)
         in_space = ensure_space(b, src, channel_dim)
         out = b.new_space(node, channel_dim)
         if view.groups > 1:
@@ -134,6 +135,7 @@ class Conv(Rule):
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         view = self.view(gm, node)  # its weight is indexed already: read the old widths off the spaces
+        assert view is not None  # a convolution the dependency pass coupled
         if view.groups_arg is None:
             Rule.update(self, gm, node, kept)
             return
@@ -142,6 +144,7 @@ class Conv(Rule):
             set_arg(node, *view.groups_arg, groups)
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        assert isinstance(module, nn.modules.conv._ConvNd)  # a module of this rule's classes (owns)
         keep_in = kept_of(input_space(node), kept)
         module.groups = self._groups(module.groups, node, kept)
         if keep_in is not None:
@@ -155,7 +158,9 @@ class Conv(Rule):
         """A grouped convolution's group count once whole conv groups went with the output channels."""
         out_space = graph.space(node)
         keep_out = kept_of(out_space, kept)
-        return groups * len(keep_out) // out_space.size if groups > 1 and keep_out is not None else groups
+        if groups > 1 and keep_out is not None and out_space is not None:
+            return groups * len(keep_out) // out_space.size
+        return groups
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         view = self.view(gm, node)

@@ -54,7 +54,7 @@ class Pending:
         chain = tuple(n for n, _ in seen.values())
         shared_nodes = tuple(dict.fromkeys(s for part in parts for s in part.shared)) + \
             (((node, shared),) if shared else ())
-        return Pending(parts[0].origin, parts[0].origin_node, out, chain, tuple(l for _, l in seen.values()),
+        return Pending(parts[0].origin, parts[0].origin_node, out, chain, tuple(each for _, each in seen.values()),
                        shared_nodes)
 
 
@@ -91,6 +91,7 @@ class ChannelBuilder:
 
     # --- reading the traced graph -------------------------------------------------------------
     shape = staticmethod(graph.shape)
+    tensor_shape = staticmethod(graph.tensor_shape)
     value = staticmethod(graph.value)
 
     def rule_for(self, node: torch.fx.Node) -> Any:
@@ -131,7 +132,7 @@ class ChannelBuilder:
     def new_space(self, node: torch.fx.Node, dim: int, size: int | None = None, index: int = 0) -> ChannelSpace:
         """Create the channel space of output ``index`` of ``node`` along ``dim``."""
         if size is None:
-            size = self.shape(node)[dim]
+            size = self.tensor_shape(node)[dim]
         space = ChannelSpace(node=node.name, dim=dim, size=int(size), output_index=index, id=len(self.spaces))
         self.spaces.append(space)
         self.base.append(self.num_elements)
@@ -145,7 +146,7 @@ class ChannelBuilder:
 
     def ensure_space(self, node: torch.fx.Node, dim: int) -> ChannelSpace:
         """The space of ``node`` along ``dim``; created on demand, frozen unless node is a parameter."""
-        shape = self.shape(node)
+        shape = self.tensor_shape(node)
         dim = dim % len(shape)
         space = self.space_of(node)
         if space is not None:
@@ -187,7 +188,7 @@ class ChannelBuilder:
         space along the dim its heads vary on, so the rewrite resizes the head count in its sizes. None (and
         the channels frozen) when the blocks do not line up with heads.
         """
-        dim = dim % len(self.shape(node))
+        dim = dim % len(self.tensor_shape(node))
         pending = self.pending.pop(node, None)
         if pending is None:
             space = self.space_of(node)
@@ -245,7 +246,8 @@ class ChannelBuilder:
         for dim in range(heads_at.ndim):
             if dim in avoid:
                 continue
-            per_slice = [np.unique(v[v >= 0]) for v in (np.take(heads_at, i, axis=dim) for i in range(heads_at.shape[dim]))]
+            per_slice = [np.unique(v[v >= 0])
+                         for v in (np.take(heads_at, i, axis=dim) for i in range(heads_at.shape[dim]))]
             if any(v.size > 1 for v in per_slice) or heads_at.shape[dim] == 1:
                 continue
             positions = [i for i, v in enumerate(per_slice) if v.size == 1]
@@ -351,7 +353,7 @@ class ChannelBuilder:
                     and target.size == measured.size:
                 continue
             if position is not None and target is None and self._fixed_width(user, position):
-                self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
+                self.info(user).notes.setdefault("literal_sizes", {})[position] = self.tensor_shape(user)[position]
                 continue
             if target is not None and position is not None and target.dim == position \
                     and measured.id not in self.frozen:
@@ -359,7 +361,7 @@ class ChannelBuilder:
                 # heads reshaped to the stream's width): that axis keeps its width and gets the traced number
                 # back, and the measured group stays free
                 self.freeze(target, f"{user.name} sizes it with the width of another group, read at run time")
-                self.info(user).notes.setdefault("literal_sizes", {})[position] = self.shape(user)[position]
+                self.info(user).notes.setdefault("literal_sizes", {})[position] = self.tensor_shape(user)[position]
                 continue
             self.freeze(measured, f"its width is read at run time and used by {user.name}")
             if target is not None:  # the axis it sizes must keep that width too

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -88,17 +89,22 @@ class Passthrough(Rule):
 
     def identity(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         if node.op == "call_module":
-            return isinstance(gm.get_submodule(node.target), self.unchanged_modules)
+            return isinstance(gm.get_submodule(graph.target_name(node)), self.unchanged_modules)
         return getattr(node.target, "overloadpacket", node.target) in self.unchanged_calls
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
-        inputs = tensor_inputs(node)
-        if inputs and (_noop(b, node) or _pointwise(node) and len(inputs) == 1) and pass_pending(b, node, inputs[0]):
-            return
-        if inputs:
-            same_position(b, node, inputs[0])
-            for other in inputs[1:]:
-                b.freeze(b.space_of(other), f"used as a secondary input of {node.name}")
+        pass_through(b, node)
+
+
+def pass_through(b: ChannelBuilder, node: torch.fx.Node) -> None:
+    """``Passthrough.couple``: channels pass unchanged from the first tensor input; the others keep theirs."""
+    inputs = tensor_inputs(node)
+    if inputs and (_noop(b, node) or _pointwise(node) and len(inputs) == 1) and pass_pending(b, node, inputs[0]):
+        return
+    if inputs:
+        same_position(b, node, inputs[0])
+        for other in inputs[1:]:
+            b.freeze(b.space_of(other), f"used as a secondary input of {node.name}")
 
 
 class Elementwise(Rule):
@@ -131,13 +137,13 @@ class Elementwise(Rule):
         for src in inputs:
             space = b.space_of(src)
             if space is not None:
-                out_dim = space.dim + len(out_shape) - len(b.shape(src))
+                out_dim = space.dim + len(out_shape) - len(b.tensor_shape(src))
                 break
         if out_dim is None:
             return
         out = b.new_space(node, out_dim)
         for src in inputs:
-            shape = b.shape(src)
+            shape = b.tensor_shape(src)
             dim = out_dim - (len(out_shape) - len(shape))
             space = b.space_of(src)
             if dim < 0 or shape[dim] == 1:
@@ -164,7 +170,7 @@ class Reduction(Rule):
         space = b.space_of(src)
         if space is None or b.shape(node) is None:
             return
-        rank = len(b.shape(src))
+        rank = len(b.tensor_shape(src))
         dims = arg(node, 1, "dim", None)
         dims = range(rank) if dims is None else ([dims] if isinstance(dims, int) else dims)
         dims = sorted(d % rank for d in dims)
@@ -183,11 +189,12 @@ class Reduction(Rule):
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
         """An RMS norm's mean of squares over fewer channels: times d'/d, so it is the sum over the kept
         channels divided by the original width, as in the original with the removed channels zero."""
-        width = kept_of(input_space(node), kept)
-        if "root_mean_square" not in graph.channels(node).notes or width is None:
+        space = input_space(node)
+        width = kept_of(space, kept)
+        if "root_mean_square" not in graph.channels(node).notes or width is None or space is None:
             return
         with gm.graph.inserting_after(node):
-            scaled = gm.graph.call_function(operator.mul, (node, len(width) / input_space(node).size))
+            scaled = gm.graph.call_function(operator.mul, (node, len(width) / space.size))
         node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
 
     def owner(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
@@ -202,16 +209,19 @@ class Reduction(Rule):
         """The user's RMS norm computes the mean over the kept channels itself: its scale times
         sqrt(d/d') and its epsilon times d/d' give the same output, since rsqrt(s/d + eps) =
         sqrt(d/d') * rsqrt(s/d' + eps * d/d')."""
-        width = kept_of(input_space(node), kept)
-        if width is None:
+        space = input_space(node)
+        width = kept_of(space, kept)
+        if width is None or space is None:
             return None
-        ratio = input_space(node).size / len(width)
+        ratio = space.size / len(width)
         statistic = graph.channels(node).notes["root_mean_square"]
         eps = RootMeanSquare.eps_attribute(module, statistic.eps)
         if eps is None:  # no field holds the epsilon its graph adds: left whole, verify_model reports it
             return None
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # owns
         with torch.no_grad():
-            module.weight.mul_(ratio ** 0.5)
+            weight.mul_(ratio ** 0.5)
         setattr(module, eps, getattr(module, eps) * ratio)
         return None
 
@@ -247,7 +257,8 @@ def _root_mean_square(b: ChannelBuilder, node: torch.fx.Node, over_channels_kept
         return " (not a mean of squares)"
     plus_eps = next(iter(node.users)) if len(node.users) == 1 else None
     root = next(iter(plus_eps.users)) if plus_eps is not None and len(plus_eps.users) == 1 else None
-    if root is None or getattr(root.target, "overloadpacket", root.target) not in (aten.rsqrt, torch.rsqrt, "rsqrt") \
+    if plus_eps is None or root is None \
+            or getattr(root.target, "overloadpacket", root.target) not in (aten.rsqrt, torch.rsqrt, "rsqrt") \
             or not isinstance(plus_eps.args[1], float):
         return " (its mean of squares is not followed by + eps and rsqrt)"
     scaled = list(root.users)
@@ -287,11 +298,11 @@ class Softmax(Rule):
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         src = node.args[0]
         space = b.space_of(src)
-        dim = b.module(node).dim if node.op == "call_module" else arg(node, 1, "dim", None)
-        if space is not None and (dim is None or dim % len(b.shape(src)) == space.dim):
+        dim: Any = b.module(node).dim if node.op == "call_module" else arg(node, 1, "dim", None)
+        if space is not None and (dim is None or dim % len(b.tensor_shape(src)) == space.dim):
             b.freeze(space, f"{node.name} normalizes across channels")
             return
-        Passthrough.couple(self, b, node)
+        pass_through(b, node)
 
 
 class Output(Rule):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.fx
@@ -23,8 +23,8 @@ class Linear(Rule):
 
     name = "linear"
     bilinear_flops = True
-    modules = (nn.Linear,)
-    functions = (F.linear, aten.linear)
+    modules: tuple[type, ...] = (nn.Linear,)
+    functions: tuple[Any, ...] = (F.linear, aten.linear)
 
     def tensors(self, node: torch.fx.Node) -> tuple[str, str | None] | None:
         """Qualified names of (weight, bias); None where the weight is not a parameter."""
@@ -39,8 +39,8 @@ class Linear(Rule):
         if self.tensors(node) is None:
             Rule.couple(self, b, node)
             return
-        ensure_space(b, node.args[0], -1)
-        b.new_space(node, len(b.shape(node)) - 1)
+        ensure_space(b, cast(torch.fx.Node, node.args[0]), -1)
+        b.new_space(node, len(b.tensor_shape(node)) - 1)
         self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
@@ -54,6 +54,7 @@ class Linear(Rule):
         return axes
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        assert isinstance(module, nn.Linear)  # a module of this rule's classes (owns)
         module.out_features, module.in_features = module.weight.shape
         return None
 
@@ -88,7 +89,7 @@ class AddMM(Linear):
         if self.tensors(node) is None or arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
             Rule.couple(self, b, node)
             return
-        ensure_space(b, node.args[1], -1)
+        ensure_space(b, cast(torch.fx.Node, node.args[1]), -1)
         b.new_space(node, 1)
         self.claim_tensors(b, node)
 
@@ -97,7 +98,7 @@ class AddMM(Linear):
         if names is None or out is None:
             return []
         weight, bias = names
-        axes = [TensorAxis(weight, 1, out, True), TensorAxis(bias, 0, out, True)]
+        axes = [TensorAxis(weight, 1, out, True)] + ([TensorAxis(bias, 0, out, True)] if bias is not None else [])
         return axes + ([TensorAxis(weight, 0, inp, False)] if inp is not None else [])
 
     def owns(self, module: nn.Module) -> bool:
@@ -105,7 +106,8 @@ class AddMM(Linear):
         return isinstance(getattr(module, "nf", None), int) and isinstance(getattr(module, "nx", None), int)
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
-        module.nx, module.nf = module.weight.shape
+        conv1d: Any = module  # Hugging Face's Conv1D (owns), not imported
+        conv1d.nx, conv1d.nf = conv1d.weight.shape
         return None
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
@@ -134,7 +136,7 @@ class Embedding(Rule):
         if self.weight(node) is None or b.shape(node) is None:
             Rule.couple(self, b, node)
             return
-        b.new_space(node, len(b.shape(node)) - 1)
+        b.new_space(node, len(b.tensor_shape(node)) - 1)
         self.claim_tensors(b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
@@ -142,6 +144,7 @@ class Embedding(Rule):
         return [] if weight is None or out is None else [TensorAxis(weight, 1, out, True)]
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        assert isinstance(module, nn.Embedding)  # a module of this rule's classes (owns)
         module.embedding_dim = module.weight.shape[1]
         return None
 

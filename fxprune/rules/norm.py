@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.fx
 import torch.nn as nn
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from fxprune.ir import graph
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, kept_of, parameter_name, set_arg
 from fxprune.rules.coupling import ChannelBuilder
-from fxprune.rules.elementwise import Passthrough
+from fxprune.rules.elementwise import pass_through
 from fxprune.rules.shape import ensure_space
 
 _AFFINE = ("weight", "bias")
@@ -22,7 +24,7 @@ def _module_axes(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAx
     out = graph.space(node)
     if out is None:
         return []
-    module = gm.get_submodule(node.target)
+    module = gm.get_submodule(graph.target_name(node))
     return [TensorAxis(f"{node.target}.{name}", 0, out, True, parameter=name in _AFFINE)
             for name in _AFFINE + _STATISTICS if getattr(module, name, None) is not None]
 
@@ -40,13 +42,21 @@ def _shared_slope(module: nn.Module) -> bool:
 
 
 # Where a call keeps its per-channel tensors: (weight, bias, running_mean, running_var) positions.
-_CALL_TENSORS = {
+_CALL_TENSORS: dict[Any, tuple[int, int, int, int]] = {
     torch.ops.aten.batch_norm: (1, 2, 3, 4), F.batch_norm: (3, 4, 1, 2),
     torch.ops.aten.instance_norm: (1, 2, 3, 4), F.instance_norm: (3, 4, 1, 2),
 }
 
 
-def _call_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
+def _module_affine(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
+    """A norm module's (weight, bias) names; None for PReLU and a norm without affine tensors."""
+    module = gm.get_submodule(graph.target_name(node))
+    if isinstance(module, nn.PReLU) or getattr(module, "weight", None) is None:
+        return None
+    return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
+
+
+def _call_tensors(node: torch.fx.Node) -> list[torch.fx.Node] | None:
     """The get_attr nodes a norm call reads per channel; None where one is computed in the graph."""
     target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
     found = [arg(node, pos, name) for pos, name in zip(_CALL_TENSORS[target], _AFFINE + _STATISTICS)]
@@ -61,9 +71,9 @@ class ChannelNorm(Rule):
     nodes: those get the output's channel space, so the rewrite indexes them."""
 
     name = "channel_norm"
-    modules = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
-    functions = tuple(_CALL_TENSORS)
+    modules: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
+    functions: tuple[Any, ...] = tuple(_CALL_TENSORS)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         if node.op != "call_module":
@@ -72,22 +82,22 @@ class ChannelNorm(Rule):
                 Rule.couple(self, b, node)
                 return
             out = b.new_space(node, 1)
-            b.couple(ensure_space(b, node.args[0], 1), out)
+            b.couple(ensure_space(b, cast(torch.fx.Node, node.args[0]), 1), out)
             for tensor in tensors:
                 b.couple(out, ensure_space(b, tensor, 0))
             return
         module = b.module(node)
         if _shared_slope(module):
-            Passthrough.couple(self, b, node)
+            pass_through(b, node)
             return
-        in_space = ensure_space(b, node.args[0], 1)
+        in_space = ensure_space(b, cast(torch.fx.Node, node.args[0]), 1)
         b.couple(in_space, b.new_space(node, 1))
         _claim(self, b, node)
 
     def tensor_axes(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[TensorAxis]:
         if node.op != "call_module":
             return []  # its get_attr tensors carry the space themselves
-        return [] if _shared_slope(gm.get_submodule(node.target)) else _module_axes(gm, node)
+        return [] if _shared_slope(gm.get_submodule(graph.target_name(node))) else _module_axes(gm, node)
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
         width = kept_of(graph.space(node), kept)
@@ -103,10 +113,7 @@ class ChannelNorm(Rule):
             target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
             weight, bias = (arg(node, pos, name) for pos, name in zip(_CALL_TENSORS[target][:2], _AFFINE))
             return (parameter_name(weight), parameter_name(bias)) if parameter_name(weight) else None
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.PReLU) or getattr(module, "weight", None) is None:
-            return None
-        return f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
+        return _module_affine(gm, node)
 
 
 class GroupNorm(ChannelNorm):
@@ -124,7 +131,7 @@ class GroupNorm(ChannelNorm):
             Rule.couple(self, b, node)
             return
         groups = b.module(node).num_groups if node.op == "call_module" else arg(node, 1, "num_groups")
-        in_space = ensure_space(b, node.args[0], 1)
+        in_space = ensure_space(b, cast(torch.fx.Node, node.args[0]), 1)
         out = b.new_space(node, 1)
         b.couple_blocks(in_space, in_space.size // groups)
         b.couple(in_space, out)
@@ -137,19 +144,22 @@ class GroupNorm(ChannelNorm):
         if node.op != "call_module":
             weight = parameter_name(arg(node, 2, "weight"))
             return (weight, parameter_name(arg(node, 3, "bias"))) if weight else None
-        return ChannelNorm.affine(self, gm, node)
+        return _module_affine(gm, node)
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        width = kept_of(graph.space(node), kept)
+        space = graph.space(node)
+        width = kept_of(space, kept)
         if node.op == "call_module":
             Rule.update(self, gm, node, kept)
-        elif width is not None:
+        elif width is not None and space is not None:
             groups = arg(node, 1, "num_groups")
-            set_arg(node, 1, "num_groups", groups * len(width) // graph.space(node).size)
+            set_arg(node, 1, "num_groups", groups * len(width) // space.size)
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
-        if (width := kept_of(graph.space(node), kept)) is not None:
-            module.num_groups = module.num_groups * len(width) // graph.space(node).size
+        assert isinstance(module, nn.GroupNorm)  # a module of this rule's classes (owns)
+        space = graph.space(node)
+        if (width := kept_of(space, kept)) is not None and space is not None:
+            module.num_groups = module.num_groups * len(width) // space.size
             module.num_channels = len(width)
         return None
 
@@ -163,7 +173,8 @@ class LayerNorm(Rule):
     functions = (F.layer_norm, torch.ops.aten.layer_norm)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
-        src = node.args[0]
+        src = cast(torch.fx.Node, node.args[0])
+        normalized: Any
         if node.op == "call_module":
             normalized = b.module(node).normalized_shape
         else:
@@ -172,7 +183,7 @@ class LayerNorm(Rule):
             b.freeze(b.space_of(src), f"{node.name} normalizes over several dims")
             return
         in_space = ensure_space(b, src, -1)
-        out = b.new_space(node, len(b.shape(node)) - 1)
+        out = b.new_space(node, len(b.tensor_shape(node)) - 1)
         b.couple(in_space, out)
         b.mark_norm(in_space, out)
         if node.op == "call_module":
@@ -193,10 +204,11 @@ class LayerNorm(Rule):
             set_arg(node, 1, "normalized_shape", (len(width),))
 
     def shrink_module(self, module: nn.Module, node: torch.fx.Node, kept: Kept) -> nn.Module | None:
+        assert isinstance(module, nn.LayerNorm)  # a module of this rule's classes (owns)
         if (width := kept_of(graph.space(node), kept)) is not None:
             module.normalized_shape = (len(width),)
         return None
 
     def affine(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str | None, str | None] | None:
-        return ChannelNorm.affine(self, gm, node) if node.op == "call_module" else None
+        return _module_affine(gm, node) if node.op == "call_module" else None
 

@@ -10,6 +10,8 @@ its origin is rewritten as one gather.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxprune.ir import graph
+from fxprune.ir.channels import ChannelSpace
 from fxprune.rules.base import Kept, Rule, arg, kept_of, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder, Pending
 
@@ -33,13 +36,13 @@ def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
     """
     if node.op != "get_attr" and b.space_of(node) is None and node not in b.pending \
             and _parameter_expression(b, node):
-        rank = len(b.shape(node))
+        rank = len(b.tensor_shape(node))
         if b.rule_for(node).name in ("shape", "getitem"):
-            src = node.args[0]
-            for candidate in range(len(b.shape(src))):
+            src = cast(torch.fx.Node, node.args[0])  # the tensor reshaped or indexed
+            for candidate in range(len(b.tensor_shape(src))):
                 try:
-                    out = _replay(b, node, src, _labels(b.shape(src), candidate))
-                except Exception:
+                    out = _replay(b, node, src, _labels(b.tensor_shape(src), candidate))
+                except Exception:  # noqa: BLE001 - this candidate dim does not replay; try the next
                     continue
                 varying = [d for d in range(out.dim()) if not _constant_along(out, d)]
                 if varying == [dim % rank]:
@@ -48,8 +51,8 @@ def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
                     break
         else:  # arithmetic: every operand that is not broadcast along the axis carries it
             for src in tensor_inputs(node):
-                aligned = dim % rank - (rank - len(b.shape(src)))
-                if aligned >= 0 and b.shape(src)[aligned] == b.shape(node)[dim % rank]:
+                aligned = dim % rank - (rank - len(b.tensor_shape(src)))
+                if aligned >= 0 and b.tensor_shape(src)[aligned] == b.tensor_shape(node)[dim % rank]:
                     ensure_space(b, src, aligned)
             b.rule_for(node).couple(b, node)
     return b.ensure_space(node, dim)
@@ -103,13 +106,13 @@ class Shape(Rule):
         if pending is not None:
             origin, labels_in = pending.origin, pending.labels
         else:
-            origin = b.space_of(src)
-            if origin is None:
+            space = b.space_of(src)
+            if space is None:
                 return
-            labels_in = _labels(b.shape(src), origin.dim)
+            origin, labels_in = space, _labels(b.tensor_shape(src), space.dim)
         try:
             out = _replay(b, node, src, labels_in)
-        except Exception as exc:  # an argument we cannot evaluate (a tensor index, say)
+        except Exception as exc:  # noqa: BLE001 - an argument we cannot evaluate (a tensor index, say)
             b.freeze(origin, f"{node.name} could not be replayed on channel labels ({type(exc).__name__})")
             return
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != b.shape(node):
@@ -158,12 +161,13 @@ def pass_pending(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) -> 
     if src not in b.pending or b.shape(node) != tuple(b.pending[src].labels.shape):
         return False
     pending = b.take_pending(src, node)
+    assert pending is not None  # src is pending
     b.pending[node] = pending.extended(node, pending.labels)
     return True
 
 
 def combine_pending(b: ChannelBuilder, node: torch.fx.Node, inputs: list[torch.fx.Node], out=None,
-                    stored: list[tuple[torch.fx.Node, torch.Tensor]] = ()) -> bool:
+                    stored: Sequence[tuple[torch.fx.Node, torch.Tensor]] = ()) -> bool:
     """Carry pending layouts of one origin through ``node``, which combines them (an add, a mul, a cat along a
     dim), with other operands that hold no channels: rotary embeddings' ``q * cos + rotate_half(q) * sin``.
     ``out``: the labels at ``node`` (default: its first pending input's, for position-by-position ops).
@@ -179,9 +183,9 @@ def combine_pending(b: ChannelBuilder, node: torch.fx.Node, inputs: list[torch.f
         for src in pendings:
             b.space_of(src)  # frozen as any op that is not a rearrangement
         return False
-    shared = frozenset(len(out_shape) - len(b.shape(src)) + d for src in others
-                       for d, size in enumerate(b.shape(src)) if size > 1)
-    parts = [b.take_pending(src, node) for src in pendings]
+    shared = frozenset(len(b.tensor_shape(node)) - len(b.tensor_shape(src)) + d for src in others
+                       for d, size in enumerate(b.tensor_shape(src)) if size > 1)
+    parts = [cast(Pending, b.take_pending(src, node)) for src in pendings]  # each src is pending
     labels = [part.labels for part in parts] if out is None else [out]
     merged = Pending.merged(parts, node, labels, labels[0], shared)
     for tensor, tensor_labels in stored:  # stored tensors laid out as the layout: on its chain, so indexed with it
@@ -203,10 +207,10 @@ def _replay(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node, labels: 
     args = torch.fx.node.map_arg(node.args, lambda a: labels if a is src else b.value(a))
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: labels if a is src else b.value(a))
     if node.op == "call_function":
-        return node.target(*args, **kwargs)
+        return cast(Callable[..., Any], node.target)(*args, **kwargs)
     if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return b.modules[node.target](*args, **kwargs)
+        return getattr(args[0], graph.target_name(node))(*args[1:], **kwargs)
+    return b.modules[graph.target_name(node)](*args, **kwargs)
 
 
 def _constant_along(t: torch.Tensor, dim: int) -> bool:
@@ -215,7 +219,7 @@ def _constant_along(t: torch.Tensor, dim: int) -> bool:
 
 
 def _along(t: torch.Tensor, dim: int) -> np.ndarray:
-    index = [0] * t.dim()
+    index: list[int | slice] = [0] * t.dim()
     index[dim] = slice(None)
     return t[tuple(index)].numpy().astype(np.int64) - 1
 
@@ -242,7 +246,7 @@ def _align_groups(b, pending) -> None:
     dims = [d for d in range(first.dim()) if not _constant_along(first, d)]
     if len(dims) != 2:
         return
-    index = [0] * first.dim()
+    index: list[int | slice] = [0] * first.dim()
     index[dims[0]], index[dims[1]] = slice(None), slice(None)
     grid = first[tuple(index)].numpy().astype(np.int64) - 1  # (groups, per group) origin elements
     for row in grid[1:]:
@@ -255,13 +259,14 @@ def _resize(node: torch.fx.Node, kept: Kept) -> None:
     A literal channel count becomes the kept count. A width read at run time that sets an axis whose
     width never changes (the dependency pass's ``literal_sizes``) becomes the traced number again.
     """
-    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-    sizes = list(node.args[1] if packed else node.args[1:])
+    given = node.args[1] if len(node.args) == 2 else None
+    packed = isinstance(given, (tuple, list))
+    sizes = list(given if isinstance(given, (tuple, list)) else node.args[1:])
     for position, value in graph.channels(node).notes.get("literal_sizes", {}).items():
         sizes[position] = value
     space = graph.space(node)
     new = kept_of(space, kept)
-    if new is not None and isinstance(sizes[space.dim], int) and sizes[space.dim] != -1:
+    if new is not None and space is not None and isinstance(sizes[space.dim], int) and sizes[space.dim] != -1:
         sizes[space.dim] = len(new)
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
@@ -270,7 +275,7 @@ def _resize_unflatten(node: torch.fx.Node, kept: Kept) -> None:
     """unflatten(x, dim, sizes): the size of the channel axis among ``sizes`` becomes its kept count."""
     space, new = graph.space(node), kept_of(graph.space(node), kept)
     dim, sizes = arg(node, 1, "dim"), list(arg(node, 2, "sizes"))
-    position = space.dim - dim % len(graph.shape(node.args[0])) if space is not None else -1
+    position = space.dim - dim % len(graph.tensor_shape(node.args[0])) if space is not None else -1
     if new is not None and 0 <= position < len(sizes) and sizes[position] != -1:
         sizes[position] = len(new)
         node.args = (node.args[0], dim, tuple(sizes))
@@ -281,18 +286,20 @@ def _gather(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
     notes = graph.channels(node).notes
     origin = next(n for n in gm.graph.nodes if n.name == notes["origin"])
     element_map = torch.as_tensor(notes["element_map"])
-    origin_kept, out_kept = kept_of(graph.space(origin), kept), kept_of(graph.space(node), kept)
+    origin_space, out_space = graph.space(origin), graph.space(node)
+    assert out_space is not None  # the end of a chain the dependency pass found a permutation
+    origin_kept, out_kept = kept_of(origin_space, kept), kept_of(out_space, kept)
     if out_kept is not None:
         element_map = element_map[out_kept]
-    if origin_kept is not None:
-        rank = torch.full((int(graph.space(origin).size),), -1, dtype=torch.long)
+    if origin_kept is not None and origin_space is not None:
+        rank = torch.full((int(origin_space.size),), -1, dtype=torch.long)
         rank[origin_kept] = torch.arange(len(origin_kept))
         element_map = rank[element_map]
     buffer_name = f"fxprune_gather_{node.name}"
     gm.register_buffer(buffer_name, element_map.clone())
     with gm.graph.inserting_before(node):
         index = gm.graph.get_attr(buffer_name)
-        gathered = gm.graph.call_function(torch.index_select, (origin, graph.space(node).dim, index))
+        gathered = gm.graph.call_function(torch.index_select, (origin, out_space.dim, index))
     node.replace_all_uses_with(gathered)
     gathered.meta = dict(node.meta)
 
@@ -306,8 +313,7 @@ class Cat(Rule):
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         tensors = list(arg(node, 0, "tensors"))
-        out_shape = b.shape(node)
-        cat_dim = arg(node, 1, "dim", 0) % len(out_shape)
+        cat_dim = arg(node, 1, "dim", 0) % len(b.tensor_shape(node))
         if any(t in b.pending for t in tensors):
             _cat_pending(b, node, tensors, cat_dim)
             return
@@ -319,7 +325,7 @@ class Cat(Rule):
         out = b.new_space(node, channel_dim)
         offset = 0
         for t in tensors:
-            width = b.shape(t)[channel_dim]
+            width = b.tensor_shape(t)[channel_dim]
             positions = np.arange(offset, offset + width) if cat_dim == channel_dim else None
             b.couple(out, ensure_space(b, t, channel_dim), positions)
             offset += width if cat_dim == channel_dim else 0
@@ -337,9 +343,9 @@ def _cat_pending(b: ChannelBuilder, node: torch.fx.Node, tensors: list, cat_dim:
             continue
         shape = b.shape(t)
         alike = (isinstance(t, torch.fx.Node) and t.op == "get_attr" and graph.space(t) is None
-                 and len(shape) == reference.dim() and _constant_along(reference, cat_dim)
-                 and all(n == m for d, (n, m) in enumerate(zip(shape, reference.shape)) if d != cat_dim))
-        if not alike:
+                 and len(b.tensor_shape(t)) == reference.dim() and _constant_along(reference, cat_dim)
+                 and all(n == m for d, (n, m) in enumerate(zip(b.tensor_shape(t), reference.shape)) if d != cat_dim))
+        if not alike or shape is None:  # (alike: its shape is known)
             for each in tensors:
                 b.space_of(each)  # frozen as any op that is not a rearrangement
             return
@@ -354,8 +360,8 @@ class Stack(Rule):
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         tensors = list(arg(node, 0, "tensors"))
-        stack_dim = arg(node, 1, "dim", 0) % len(b.shape(node))
-        known = [b.space_of(t) for t in tensors if b.space_of(t) is not None]
+        stack_dim = arg(node, 1, "dim", 0) % len(b.tensor_shape(node))
+        known = [space for t in tensors if (space := b.space_of(t)) is not None]
         if not known:
             return
         in_dim = known[0].dim
@@ -383,7 +389,7 @@ class Split(Rule):
         pieces = node.meta.get("tensor_meta")
         if space is None or not isinstance(pieces, (tuple, list)):
             return
-        dim = arg(node, 2, "dim", 0) % len(b.shape(src))
+        dim = arg(node, 2, "dim", 0) % len(b.tensor_shape(src))
         offset, outs = 0, []
         for index, piece in enumerate(pieces):
             out = b.new_space(node, space.dim, size=piece.shape[space.dim], index=index)
@@ -400,7 +406,8 @@ class Split(Rule):
             b.info(node).notes["dim"] = dim
 
     def update(self, gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
-        notes, spaces = graph.channels(node).notes, graph.channels(node).spaces
+        notes = graph.channels(node).notes
+        spaces = cast(list[ChannelSpace], graph.channels(node).spaces)  # couple made one per piece
         if "dim" not in notes:
             return
         sizes = [len(kept[s.id]) if s.id in kept else s.size for s in spaces]
@@ -442,10 +449,10 @@ class Unbind(Rule):
     methods = ("unbind",)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
-        src = node.args[0]
-        if not isinstance(src, torch.fx.Node) or b.shape(src) is None:
+        src, shape = node.args[0], b.shape(node.args[0])
+        if not isinstance(src, torch.fx.Node) or shape is None:
             return
-        rank = len(b.shape(src))
+        rank = len(shape)
         dim = arg(node, 1, "dim", 0) % rank
         pending = b.take_pending(src, node)
         if pending is not None:
@@ -460,5 +467,5 @@ class Unbind(Rule):
         if space.dim == dim:
             b.freeze(space, f"{node.name} takes its channels apart one by one")
             return
-        for index in range(b.shape(src)[dim]):
+        for index in range(shape[dim]):
             b.couple(space, b.new_space(node, space.dim - (space.dim > dim), size=space.size, index=index))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.fx
 import torch.nn as nn
 
+from fxprune.budgets import Budget
 from fxprune.errors import FxpruneError
 from fxprune.ir.capture import is_partitioned, structured
 from fxprune.ir.channels import Plan
@@ -33,7 +34,6 @@ from fxprune.passes.plan import analysis, solve_plan
 from fxprune.passes.refine import solve_measured
 from fxprune.passes.verify import own_model
 from fxprune.rules import TensorAxis
-
 
 BLOCKS = -1  # the key of the removable blocks' keep mask among the groups' (whose ids count from 0)
 
@@ -101,8 +101,8 @@ class LiveModel:
                 tensor = self.params[axis.name]
                 tensor.index_fill_(axis.dim, torch.as_tensor(removed, device=tensor.device), 0.0)
 
-    def cost_model(self, budget, engine: Any = "onnxruntime", threads: int | None = None, round_to: int | None = None,
-                   cache: Any = None, progress: bool = False):
+    def cost_model(self, budget: Budget, engine: Any = "onnxruntime", threads: int | None = None,
+                   round_to: int | None = None, cache: Any = None, progress: bool = False):
         """The cost model of ``budget``'s metric (latency tables measured or loaded, as ``fxprune.compile``
         does), and the keep-count granularity to solve with."""
         inputs = self.example_inputs  # as the analysed graph takes them, on the CPU
@@ -143,11 +143,12 @@ class LiveModel:
         ``output="graph"``, or where that copy fails verification, the pruned graph."""
         state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
         self.gm.load_state_dict(state, strict=False)
-        pruned = prune(self.gm, plan)
-        if is_partitioned(pruned):  # a copy of the live model, parts pruned
-            pruned = assemble(self.module, split(pruned))
+        graph = prune(self.gm, plan)
+        pruned: nn.Module
+        if is_partitioned(graph):  # a copy of the live model, parts pruned
+            pruned = assemble(self.module, split(graph))
         else:
-            pruned = structured(pruned)  # called like the live model
+            pruned = structured(graph)  # called like the live model
         if output != "graph":
             on_cpu = copy.deepcopy(self.module).cpu()
             pruned = own_model(on_cpu, self.gm, pruned.cpu(), plan, self.call_inputs)

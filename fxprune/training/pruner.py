@@ -32,7 +32,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxprune.budgets import as_budget
+from fxprune.budgets import UserBudget, as_budget
 from fxprune.errors import PrunerError
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import IMPORTANCE_KEY
@@ -62,7 +62,7 @@ def geometric_targets(start: float, end: float, steps: int) -> list[float]:
 class Pruner:
     """Prune ``model`` to ``budget`` over ``steps`` steps while the user trains it (HALP)."""
 
-    def __init__(self, model: nn.Module, budget: Any, example_inputs: Any = None, *, steps: int = 30,
+    def __init__(self, model: nn.Module, budget: UserBudget | float, example_inputs: Any = None, *, steps: int = 30,
                  optimizer: torch.optim.Optimizer | None = None, importance: str = "taylor", solver: str = "halp",
                  engine: Any = "onnxruntime", threads: int | None = None, round_to: int | None = None,
                  cache: Any = None, progress: bool = False, leaf_modules=(), refine: int = 4,
@@ -151,15 +151,18 @@ class Pruner:
 
     def _scores(self) -> dict[int, np.ndarray]:
         if self.taylor is not None:  # no new gradients since the last step: the scores of that step again
-            self._scores_seen = self.taylor.mean() if self.taylor.count else self._scores_seen
+            if self.taylor.count:
+                self._scores_seen = self.taylor.mean()
+            assert self._scores_seen is not None  # step() runs once gradients were read
             return self._scores_seen
         state = {name: value.detach().cpu() for name, value in self.live.module.state_dict().items()}
         self.live.gm.load_state_dict(state, strict=False)
         ScorePass(self.importance)(self.live.gm)
         return self.live.gm.meta[IMPORTANCE_KEY].scores
 
-    def compile(self) -> torch.fx.GraphModule:
-        """The model as trained so far, with the pruned channels removed: a new, smaller GraphModule."""
+    def compile(self) -> nn.Module:
+        """The model as trained so far, with the pruned channels removed: a new, smaller model
+        (``LiveModel.compile``)."""
         return self.live.compile(self.plan)
 
     def remove_hooks(self) -> None:

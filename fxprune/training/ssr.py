@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxprune.budgets import as_budget
+from fxprune.budgets import UserBudget, as_budget
 from fxprune.errors import SSRError
 from fxprune.ir.channels import Plan
 from fxprune.passes.plan import with_every_member
@@ -79,7 +79,8 @@ class SSR:
             scale = {gid: np.where(n > 0, np.maximum(n - self.strength / self.penalty, 0.0) / np.maximum(n, 1e-30), 0.0)
                      for gid, n in norms.items()}
         else:  # group hard threshold
-            scale = {gid: (n > np.sqrt(2 * self.strength / self.penalty)).astype(np.float64) for gid, n in norms.items()}
+            scale = {gid: (n > np.sqrt(2 * self.strength / self.penalty)).astype(np.float64)
+                     for gid, n in norms.items()}
         for axis in self.rows:
             factor = _along(scale[axis.space.group_id][axis.space.channel_index], targets[axis.name], axis.dim)
             self.auxiliary[axis.name] = targets[axis.name] * factor
@@ -91,8 +92,8 @@ class SSR:
         for axis in self.rows:
             tensor = tensors[axis.name].detach()
             per_position = (tensor.double() ** 2).movedim(axis.dim, 0).reshape(tensor.shape[axis.dim], -1).sum(1)
-            per_position = per_position.cpu().numpy()
-            squares[axis.space.group_id] += np.bincount(axis.space.channel_index, weights=per_position,
+            assert axis.space.channel_index is not None  # the dependency pass grouped every space
+            squares[axis.space.group_id] += np.bincount(axis.space.channel_index, weights=per_position.cpu().numpy(),
                                                         minlength=self.live.groups[axis.space.group_id].size)
         return {gid: np.sqrt(s) for gid, s in squares.items()}
 
@@ -107,7 +108,8 @@ class SSR:
                 found[gid] = np.flatnonzero(zero)
         return found
 
-    def plan(self, budget: Any = None, *, solver: str = "sp_lamp", refine: int = 4, **cost_options) -> Plan:
+    def plan(self, budget: UserBudget | float | None = None, *, solver: str = "sp_lamp", refine: int = 4,
+             **cost_options) -> Plan:
         """Remove the zero rows (keeping one channel per member, as every plan must); with a budget, prune on
         to it, weakest rows first (``cost_options``: engine, threads, round_to, cache, as for compile; a
         latency budget through compile's closed loop, ``refine`` plans timed on the engine)."""
@@ -133,9 +135,9 @@ class SSR:
         return self.live.agreed(solve)
 
     @torch.no_grad()
-    def compile(self, budget: Any = None, **options) -> torch.fx.GraphModule:
+    def compile(self, budget: UserBudget | float | None = None, **options) -> nn.Module:
         """Set the live weights of zero rows to exactly zero, then return the model without those channels
-        (and, with a budget, pruned on to it): a new, smaller GraphModule."""
+        (and, with a budget, pruned on to it): a new, smaller model (``LiveModel.compile``)."""
         masks = {gid: np.ones(g.size, dtype=bool) for gid, g in self.live.groups.items()}
         for gid, channels in self.zero_channels().items():
             masks[gid][channels] = False

@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 import fxprune.backends.export as export_mod
-from fxprune.errors import ExampleInputsError, ExportError
 from fxprune.backends.export import ExportResult, export_onnx, run_onnxruntime
+from fxprune.errors import ExampleInputsError, ExportError
 
 pytestmark = pytest.mark.export
 

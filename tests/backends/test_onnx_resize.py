@@ -13,9 +13,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper, shape_inference
 
 import fxprune
-from fxprune.cache import LatencyCache
 from fxprune.backends import ort as ort_engine
-from fxprune.ir.graph import model_digest
 from fxprune.backends.onnx_resize import (
     TRANSPOSE_TAG,
     ResizeError,
@@ -27,6 +25,8 @@ from fxprune.backends.onnx_resize import (
     strip,
 )
 from fxprune.backends.ort import OnnxRuntimeEngine
+from fxprune.cache import LatencyCache
+from fxprune.ir.graph import model_digest
 from fxprune.testing import randomize_parameters
 
 INPUTS = (torch.randn(1, 3, 16, 16),)
@@ -197,7 +197,8 @@ def test_the_engine_exports_an_analysed_model_once_and_resizes_its_plans(tmp_pat
         full.run()
     assert len(exports) == 1
     pruned = fxprune.prune(gm, fxprune.random_plan(gm, seed=2))
-    with engine.deploy_traced(gm, INPUTS, LatencyCache(tmp_path), model_digest(gm, INPUTS)) as full:  # a new process: from disk
+    # a new process: from disk
+    with engine.deploy_traced(gm, INPUTS, LatencyCache(tmp_path), model_digest(gm, INPUTS)) as full:
         with engine.deploy_pruned(full, pruned, INPUTS) as small:
             (out,) = small.run()
     assert len(exports) == 1 and out.shape == (1, 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import onnx
 import pytest
@@ -40,7 +41,8 @@ def test_the_int8_engine_is_its_own_cache_key_and_times_quantized_units():
     int8, fp32 = get_engine("onnxruntime-int8"), OnnxRuntimeEngine()
     assert isinstance(int8, OnnxRuntimeInt8Engine) and int8.identity() != fp32.identity()
     assert int8.identity()["quantization"] == settings() and int8.identity()["engine"] == "onnxruntime-int8"
-    spec = UnitSpec("conv", (1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True, Activation("relu"))
+    spec = UnitSpec("conv", (1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True,
+                    Activation("relu"))
     timing = int8.measure_units(spec, [(64, 64), (16, 16)])
     assert np.all(timing.ms > 0) and timing.ms[0] > timing.ms[1] and np.all(timing.spread >= 0)
     assert REFERENCE.out_channels == 64

@@ -13,11 +13,11 @@ import torchvision
 import fxprune
 from examples.models import CifarResNet
 from fxprune.ir.channels import Plan
+from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.rewrite import kept_shares
 from fxprune.passes.shrink import shrink_model
 from fxprune.passes.verify import verify_model
-from fxprune.modules import Skip, ZeroBranch
 from fxprune.testing import masked_forward
 
 
@@ -191,7 +191,8 @@ def test_a_branch_module_the_models_code_adds_becomes_a_zero():
 
 @pytest.mark.parametrize("name, size", [("mobilenet_v3_small", 64), ("mobilenet_v3_large", 64), ("efficientnet_b0", 64),
                                         ("efficientnet_v2_s", 64), ("resnet50", 64), ("regnet_y_400mf", 64),
-                                        ("mnasnet0_5", 64), ("convnext_tiny", 64), ("vit_b_32", 224), ("maxvit_t", 224)])
+                                        ("mnasnet0_5", 64), ("convnext_tiny", 64), ("vit_b_32", 224),
+                                        ("maxvit_t", 224)])
 def test_zoo_families_lose_every_other_block_exactly_in_the_graph_and_their_own_class(name, size):
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, size, size)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fxprune
-from fxprune.passes.cost import COST_KEY, CostPass, count_params, count_flops
+from fxprune.passes.cost import COST_KEY, CostPass, count_flops, count_params
 from fxprune.testing import build_torchvision_model
 
 

@@ -15,17 +15,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxprune
+from fxprune.backends import engines
+from fxprune.backends.engines import KernelTime, quiet_ratios
 from fxprune.cache import LatencyCache
 from fxprune.ir import LatencyTable, Plan
-from fxprune.ir.keys import LAYER_LATENCY_KEY
-from fxprune.backends import engines
-from fxprune.backends.engines import quiet_ratios
-from fxprune.ir.keys import LATENCY_KEY
-from fxprune.passes.context import Context
-from fxprune.backends.engines import KernelTime
-from fxprune.passes.latency import (RETRIES, UNMEASURED_SPREAD, LatencyPass, _kept_counts, _layer_kernels, _Timed,
-                                    detect_step, disagreeing, latency_cost)
+from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
+from fxprune.passes.context import Context
+from fxprune.passes.latency import (
+    RETRIES,
+    UNMEASURED_SPREAD,
+    LatencyPass,
+    _kept_counts,
+    _layer_kernels,
+    _Timed,
+    detect_step,
+    disagreeing,
+    latency_cost,
+)
 from fxprune.passes.units import find_units
 from tests.doubles import SyntheticEngine
 
@@ -271,7 +278,9 @@ def test_predicted_latency_orders_plans_as_onnxruntime_measures_them(tmp_path):
     cost = latency_cost(gm)
     analysis = fxprune.analysis(gm)
     stream = [g.id for g in analysis.prunable_groups()]
-    keep = lambda counts: Plan({gid: np.arange(k) for gid, k in zip(stream, counts) if k < analysis.groups[gid].size})
+
+    def keep(counts):
+        return Plan({gid: np.arange(k) for gid, k in zip(stream, counts) if k < analysis.groups[gid].size})
     plans = [keep((32, 32)), keep((32, 128)), keep((128, 128))]  # each clearly slower than the one before
     predicted = []
     for plan in plans:
@@ -434,7 +443,8 @@ def test_a_table_that_disagrees_with_the_whole_model_is_timed_again():
     gm, engine = _analysed(), StaleOnce(target=48, off=5.0)
     calibration = _run(gm, engine, LatencyCache(None))
     assert calibration.tables_checked == calibration.layers == 4
-    assert len(calibration.healed) == 1 and "b_0" in calibration.healed[0] and "the old table was off" in calibration.healed[0]
+    assert len(calibration.healed) == 1
+    assert "b_0" in calibration.healed[0] and "the old table was off" in calibration.healed[0]
     assert all(np.allclose(ms, _tables(clean)[name]) for name, ms in _tables(gm).items())
 
 
@@ -454,7 +464,8 @@ def test_disagreeing_finds_the_one_table_off_from_the_others(kernels, expected):
     tables = [1.0, 2.0, 3.0, 4.0, 5.0]
     assert disagreeing(list(zip(tables, kernels))) == expected
     assert disagreeing(list(zip([1.0, 2.0, 3.0, 4.0, 0.1], [1.0, 2.0, 3.0, 4.0, 0.5]))) == [4]  # 4% of the time
-    assert disagreeing(list(zip([100.0, 200.0, 300.0, 0.001], [100.0, 200.0, 300.0, 0.005]))) == []  # 0.001% of the time
+    # 0.001% of the time
+    assert disagreeing(list(zip([100.0, 200.0, 300.0, 0.001], [100.0, 200.0, 300.0, 0.005]))) == []
 
 
 def test_layers_are_found_among_fp32_and_int8_kernels_by_their_shapes():

@@ -108,7 +108,8 @@ def test_an_unreachable_budget_says_what_share_is_prunable():
 
 def test_a_budget_under_the_parts_smallest_plan_is_stated_of_the_whole_model():
     """The parts' planner refuses in the parts' terms; the user asked of the whole model, and is answered so."""
-    stated = r"reaches \d\.\d{3} of the whole model .* to their smallest they keep \d\.\d{3} of it\); raise the budget, or"
+    stated = (r"reaches \d\.\d{3} of the whole model .* to their smallest they keep \d\.\d{3} of it\); "
+              r"raise the budget, or")
     with pytest.raises(fxprune.BudgetError, match=stated) as raised:
         fxprune.compile(Detector().eval(), fxprune.FLOPs(0.05), _images(), progress=False, round_to=8)
     smallest = raised.value.smallest_share

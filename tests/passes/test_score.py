@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.ir.keys import IMPORTANCE_KEY
 from fxprune.errors import ScoreError
+from fxprune.ir.keys import IMPORTANCE_KEY
 from fxprune.passes.score import ScorePass, TaylorAccumulator, lamp_scores
 
 
@@ -31,7 +31,10 @@ class TwoBranch(nn.Module):
         return self.head(self.bn(self.a(x) + self.b(x)))
 
 
-def _scored(criterion, model=None, inputs=(torch.randn(1, 1, 2, 2),), **kwargs):
+_INPUTS = (torch.randn(1, 1, 2, 2),)
+
+
+def _scored(criterion, model=None, inputs=_INPUTS, **kwargs):
     gm = fxprune.analyze((model or TwoBranch()).eval(), inputs)
     ScorePass(criterion, **kwargs)(gm)
     first_layer = next(n.name for n in gm.graph.nodes if n.op == "call_module")
@@ -120,7 +123,8 @@ class Tied(nn.Module):
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.head(torch.relu(self.a(torch.relu(self.stem_a(x)))) + torch.relu(self.b(torch.relu(self.stem_b(x)))))
+        return self.head(torch.relu(self.a(torch.relu(self.stem_a(x))))
+                         + torch.relu(self.b(torch.relu(self.stem_b(x)))))
 
 
 def test_a_tied_weight_couples_its_users_and_is_scored_under_either_name():

@@ -125,7 +125,8 @@ def test_verification_names_a_module_whose_code_keeps_a_size():
 
         def forward(self, x):
             y = self.conv(x)
-            return y.view(y.shape[0], self.width, y.shape[2], y.shape[3]).mean((2, 3))  # keeps 16, whatever the conv makes
+            # keeps 16, whatever the conv makes
+            return y.view(y.shape[0], self.width, y.shape[2], y.shape[3]).mean((2, 3))
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -73,7 +73,8 @@ def test_r3d_18_is_prunable_through_the_conv3d_rule():
 class Small(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 4, 1)
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))) + 1)

@@ -13,7 +13,8 @@ def _bert():
                                      intermediate_size=128, num_labels=3)
     ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return transformers.BertForSequenceClassification(config), inputs
 
 
 def test_pruner_prunes_heads_of_a_transformer_while_it_trains():

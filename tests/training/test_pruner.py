@@ -12,9 +12,9 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.modules import Skip
-from fxprune.passes.cost import count_params, count_flops
-from fxprune.training.pruner import PrunerError, geometric_targets
+from fxprune.passes.cost import count_flops, count_params
 from fxprune.passes.refine import MARGIN
+from fxprune.training.pruner import PrunerError, geometric_targets
 from tests.doubles import CurvedEngine, SyntheticEngine
 
 
@@ -82,7 +82,8 @@ def test_a_latency_schedule_ends_on_the_budget_as_the_engine_runs_the_model(tmp_
     assert not untimed.history[-1].timed
     tables = fxprune.compile(Net(), 0.5, inputs, engine=engine, cache=tmp_path, round_to=1, refine=0, importance="l1",
                              progress=False)  # the tables alone, as the schedule read them before
-    miss = [abs(engine.model_ms(m, inputs) / engine.model_ms(Net(), inputs) / 0.5 - 1) for m in (untimed.compile(), tables)]
+    miss = [abs(engine.model_ms(m, inputs) / engine.model_ms(Net(), inputs) / 0.5 - 1)
+            for m in (untimed.compile(), tables)]
     assert miss[0] < miss[1]  # 0.442 vs 0.357 of the model when this test was written
 
 

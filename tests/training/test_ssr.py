@@ -11,8 +11,8 @@ import fxprune
 from fxprune.modules import Skip
 from fxprune.passes.cost import count_params
 from fxprune.passes.refine import MARGIN
-from tests.doubles import CurvedEngine
 from fxprune.training.ssr import SSRError
+from tests.doubles import CurvedEngine
 
 
 class Residual(nn.Module):
