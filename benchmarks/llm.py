@@ -42,14 +42,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import transformers
+from returned_latency import round_robin_ratios  # this folder's scripts run as scripts
 
 import fxprune
 from fxprune.huggingface import DecodeStep
 from fxprune.modules import Skip
 from fxprune.passes.pipeline import analyze_inputs
-from fxprune.passes.plan import uniform_plan
 from fxprune.passes.shrink import shrink_model
-from returned_latency import round_robin_ratios  # this folder's scripts run as scripts
+from fxprune.solvers.planner import uniform_plan
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 RESULTS = DOCS / "llm.json"

@@ -12,6 +12,7 @@ import torch.fx
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.budgets import Budget, Latency, UserBudget, as_budget
 from fxprune.errors import AnalysisRequiredError, BudgetError, OutputError
+from fxprune.frontends.partition import assemble, split
 from fxprune.huggingface import DecodeStep, decodes
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import Block, ChannelGroup, Plan
@@ -31,7 +32,6 @@ from fxprune.passes.budget import DEFAULT_STEP, PlanPass, parts_budget
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass, count_flops, count_params
 from fxprune.passes.latency import LatencyPass
-from fxprune.passes.partition import assemble, split
 from fxprune.passes.pipeline import (
     analyze,
     analyze_inputs,
@@ -40,10 +40,10 @@ from fxprune.passes.pipeline import (
     run_passes,
 )
 from fxprune.passes.pipeline import prune as prune_graph
-from fxprune.passes.plan import analysis, random_plan, uniform_plan, with_every_member
 from fxprune.passes.score import ScorePass
 from fxprune.passes.verify import own_model
 from fxprune.reports import GroupReport, PartReport, Report
+from fxprune.solvers.planner import analysis, random_plan, uniform_plan, with_every_member
 
 __all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune",
            "random_plan", "report", "uniform_plan", "with_every_member"]

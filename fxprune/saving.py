@@ -23,12 +23,12 @@ import torch.fx
 
 from fxprune.backends.export import double_batch
 from fxprune.errors import SaveError
+from fxprune.frontends.partition import assemble
 from fxprune.huggingface import is_hugging_face, load_folder, save_folder
 from fxprune.ir import Plan
 from fxprune.ir.capture import PARTITIONED, capture_of, flat_view, is_partitioned, structured
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
-from fxprune.passes.partition import assemble
 from fxprune.reports import Report
 from fxprune.yolo import HEADER_KEY, is_checkpoint, is_ultralytics, save_checkpoint
 

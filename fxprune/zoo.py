@@ -138,7 +138,7 @@ DETECTION_BACKBONES = {name: _backbone(name, size) for name, size in (
 
 def _detector(name: str, size: int, **options: Any) -> Callable[[], Built]:
     """A whole torchvision detector (transform, backbone, heads, post-processing) on one image: what
-    fxprune captures in parts (``passes/partition.py``)."""
+    fxprune captures in parts (``frontends/partition.py``)."""
     def build() -> Built:
         import torchvision
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming
 from fxprune.passes.pipeline import analyze
-from fxprune.passes.units import find_units
+from fxprune.rules.units import find_units
 
 
 # --- an engine whose latency is known ---------------------------------------------------------------

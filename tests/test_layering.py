@@ -19,6 +19,7 @@ LAYERS = [
     ("fxprune.ir", "fxprune.budgets", "fxprune.cache", "fxprune.modules"),
     ("fxprune.rules",),
     ("fxprune.backends",),
+    ("fxprune.frontends", "fxprune.solvers"),
     ("fxprune.passes",),
     ("fxprune.training",),
     ("fxprune.api", "fxprune.reports", "fxprune.saving", "fxprune.huggingface", "fxprune.yolo", "fxprune.testing",

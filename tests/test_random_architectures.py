@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fxprune
 from fxprune.passes.cost import count_flops
-from fxprune.passes.plan import with_every_member
+from fxprune.solvers.planner import with_every_member
 from fxprune.testing import masked_forward, randomize_parameters
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU}

@@ -70,7 +70,7 @@ import fxprune
 from examples.digits.data import digits, jittered
 from examples.models import CifarResNet
 from examples.training import loader, make_optimizer, train
-from fxprune.passes.plan import uniform_plan
+from fxprune.solvers.planner import uniform_plan
 
 IMPORTANCES = ("sp_lamp", "lamp", "l1", "l2", "bn_scale", "taylor")
 TORCH_PRUNING = ("magnitude", "lamp", "taylor", "hessian")

@@ -1,6 +1,6 @@
 """Latency engines: what a model is deployed on, and how fxprune times units and whole models there.
 
-An engine does two things: time a unit (``passes/units.py``) at a list of kept widths, and time a whole
+An engine does two things: time a unit (``rules/units.py``) at a list of kept widths, and time a whole
 model, saying how much of that time went to memory-bound ops between layers (pooling, elementwise
 products, layout changes), which shrink with the widths around them. ``identity()`` is what makes two
 measurements comparable; it is part of every cache key. A new engine (TensorRT, say) is one subclass.

@@ -88,7 +88,7 @@ class LayerLatency:
     whole model (``LatencyCalibration.context`` and ``offset_ms``): milliseconds inside this model.
     """
 
-    unit: Any  # fxprune.passes.units.Unit: the layer, the ops fused after it, its channel spaces
+    unit: Any  # fxprune.rules.units.Unit: the layer, the ops fused after it, its channel spaces
     table: LatencyTable
 
 
@@ -114,6 +114,7 @@ class LatencyCalibration:
     healed: list[str] = field(default_factory=list)  # tables timed again, and why
     busy_points: int = 0  # points timed in this call whose repeats still scattered after their retries ...
     busy_spread: float = 0.0  # ... the largest such scatter (interquartile range over median)
+    model_timing_cached: bool = False  # the whole models ran as an earlier compile timed them: its timing used
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -125,8 +126,10 @@ class LatencyCalibration:
         busy = (f"; the machine was busy: {self.busy_points} points kept with their scatter (up to "
                 f"{self.busy_spread:.0%}) after their retries, and the whole-model timings decide"
                 if self.busy_points else "")
+        cached = ("; the whole model and its reduced copy ran within 5% of their cached timing, which scales the "
+                  "tables" if self.model_timing_cached else "")
         return (f"{self.layers} layers share {self.tables} tables, {self.tables - read} timed in this run and {read} "
-                f"read from the cache{checked}{healed}; latency step {self.step} channels{busy}")
+                f"read from the cache{checked}{healed}; latency step {self.step} channels{busy}{cached}")
 
     @property
     def fixed_ms(self) -> float:

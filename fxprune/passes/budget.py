@@ -19,8 +19,8 @@ from fxprune.ir.keys import COST_KEY, IMPORTANCE_KEY, LATENCY_KEY, SOLUTION_KEY
 from fxprune.ir.solution import Solution
 from fxprune.passes.context import Context
 from fxprune.passes.latency import channel_granularity, latency_cost
-from fxprune.passes.plan import check_solver, solve_plan
 from fxprune.passes.refine import check_refine, solve_measured
+from fxprune.solvers.planner import check_solver, solve_plan
 
 DEFAULT_STEP = 8  # FLOPs and parameter budgets: widths on multiples of 8 channels unless round_to says
 

@@ -24,11 +24,11 @@ import torch.fx
 from torch.fx.graph import _PyTreeCodeGen
 
 from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
+from fxprune.frontends.fx_trace import check_weights, propagate_shapes, trace, unfed_defaults
+from fxprune.frontends.partition import partition
 from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, PARTITIONED, Capture, flat, flat_inputs
 from fxprune.ir.graph import cache_off, run_eager
 from fxprune.ir.keys import CAPTURE_KEY
-from fxprune.passes.partition import partition
-from fxprune.passes.trace import check_weights, propagate_shapes, trace, unfed_defaults
 
 CAPTURE_MODES = ("auto", FX, EXPORT, EXPORT_STRICT, PARTITIONED)
 _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export",
@@ -47,7 +47,7 @@ def capture_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: st
             concrete_args: dict[str, Any] | None = None, whole: bool = False) -> tuple[torch.fx.GraphModule, tuple]:
     """A GraphModule of a copy of ``model`` and the example call's inputs as that graph takes them.
 
-    ``mode``: ``auto`` (fx, then export, then export-strict, then the model in parts: ``passes/partition.py``),
+    ``mode``: ``auto`` (fx, then export, then export-strict, then the model in parts: ``frontends/partition.py``),
     or one path alone. ``whole``: never in parts. The Capture on ``gm.meta`` says which path took it and
     why the ones before failed.
     """
@@ -109,7 +109,7 @@ def capture_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, mode: st
 
 
 def _in_parts(model: torch.nn.Module, args: tuple, kwargs: dict, failed: list, options: dict):
-    """The model as its capturable submodules (``passes/partition.py``), each captured whole."""
+    """The model as its capturable submodules (``frontends/partition.py``), each captured whole."""
     return partition(model, args, kwargs, failed,
                      lambda module, a, k: capture(module, a, k, whole=True, **options))
 

@@ -2,7 +2,7 @@
 
 Every cost is a sum of terms ``full * prod(kept_s / size_s)`` over the channel spaces ``s`` that scale
 it. For parameters, ``full`` is a tensor's element count and the spaces are the axes the rewrite indexes
-(``passes/params.py``), which makes the count exact. For FLOPs, ``full`` is the node's count at full width
+(``rules/params.py``), which makes the count exact. For FLOPs, ``full`` is the node's count at full width
 by ``FlopCounterMode``; a rule with bilinear FLOPs (convolutions, linear layers) scales with its weight's
 input and output widths (exact), and a rule with a FLOP probe (attention) is fitted as a bilinear
 function of its widths from four counted evaluations (exact: its projections are linear in them).
@@ -31,8 +31,8 @@ from fxprune.ir.cost import CostModel, CostTerm
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import ANALYSIS_KEY, COST_KEY
 from fxprune.passes.blocks import block_spaces
-from fxprune.passes.params import parameter_axes
 from fxprune.rules import RULES, input_space
+from fxprune.rules.params import parameter_axes
 
 
 @contextmanager

@@ -43,14 +43,15 @@ from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
 from fxprune.ir.units import REFERENCE, UnitSpec
 from fxprune.passes.blocks import block_spaces
 from fxprune.passes.context import Context
-from fxprune.passes.params import tensor_axes
-from fxprune.passes.plan import uniform_plan
 from fxprune.passes.rewrite import kept_shares
-from fxprune.passes.units import Unit, find_units
+from fxprune.rules.params import tensor_axes
+from fxprune.rules.units import Unit, find_units
+from fxprune.solvers.planner import uniform_plan
 
 GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
 REDUCED_SHARE = 0.35  # the second calibration point: every group at this share of its channels
 WARM_ROUNDS = 4  # rounds of the whole model and its reduced copy when every table came from the cache
+MODEL_AGREEMENT = 0.05  # ... and within this of their cached timing, that timing is used (the same scale)
 STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
@@ -147,6 +148,7 @@ class LatencyPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         start = time.perf_counter()
         self.healed: list[str] = []
+        self.model_timing_reused = self.model_timing_stored = False
         self.busy: list[float] = []  # spreads of the points that stayed noisy through their retries in this run
         measured_before = self.cache.measured
         step = self.step()
@@ -169,8 +171,10 @@ class LatencyPass(PassBase):
             engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
             units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
             context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], reduced=reduced, tables=len(tables),
-            layers=len(units), tables_measured=self.cache.measured - measured_before, tables_checked=checked,
+            layers=len(units), tables_measured=self.cache.measured - measured_before - self.model_timing_stored,
+            tables_checked=checked,
             healed=self.healed, busy_points=len(self.busy), busy_spread=max(self.busy, default=0.0),
+            model_timing_cached=self.model_timing_reused,
             seconds=time.perf_counter() - start)
         return PassResult(graph_module, modified=False)
 
@@ -179,10 +183,12 @@ class LatencyPass(PassBase):
         """Every distinct table (from the cache or measured, with a progress bar), the timing of the whole
         model and of a copy ``reduced`` prunes, and the whole model's kernels as profiled now.
 
-        The whole models are timed in every compile, never read from the cache: they scale the tables
-        into this model's milliseconds now, and their profile checks the tables. Both are timed in
-        interleaved rounds spread over the table build: on a machine whose speed comes and goes, the
-        fastest of rounds far apart is the quiet latency.
+        The whole models are timed in every compile: they scale the tables into this model's milliseconds
+        now, and their profile checks the tables. Both are timed in interleaved rounds spread over the
+        table build: on a machine whose speed comes and goes, the fastest of rounds far apart is the quiet
+        latency. Where every table came from the cache and both models run within MODEL_AGREEMENT of the
+        timing cached by an earlier compile, that timing is used as it is: the tables scale as they did
+        then, the same plans are solved, and their cached timings stand (a warm compile times no plan).
         """
         distinct = {_digest(key): key for key in keys.values()}
         tables: dict[str, LatencyTable] = {}
@@ -206,13 +212,21 @@ class LatencyPass(PassBase):
             while len(rounds) < wanted:
                 time_a_round()
             fastest = np.min(rounds, axis=0)
+            key = {"kind": "model", "engine": self.engine.identity(), "model": self.context.digest(gm),
+                   "reduced": reduced.to_json(), "protocol": self._protocol()}
+            cached = self.cache.lookup(key, _model_timing) if len(rounds) == WARM_ROUNDS else None
+            if cached is not None and all(abs(ms / cached[f"{prefix}ms"] - 1) <= MODEL_AGREEMENT
+                                          for prefix, ms in zip(("", "reduced_"), fastest)):
+                self.model_timing_reused = True
+                return tables, cached, models[0].kernels()  # the machine runs both as it did: the same scale
             parts = {}
             for prefix, ms, model in zip(("", "reduced_"), fastest, models):
                 memory, overhead = model.split()
                 parts.update({f"{prefix}ms": float(ms), f"{prefix}memory_ms": ms * memory,
                               f"{prefix}overhead_ms": ms * overhead})
             kernels = models[0].kernels()
-        return tables, _model_timing(parts), kernels
+        self.model_timing_stored = True
+        return tables, self.cache.store(key, parts, _model_timing), kernels
 
     def _check(self, units: list[Unit], keys: dict[int, dict], tables: dict[str, LatencyTable],
                kernels: list[KernelTime] | None) -> int:

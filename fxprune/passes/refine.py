@@ -33,8 +33,8 @@ from fxprune.ir.keys import LATENCY_KEY
 from fxprune.ir.latency import LatencyCalibration
 from fxprune.ir.solution import LatencyPoint, MeasuredSolve, PlanResult
 from fxprune.passes.context import Context
-from fxprune.passes.plan import nearest_plan, solve_plan
 from fxprune.passes.rewrite import kept_shares
+from fxprune.solvers.planner import nearest_plan, solve_plan
 
 # One plan timed in two sessions moves by a few percent (docs/latency_model.md). A plan is aimed MARGIN
 # under the budget, so a second timing stays within it, and a timed plan is kept as it is when it

@@ -1,7 +1,7 @@
 """Rewrite pass: build a new, physically smaller GraphModule from an analysed one and a Plan.
 
 Works on a deep copy, so the analysed graph (and the user's model behind it) is only read. Every tensor
-axis a rule lists (``passes/params.py``) is indexed with ``index_select`` into a new tensor; then each
+axis a rule lists (``rules/params.py``) is indexed with ``index_select`` into a new tensor; then each
 node's rule updates the op's own fields (``in_channels``, ``groups``, view sizes, split sizes).
 """
 
@@ -19,8 +19,8 @@ from fxprune.errors import AnalysisRequiredError, PlanError
 from fxprune.ir import graph
 from fxprune.ir.channels import Block, Plan
 from fxprune.ir.keys import ANALYSIS_KEY, CAPTURE_KEY, PLAN_KEY
-from fxprune.passes.params import tensor_axes
 from fxprune.rules import RULES, Kept
+from fxprune.rules.params import tensor_axes
 
 
 def keep_masks(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, np.ndarray]:

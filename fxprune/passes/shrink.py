@@ -21,10 +21,10 @@ from fxprune.ir import graph
 from fxprune.ir.channels import Block, Plan
 from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.blocks import emptied_modules
-from fxprune.passes.params import tensor_axes
-from fxprune.passes.plan import analysis
 from fxprune.passes.rewrite import keep_masks, kept_positions
 from fxprune.rules import RULES, Kept, TensorAxis, resize_attributes
+from fxprune.rules.params import tensor_axes
+from fxprune.solvers.planner import analysis
 
 
 def shrink_model(model: nn.Module, gm: torch.fx.GraphModule, plan: Plan) -> nn.Module:

@@ -28,10 +28,10 @@ from fxprune.ir.channels import Plan
 from fxprune.ir.graph import inference
 from fxprune.ir.keys import CAPTURE_KEY, PLAN_KEY, REPORT_KEY
 from fxprune.passes.cost import count_params
-from fxprune.passes.params import tensor_axes
-from fxprune.passes.plan import analysis
 from fxprune.passes.rewrite import keep_masks
 from fxprune.passes.shrink import shrink_model
+from fxprune.rules.params import tensor_axes
+from fxprune.solvers.planner import analysis
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from fxprune.budgets import Budget
 from fxprune.errors import FxpruneError
+from fxprune.frontends.partition import assemble, split
 from fxprune.ir.capture import is_partitioned, structured
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import COST_KEY, LATENCY_KEY
@@ -27,13 +28,12 @@ from fxprune.ir.solution import MeasuredSolve, PlanResult
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass
 from fxprune.passes.latency import LatencyPass, latency_cost
-from fxprune.passes.params import parameter_axes
-from fxprune.passes.partition import assemble, split
 from fxprune.passes.pipeline import analyze_inputs, infer_example_inputs, prune
-from fxprune.passes.plan import analysis, solve_plan
 from fxprune.passes.refine import solve_measured
 from fxprune.passes.verify import own_model
 from fxprune.rules import TensorAxis
+from fxprune.rules.params import parameter_axes
+from fxprune.solvers.planner import analysis, solve_plan
 
 BLOCKS = -1  # the key of the removable blocks' keep mask among the groups' (whose ids count from 0)
 

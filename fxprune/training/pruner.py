@@ -36,9 +36,9 @@ from fxprune.budgets import UserBudget, as_budget
 from fxprune.errors import PrunerError
 from fxprune.ir.channels import Plan
 from fxprune.ir.keys import IMPORTANCE_KEY
-from fxprune.passes.plan import nearest_plan
 from fxprune.passes.refine import Correction, calibration_points, check_refine
 from fxprune.passes.score import CRITERIA, ScorePass, TaylorAccumulator
+from fxprune.solvers.planner import nearest_plan
 from fxprune.training.live import BLOCKS, LiveModel, rank
 
 

@@ -25,9 +25,9 @@ import torch.nn as nn
 from fxprune.budgets import UserBudget, as_budget
 from fxprune.errors import SSRError
 from fxprune.ir.channels import Plan
-from fxprune.passes.plan import with_every_member
 from fxprune.passes.refine import check_refine
 from fxprune.rules import TensorAxis
+from fxprune.solvers.planner import with_every_member
 from fxprune.training.live import LiveModel
 
 NORMS = ("l21", "l20")

@@ -23,6 +23,7 @@ from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.ir.units import REFERENCE, Activation, UnitSpec
 from fxprune.passes.context import Context
 from fxprune.passes.latency import (
+    MODEL_AGREEMENT,
     RETRIES,
     UNMEASURED_SPREAD,
     LatencyPass,
@@ -33,7 +34,7 @@ from fxprune.passes.latency import (
     disagreeing,
     latency_cost,
 )
-from fxprune.passes.units import find_units
+from fxprune.rules.units import find_units
 from tests.doubles import SyntheticEngine
 
 
@@ -415,6 +416,31 @@ def test_a_table_timed_on_a_busy_machine_is_timed_at_most_twice_more_and_then_re
     second = _run(_analysed(), again, LatencyCache(tmp_path))
     assert again.unit_calls == 0 and second.tables_measured == 0 and not second.healed
     assert second.busy_points == 0 and "busy" not in second.summary()
+
+
+class Slower(SyntheticEngine):
+    """The known engine on a machine running every whole model ``factor`` x slower."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def model_ms(self, module, example_inputs) -> float:
+        return super().model_ms(module, example_inputs) * self.factor
+
+
+def test_a_warm_compile_whose_whole_models_run_as_cached_uses_their_cached_timing(tmp_path):
+    """The scale of the tables (the whole model and its reduced copy) is reused where this run times both
+    within MODEL_AGREEMENT of the cached timing, so a warm compile solves the same plans; a machine that
+    runs them otherwise scales the tables by this run's timing."""
+    first = _run(_analysed(), SyntheticEngine(), LatencyCache(tmp_path))
+    assert not first.model_timing_cached
+    second = _run(_analysed(), Slower(1 + MODEL_AGREEMENT / 2), LatencyCache(tmp_path))
+    assert second.model_timing_cached and "cached timing" in second.summary()
+    assert (second.measured_ms, second.reduced_ms) == (first.measured_ms, first.reduced_ms)
+    third = _run(_analysed(), Slower(1 + 2 * MODEL_AGREEMENT), LatencyCache(tmp_path))
+    assert not third.model_timing_cached
+    assert third.measured_ms == pytest.approx(first.measured_ms * (1 + 2 * MODEL_AGREEMENT))
 
 
 class StaleOnce(SyntheticEngine):

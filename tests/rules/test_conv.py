@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
+from fxprune.frontends.fx_trace import propagate_shapes
 from fxprune.passes.dependency import DependencyPass
-from fxprune.passes.trace import propagate_shapes
 from fxprune.rules import RULES
 from fxprune.testing import masked_forward, randomize_parameters
 

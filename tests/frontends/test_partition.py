@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.passes.partition import assemble, split
+from fxprune.frontends.partition import assemble, split
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxprune.errors import BudgetError, SolverError
-from fxprune.passes.solve import Choice, KnapsackResult, solve_group_knapsack, solve_halp
+from fxprune.solvers.knapsack import Choice, KnapsackResult, solve_group_knapsack, solve_halp
 
 SOLVERS = [solve_group_knapsack, solve_halp]
 

@@ -1,4 +1,4 @@
-"""Plan pass: turn importance and a cost model into a Plan that meets a budget.
+"""The planner: turn importance and a cost model into a Plan that meets a budget.
 
 Each prunable group is one knapsack class whose options are "keep the top-k channels" for k on a grid.
 A cost term (a layer's FLOPs, a tensor's size) depends on the widths of its input and output groups,
@@ -23,7 +23,7 @@ from fxprune.ir.channels import Analysis, Block, ChannelGroup, ChannelSpace, Pla
 from fxprune.ir.cost import CostModel
 from fxprune.ir.keys import ANALYSIS_KEY, IMPORTANCE_KEY
 from fxprune.ir.solution import PlanResult
-from fxprune.passes.solve import Choice, solve_group_knapsack, solve_halp
+from fxprune.solvers.knapsack import Choice, solve_group_knapsack, solve_halp
 
 SOLVERS = {"sp_lamp": solve_group_knapsack, "halp": solve_halp}
 BELOW_STEP = 4  # below_step: keep counts under the first step on multiples of 1/BELOW_STEP of it

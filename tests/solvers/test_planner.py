@@ -8,11 +8,11 @@ from torch import nn
 
 from fxprune.errors import BudgetError
 from fxprune.ir.keys import COST_KEY
-from fxprune.passes import plan as planner
 from fxprune.passes.cost import CostPass
 from fxprune.passes.pipeline import analyze, run_passes
 from fxprune.passes.score import ScorePass
-from fxprune.passes.solve import solve_group_knapsack
+from fxprune.solvers import planner
+from fxprune.solvers.knapsack import solve_group_knapsack
 
 
 def test_a_budget_at_the_smallest_plan_never_fails_when_re_solves_overshoot(monkeypatch):

@@ -1,4 +1,4 @@
-"""Trace pass: symbolic tracing with torch.fx, then shape propagation on example inputs.
+"""The torch.fx front end: symbolic tracing, then shape propagation on example inputs.
 
 Results on the graph: ``node.meta["tensor_meta"]`` (from ShapeProp) and, for nodes that produce small
 non-tensor values such as sizes, ``node.meta["fxprune_value"]`` so later passes can replay shape ops.

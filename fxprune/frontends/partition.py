@@ -29,10 +29,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fxprune.errors import CaptureError
+from fxprune.frontends.fx_trace import propagate_shapes
 from fxprune.ir.capture import FX, PART_KEY, PARTITIONED, Capture, Part, capture_of, flat_inputs, structured
 from fxprune.ir.graph import attribute, inference, run_eager, target_name
 from fxprune.ir.keys import CAPTURE_KEY
-from fxprune.passes.trace import propagate_shapes
 
 PART_OUTPUT_KEY = "part_output"  # node.meta: the (part, leaf) outputs a node of the stitched graph is
 # reads of a tensor that do not depend on its values or channel contents beyond its shape

@@ -1,4 +1,4 @@
-"""Solver pass: pick one keep count per channel group, maximizing importance under a cost budget.
+"""Group knapsack solvers: pick one keep count per channel group, maximizing importance under a cost budget.
 
 Two exact dynamic programs over a discretized budget share the same discretization, so on the same
 instance they reach the same optimum: ``solve_group_knapsack`` (SP-LAMP's multiple-choice knapsack,
