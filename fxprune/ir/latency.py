@@ -126,8 +126,8 @@ class LatencyCalibration:
         busy = (f"; the machine was busy: {self.busy_points} points kept with their scatter (up to "
                 f"{self.busy_spread:.0%}) after their retries, and the whole-model timings decide"
                 if self.busy_points else "")
-        cached = ("; the whole model and its reduced copy ran within 5% of their cached timing, which scales the "
-                  "tables" if self.model_timing_cached else "")
+        cached = ("; the reduced copy's share of the whole model agreed with an earlier compile's timing, which "
+                  "scales the tables" if self.model_timing_cached else "")
         return (f"{self.layers} layers share {self.tables} tables, {self.tables - read} timed in this run and {read} "
                 f"read from the cache{checked}{healed}; latency step {self.step} channels{busy}{cached}")
 

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
-from fxprune.backends.engines import QUANTILE, ROUNDS, KernelTime
+from fxprune.backends.engines import QUANTILE, ROUNDS, KernelTime, spread
 from fxprune.errors import AnalysisRequiredError, LatencyError
 from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace, Plan
@@ -51,7 +51,8 @@ from fxprune.solvers.planner import uniform_plan
 GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
 REDUCED_SHARE = 0.35  # the second calibration point: every group at this share of its channels
 WARM_ROUNDS = 4  # rounds of the whole model and its reduced copy when every table came from the cache
-MODEL_AGREEMENT = 0.05  # ... and within this of their cached timing, that timing is used (the same scale)
+MODEL_AGREEMENT = 0.03  # ... and the reduced copy's share of the whole model within this (or twice the spread
+# of this run's per-round shares) of the cached timing's, that timing is used: the tables scale as they did
 STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
@@ -186,9 +187,12 @@ class LatencyPass(PassBase):
         The whole models are timed in every compile: they scale the tables into this model's milliseconds
         now, and their profile checks the tables. Both are timed in interleaved rounds spread over the
         table build: on a machine whose speed comes and goes, the fastest of rounds far apart is the quiet
-        latency. Where every table came from the cache and both models run within MODEL_AGREEMENT of the
-        timing cached by an earlier compile, that timing is used as it is: the tables scale as they did
-        then, the same plans are solved, and their cached timings stand (a warm compile times no plan).
+        latency. Where every table came from the cache and the reduced copy's share of the whole model is
+        within MODEL_AGREEMENT (or twice the scatter of this run's per-round shares) of the one an earlier
+        compile cached, that timing is used as it is: a machine uniformly faster or slower changes no share,
+        while contention, which slows a small model more than a large one, moves this one. The tables then
+        scale as they did, the same plans are solved, and their cached timings stand (a warm compile times
+        no plan).
         """
         distinct = {_digest(key): key for key in keys.values()}
         tables: dict[str, LatencyTable] = {}
@@ -215,8 +219,10 @@ class LatencyPass(PassBase):
             key = {"kind": "model", "engine": self.engine.identity(), "model": self.context.digest(gm),
                    "reduced": reduced.to_json(), "protocol": self._protocol()}
             cached = self.cache.lookup(key, _model_timing) if len(rounds) == WARM_ROUNDS else None
-            if cached is not None and all(abs(ms / cached[f"{prefix}ms"] - 1) <= MODEL_AGREEMENT
-                                          for prefix, ms in zip(("", "reduced_"), fastest)):
+            ratios = [reduced_ms / full_ms for full_ms, reduced_ms in rounds]
+            tolerance = max(MODEL_AGREEMENT, 2 * spread(ratios))  # this run's own scatter, at the least 3%
+            if cached is not None and abs(float(np.median(ratios)) / (cached["reduced_ms"] / cached["ms"]) - 1) \
+                    <= tolerance:
                 self.model_timing_reused = True
                 return tables, cached, models[0].kernels()  # the machine runs both as it did: the same scale
             parts = {}

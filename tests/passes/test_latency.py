@@ -418,29 +418,32 @@ def test_a_table_timed_on_a_busy_machine_is_timed_at_most_twice_more_and_then_re
     assert second.busy_points == 0 and "busy" not in second.summary()
 
 
-class Slower(SyntheticEngine):
-    """The known engine on a machine running every whole model ``factor`` x slower."""
+class Contended(SyntheticEngine):
+    """The known engine on a machine running every whole model ``factor`` x slower, and models smaller
+    than ``full_params`` a further ``small`` x (contention slows a small model more than a large one)."""
 
-    def __init__(self, factor: float) -> None:
+    def __init__(self, factor: float, small: float = 1.0, full_params: int = 0) -> None:
         super().__init__()
-        self.factor = factor
+        self.factor, self.small, self.full_params = factor, small, full_params
 
     def model_ms(self, module, example_inputs) -> float:
-        return super().model_ms(module, example_inputs) * self.factor
+        ms = super().model_ms(module, example_inputs) * self.factor
+        return ms * self.small if sum(p.numel() for p in module.parameters()) < self.full_params else ms
 
 
-def test_a_warm_compile_whose_whole_models_run_as_cached_uses_their_cached_timing(tmp_path):
-    """The scale of the tables (the whole model and its reduced copy) is reused where this run times both
-    within MODEL_AGREEMENT of the cached timing, so a warm compile solves the same plans; a machine that
-    runs them otherwise scales the tables by this run's timing."""
+def test_a_warm_compile_whose_models_run_as_cached_uses_their_cached_timing(tmp_path):
+    """The scale of the tables (the whole model and its reduced copy) is reused where this run times the
+    reduced copy's share of the whole model as the cached timing did, however fast the machine runs now, so a
+    warm compile solves the same plans; contention that moves that share makes this run's timing scale them."""
     first = _run(_analysed(), SyntheticEngine(), LatencyCache(tmp_path))
     assert not first.model_timing_cached
-    second = _run(_analysed(), Slower(1 + MODEL_AGREEMENT / 2), LatencyCache(tmp_path))
-    assert second.model_timing_cached and "cached timing" in second.summary()
+    second = _run(_analysed(), Contended(1.5), LatencyCache(tmp_path))  # uniformly slower: no share moves
+    assert second.model_timing_cached and "earlier compile's timing" in second.summary()
     assert (second.measured_ms, second.reduced_ms) == (first.measured_ms, first.reduced_ms)
-    third = _run(_analysed(), Slower(1 + 2 * MODEL_AGREEMENT), LatencyCache(tmp_path))
+    full_params = sum(p.numel() for p in _analysed().parameters())
+    third = _run(_analysed(), Contended(1.0, 1 + 2 * MODEL_AGREEMENT, full_params), LatencyCache(tmp_path))
     assert not third.model_timing_cached
-    assert third.measured_ms == pytest.approx(first.measured_ms * (1 + 2 * MODEL_AGREEMENT))
+    assert third.reduced_ms == pytest.approx(first.reduced_ms * (1 + 2 * MODEL_AGREEMENT))
 
 
 class StaleOnce(SyntheticEngine):
