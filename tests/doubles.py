@@ -95,6 +95,19 @@ class CurvedEngine(SyntheticEngine):
         return super().model_ms(module, example_inputs) ** 1.5
 
 
+class Contended(CurvedEngine):
+    """The curved engine on a busier machine: every whole model runs ``factor`` x slower, and models with fewer
+    parameters than ``full_params`` a further ``small`` x (contention slows a small model more than a large one)."""
+
+    def __init__(self, factor: float, small: float = 1.0, full_params: int = 0) -> None:
+        super().__init__()
+        self.factor, self.small, self.full_params = factor, small, full_params
+
+    def model_ms(self, module, example_inputs) -> float:
+        ms = super().model_ms(module, example_inputs) * self.factor
+        return ms * self.small if sum(p.numel() for p in module.parameters()) < self.full_params else ms
+
+
 def tiny_cnn() -> torch.nn.Module:
     """A small convolutional classifier (for the command line's tests: ``tests.doubles:tiny_cnn``)."""
     nn = torch.nn

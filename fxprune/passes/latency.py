@@ -149,7 +149,7 @@ class LatencyPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         start = time.perf_counter()
         self.healed: list[str] = []
-        self.model_timing_reused = self.model_timing_stored = False
+        self.model_timing_reused = False
         self.busy: list[float] = []  # spreads of the points that stayed noisy through their retries in this run
         measured_before = self.cache.measured
         step = self.step()
@@ -172,8 +172,8 @@ class LatencyPass(PassBase):
             engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
             units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
             context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], reduced=reduced, tables=len(tables),
-            layers=len(units), tables_measured=self.cache.measured - measured_before - self.model_timing_stored,
-            tables_checked=checked,
+            layers=len(units), tables_checked=checked,  # the model timing, stored unless reused, is no table
+            tables_measured=self.cache.measured - measured_before - (not self.model_timing_reused),
             healed=self.healed, busy_points=len(self.busy), busy_spread=max(self.busy, default=0.0),
             model_timing_cached=self.model_timing_reused,
             seconds=time.perf_counter() - start)
@@ -218,20 +218,16 @@ class LatencyPass(PassBase):
             fastest = np.min(rounds, axis=0)
             key = {"kind": "model", "engine": self.engine.identity(), "model": self.context.digest(gm),
                    "reduced": reduced.to_json(), "protocol": self._protocol()}
+            kernels = models[0].kernels()
             cached = self.cache.lookup(key, _model_timing) if len(rounds) == WARM_ROUNDS else None
-            ratios = [reduced_ms / full_ms for full_ms, reduced_ms in rounds]
-            tolerance = max(MODEL_AGREEMENT, 2 * spread(ratios))  # this run's own scatter, at the least 3%
-            if cached is not None and abs(float(np.median(ratios)) / (cached["reduced_ms"] / cached["ms"]) - 1) \
-                    <= tolerance:
+            if cached is not None and _same_share(rounds, cached):
                 self.model_timing_reused = True
-                return tables, cached, models[0].kernels()  # the machine runs both as it did: the same scale
+                return tables, cached, kernels  # the machine runs both as it did: the same scale
             parts = {}
             for prefix, ms, model in zip(("", "reduced_"), fastest, models):
                 memory, overhead = model.split()
                 parts.update({f"{prefix}ms": float(ms), f"{prefix}memory_ms": ms * memory,
                               f"{prefix}overhead_ms": ms * overhead})
-            kernels = models[0].kernels()
-        self.model_timing_stored = True
         return tables, self.cache.store(key, parts, _model_timing), kernels
 
     def _check(self, units: list[Unit], keys: dict[int, dict], tables: dict[str, LatencyTable],
@@ -422,6 +418,14 @@ def _model_timing(value: dict) -> dict:
                 and memory + overhead <= ms * (1 + 1e-9)):
             raise ValueError(f"implausible model timing {value}")
     return parts
+
+
+def _same_share(rounds: list[list[float]], cached: dict) -> bool:
+    """Whether the reduced copy's share of the whole model, per round of this run (their median), is within
+    MODEL_AGREEMENT, or twice the scatter of those shares, of the share in the ``cached`` timing."""
+    shares = [reduced_ms / full_ms for full_ms, reduced_ms in rounds]
+    tolerance = max(MODEL_AGREEMENT, 2 * spread(shares))
+    return abs(float(np.median(shares)) / (cached["reduced_ms"] / cached["ms"]) - 1) <= tolerance
 
 
 def _fit(full: float, reduced: float, timing: dict, units: int, smallest: float) -> tuple[float, float]:

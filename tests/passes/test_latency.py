@@ -35,7 +35,7 @@ from fxprune.passes.latency import (
     latency_cost,
 )
 from fxprune.rules.units import find_units
-from tests.doubles import SyntheticEngine
+from tests.doubles import Contended, SyntheticEngine
 
 
 # --- tables ---------------------------------------------------------------------------------------------
@@ -418,24 +418,11 @@ def test_a_table_timed_on_a_busy_machine_is_timed_at_most_twice_more_and_then_re
     assert second.busy_points == 0 and "busy" not in second.summary()
 
 
-class Contended(SyntheticEngine):
-    """The known engine on a machine running every whole model ``factor`` x slower, and models smaller
-    than ``full_params`` a further ``small`` x (contention slows a small model more than a large one)."""
-
-    def __init__(self, factor: float, small: float = 1.0, full_params: int = 0) -> None:
-        super().__init__()
-        self.factor, self.small, self.full_params = factor, small, full_params
-
-    def model_ms(self, module, example_inputs) -> float:
-        ms = super().model_ms(module, example_inputs) * self.factor
-        return ms * self.small if sum(p.numel() for p in module.parameters()) < self.full_params else ms
-
-
 def test_a_warm_compile_whose_models_run_as_cached_uses_their_cached_timing(tmp_path):
     """The scale of the tables (the whole model and its reduced copy) is reused where this run times the
     reduced copy's share of the whole model as the cached timing did, however fast the machine runs now, so a
     warm compile solves the same plans; contention that moves that share makes this run's timing scale them."""
-    first = _run(_analysed(), SyntheticEngine(), LatencyCache(tmp_path))
+    first = _run(_analysed(), Contended(1.0), LatencyCache(tmp_path))
     assert not first.model_timing_cached
     second = _run(_analysed(), Contended(1.5), LatencyCache(tmp_path))  # uniformly slower: no share moves
     assert second.model_timing_cached and "earlier compile's timing" in second.summary()

@@ -7,7 +7,7 @@ import torch
 import fxprune
 from fxprune.passes import refine as refine_pass
 from fxprune.passes.refine import MARGIN, Correction, LatencyPoint
-from tests.doubles import CurvedEngine, SyntheticEngine, tiny_cnn
+from tests.doubles import Contended, CurvedEngine, SyntheticEngine, tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 
@@ -127,28 +127,14 @@ def test_a_cached_plan_timing_whose_pairs_scattered_is_timed_again(tmp_path):
     assert engine.deployed == deployed + 2  # the full model and its reduced copy: the plan's timing stands
 
 
-class DriftedCacheEngine(CurvedEngine):
-    """A busier machine: the full model runs ``slowdown`` x the curved engine's time and a plan ``drift`` x
-    that (a contended machine slows models unalike)."""
-
-    name = "synthetic-drifted"
-
-    def __init__(self, full: torch.nn.Module, drift: float, slowdown: float = 1.0) -> None:
-        super().__init__()
-        self.full_params, self.drift, self.slowdown = sum(p.numel() for p in full.parameters()), drift, slowdown
-
-    def model_ms(self, module, example_inputs) -> float:
-        ms = super().model_ms(module, example_inputs) * self.slowdown
-        return ms * self.drift if sum(p.numel() for p in module.parameters()) < self.full_params else ms
-
-
 def test_the_plan_returned_is_read_by_this_runs_timing_not_a_cached_one(tmp_path):
     model = tiny_cnn().eval()
-    engine = DriftedCacheEngine(model, 0.8, 1.3)  # the cache is written where the full model ran 1.3 x and every
+    # the cache is written where the full model ran 1.3 x and every plan 0.8 x as long (relative) as they do now
+    engine = Contended(1.3, 0.8, sum(p.numel() for p in model.parameters()))
     compile_ = lambda: fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path, round_to=1,  # noqa: E731
-                                       refine=3, progress=False)  # plan 0.8 x as long (relative) as they do now
+                                       refine=3, progress=False)
     compile_()
-    engine.drift = engine.slowdown = 1.0
+    engine.factor = engine.small = 1.0
     again = compile_()
     share = _true_share(CurvedEngine(), again, model)
     report = fxprune.report(again)
