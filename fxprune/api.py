@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+from dataclasses import replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -10,10 +12,11 @@ import torch
 import torch.fx
 
 from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
+from fxprune.backends.registry import get_engine
 from fxprune.budgets import Budget, Latency, UserBudget, as_budget
-from fxprune.errors import AnalysisRequiredError, BudgetError, OutputError
+from fxprune.errors import AnalysisRequiredError, BudgetError, ExampleInputsError, OutputError
 from fxprune.frontends.partition import assemble, split
-from fxprune.huggingface import DecodeStep, decodes
+from fxprune.huggingface import DecodeStep, Prefill, decodes
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import Block, ChannelGroup, Plan
 from fxprune.ir.graph import channels as channels_of
@@ -121,7 +124,11 @@ def compile(
     then torch.export non-strict, then strict), ``"fx"``, ``"export"`` or ``"export-strict"``. The
     module returned is called like ``model`` and returns the same structure.
     """
+    options = {name: value for name, value in locals().items()  # what a decoder's both-phase compile passes on
+               if name not in ("model", "budget", "example_inputs", "example_kwargs")}
     budget = as_budget(budget)
+    if isinstance(budget, Latency) and _phase(model, budget) == "both":
+        return _both_phases(model, budget, example_inputs, example_kwargs, options)
     if output not in ("module", "graph"):
         raise OutputError(f"output={output!r}: compile returns output='module' (the model's own class, "
                                  "smaller) or output='graph' (the pruned GraphModule)")
@@ -179,6 +186,62 @@ def compile(
         report.blocks_removed = [path.removeprefix("model.") for path in report.blocks_removed]
         return returned.model
     return returned
+
+
+def _phase(model: torch.nn.Module, budget: Latency) -> str:
+    """The phase a latency budget times: the one given, or for ``phase=None`` both of a decoder's (its prefill
+    and one decode step) and any other model's forward."""
+    if decodes(model):
+        return budget.phase or "both"
+    if budget.phase == "both":
+        raise BudgetError(f"Latency(phase='both') times a Hugging Face decoder's prefill and decode step; a "
+                          f"{type(model).__name__} is none: give Latency(fraction) alone")
+    if budget.phase is not None:
+        return budget.phase
+    if budget.tokens is not None or budget.batch is not None:
+        raise BudgetError(f"Latency(tokens=..., batch=...) sets a decoder's decode step; a {type(model).__name__} "
+                          "is none: give Latency(fraction) alone")
+    return "prefill"
+
+
+BOTH_TRIES = 3  # decode-step solves a both-phase budget may take, each lowered by the prefill's excess
+
+
+def _both_phases(model: torch.nn.Module, budget: Latency, example_inputs: Any, example_kwargs: dict | None,
+                 options: dict[str, Any]) -> torch.nn.Module:
+    """A decoder within ``budget`` in both phases: the decode step is solved (a step's time is mostly weight
+    reads and per-op overhead, which thinning cuts less than a prefill's compute, so decode usually binds),
+    then the returned model's prefill of the example is timed against the model's; where it is over, the
+    decode budget is lowered by its excess and solved again."""
+    if budget.fraction is None:
+        raise BudgetError(f"{budget}: milliseconds name one phase of a decoder; give phase='prefill' or "
+                          "'decode', or a fraction (Latency(0.5)) for both")
+    if example_inputs is None and not example_kwargs:
+        raise ExampleInputsError("a decoder's latency budget needs example inputs: pass {'input_ids': ids}")
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    prompt = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    engine = get_engine(options["engine"], options["threads"], check=True)
+    decode, prefill_share = budget.of_phase("decode"), None
+    with engine.deploy(Prefill(model, list(prompt)), tuple(prompt.values())) as full:
+        for _ in range(BOTH_TRIES):
+            pruned = compile(model, decode, example_inputs, example_kwargs=example_kwargs, **options)
+            if not isinstance(pruned, type(model)):  # the step's pruned graph: it has no prefill to time
+                break
+            with engine.deploy(Prefill(pruned, list(prompt)), tuple(prompt.values())) as after:
+                _, (prefill_share,) = engine.time_shares(full.run, [after.run])
+            if prefill_share <= budget.share(1.0):
+                break
+            decode = replace(decode, fraction=decode.share(1.0) * budget.share(1.0) / prefill_share)
+    summary = report(pruned)
+    summary.budget, summary.prefill_share = str(replace(budget, phase="both")), prefill_share
+    summary.notes.append(
+        f"both phases: the decode step solved to {decode.share(1.0):.3f}; the prefill of the example measured "
+        f"{prefill_share:.3f} of the model's" if prefill_share is not None else
+        "both phases: the decode step only (the step's pruned graph was returned, so no prefill was timed)")
+    if prefill_share is not None and round(prefill_share, 3) > round(budget.share(1.0), 3):
+        summary.notes.append(f"the prefill is over the budget after {BOTH_TRIES} decode solves: compile with "
+                            "phase='prefill' to hold it, or ask for a little less")
+    return pruned
 
 
 def _decode_step(model: torch.nn.Module, budget: Latency, example_inputs: Any,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fxprune.errors import BudgetError
 
@@ -16,34 +16,37 @@ def _check_fraction(value, what: str) -> float:
     return float(value)
 
 
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "both")
 
 
 @dataclass(frozen=True)
 class Latency:
     """A latency budget: a share of the baseline latency on the engine, or absolute milliseconds.
 
-    ``phase="decode"`` (Hugging Face decoders): the latency of one generated token given a key-value cache of
-    ``tokens`` past tokens (default: the example's length) at ``batch`` (default: the example's), not of a
-    forward over the example (``"prefill"``)."""
+    ``phase`` (Hugging Face decoders): ``"decode"``, the latency of one generated token given a key-value cache
+    of ``tokens`` past tokens (default: the example's length) at ``batch`` (default: the example's);
+    ``"prefill"``, a forward over the example; ``"both"``, the larger share of the two (a decoder's default,
+    ``None``: any other model has one phase, its forward)."""
 
     fraction: float | None = None
     ms: float | None = None
-    phase: str = "prefill"
+    phase: str | None = None
     tokens: int | None = None
     batch: int | None = None
     metric = "latency"
 
     def __post_init__(self) -> None:
-        if self.phase not in PHASES:
+        if self.phase is not None and self.phase not in PHASES:
             raise BudgetError(f"Latency(phase={self.phase!r}): a decoder's latency is 'prefill' (one forward of the "
-                              "example's tokens, the default) or 'decode' (one token with a key-value cache)")
+                              "example's tokens), 'decode' (one token with a key-value cache) or 'both' (the "
+                              "larger share of the two: a decoder's default)")
         for name in ("tokens", "batch"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise BudgetError(f"Latency({name}={value!r}) must be a positive whole number")
-            if value is not None and self.phase != "decode":
-                raise BudgetError(f"Latency({name}=...) sets the decode step: give it with phase='decode'")
+            if value is not None and self.phase == "prefill":
+                raise BudgetError(f"Latency({name}=...) sets the decode step: give it with phase='decode' or "
+                                  "'both'")
         if (self.fraction is None) == (self.ms is None):
             raise BudgetError("give Latency exactly one of a fraction (Latency(0.5)) or milliseconds "
                               "(Latency(ms=4.0))")
@@ -54,6 +57,12 @@ class Latency:
 
     def capacity(self, baseline: float) -> float:
         return baseline * self.fraction if self.fraction is not None else self._ms()
+
+    def of_phase(self, phase: str) -> "Latency":
+        """This budget for one phase (a decode step keeps ``tokens`` and ``batch``)."""
+        if phase == "decode":
+            return replace(self, phase=phase)
+        return replace(self, phase=phase, tokens=None, batch=None)
 
     def share(self, baseline: float) -> float:
         """The budget as a share of ``baseline``: the fraction given, exactly, where one was."""
@@ -66,9 +75,9 @@ class Latency:
 
     def __str__(self) -> str:
         value = f"{self.fraction}" if self.fraction is not None else f"ms={self.ms}"
-        if self.phase == "decode":
-            value += ", phase='decode'" + "".join(f", {n}={getattr(self, n)}" for n in ("tokens", "batch")
-                                                   if getattr(self, n) is not None)
+        if self.phase is not None:
+            value += f", phase={self.phase!r}" + "".join(f", {n}={getattr(self, n)}" for n in ("tokens", "batch")
+                                                         if getattr(self, n) is not None)
         return f"Latency({value})"
 
 

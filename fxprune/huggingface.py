@@ -152,6 +152,18 @@ class DecodeStep(nn.Module):
         return self.model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True).logits
 
 
+class Prefill(nn.Module):
+    """A decoder's forward over a prompt, its inputs in the order of ``names``, returning the logits: the
+    phase a both-phase latency budget times beside the decode step."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *values: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, values)), use_cache=False).logits
+
+
 def decodes(model: nn.Module) -> bool:
     """A Hugging Face model that generates with a key-value cache (a decoder a decode budget applies to)."""
     return is_hugging_face(model) and bool(getattr(model, "can_generate", lambda: False)()) \

@@ -59,6 +59,7 @@ class Report:
     plan_timed_now: bool = False  # the closed loop's timing of the returned plan was taken in this run
     fp32_latency_ms_before: float | None = None  # an INT8 engine's compile, measured: the FP32 models too
     fp32_latency_ms_after: float | None = None
+    prefill_share: float | None = None  # a decoder's both-phase budget: its prefill timed against the model's
     notes: list[str] = field(default_factory=list)
     parts: list[PartReport] = field(default_factory=list)  # a partitioned model: each part captured alone
     returned: str = "GraphModule"  # the class of what compile returned: the user's own, or the pruned graph
@@ -155,6 +156,8 @@ class Report:
         if self.measured_share is not None:
             rows.append(("measured after compiling", self.measured_share,
                          f"{self.measured_latency_ms_after:.3f} ms, timed in this run"))
+        if self.prefill_share is not None:
+            rows.append(("prefill of the example (both phases)", self.prefill_share, "timed after the decode solve"))
         if self.fp32_latency_ms_before and self.fp32_latency_ms_after is not None:
             rows.append(("the FP32 models on onnxruntime", self.fp32_latency_ms_after / self.fp32_latency_ms_before,
                          f"{self.fp32_latency_ms_before:.3f} -> {self.fp32_latency_ms_after:.3f} ms, timed in this "

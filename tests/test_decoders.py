@@ -112,7 +112,24 @@ def test_a_decode_budget_needs_a_decoder():
     with pytest.raises(BudgetError, match="prefill"):
         fxprune.Latency(0.5, phase="generate")
     with pytest.raises(BudgetError, match="with phase='decode'"):
-        fxprune.Latency(0.5, tokens=128)
+        fxprune.Latency(0.5, phase="prefill", tokens=128)
+    with pytest.raises(BudgetError, match="decode step"):
+        fxprune.compile(torch.nn.Linear(4, 4), fxprune.Latency(0.5, tokens=128), torch.randn(1, 4),
+                        engine=SyntheticEngine(), progress=False)
+
+
+def test_a_decoders_latency_budget_holds_both_phases_by_default():
+    model, ids = _decoder("llama"), _ids(24)
+    pruned = fxprune.compile(model, fxprune.Latency(0.5), {"input_ids": ids}, engine=SyntheticEngine(),
+                             progress=False)
+    report = fxprune.report(pruned)
+    assert type(pruned) is type(model) and report.budget == "Latency(0.5, phase='both')"
+    assert report.prefill_share is not None and report.prefill_share <= 0.5 + 1e-6  # timed, not assumed
+    assert report.predicted_latency_ms_after <= 0.5 * report.predicted_latency_ms_before * (1 + 1e-6)  # the step
+    assert [s.split("x")[-1] for s in report.shapes_checked][:1] == ["1"]
+    assert any(note.startswith("both phases: the decode step solved") for note in report.notes)
+    with pytest.raises(BudgetError, match="milliseconds name one phase"):
+        fxprune.compile(model, fxprune.Latency(ms=1.0), {"input_ids": ids}, engine=SyntheticEngine(), progress=False)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

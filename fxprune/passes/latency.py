@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -478,6 +479,20 @@ def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return name in _FREE_FUNCTIONS
 
 
+_NO_KERNEL = {"getitem", "getattr", "size", "dim", "numel", "_assert", "detach", "dropout", "stochastic_depth"}
+
+
+def _runs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Ops an engine launches (views and layers too, which are ops of their own as deployed); not metadata
+    reads, dropout in eval, or identities."""
+    if node.op in ("placeholder", "get_attr", "output"):
+        return False
+    if node.op == "call_module":
+        return not isinstance(gm.get_submodule(graph.target_name(node)), _FREE_MODULES)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return str(name).split(".")[0] not in _NO_KERNEL
+
+
 def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str, float, ChannelSpace | None]]:
     """(node, elements read or written, channel space of that tensor) for every memory-moving node
     outside the units."""
@@ -526,6 +541,18 @@ def latency_cost(gm: torch.fx.GraphModule) -> CostModel:
         model.terms.append(CostTerm(f"{name} (memory)", share, block + ((space.id,) if space is not None else ())))
     if not total:
         model.terms.append(CostTerm("memory-bound ops", calibration.memory_ms))
-    model.terms.append(CostTerm("fixed (overhead, frozen layers)", calibration.fixed_ms))
+    model.terms += _fixed_terms(gm, calibration.fixed_ms, blocks)
     model.baseline = model.total({})
     return model
+
+
+def _fixed_terms(gm: torch.fx.GraphModule, fixed_ms: float, blocks: dict[str, int]) -> list[CostTerm]:
+    """What no width changes, spread over the ops the engine runs: each op's launch and the time between
+    kernels are paid per op, so a removed block takes its ops' part with it (on a decoder's step, where
+    most of the time is that, depth would be undervalued otherwise). One term per block, one for the rest."""
+    ops = [node.name for node in gm.graph.nodes if _runs(gm, node)]
+    per_op = fixed_ms / len(ops) if ops else 0.0
+    in_block = Counter(blocks[name] for name in ops if name in blocks)
+    terms = [CostTerm(f"fixed (ops of block space {space})", per_op * count, (space,))
+             for space, count in sorted(in_block.items())]
+    return terms + [CostTerm("fixed (overhead, frozen layers)", fixed_ms - per_op * sum(in_block.values()))]

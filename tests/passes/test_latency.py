@@ -34,6 +34,7 @@ from fxprune.passes.latency import (
     disagreeing,
     latency_cost,
 )
+from fxprune.passes.rewrite import kept_shares
 from fxprune.rules.units import find_units
 from tests.doubles import Contended, SyntheticEngine
 
@@ -200,6 +201,42 @@ def test_the_cost_model_reproduces_a_known_engine_exactly():
                                       width[u.out_space.node]) for u in units)
         predicted_units = sum(t.price(share) for t in cost.terms if t.what in {u.layer.name for u in units})
         assert predicted_units == pytest.approx(expected, rel=1e-9)  # bilinear: interpolation is exact
+
+
+class Residual(nn.Module):
+    """A stem and two removable residual blocks of unequal op counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.short = nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 32, 1))
+        self.long = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())])
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.short(x)
+        x = x + self.long(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_what_no_width_changes_is_paid_per_op_and_a_removed_block_takes_its_ops_part():
+    gm = fxprune.analyze(Residual().eval(), (torch.randn(1, 3, 16, 16),))
+    blocks, _ = fxprune.blocks(gm)
+    assert [b.module for b in blocks] == ["short", "long"]
+    with Context((torch.randn(1, 3, 16, 16),), SyntheticEngine(), progress=False) as context:
+        LatencyPass(context)(gm)
+    fixed_ms, cost = gm.meta[LATENCY_KEY].fixed_ms, latency_cost(gm)
+    assert fixed_ms > 0
+    fixed = [t for t in cost.terms if t.what.startswith("fixed")]
+    assert sum(t.full for t in fixed) == pytest.approx(fixed_ms)
+    per_block = {t.spaces[0]: t.full for t in fixed if t.spaces}
+    assert set(per_block) == {b.space for b in blocks}
+    # six ops and the add against three and the add
+    assert per_block[blocks[1].space] / per_block[blocks[0].space] == pytest.approx(7 / 4)
+    for block in blocks:  # removed, the block's ops' part goes with it, and no more
+        shares = kept_shares(gm, Plan({}, (block.id,)))
+        assert sum(float(t.price(shares)) for t in fixed) == pytest.approx(fixed_ms - per_block[block.space])
 
 
 def test_tables_land_on_the_graph_and_a_second_run_measures_nothing(tmp_path):
