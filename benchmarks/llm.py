@@ -45,7 +45,7 @@ import transformers
 from returned_latency import round_robin_ratios  # this folder's scripts run as scripts
 
 import fxprune
-from fxprune.huggingface import DecodeStep
+from fxprune.huggingface import DecodeStep, Prefill
 from fxprune.modules import Skip
 from fxprune.passes.pipeline import analyze_inputs
 from fxprune.passes.shrink import shrink_model
@@ -56,7 +56,13 @@ RESULTS = DOCS / "llm.json"
 CACHE = Path.home() / ".cache" / "fxprune-benchmarks" / "llm"
 CONFIG = dict(vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-METHODS = ("fxprune", "fxprune-width", "torch-pruning", "uniform", "shortgpt")
+METHODS = ("fxprune", "fxprune-width", "fxprune-mlp", "fxprune-heads", "fxprune-hidden", "torch-pruning", "uniform",
+           "shortgpt")
+# each width axis alone: fxprune.compile(..., depth=False, keep=...) keeps the other axes' channels
+AXIS_KEEP = {"fxprune-mlp": ["model.layers.*.self_attn.[qkv]_proj", "model.embed_tokens"],
+             "fxprune-heads": ["model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj", "model.embed_tokens"],
+             "fxprune-hidden": ["model.layers.*.self_attn.[qkv]_proj", "model.layers.*.mlp.gate_proj",
+                                "model.layers.*.mlp.up_proj"]}
 # Torch-Pruning 1.6.0's MetaPruner never finished grouping a transformers 5 LlamaForCausalLM here (2 layers:
 # DependencyGraph.get_all_groups ran 570 s without returning, with grouped-query and with plain multi-head
 # attention, Torch-Pruning's issue #474 reports the same), so it is not among the default methods.
@@ -143,17 +149,22 @@ def base_model(train: torch.Tensor, validation: torch.Tensor, steps: int) -> tup
 
 
 # --- timing (this script's own) ------------------------------------------------------------------------
-def export_step(model: torch.nn.Module, path: Path, tokens: int) -> None:
-    step = DecodeStep(model, tokens, 1).eval()
-    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(1))
-    fxprune.export_onnx(step, path, (ids,), dynamic_batch=False, dynamic_sizes=False, verify=False)
+def export_step(model: torch.nn.Module, path: Path, tokens: int, phase: str = "decode") -> None:
+    """The decode step (one token, a cache of ``tokens``) or the prefill (``tokens`` tokens) as ONNX."""
+    if phase == "decode":
+        module, length = DecodeStep(model, tokens, 1).eval(), 1
+    else:
+        module, length = Prefill(model, ["input_ids"]).eval(), tokens
+    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
+    fxprune.export_onnx(module, path, (ids,), dynamic_batch=False, dynamic_sizes=False, verify=False)
 
 
 def _session(path: Path):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.array([[7]], dtype=np.int64)}
+    shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+    feed = {session.get_inputs()[0].name: np.full(shape, 7, dtype=np.int64)}
     return lambda: session.run(None, feed)
 
 
@@ -169,15 +180,15 @@ def shares(paths: list[Path], rounds: int, calls: int) -> list[list[float]]:
 class Timer:
     """Shares of the base model's decode step, timed here."""
 
-    def __init__(self, base: torch.nn.Module, tokens: int, folder: Path) -> None:
-        self.tokens, self.folder, self.count = tokens, folder, 0
-        self.base = folder / "base.onnx"
-        export_step(base, self.base, tokens)
+    def __init__(self, base: torch.nn.Module, tokens: int, folder: Path, phase: str = "decode") -> None:
+        self.tokens, self.folder, self.count, self.phase = tokens, folder, 0, phase
+        self.base = folder / f"base-{phase}.onnx"
+        export_step(base, self.base, tokens, phase)
 
     def export(self, model: torch.nn.Module) -> Path:
         self.count += 1
         path = self.folder / f"m{self.count}-{time.time_ns()}.onnx"
-        export_step(model, path, self.tokens)
+        export_step(model, path, self.tokens, self.phase)
         return path
 
     def share(self, model: torch.nn.Module, rounds: int = 5, calls: int = 30) -> float:
@@ -260,9 +271,10 @@ def prune(method: str, base, budget: float, timer: Timer, example: torch.Tensor,
     """The method's model at ``budget`` and how it got there."""
     start = time.time()
     if method.startswith("fxprune"):
-        pruned = fxprune.compile(base, fxprune.Latency(budget, phase="decode", tokens=timer.tokens, batch=1),
-                                 {"input_ids": example}, depth=method == "fxprune", progress=False,
-                                 cache=CACHE / "latency-cache")
+        latency = (fxprune.Latency(budget, phase="decode", tokens=timer.tokens, batch=1) if timer.phase == "decode"
+                   else fxprune.Latency(budget, phase="prefill"))
+        pruned = fxprune.compile(base, latency, {"input_ids": example}, depth=method == "fxprune",
+                                 keep=AXIS_KEEP.get(method, ()), progress=False, cache=CACHE / "latency-cache")
         report = fxprune.report(pruned)
         setting = {"fxprune_share": report.predicted_latency_ms_after / report.predicted_latency_ms_before,
                    "returned": report.returned, "blocks_removed": len(fxprune.plan_of(pruned).drop)}
@@ -287,9 +299,10 @@ def run_case(method: str, budget: float, base, train, validation, timer: Timer, 
         pruned, setting = prune(method, base, budget, timer, example, train, influence)
     except fxprune.BudgetError as error:  # the method's own reading: the budget is out of its reach
         print(f"  {method} at {budget}: refused: {error}", flush=True)
-        return {"method": method, "budget": budget, "refused": str(error)}
-    record = {"method": method, "budget": budget, **setting, "params": fxprune.count_params(pruned),
-              "one_shot": perplexity(pruned, validation), "short": [], "long": []}
+        return {"method": method, "budget": budget, "phase": timer.phase, "refused": str(error)}
+    record = {"method": method, "budget": budget, "phase": timer.phase, **setting,
+              "params": fxprune.count_params(pruned), "one_shot": perplexity(pruned, validation), "short": [],
+              "long": []}
     record["path"] = str(timer.export(pruned))  # timed with every method's model of this budget at the end
     for seed in range(args.seeds):
         healed = copy.deepcopy(pruned)
@@ -303,9 +316,10 @@ def run_case(method: str, budget: float, base, train, validation, timer: Timer, 
 
 
 def final_shares(records: list[dict], timer: Timer, rounds: int, calls: int) -> None:
-    """Every model of one budget timed together against the base, round-robin."""
+    """Every model of one budget and phase timed together against the base, round-robin."""
     for budget in sorted({r["budget"] for r in records}):
-        group = [r for r in records if r["budget"] == budget and r.get("path") and Path(r["path"]).exists()]
+        group = [r for r in records if r["budget"] == budget and _phase(r) == timer.phase and r.get("path")
+                 and Path(r["path"]).exists()]
         if not group:
             continue
         ratios = shares([timer.base] + [Path(r["path"]) for r in group], rounds, calls)
@@ -315,14 +329,22 @@ def final_shares(records: list[dict], timer: Timer, rounds: int, calls: int) -> 
 
 
 # --- the report ----------------------------------------------------------------------------------------
+def _phase(record: dict) -> str:
+    return record.get("phase", "decode")  # the first run timed the decode step only
+
+
+PHASE_WORDS = {"decode": "one token, a key-value cache of {tokens} tokens, batch 1",
+               "prefill": "a forward over {tokens} tokens, batch 1 (no cache kept)"}
+
+
 def write_docs(state: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base, records = state["base"], state["cases"]
-    lines = ["# Decoder LLM pruning at equal measured decode latency (issue 29)", "",
+    base = state["base"]
+    lines = ["# Decoder LLM pruning at equal measured latency, decode and prefill (issue 29)", "",
              "Written by `python benchmarks/llm.py` (see its docstring for the protocol). Base model: a "
              f"Llama-style decoder ({CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}, "
              f"{CONFIG['num_attention_heads']} query / {CONFIG['num_key_value_heads']} kv heads, MLP "
@@ -330,11 +352,26 @@ def write_docs(state: dict) -> None:
              f"({base['train_seconds']} s) on the standard library's source ({base['train_bytes']:,} bytes; "
              f"{base['validation_bytes']:,} held out). Validation perplexity {base['validation_perplexity']:.2f} "
              f"per byte; a unigram model's {base['unigram_perplexity']:.2f}.", "",
-             f"Decode step: one token, a key-value cache of {state['tokens']} tokens, batch 1, onnxruntime CPU "
-             "(2 threads), timed by this script: share = median over rounds of the model's 20% quantile over "
-             "the base model's (quartiles of the rounds beside it). Healing: "
+             "Latency: onnxruntime CPU (2 threads), timed by this script: share = median over rounds of the model's "
+             "20% quantile over the base model's (quartiles of the rounds beside it). Healing: "
              f"{state['short']} and {state['long']} steps of AdamW at 1e-3 on {BATCH}x{LENGTH}-byte windows, "
-             f"{state['seeds']} seeds of the batches; perplexity as mean (min-max over seeds).", "",
+             "one seed of the batches per listed perplexity (mean, min-max over seeds where there are several). "
+             "fxprune-mlp / -heads / -hidden: one width axis alone (depth off, the others kept with `keep=`)."]
+    figure, plots = plt.subplots(1, 2, figsize=(11, 4))
+    for phase, axes in zip(("decode", "prefill"), plots):
+        records = [r for r in state["cases"] if _phase(r) == phase]
+        if records:
+            lines += _phase_section(phase, records, base, state["tokens"])
+            _plot(axes, phase, records, base)
+    lines += ["", "![perplexity at measured latency](llm.png)", "", *state.get("notes", [])]
+    (DOCS / "llm.md").write_text("\n".join(lines) + "\n")
+    figure.tight_layout()
+    figure.savefig(DOCS / "llm.png", dpi=120)
+
+
+def _phase_section(phase: str, records: list[dict], base: dict, tokens: int) -> list[str]:
+    """One phase's table of cases and fxprune's paired differences against each other method."""
+    lines = ["", f"## {phase.capitalize()}: {PHASE_WORDS[phase].format(tokens=tokens)}", "",
              "| budget | method | measured share (quartiles) | params | one-shot ppl | ppl after short heal | "
              "ppl after long heal | setting |", "|---|---|---|---|---|---|---|---|"]
     for record in sorted(records, key=lambda r: (r["budget"], METHODS.index(r["method"]))):
@@ -345,12 +382,12 @@ def write_docs(state: dict) -> None:
         quartiles = record.get("share_quartiles", [float("nan")] * 2)
         setting = {k: v for k, v in record.items() if k in ("ratio", "keep", "layers_dropped", "blocks_removed",
                                                               "fxprune_share")}
+        said = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in setting.items())
         lines.append(f"| {record['budget']} | {record['method']} | {record.get('share', float('nan')):.3f} "
                      f"({quartiles[0]:.3f}-{quartiles[1]:.3f}) | {record['params'] / base['params']:.3f} | "
-                     f"{record['one_shot']:.2f} | {_spread(record['short'])} | {_spread(record['long'])} | "
-                     f"{', '.join(f'{k} {v:.3g}' if isinstance(v, float) else f'{k} {v}' for k, v in setting.items())} |")
-    lines += ["", "## fxprune's default against each other method, paired per seed (long heal)", "",
-              "Negative: fxprune's perplexity is lower.", "", "| budget | against | mean difference | per seed |",
+                     f"{record['one_shot']:.2f} | {_spread(record['short'])} | {_spread(record['long'])} | {said} |")
+    lines += ["", f"fxprune's default against each other method, {phase}, paired per seed (long heal; negative: "
+              "fxprune's perplexity is lower)", "", "| budget | against | mean difference | per seed |",
               "|---|---|---|---|"]
     for budget in sorted({r["budget"] for r in records}):
         ours = next((r for r in records if r["budget"] == budget and r["method"] == "fxprune"
@@ -362,20 +399,19 @@ def write_docs(state: dict) -> None:
             diffs = [a - b for a, b in zip(ours["long"], other["long"])]
             lines.append(f"| {budget} | {other['method']} | {statistics.mean(diffs):+.3f} | "
                          f"{', '.join(f'{d:+.3f}' for d in diffs)} |")
-    lines += ["", "![perplexity at measured decode latency](llm.png)", "", *state.get("notes", [])]
-    (DOCS / "llm.md").write_text("\n".join(lines) + "\n")
-    figure, axes = plt.subplots(figsize=(6, 4))
+    return lines
+
+
+def _plot(axes, phase: str, records: list[dict], base: dict) -> None:
     for method in METHODS:
         points = sorted((r.get("share", float("nan")), statistics.mean(r["long"])) for r in records
                         if r["method"] == method and "refused" not in r)
         if points:
             axes.plot(*zip(*points), marker="o", label=method)
     axes.axhline(base["validation_perplexity"], color="grey", linestyle=":", label="unpruned")
-    axes.set_xlabel("decode latency, share of the unpruned model (this script's timing)")
+    axes.set_xlabel(f"{phase} latency, share of the unpruned model (this script's timing)")
     axes.set_ylabel("validation perplexity after the long heal")
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(DOCS / "llm.png", dpi=120)
 
 
 def _spread(values: list[float]) -> str:
@@ -393,6 +429,8 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--phase", choices=("decode", "prefill"), default="decode")
+    parser.add_argument("--redo", action="store_true", help="run the listed methods and budgets again")
     parser.add_argument("--again", action="store_true")
     parser.add_argument("--from-docs", action="store_true")
     args = parser.parse_args()
@@ -404,16 +442,19 @@ def main() -> None:
     train, validation = corpus()
     base, record = base_model(train, validation, args.train_steps)
     print(f"base: {record}", flush=True)
-    state.update(base=record, tokens=args.tokens, seeds=args.seeds, short=args.short, long=args.long)
+    state.update(base=record, tokens=args.tokens, short=args.short, long=args.long)
     influence = block_influence(base, train)
     state["block_influence"] = influence
     folder = CACHE / "decode-steps"  # kept until the final timing has read every case's file
     folder.mkdir(parents=True, exist_ok=True)
-    timer = Timer(base, args.tokens, folder)
-    done = {(r["method"], r["budget"]) for r in state["cases"]}
+    timer = Timer(base, args.tokens, folder, args.phase)
+    if args.redo:
+        state["cases"] = [r for r in state["cases"] if not (r["method"] in args.methods and r["budget"] in args.budgets
+                                                            and _phase(r) == args.phase)]
+    done = {(r["method"], r["budget"], _phase(r)) for r in state["cases"]}
     for budget in args.budgets:
         for method in args.methods:
-            if (method, budget) in done:
+            if (method, budget, args.phase) in done:
                 continue
             state["cases"].append(run_case(method, budget, base, train, validation, timer, args, influence))
             RESULTS.write_text(json.dumps(state, indent=1))

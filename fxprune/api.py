@@ -34,6 +34,7 @@ from fxprune.ir.solution import Solution
 from fxprune.passes.budget import DEFAULT_STEP, PlanPass, parts_budget
 from fxprune.passes.context import Context
 from fxprune.passes.cost import CostPass, count_flops, count_params
+from fxprune.passes.keep import KeepPass
 from fxprune.passes.latency import LatencyPass
 from fxprune.passes.pipeline import (
     analyze,
@@ -100,6 +101,7 @@ def compile(
     progress: bool = True,
     output: str = "module",
     depth: bool = True,
+    keep: Iterable[str | type] = (),
 ) -> torch.nn.Module:
     """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module:
     ``output="module"`` (default) a copy of ``model``, its own class, with the removed channels sliced out
@@ -108,7 +110,9 @@ def compile(
     reaches), the pruned graph, with a report note naming the module. ``output="graph"``: the pruned
     ``GraphModule`` (the export-ready form) directly. ``depth``: the plan may also remove whole residual
     blocks (``x + f(x)`` becomes ``x``) where that buys the budget more cheaply than thinning them (default:
-    on, docs/depth.md says why; ``fxprune.blocks(gm)`` lists them); ``depth=False``: width only.
+    on, docs/depth.md says why; ``fxprune.blocks(gm)`` lists them); ``depth=False``: width only. ``keep``:
+    modules whose output channels every plan keeps (qualified names, ``fnmatch`` patterns such as
+    ``"model.layers.*.self_attn"``, or classes; their submodules too), and which are not removed.
 
     ``budget``: a float in (0, 1] (share of the baseline latency on ``engine``), or ``fxprune.Latency``,
     ``fxprune.FLOPs``, ``fxprune.Params``. ``engine``: ``"onnxruntime"`` (CPU, default), ``"torch"``,
@@ -139,7 +143,7 @@ def compile(
     if isinstance(budget, Latency) and budget.phase == "decode":  # the decode step: the model analysed, timed, pruned
         step = _decode_step(model, budget, example_inputs, example_kwargs)
         config: Any = model.config  # a Hugging Face decoder's (_decode_step checked)
-        model = step
+        model, keep = step, [f"model.{k}" if isinstance(k, str) else k for k in keep]  # the step holds the model
         example_inputs, example_kwargs = {"input_ids": torch.randint(
             0, config.vocab_size, (step.batch, 1), generator=torch.Generator().manual_seed(1))}, None
     with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
@@ -152,7 +156,8 @@ def compile(
         gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
                                                     capture=capture, leaf_modules=leaf_modules,
                                                     autowrap_functions=autowrap_functions)
-        run_passes(gm, [ScorePass(importance, calibration, loss_fn), CostPass(context.example_inputs),
+        run_passes(gm, [KeepPass(keep, model), ScorePass(importance, calibration, loss_fn),
+                        CostPass(context.example_inputs),
                         *([LatencyPass(context, round_to=round_to)] if latency else [])])
         whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if is_partitioned(gm) else None
         if whole is not None:

@@ -182,7 +182,7 @@ _FLAGS = {"capture='export'": "--capture export", "capture='auto'": "--capture a
           "leaf_modules=[...]": "--leaf-module NAME", "compile with a larger refine": "give a larger --refine",
           "example_inputs=(tensor, ...)": "--input-shape", "pass measure=True to fxprune.compile": "pass --measure",
           "ask for a little less than the budget": "give a slightly smaller --budget",
-          "a smaller round_to": "a smaller --round-to"}
+          "a smaller round_to": "a smaller --round-to", "keep=": "--keep "}
 
 
 def _in_flags(message: str) -> str:
@@ -242,7 +242,7 @@ def cmd_prune(args) -> None:
         pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
                                  engine=args.engine, threads=args.threads, round_to=args.round_to, depth=args.depth,
                                  measure=args.measure, refine=args.refine, remeasure=args.remeasure,
-                                 **_capture(args))
+                                 keep=args.keep, **_capture(args))
     report = fxprune.report(pruned)
     print(_in_flags(str(report)))
     for output in args.output:
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--depth", action=argparse.BooleanOptionalAction, default=True,
                        help="the plan may also remove whole residual blocks, x + f(x) becoming x (default: on; "
                             "--no-depth: width only)")
+    prune.add_argument("--keep", action="append", default=[], metavar="NAME",
+                       help="a module whose output channels every plan keeps (a qualified name or a pattern such as "
+                            "'model.layers.*.self_attn'; its submodules too); repeat for more")
     prune.add_argument("--refine", type=int, default=4, metavar="N",
                        help="latency budgets: time up to N solved plans on the engine and solve again through "
                             "the measurements (default 4; 0 trusts the tables alone)")

@@ -23,6 +23,10 @@ class OutputError(FxpruneError):
     """compile was asked for a kind of result it does not make (``output=``)."""
 
 
+class KeepError(FxpruneError):
+    """``keep=`` names no module of the model that makes channels."""
+
+
 class PlanError(FxpruneError):
     """A keep plan is invalid for the analysed graph (unknown group, empty group, frozen group...)."""
 

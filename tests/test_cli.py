@@ -177,3 +177,14 @@ def test_depth_lets_the_plan_remove_residual_blocks_and_the_report_lists_them(tm
     printed = capsys.readouterr().out
     assert "depth:" in printed and "removable residual blocks removed" in printed
     assert "blocks removed (" in printed
+
+
+def test_keep_takes_modules_out_of_the_plan_and_a_wrong_name_is_said_in_flags(tmp_path, capsys):
+    output = tmp_path / "small.pt"
+    assert main(["prune", "tests.doubles:tiny_cnn", "--input-shape", "1,3,16,16", "--budget", "flops:0.6",
+                 "--keep", "3", "-o", str(output)]) == 0
+    assert fxprune.load(output).get_submodule("3").out_channels == 64
+    assert main(["prune", "tests.doubles:tiny_cnn", "--input-shape", "1,3,16,16", "--budget", "flops:0.6",
+                 "--keep", "features.0"]) == 1
+    error = capsys.readouterr().err
+    assert "--keep ['features.0'] names no module" in error and "keep=" not in error

@@ -153,3 +153,11 @@ def test_attention_and_whole_layers_go_and_the_decoder_generates_with_its_cache_
     assert isinstance(loaded_layers[1], Skip)
     assert getattr(loaded_layers[0], attention).returns == 2  # the attention's (output, weights), as a zero
     _generates_as(loaded, shrunk, ids[:, :8])
+
+
+def test_keep_names_the_decoders_modules_under_a_decode_budget():
+    model, ids = _decoder("llama"), _ids(24)
+    pruned = fxprune.compile(model, fxprune.Latency(0.6, phase="decode"), {"input_ids": ids},
+                             keep=["model.layers.*.mlp"], engine=SyntheticEngine(), progress=False, depth=False)
+    assert all(layer.mlp.gate_proj.out_features == 128 for layer in pruned.model.layers)  # kept: the step's names
+    assert fxprune.plan_of(pruned).keep  # and something else was pruned
