@@ -4,11 +4,14 @@ One model holds one branch per table point. Each branch has a *producer* (a 1x1 
 matrix product making the unit's input from the shared graph input, so the unit reads a tensor that a
 kernel has just written, as it does in a network) and the unit itself: the layer with its bias (the
 BatchNorm folded into it, as the exporter does) and its activation, in the ops the exporter writes.
+Both come from the unit's kind (``UnitSpec.onnx_branch``, its rule's); this module adds the activation.
 Every node and value of branch ``i``'s unit is named ``u{i}_...``; onnxruntime keeps that prefix on the
 kernels it fuses or converts, which is how the profile is read back per branch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx
@@ -42,7 +45,7 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 
-    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 
@@ -71,31 +74,6 @@ def _activation(b: _Builder, act: Activation, x: str, prefix: str) -> str:
     raise ValueError(f"no ONNX form for activation {name!r}")
 
 
-def _conv_branch(b: _Builder, spec: UnitSpec, x: str, width_in: int, width_out: int, prefix: str) -> str:
-    spatial = len(spec.kernel)
-    groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
-    producer = b.node("Conv", [x, b.weight(f"p_{prefix}w", (width_in, spec.in_channels) + (1,) * spatial)],
-                      f"p_{prefix}out", kernel_shape=[1] * spatial)
-    inputs = [producer, b.weight(prefix + "w", (width_out, width_in // groups) + tuple(spec.kernel))]
-    if spec.bias:
-        inputs.append(b.weight(prefix + "b", (width_out,)))
-    return b.node("Conv", inputs, prefix + "conv", kernel_shape=list(spec.kernel), strides=list(spec.stride),
-                  pads=list(spec.padding), dilations=list(spec.dilation), group=groups)
-
-
-def _linear_branch(b: _Builder, spec: UnitSpec, x: str, width_in: int, width_out: int, prefix: str) -> str:
-    if len(spec.input_shape) == 2:  # the exporter writes Gemm for 2-D inputs, MatMul + Add otherwise
-        producer = b.node("Gemm", [x, b.weight(f"p_{prefix}w", (width_in, spec.in_channels))], f"p_{prefix}out",
-                          transB=1)
-        inputs = [producer, b.weight(prefix + "w", (width_out, width_in))]
-        if spec.bias:
-            inputs.append(b.weight(prefix + "b", (width_out,)))
-        return b.node("Gemm", inputs, prefix + "gemm", transB=1)
-    producer = b.node("MatMul", [x, b.weight(f"p_{prefix}w", (spec.in_channels, width_in))], f"p_{prefix}out")
-    out = b.node("MatMul", [producer, b.weight(prefix + "w", (width_in, width_out))], prefix + "matmul")
-    return b.node("Add", [out, b.weight(prefix + "b", (width_out,))], prefix + "add") if spec.bias else out
-
-
 def unit_model(spec: UnitSpec, points: list[tuple[int, int]], first_branch: int = 0,
                reference: UnitSpec | None = None, references: int = 2) -> onnx.ModelProto:
     """A model with one branch per (kept input width, kept output width) point, all fed by input ``x``;
@@ -111,8 +89,7 @@ def unit_model(spec: UnitSpec, points: list[tuple[int, int]], first_branch: int 
         whole = (reference.in_channels, reference.out_channels)
         branches += [(reference, "reference_x", whole, reference_prefix(j)) for j in range(references)]
     for unit, source, (width_in, width_out), prefix in branches:
-        build = _conv_branch if unit.op == "conv" else _linear_branch
-        out = build(b, unit, source, int(width_in), int(width_out), prefix)
+        out = unit.onnx_branch(b, source, int(width_in), int(width_out), prefix)
         if unit.activation is not None:
             out = _activation(b, unit.activation, out, prefix)
         outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
@@ -130,5 +107,4 @@ def reference_prefix(index: int) -> str:
 def branch_weight_bytes(spec: UnitSpec, width_in: int, width_out: int) -> int:
     """Bytes of one branch's weights (producer and unit), to cap the size of one measuring session."""
     kernel = int(np.prod(spec.kernel)) if spec.kernel else 1
-    groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
-    return 4 * (width_in * spec.in_channels + width_out * (width_in // groups) * kernel + width_out)
+    return 4 * (width_in * spec.in_channels + width_out * (width_in // spec.groups_at(width_out)) * kernel + width_out)

@@ -40,12 +40,12 @@ from fxprune.ir.channels import ChannelSpace, Plan
 from fxprune.ir.cost import CostModel, CostTerm, TableTerm
 from fxprune.ir.keys import ANALYSIS_KEY, LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
-from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.ir.units import UnitSpec
 from fxprune.passes.blocks import block_spaces
 from fxprune.passes.context import Context
 from fxprune.passes.rewrite import kept_shares
 from fxprune.rules.params import tensor_axes
-from fxprune.rules.units import Unit, find_units
+from fxprune.rules.units import REFERENCE, Unit, find_units
 from fxprune.solvers.planner import uniform_plan
 
 GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
@@ -284,7 +284,7 @@ class LatencyPass(PassBase):
         return widths(unit.in_space, unit.spec.in_channels), widths_out
 
     def _table(self, key: dict, again: bool = False) -> LatencyTable:
-        """The unit's table in units of the reference unit's latency in the same runs (``units.REFERENCE``),
+        """The unit's table in units of the reference unit's latency in the same runs (``rules/units.REFERENCE``),
         made monotone (``LatencyTable.monotone``: no plan is then predicted slower than the full model);
         ``again``: timed anew whatever the cache holds."""
         spec = UnitSpec.from_key(key["unit"])

@@ -51,7 +51,8 @@ class Rule:
     - ``owner``/``shrink_module``: the module of the user's model this op is the call of, and how that
       module becomes smaller once its tensors were indexed (its size fields; a replacement where torch's
       own class cannot express the pruned layer), so the user's own model is pruned, not only the graph;
-    - ``unit``: the layer as an engine times it (latency tables), for convolutions and linear layers;
+    - ``unit``: the layer as an engine times it (latency tables): a ``UnitSpec`` of a kind the rule's file
+      defines, which also builds the ONNX branch and the torch module it is timed as;
     - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
     - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
     - ``flop_probe``: the call at given kept widths (whose FLOPs are counted), for ops whose count is not a

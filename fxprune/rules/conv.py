@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, ClassVar, cast
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import graph
-from fxprune.ir.units import UnitSpec
+from fxprune.ir.units import OnnxBuilder, UnitSpec
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, parameter_name, set_arg
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.shape import ensure_space
@@ -56,6 +56,58 @@ class ConvView:
     @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.shape[2:])
+
+
+@dataclass(frozen=True)
+class ConvUnit(UnitSpec):
+    """A convolution of any rank as a timed unit: ONNX ``Conv``, ``nn.Conv1d/2d/3d``."""
+
+    op: ClassVar[str] = "conv"
+
+    @property
+    def channel_dim(self) -> int:
+        return 1
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        spatial = len(self.kernel)
+        sizes = [(size + self.padding[d] + self.padding[spatial + d] - self.dilation[d] * (self.kernel[d] - 1) - 1)
+                 // self.stride[d] + 1 for d, size in enumerate(self.input_shape[2:])]
+        return (self.input_shape[0], self.out_channels, *sizes)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.out_channels, self.in_channels // self.groups, *self.kernel),)
+
+    @property
+    def folds_batch_norm(self) -> bool:
+        return True
+
+    def layer_name(self) -> str:
+        kernel = "x".join(map(str, self.kernel))
+        return (f"conv{kernel} {self.in_channels}->{self.out_channels} /{self.stride[0]} "
+                f"at {'x'.join(map(str, self.input_shape[2:]))}" + (f" g{self.groups}" if self.groups > 1 else ""))
+
+    def producer(self, b: OnnxBuilder, x: str, width_in: int, prefix: str) -> str:
+        """A 1x1 convolution making ``width_in`` channels from ``x`` (the unit's input, just written)."""
+        ones = (1,) * len(self.kernel)
+        return b.node("Conv", [x, b.weight(f"p_{prefix}w", (width_in, self.in_channels) + ones)], f"p_{prefix}out",
+                      kernel_shape=list(ones))
+
+    def onnx_branch(self, b: OnnxBuilder, x: str, width_in: int, width_out: int, prefix: str) -> str:
+        groups = self.groups_at(width_out)
+        inputs = [self.producer(b, x, width_in, prefix),
+                  b.weight(prefix + "w", (width_out, width_in // groups) + tuple(self.kernel))]
+        if self.bias:
+            inputs.append(b.weight(prefix + "b", (width_out,)))
+        return b.node("Conv", inputs, prefix + "conv", kernel_shape=list(self.kernel), strides=list(self.stride),
+                      pads=list(self.padding), dilations=list(self.dilation), group=groups)
+
+    def torch_layer(self, width_in: int, width_out: int) -> nn.Module:
+        conv: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(self.kernel) - 1]  # sizes as tuples of its rank
+        padding = tuple(self.padding[:len(self.kernel)])
+        return conv(width_in, width_out, self.kernel, self.stride, padding, self.dilation, self.groups_at(width_out),
+                    bias=self.layer_bias)
 
 
 def _tuple(value, rank: int) -> tuple[int, ...]:
@@ -177,7 +229,7 @@ class Conv(Rule):
         else:
             padding = tuple(view.padding) * 2
         dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
-        return UnitSpec("conv", input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation,
+        return ConvUnit(input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation,
                         view.groups, view.bias is not None, dtype=dtype)
 
     def importance_rows(self, gm: torch.fx.GraphModule,

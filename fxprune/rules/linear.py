@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, cast
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, cast
 
 import torch
 import torch.fx
@@ -10,12 +11,53 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import graph
-from fxprune.ir.units import UnitSpec
+from fxprune.ir.units import OnnxBuilder, UnitSpec
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, parameter_name
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.shape import ensure_space
 
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LinearUnit(UnitSpec):
+    """A linear layer as a timed unit: ONNX ``Gemm`` on 2-D inputs, ``MatMul`` + ``Add`` otherwise; ``nn.Linear``."""
+
+    op: ClassVar[str] = "linear"
+
+    @property
+    def channel_dim(self) -> int:
+        return len(self.input_shape) - 1
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (*self.input_shape[:-1], self.out_channels)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.out_channels, self.in_channels), (self.in_channels, self.out_channels))
+
+    @property
+    def folds_batch_norm(self) -> bool:
+        return len(self.input_shape) == 2  # BatchNorm1d after a Linear normalizes its features on 2-D inputs only
+
+    def layer_name(self) -> str:
+        return f"linear {self.in_channels}->{self.out_channels} on {list(self.input_shape)}"
+
+    def onnx_branch(self, b: OnnxBuilder, x: str, width_in: int, width_out: int, prefix: str) -> str:
+        if len(self.input_shape) == 2:  # the exporter writes Gemm for 2-D inputs, MatMul + Add otherwise
+            producer = b.node("Gemm", [x, b.weight(f"p_{prefix}w", (width_in, self.in_channels))], f"p_{prefix}out",
+                              transB=1)
+            inputs = [producer, b.weight(prefix + "w", (width_out, width_in))]
+            if self.bias:
+                inputs.append(b.weight(prefix + "b", (width_out,)))
+            return b.node("Gemm", inputs, prefix + "gemm", transB=1)
+        producer = b.node("MatMul", [x, b.weight(f"p_{prefix}w", (self.in_channels, width_in))], f"p_{prefix}out")
+        out = b.node("MatMul", [producer, b.weight(prefix + "w", (width_in, width_out))], prefix + "matmul")
+        return b.node("Add", [out, b.weight(prefix + "b", (width_out,))], prefix + "add") if self.bias else out
+
+    def torch_layer(self, width_in: int, width_out: int) -> nn.Module:
+        return nn.Linear(width_in, width_out, bias=self.layer_bias)
 
 
 class Linear(Rule):
@@ -64,8 +106,8 @@ class Linear(Rule):
             return None
         weight, bias = names
         dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
-        return UnitSpec("linear", input_shape, graph.attribute(gm, weight).shape[0],
-                        bias=bias is not None and _exists(gm, bias), dtype=dtype)
+        return LinearUnit(input_shape, graph.attribute(gm, weight).shape[0],
+                          bias=bias is not None and _exists(gm, bias), dtype=dtype)
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
