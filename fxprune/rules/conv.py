@@ -44,6 +44,7 @@ class ConvView:
     dilation: tuple[int, ...]
     padding_mode: str = "zeros"
     groups_arg: tuple[int, str] | None = None  # where a call keeps ``groups``; None for a module
+    output_padding: tuple[int, ...] = ()  # a transposed convolution's
 
     @property
     def out_channels(self) -> int:
@@ -110,6 +111,57 @@ class ConvUnit(UnitSpec):
                     bias=self.layer_bias)
 
 
+@dataclass(frozen=True)
+class ConvTransposeUnit(ConvUnit):
+    """A transposed convolution as a timed unit: ONNX ``ConvTranspose``, ``nn.ConvTranspose1d/2d/3d``. The
+    producer and the folded BatchNorm are a convolution's; its weight is (in, out / groups, kernel...)."""
+
+    op: ClassVar[str] = "conv_transpose"
+    output_padding: tuple[int, ...] = ()
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        spatial = len(self.kernel)
+        sizes = [(size - 1) * self.stride[d] - self.padding[d] - self.padding[spatial + d]
+                 + self.dilation[d] * (self.kernel[d] - 1) + self.output_padding[d] + 1
+                 for d, size in enumerate(self.input_shape[2:])]
+        return (self.input_shape[0], self.out_channels, *sizes)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.in_channels, self.out_channels // self.groups, *self.kernel),)
+
+    def layer_name(self) -> str:
+        kernel = "x".join(map(str, self.kernel))
+        return (f"conv_transpose{kernel} {self.in_channels}->{self.out_channels} x{self.stride[0]} "
+                f"at {'x'.join(map(str, self.input_shape[2:]))}" + (f" g{self.groups}" if self.groups > 1 else ""))
+
+    def onnx_branch(self, b: OnnxBuilder, x: str, width_in: int, width_out: int, prefix: str) -> str:
+        groups = self.groups_at(width_out)
+        inputs = [self.producer(b, x, width_in, prefix),
+                  b.weight(prefix + "w", (width_in, width_out // groups) + tuple(self.kernel))]
+        if self.bias:
+            inputs.append(b.weight(prefix + "b", (width_out,)))
+        return b.node("ConvTranspose", inputs, prefix + "conv_transpose", kernel_shape=list(self.kernel),
+                      strides=list(self.stride), pads=list(self.padding), dilations=list(self.dilation),
+                      output_padding=list(self.output_padding), group=groups)
+
+    def torch_layer(self, width_in: int, width_out: int) -> nn.Module:
+        conv: Any = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[len(self.kernel) - 1]
+        return conv(width_in, width_out, self.kernel, self.stride, tuple(self.padding[:len(self.kernel)]),
+                    self.output_padding, self.groups_at(width_out), bias=self.layer_bias, dilation=self.dilation)
+
+
+def _pads(padding: tuple[int, ...] | str, dilation: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """Padding per spatial dim, begin and end (ONNX's ``pads``), from torch's symmetric one or its name."""
+    if not isinstance(padding, str):
+        return tuple(padding) * 2
+    if padding == "valid":
+        return (0,) * (2 * len(kernel))
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]  # "same"
+    return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+
+
 def _tuple(value, rank: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
@@ -133,7 +185,7 @@ class Conv(Rule):
             return ConvView(f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
                             tuple(m.weight.shape), m.groups, transposed, tuple(m.stride),
                             m.padding if isinstance(m.padding, str) else tuple(m.padding), tuple(m.dilation),
-                            m.padding_mode)
+                            m.padding_mode, output_padding=tuple(m.output_padding) if transposed else ())
         target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
         weight, bias = parameter_name(arg(node, 1, "weight")), arg(node, 2, "bias")
         if weight is None or (bias is not None and parameter_name(bias) is None):
@@ -151,7 +203,8 @@ class Conv(Rule):
         padding = value["padding"] if isinstance(value["padding"], str) else _tuple(value["padding"], rank)
         return ConvView(weight, parameter_name(bias), shape, int(value["groups"]), bool(value["transposed"]),
                         _tuple(value["stride"], rank), padding, _tuple(value["dilation"], rank),
-                        groups_arg=(positions[3], "groups"))
+                        groups_arg=(positions[3], "groups"),
+                        output_padding=_tuple(value["output_padding"], rank) if value["transposed"] else ())
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         view = self.view(b.gm, node)
@@ -215,22 +268,20 @@ class Conv(Rule):
         return groups
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
+        """A ``ConvUnit``, or a ``ConvTransposeUnit``; None where the spec would not make the layer's output
+        (a transposed module called with ``output_size``)."""
         view = self.view(gm, node)
         input_shape = graph.shape(node.args[0])
-        if view is None or view.transposed or view.padding_mode != "zeros" or input_shape is None \
+        if view is None or view.padding_mode != "zeros" or input_shape is None \
                 or len(input_shape) != len(view.kernel) + 2:
             return None
-        if isinstance(view.padding, str):
-            if view.padding == "valid":
-                padding = (0,) * (2 * len(view.kernel))
-            else:  # "same"
-                total = [d * (k - 1) for d, k in zip(view.dilation, view.kernel)]
-                padding = tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
-        else:
-            padding = tuple(view.padding) * 2
+        padding = _pads(view.padding, view.dilation, view.kernel)
         dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
-        return ConvUnit(input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation,
-                        view.groups, view.bias is not None, dtype=dtype)
+        fields = (input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation, view.groups,
+                  view.bias is not None)
+        spec = (ConvTransposeUnit(*fields, dtype=dtype, output_padding=view.output_padding) if view.transposed
+                else ConvUnit(*fields, dtype=dtype))
+        return spec if spec.output_shape == graph.shape(node) else None
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
