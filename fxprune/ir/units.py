@@ -42,6 +42,9 @@ class UnitSpec(ABC):
     A subclass per kind of layer (its ``op``, a rule's) says how the fields make a layer."""
 
     op: ClassVar[str] = ""  # the kind's name in cache keys
+    # the layer's kernels whose profile shows no weight shape (onnxruntime prepacks their weights): a
+    # profile's kernel of these ops is matched to the unit by its data and output shapes alone
+    weightless_kernels: ClassVar[tuple[str, ...]] = ()
     input_shape: tuple[int, ...]  # full width, batch included
     out_channels: int
     kernel: tuple[int, ...] = ()

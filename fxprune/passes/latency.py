@@ -70,8 +70,6 @@ RETRIES = 2
 DISAGREEMENT = 2.5
 MATERIAL = 0.01
 CONFIRMED = 0.2
-# onnxruntime's INT8 kernels prepack their weights: a profile shows no weight shape for them.
-PREPACKED_WEIGHT_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 __all__ = ["LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost"]
 
@@ -362,16 +360,17 @@ class _Timed:
 def _layer_kernels(units: list[Unit], kernels: list[KernelTime]) -> list[tuple[Unit, float]]:
     """Each unit found among a whole model's profiled kernels (same input, weight and output shapes;
     units of one shape share their kernels' median), with that kernel's µs. The weight is the first input
-    after the data with two axes or more (``Conv``, ``Gemm``, ``MatMul``); INT8's fused kernels
-    (``PREPACKED_WEIGHT_OPS``) show no weight shape and may run channels-last, so they are matched by
-    their data and output shapes, as they are or from NHWC."""
+    after the data with two axes or more (``Conv``, ``Gemm``, ``MatMul``); kernels that show no weight shape
+    (each unit kind's ``weightless_kernels``: INT8's fused kernels, onnxruntime's ``ConvTranspose``) and may
+    run channels-last are matched by their data and output shapes, as they are or from NHWC."""
+    weightless = {op for unit in units for op in unit.spec.weightless_kernels}
     by_shape: dict[tuple, list[float]] = {}
     for kernel in kernels:
         if not (kernel.inputs and kernel.outputs):
             continue
         data, output = tuple(kernel.inputs[0]), tuple(kernel.outputs[0])
         keys: set[tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...]]]
-        if kernel.op in PREPACKED_WEIGHT_OPS:
+        if kernel.op in weightless:
             keys = {(data, None, output), (_from_nhwc(data), None, _from_nhwc(output))}
         else:
             weight = next((tuple(shape) for shape in kernel.inputs[1:] if len(shape) >= 2), None)

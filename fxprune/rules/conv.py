@@ -64,6 +64,7 @@ class ConvUnit(UnitSpec):
     """A convolution of any rank as a timed unit: ONNX ``Conv``, ``nn.Conv1d/2d/3d``."""
 
     op: ClassVar[str] = "conv"
+    weightless_kernels: ClassVar[tuple[str, ...]] = ("QLinearConv",)
 
     @property
     def channel_dim(self) -> int:
@@ -117,6 +118,7 @@ class ConvTransposeUnit(ConvUnit):
     producer and the folded BatchNorm are a convolution's; its weight is (in, out / groups, kernel...)."""
 
     op: ClassVar[str] = "conv_transpose"
+    weightless_kernels: ClassVar[tuple[str, ...]] = ("ConvTranspose",)  # onnxruntime's CPU kernel prepacks it
     output_padding: tuple[int, ...] = ()
 
     @property

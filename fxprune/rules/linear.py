@@ -24,6 +24,8 @@ class LinearUnit(UnitSpec):
     """A linear layer as a timed unit: ONNX ``Gemm`` on 2-D inputs, ``MatMul`` + ``Add`` otherwise; ``nn.Linear``."""
 
     op: ClassVar[str] = "linear"
+    weightless_kernels: ClassVar[tuple[str, ...]] = ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
+                                                     "DynamicQuantizeMatMul")
 
     @property
     def channel_dim(self) -> int:

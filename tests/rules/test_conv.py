@@ -22,6 +22,7 @@ from fxprune.backends.ort import OnnxRuntimeEngine
 from fxprune.frontends.fx_trace import propagate_shapes
 from fxprune.ir.units import Activation, UnitSpec
 from fxprune.passes.dependency import DependencyPass
+from fxprune.passes.latency import _layer_kernels
 from fxprune.rules import RULES
 from fxprune.rules.conv import ConvTransposeUnit
 from fxprune.rules.units import find_units
@@ -218,6 +219,18 @@ def test_onnxruntime_times_a_transposed_unit_from_its_own_kernels():
     spec = _transposed_unit(Upsampler())[1].spec
     timing = OnnxRuntimeEngine(threads=1, warmup=2, repeats=5).measure_units(spec, [(16, 12), (4, 3)])
     assert np.all(timing.ms > 0) and np.all(timing.reference_ms > 0)
+
+
+def test_the_transposed_unit_is_found_in_a_profile_of_the_whole_model_on_onnxruntime():
+    """onnxruntime's ConvTranspose kernel prepacks its weight (its profile shows the bias only): the unit's
+    kind says so, and the latency pass's check finds it by its data and output shapes."""
+    model = randomize_parameters(Upsampler().eval())
+    gm, unit = _transposed_unit(model)
+    with OnnxRuntimeEngine(threads=1, warmup=1, repeats=3).deploy(model, UPSAMPLER_INPUTS) as deployed:
+        kernels = deployed.kernels()
+    assert kernels is not None
+    found = [u for u, _ in _layer_kernels(find_units(gm), kernels)]
+    assert [u.layer.name for u in found if isinstance(u.spec, ConvTransposeUnit)] == [unit.layer.name]
 
 
 class _Recording(SyntheticEngine):
