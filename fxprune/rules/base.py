@@ -63,6 +63,9 @@ class Rule:
 
     name = "frozen"
     owns_tensors = False  # True: ``update`` replaces the module, so the rewrite does not index its tensors
+    # True: a tensor this op computes from parameters and buffers alone is itself one (shape ops, indexing,
+    # arithmetic), so its channel axis is traced back to them (``rules.shape.ensure_space``)
+    parameter_arithmetic = False
     bilinear_flops = False  # True: FLOPs scale with the kept shares of its weight's input and output axes
     modules: tuple[type, ...] = ()
     functions: tuple[Any, ...] = ()
@@ -193,12 +196,12 @@ def same_position(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) ->
 class Registry:
     """Rules by module class, function (an ATen overload also by its packet) and method name."""
 
-    def __init__(self, rules: Iterable[Rule], *, fallback: Rule,
+    def __init__(self, rules: Iterable[Rule], *, fallback: Rule, no_channels: Rule, output: Rule,
                  by_name_of_function: dict[str, Rule] | None = None) -> None:
         self.rules = list(rules)
-        self.fallback = fallback
-        self.by_name = {rule.name: rule for rule in [*self.rules, fallback]}
-        if len(self.by_name) != len(self.rules) + 1:
+        self.fallback, self.no_channels, self.output = fallback, no_channels, output
+        self._by_name = {rule.name: rule for rule in [*self.rules, fallback]}  # the names nodes record
+        if len(self._by_name) != len(self.rules) + 1:
             raise ValueError("two rules share a name")
         self.by_module: dict[type, Rule] = {}
         self.by_function: dict[Any, Rule] = {}
@@ -229,17 +232,23 @@ class Registry:
             rule = self.by_function_name.get(name)
         return rule
 
+    def recorded(self, node: torch.fx.Node) -> Rule | None:
+        """The rule the dependency pass handled ``node`` with (its name on the node's ``NodeChannels``: the
+        fallback's where the op's own rule fell back), or None for a node it left alone."""
+        name = graph.channels(node).rule
+        return None if name is None else self._by_name[name]
+
     def __call__(self, gm: torch.nn.Module, node: torch.fx.Node) -> Rule:
         """The rule that handles ``node``."""
         if node.op in ("placeholder", "get_attr"):
-            return self.by_name["no_channels"]
+            return self.no_channels
         if node.op == "output":
-            return self.by_name["output"]
+            return self.output
         if node.op == "call_module":
             return self.module_rule(gm.get_submodule(graph.target_name(node))) or self.fallback
         if node.op == "call_method":
             return self.by_method.get(graph.target_name(node), self.fallback)
         rule = self.function_rule(node.target)
         if rule is None and not tensor_inputs(node):
-            return self.by_name["no_channels"]
+            return self.no_channels
         return rule or self.fallback

@@ -44,6 +44,7 @@ class Passthrough(Rule):
     inputs, e.g. a clamp bound, keep theirs)."""
 
     name = "passthrough"
+    parameter_arithmetic = True
     modules = (
         nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU,
         nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
@@ -111,6 +112,7 @@ class Elementwise(Rule):
     """add/sub/mul/div and friends with broadcasting: channels at the same output position are one."""
 
     name = "elementwise"
+    parameter_arithmetic = True
     functions = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                  operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
                  torch.minimum, aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div,

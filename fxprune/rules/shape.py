@@ -37,7 +37,7 @@ def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
     if node.op != "get_attr" and b.space_of(node) is None and node not in b.pending \
             and _parameter_expression(b, node):
         rank = len(b.tensor_shape(node))
-        if b.rule_for(node).name in ("shape", "getitem"):
+        if isinstance(b.rule_for(node), (Shape, GetItem)):
             src = cast(torch.fx.Node, node.args[0])  # the tensor reshaped or indexed
             for candidate in range(len(b.tensor_shape(src))):
                 try:
@@ -58,9 +58,6 @@ def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
     return b.ensure_space(node, dim)
 
 
-_PARAMETER_OPS = ("shape", "getitem", "elementwise", "passthrough")
-
-
 def _parameter_expression(b: ChannelBuilder, node: torch.fx.Node) -> bool:
     """True for a tensor computed from parameters and buffers (get_attr) alone, through shape ops and
     arithmetic."""
@@ -70,7 +67,7 @@ def _parameter_expression(b: ChannelBuilder, node: torch.fx.Node) -> bool:
     if known is None:
         inputs = tensor_inputs(node)
         known = (node.op in ("call_function", "call_method") and bool(inputs)
-                 and b.rule_for(node).name in _PARAMETER_OPS and all(_parameter_expression(b, i) for i in inputs))
+                 and b.rule_for(node).parameter_arithmetic and all(_parameter_expression(b, i) for i in inputs))
         b.parameter_expressions[node] = known
     return known
 
@@ -79,6 +76,7 @@ class Shape(Rule):
     """view/reshape/permute/flatten/transpose/expand...: channels go where the label replay says."""
 
     name = "shape"
+    parameter_arithmetic = True
     modules = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
     functions = (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                  torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
@@ -420,6 +418,7 @@ class GetItem(Rule):
     """Indexing a tuple picks one output's space; indexing a tensor is a shape op."""
 
     name = "getitem"
+    parameter_arithmetic = True
     functions = (operator.getitem,)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:

@@ -55,12 +55,12 @@ def find_units(gm: torch.fx.GraphModule) -> list[Unit]:
     analysis = gm.meta[ANALYSIS_KEY]
     units = []
     for node in gm.graph.nodes:
-        out_space, rule = graph.space(node), graph.channels(node).rule
+        out_space, rule = graph.space(node), RULES.recorded(node)
         src = node.args[0] if node.args else None
         input_shape = graph.shape(src)
         if out_space is None or input_shape is None or rule is None:
             continue
-        spec = RULES.by_name[rule].unit(gm, node)
+        spec = rule.unit(gm, node)
         in_space = graph.space(src)
         if spec is None or in_space is None or in_space.dim != spec.channel_dim:
             in_space = None  # not a channel axis of this layer: its input width never changes
