@@ -18,6 +18,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace
 from fxprune.ir.units import UnitSpec
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps
 
 Kept = dict[int, torch.Tensor]  # channel space id -> kept positions, for spaces that lose channels
 Probe = Callable[[int, int], Callable[[], Any]]  # kept widths (in, out) -> a call whose FLOPs are counted
@@ -66,6 +67,7 @@ class Rule:
     # True: a tensor this op computes from parameters and buffers alone is itself one (shape ops, indexing,
     # arithmetic), so its channel axis is traced back to them (``rules.shape.ensure_space``)
     parameter_arithmetic = False
+    onnx = OnnxOps()  # the ONNX op types the operation exports to, as an exported graph is resized
     bilinear_flops = False  # True: FLOPs scale with the kept shares of its weight's input and output axes
     modules: tuple[type, ...] = ()
     functions: tuple[Any, ...] = ()
@@ -207,6 +209,11 @@ class Registry:
         self.by_function: dict[Any, Rule] = {}
         self.by_method: dict[str, Rule] = {}
         self.by_function_name = dict(by_name_of_function or {})
+        self.by_onnx_type: dict[str, OnnxOps] = {}
+        for rule in self.rules:
+            for op_type in rule.onnx.types:
+                if self.by_onnx_type.setdefault(op_type, rule.onnx) is not rule.onnx:
+                    raise ValueError(f"ONNX op {op_type} is claimed by two rules, {rule.name} among them")
         for rule in self.rules:
             tables: tuple[tuple[dict[Any, Rule], tuple[Any, ...]], ...] = (
                 (self.by_module, rule.modules), (self.by_function, rule.functions), (self.by_method, rule.methods))

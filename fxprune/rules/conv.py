@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, cast
 
 import numpy as np
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -15,6 +16,7 @@ from fxprune.ir import graph
 from fxprune.ir.units import OnnxBuilder, UnitSpec
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, parameter_name, set_arg
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps, ResizeError, Shapes, attribute
 from fxprune.rules.shape import ensure_space
 
 aten = torch.ops.aten
@@ -154,6 +156,36 @@ class ConvTransposeUnit(ConvUnit):
                     self.output_padding, self.groups_at(width_out), bias=self.layer_bias, dilation=self.dilation)
 
 
+class ConvOnnx(OnnxOps):
+    """``Conv`` and ``ConvTranspose`` in an exported graph: a bias follows the output channels, and
+    ``group`` the input's width where whole conv groups went."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        if index != 2:
+            return None
+        weight = new[node.input[1]]  # (out, in / group, k...); a transposed one's (in, out / group, k...)
+        return (weight[0],) if node.op_type == "Conv" else (weight[1] * attribute(node, "group", 1),)
+
+    def update(self, node: onnx.NodeProto, old: Shapes, new: Shapes) -> None:
+        group = attribute(node, "group", 1)
+        data, weight = node.input[0], node.input[1]
+        if node.op_type == "ConvTranspose":
+            if group != 1 and new[data] != old[data]:
+                raise ResizeError(f"grouped ConvTranspose node {node.name!r} takes a pruned input")
+            return
+        in_channels, per_group, out_channels = new[data][1], new[weight][1], new[weight][0]
+        if group == 1:
+            if in_channels != per_group:
+                raise ResizeError(f"Conv node {node.name!r}: input has {in_channels} channels, weight {per_group}")
+            return
+        if per_group == 0 or in_channels % per_group or out_channels % (in_channels // per_group):
+            raise ResizeError(f"Conv node {node.name!r}: {in_channels} input channels do not divide into groups "
+                              f"of {per_group} for {out_channels} outputs")
+        for a in node.attribute:
+            if a.name == "group":
+                a.i = in_channels // per_group
+
+
 def _pads(padding: tuple[int, ...] | str, dilation: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
     """Padding per spatial dim, begin and end (ONNX's ``pads``), from torch's symmetric one or its name."""
     if not isinstance(padding, str):
@@ -175,6 +207,7 @@ class Conv(Rule):
 
     name = "conv"
     bilinear_flops = True
+    onnx = ConvOnnx("Conv", "ConvTranspose")
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     functions = tuple(_FUNCTION_ARGS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, cast
 
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -14,6 +15,7 @@ from fxprune.ir import graph
 from fxprune.ir.units import OnnxBuilder, UnitSpec
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, parameter_name
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps, Shapes, attribute, follow
 from fxprune.rules.shape import ensure_space
 
 aten = torch.ops.aten
@@ -62,11 +64,28 @@ class LinearUnit(UnitSpec):
         return nn.Linear(width_in, width_out, bias=self.layer_bias)
 
 
+class GemmOnnx(OnnxOps):
+    """``Gemm`` and ``MatMul`` in an exported graph: a ``Gemm``'s C follows its output columns."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        if node.op_type != "Gemm" or index != 2:
+            return None
+        data, bias = node.input[0], node.input[2]
+        return follow(old[bias], (old[data][0], _columns(node, old)), (new[data][0], _columns(node, new)))
+
+
+def _columns(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """A ``Gemm``'s output columns: its weight's rows where it is transposed (``transB``), else its columns."""
+    weight = shapes[node.input[1]]
+    return weight[0] if attribute(node, "transB", 0) else weight[1]
+
+
 class Linear(Rule):
     """Input features (last dim) and output features are independent channel axes."""
 
     name = "linear"
     bilinear_flops = True
+    onnx = GemmOnnx("Gemm", "MatMul")
     modules: tuple[type, ...] = (nn.Linear,)
     functions: tuple[Any, ...] = (F.linear, aten.linear)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -16,7 +17,9 @@ import torchvision
 from onnx import numpy_helper
 
 import fxprune
+from fxprune.backends import ort as ort_engine
 from fxprune.backends.engines import unit_module
+from fxprune.backends.onnx_resize import resize
 from fxprune.backends.onnx_units import unit_model
 from fxprune.backends.ort import OnnxRuntimeEngine
 from fxprune.frontends.fx_trace import propagate_shapes
@@ -27,6 +30,7 @@ from fxprune.rules import RULES
 from fxprune.rules.conv import ConvTransposeUnit
 from fxprune.rules.units import find_units
 from fxprune.testing import masked_forward, randomize_parameters
+from tests.backends.test_onnx_resize import _layout, _shapes
 from tests.doubles import SyntheticEngine
 
 
@@ -231,6 +235,21 @@ def test_the_transposed_unit_is_found_in_a_profile_of_the_whole_model_on_onnxrun
     assert kernels is not None
     found = [u for u, _ in _layer_kernels(find_units(gm), kernels)]
     assert [u.layer.name for u in found if isinstance(u.spec, ConvTransposeUnit)] == [unit.layer.name]
+
+
+def test_a_graph_with_a_transposed_convolution_is_resized_to_the_pruned_models_export():
+    """The closed loop times plans by resizing the full model's ONNX graph; the conv rule's ONNX ops
+    (``Rule.onnx``) give ConvTranspose's folded bias its width."""
+    inputs = (torch.randn(1, 3, 16, 16),)
+    gm = fxprune.analyze(randomize_parameters(Upsampler().eval()), inputs)
+    pruned = fxprune.prune(gm, fxprune.random_plan(gm, seed=0))
+    width_in, width_out = pruned.get_submodule("up.0").weight.shape[:2]
+    assert width_in < 16 and width_out < 12  # both of the transposed convolution's sides pruned
+    with ort_engine._exported(gm, inputs) as full, ort_engine._exported(pruned, inputs) as expected:
+        full_model, expected_model = onnx.load(full), onnx.load(expected)
+    assert "ConvTranspose" in [n.op_type for n in full_model.graph.node]
+    resized = resize(full_model, _shapes(gm), _shapes(pruned))
+    assert _layout(resized) == _layout(expected_model) != _layout(full_model)
 
 
 class _Recording(SyntheticEngine):
