@@ -33,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, FxpruneError
-from fxprune.ir.units import Activation, UnitSpec
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.activations import torch_activation
 from fxprune.rules.units import REFERENCE
 
 
@@ -263,23 +264,11 @@ TORCH_MEMORY_OPS = frozenset({
 })
 
 
-def _activation_module(act: Activation | None) -> nn.Module:
-    if act is None:
-        return nn.Identity()
-    args = act.args
-    build = {"relu": lambda: nn.ReLU(), "clip": lambda: nn.Hardtanh(args[0], args[1]), "silu": lambda: nn.SiLU(),
-             "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
-             "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "gelu": lambda: nn.GELU(),
-             "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": lambda: nn.LeakyReLU(args[0]),
-             "elu": lambda: nn.ELU(args[0]), "mish": lambda: nn.Mish()}
-    return build[act.name]()
-
-
 def unit_module(spec: UnitSpec, width_in: int, width_out: int) -> tuple[nn.Module, torch.Tensor]:
     """The unit as torch runs it (its kind's layer, BatchNorm, activation), and an input of its kept width."""
     dtype = getattr(torch, spec.dtype)
     norm = spec.torch_norm(width_out) if spec.batch_norm else nn.Identity()
-    module = nn.Sequential(spec.torch_layer(width_in, width_out), norm, _activation_module(spec.activation))
+    module = nn.Sequential(spec.torch_layer(width_in, width_out), norm, torch_activation(spec.activation))
     return module.eval().to(dtype), torch.randn(spec.input_at(width_in)).to(dtype)
 
 

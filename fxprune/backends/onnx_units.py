@@ -4,7 +4,7 @@ One model holds one branch per table point. Each branch has a *producer* (a 1x1 
 matrix product making the unit's input from the shared graph input, so the unit reads a tensor that a
 kernel has just written, as it does in a network) and the unit itself: the layer with its bias (the
 BatchNorm folded into it, as the exporter does) and its activation, in the ops the exporter writes.
-Both come from the unit's kind (``UnitSpec.onnx_branch``, its rule's); this module adds the activation.
+Both come from the rules: the unit's kind (``UnitSpec.onnx_branch``) and ``rules/activations.py``.
 Every node and value of branch ``i``'s unit is named ``u{i}_...``; onnxruntime keeps that prefix on the
 kernels it fuses or converts, which is how the profile is read back per branch.
 """
@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxprune.ir.units import Activation, UnitSpec
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.activations import onnx_activation
 
 OPSET = 20  # what torch.onnx's dynamo exporter writes
 IR_VERSION = 10
@@ -50,30 +51,6 @@ class _Builder:
         return output
 
 
-def _activation(b: _Builder, act: Activation, x: str, prefix: str) -> str:
-    name = act.name
-    if name == "relu":
-        return b.node("Relu", [x], prefix + "relu")
-    if name == "clip":
-        return b.node("Clip", [x, b.constant(prefix + "lo", act.args[0]), b.constant(prefix + "hi", act.args[1])],
-                      prefix + "clip")
-    if name == "silu":
-        return b.node("Mul", [x, b.node("Sigmoid", [x], prefix + "sigmoid")], prefix + "silu")
-    if name == "hardswish":
-        return b.node("HardSwish", [x], prefix + "hardswish")
-    if name == "hardsigmoid":
-        return b.node("HardSigmoid", [x], prefix + "hardsigmoid", alpha=1 / 6, beta=0.5)
-    if name in ("sigmoid", "tanh", "mish"):
-        return b.node(name.capitalize(), [x], prefix + name)
-    if name in ("gelu", "gelu_tanh"):
-        return b.node("Gelu", [x], prefix + "gelu", approximate="tanh" if name == "gelu_tanh" else "none")
-    if name == "leaky_relu":
-        return b.node("LeakyRelu", [x], prefix + "leaky_relu", alpha=act.args[0])
-    if name == "elu":
-        return b.node("Elu", [x], prefix + "elu", alpha=act.args[0])
-    raise ValueError(f"no ONNX form for activation {name!r}")
-
-
 def unit_model(spec: UnitSpec, points: list[tuple[int, int]], first_branch: int = 0,
                reference: UnitSpec | None = None, references: int = 2) -> onnx.ModelProto:
     """A model with one branch per (kept input width, kept output width) point, all fed by input ``x``;
@@ -91,7 +68,7 @@ def unit_model(spec: UnitSpec, points: list[tuple[int, int]], first_branch: int 
     for unit, source, (width_in, width_out), prefix in branches:
         out = unit.onnx_branch(b, source, int(width_in), int(width_out), prefix)
         if unit.activation is not None:
-            out = _activation(b, unit.activation, out, prefix)
+            out = onnx_activation(b, unit.activation, out, prefix)
         outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(spec.input_shape))]
     if reference is not None:
