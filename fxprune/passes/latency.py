@@ -44,6 +44,7 @@ from fxprune.ir.units import UnitSpec
 from fxprune.passes.blocks import block_spaces
 from fxprune.passes.context import Context
 from fxprune.passes.rewrite import kept_shares
+from fxprune.rules import RULES
 from fxprune.rules.params import tensor_axes
 from fxprune.rules.units import REFERENCE, Unit, find_units
 from fxprune.solvers.planner import uniform_plan
@@ -463,7 +464,6 @@ def _digest(value: Any) -> str:
 # --- the cost model ---------------------------------------------------------------------------------
 _FREE_FUNCTIONS = {"getitem", "getattr", "size", "dim", "numel", "view", "reshape", "flatten", "unflatten",
                    "squeeze", "unsqueeze", "expand", "dropout", "stochastic_depth", "_assert", "type_as", "detach"}
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
 
 
@@ -471,8 +471,10 @@ def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Nodes that move no data as deployed: views, metadata reads, dropout in eval."""
     if node.op in ("placeholder", "get_attr", "output"):
         return True
-    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part
-        return isinstance(gm.get_submodule(graph.target_name(node)), _FREE_MODULES + _LAYERS)
+    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part (Rule.layer)
+        module = gm.get_submodule(graph.target_name(node))
+        rule = RULES.module_rule(module)
+        return isinstance(module, _FREE_MODULES) or (rule is not None and rule.layer)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
     return name in _FREE_FUNCTIONS
 

@@ -67,6 +67,9 @@ class Rule:
     # True: a tensor this op computes from parameters and buffers alone is itself one (shape ops, indexing,
     # arithmetic), so its channel axis is traced back to them (``rules.shape.ensure_space``)
     parameter_arithmetic = False
+    # True: a layer with weights (convolution, linear): outside units (its widths frozen) the latency pass counts
+    # its time in the model's fixed part, not as memory traffic
+    layer = False
     onnx = OnnxOps()  # the ONNX op types the operation exports to, as an exported graph is resized
     bilinear_flops = False  # True: FLOPs scale with the kept shares of its weight's input and output axes
     modules: tuple[type, ...] = ()

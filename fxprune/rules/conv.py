@@ -207,6 +207,7 @@ class Conv(Rule):
 
     name = "conv"
     bilinear_flops = True
+    layer = True
     onnx = ConvOnnx("Conv", "ConvTranspose")
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     functions = tuple(_FUNCTION_ARGS)

@@ -85,6 +85,7 @@ class Linear(Rule):
 
     name = "linear"
     bilinear_flops = True
+    layer = True
     onnx = GemmOnnx("Gemm", "MatMul")
     modules: tuple[type, ...] = (nn.Linear,)
     functions: tuple[Any, ...] = (F.linear, aten.linear)

@@ -27,6 +27,7 @@ from fxprune.passes.latency import (
     RETRIES,
     UNMEASURED_SPREAD,
     LatencyPass,
+    _is_free,
     _kept_counts,
     _layer_kernels,
     _Timed,
@@ -252,6 +253,15 @@ def test_identical_layers_are_measured_once():
     calibration = gm.meta[LATENCY_KEY]
     # convs 1 and 2 vary both widths alike; conv 0's input and conv 3's output are the model's, fixed
     assert len(find_units(gm)) == 4 and calibration.tables == 3 and engine.unit_calls == 3 + 1  # + the step probe
+
+
+def test_layers_outside_units_are_timed_in_the_fixed_part_not_as_memory_traffic():
+    """A layer's rule says it is one (``Rule.layer``): a frozen one moves no memory the widths scale."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 25, 4))
+    gm = fxprune.analyze(model.eval(), (torch.randn(1, 3, 6, 6),))
+    free = {n.target: _is_free(gm, n) for n in gm.graph.nodes if n.op == "call_module"}
+    assert free == {"0": True, "1": True, "2": False, "3": False, "4": True, "5": True}
 
 
 def test_latency_cost_needs_the_pass_first():
