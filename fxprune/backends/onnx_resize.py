@@ -22,23 +22,20 @@ import torch
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from fxprune.rules import RULES
-from fxprune.rules.onnx import ResizeError, attribute, follow
+from fxprune.rules.onnx import ResizeError, follow
 
 STRIP_ELEMENTS = 64  # float initializers larger than this are kept as shapes only
 TRANSPOSE_TAG = "fxprune:transposes:"  # doc_string of an initializer that is a parameter's transpose
 # Ops no rule claims yet (RULES.by_onnx_type holds the rest) no constant of which records a width: they follow
 # their inputs' shapes (ONNX infers the rest).
 WIDTH_FREE = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Erf",
-    "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Pow", "Cast", "Identity",
-    "Dropout", "Add", "Sub", "Mul", "Div", "Max", "Min", "Where", "Equal", "Less", "Greater", "Not",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "ReduceMean", "ReduceSum",
-    "ReduceMax", "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "Concat", "Transpose", "Flatten",
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Erf",
+    "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Cast", "Identity",
+    "Dropout", "Not", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "ReduceMean",
+    "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "Transpose", "Flatten",
     "Squeeze", "Unsqueeze", "Shape", "Size", "Reshape", "Resize", "Pad", "Einsum",
 })
 IDEMPOTENT = frozenset({"Relu", "Abs"})  # f(f(x)) = f(x): one of two in a row goes, as the exporter drops it
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "PRelu", "Where", "Max", "Min", "Pow", "Equal", "Less",
-                         "Greater"})
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 __all__ = ["ResizeError", "fill", "name_transposes", "remove_blocks", "resize", "strip"]
@@ -257,21 +254,9 @@ def _known(op_type: str) -> bool:
 
 
 def _implied_shape(node: onnx.NodeProto, index: int, old: dict, new: dict) -> tuple[int, ...] | None:
-    op, inputs = node.op_type, list(node.input)
-    if op in RULES.by_onnx_type:
-        return RULES.by_onnx_type[op].implied_shape(node, index, old, new)
-    if op == "Concat":  # every axis but the concatenated one follows the other inputs
-        axis = attribute(node, "axis", 0) % len(old[inputs[index]])
-        other = next((i for j, i in enumerate(inputs) if j != index and old[i] != new[i]), None)
-        if other is not None:
-            followed = follow(old[inputs[index]], old[other], new[other])
-            return tuple(old[inputs[index]][d] if d == axis else followed[d] for d in range(len(followed)))
-        return old[inputs[index]]
-    if op in ELEMENTWISE:
-        others = [i for j, i in enumerate(inputs) if j != index and i]
-        if len(others) == 1:
-            return follow(old[inputs[index]], old[others[0]], new[others[0]])
-    return None
+    """What the rule claiming ``node``'s op type (``Rule.onnx``) says input ``index`` becomes; None if none does."""
+    ops = RULES.by_onnx_type.get(node.op_type)
+    return None if ops is None else ops.implied_shape(node, index, old, new)
 
 
 def _update_constants(node: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict, constants: dict,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, cast
 
 import numpy as np
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -22,6 +23,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace
 from fxprune.rules.base import Kept, Rule, arg, kept_of, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder, Pending
+from fxprune.rules.onnx import OnnxOps, Shapes, attribute, follow
 
 aten = torch.ops.aten
 
@@ -302,11 +304,26 @@ def _gather(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
     gathered.meta = dict(node.meta)
 
 
+class ConcatOnnx(OnnxOps):
+    """``Concat``: an operand no parameter names keeps the concatenated axis and follows the other inputs on
+    every other axis."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        inputs, own = list(node.input), old[node.input[index]]
+        axis = attribute(node, "axis", 0) % len(own)
+        other = next((name for j, name in enumerate(inputs) if j != index and old[name] != new[name]), None)
+        if other is None:
+            return own
+        followed = follow(own, old[other], new[other])
+        return tuple(own[d] if d == axis else followed[d] for d in range(len(followed)))
+
+
 class Cat(Rule):
     """cat along channels: output slice [offset, offset + n) is the input's axis; along another dim,
     every input's channels are the output's."""
 
     name = "cat"
+    onnx = ConcatOnnx("Concat")
     functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
