@@ -19,7 +19,6 @@ from fxprune.frontends.partition import assemble, split
 from fxprune.huggingface import DecodeStep, Prefill, decodes
 from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
 from fxprune.ir.channels import Block, ChannelGroup, Plan
-from fxprune.ir.graph import channels as channels_of
 from fxprune.ir.graph import space as graph_space
 from fxprune.ir.keys import (
     CAPTURE_KEY,
@@ -47,6 +46,8 @@ from fxprune.passes.pipeline import prune as prune_graph
 from fxprune.passes.score import ScorePass
 from fxprune.passes.verify import own_model
 from fxprune.reports import GroupReport, PartReport, Report
+from fxprune.rules import RULES
+from fxprune.rules.attention import ScaledDotProductAttention
 from fxprune.solvers.planner import analysis, random_plan, uniform_plan, with_every_member
 
 __all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune",
@@ -406,7 +407,7 @@ def _heads_kept(gm: torch.fx.GraphModule, keep_counts: dict[int, int]) -> list[s
     found = []
     for node in gm.graph.nodes:
         space = graph_space(node)
-        if channels_of(node).rule == "scaled_dot_product_attention" and space is not None:
+        if isinstance(RULES.recorded(node), ScaledDotProductAttention) and space is not None:
             total = analysis(gm).groups[space.group_id].size
             found.append(f"{node.name} {keep_counts.get(space.group_id, total)}/{total}")
     return found

@@ -31,7 +31,7 @@ class SyntheticEngine(Engine):
 
     @staticmethod
     def unit_ms(spec, width_in: int, width_out: int) -> float:
-        area = int(np.prod(spec.input_shape[2:])) if spec.op == "conv" else 1
+        area = int(np.prod(spec.input_shape[2:])) if spec.kernel else 1  # a convolution's positions
         return 1e-6 * area * (width_in * width_out / (spec.groups if spec.tied else 1) + 3 * width_out) + 0.01
 
     def measure_units(self, spec, points) -> UnitTiming:
@@ -44,7 +44,7 @@ class SyntheticEngine(Engine):
 
     def kernels(self, module: torch.nn.Module, example_inputs: tuple) -> list[KernelTime]:
         """A whole model's profile: a kernel per unit, named by its shapes as onnxruntime's profile does."""
-        return [KernelTime("Conv" if u.spec.op == "conv" else "Gemm",
+        return [KernelTime("Conv" if u.spec.kernel else "Gemm",
                            [list(u.spec.input_shape), list(u.spec.weight_shapes[0])],
                            [list(u.spec.output_shape)], 1e3 * self.in_model_ms(u.spec))
                 for u in find_units(analyze(module, example_inputs))]

@@ -33,7 +33,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, FxpruneError
-from fxprune.ir.units import REFERENCE, Activation, UnitSpec
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.activations import torch_activation
+from fxprune.rules.units import REFERENCE
 
 
 @dataclass
@@ -262,38 +264,12 @@ TORCH_MEMORY_OPS = frozenset({
 })
 
 
-def _activation_module(act: Activation | None) -> nn.Module:
-    if act is None:
-        return nn.Identity()
-    args = act.args
-    build = {"relu": lambda: nn.ReLU(), "clip": lambda: nn.Hardtanh(args[0], args[1]), "silu": lambda: nn.SiLU(),
-             "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
-             "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "gelu": lambda: nn.GELU(),
-             "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "leaky_relu": lambda: nn.LeakyReLU(args[0]),
-             "elu": lambda: nn.ELU(args[0]), "mish": lambda: nn.Mish()}
-    return build[act.name]()
-
-
 def unit_module(spec: UnitSpec, width_in: int, width_out: int) -> tuple[nn.Module, torch.Tensor]:
-    """The unit as torch runs it (layer, BatchNorm, activation), and an input of its kept width."""
+    """The unit as torch runs it (its kind's layer, BatchNorm, activation), and an input of its kept width."""
     dtype = getattr(torch, spec.dtype)
-    layer: nn.Module
-    if spec.op == "conv":
-        conv: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spec.kernel) - 1]  # sizes as tuples of its rank
-        groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
-        spatial = len(spec.kernel)
-        padding = tuple(spec.padding[:spatial])
-        layer = conv(width_in, width_out, spec.kernel, spec.stride, padding, spec.dilation, groups,
-                     bias=spec.bias and not spec.batch_norm)
-        shape = (spec.input_shape[0], width_in, *spec.input_shape[2:])
-        norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-        norm = norms[spatial - 1](width_out) if spec.batch_norm else nn.Identity()
-    else:
-        layer = nn.Linear(width_in, width_out, bias=spec.bias and not spec.batch_norm)
-        shape = (*spec.input_shape[:-1], width_in)
-        norm = nn.BatchNorm1d(width_out) if spec.batch_norm else nn.Identity()
-    module = nn.Sequential(layer, norm, _activation_module(spec.activation)).eval().to(dtype)
-    return module, torch.randn(shape).to(dtype)
+    norm = spec.torch_norm(width_out) if spec.batch_norm else nn.Identity()
+    module = nn.Sequential(spec.torch_layer(width_in, width_out), norm, torch_activation(spec.activation))
+    return module.eval().to(dtype), torch.randn(spec.input_at(width_in)).to(dtype)
 
 
 class TorchEngine(Engine):

@@ -5,9 +5,10 @@ times pruned copies of one model again and again. A pruned copy's graph is the f
 smaller tensors: the same nodes, smaller initializers, and a few constants that
 record a width (reshape targets, convolution groups). ``resize`` walks the full graph in order with
 ONNX's per-node shape inference, gives each initializer the pruned module's shape, rewrites the
-constants it understands, and raises ``ResizeError`` for anything else a changed width reaches, so the
-caller exports the copy instead. Only shapes are carried (a cached graph stays small, ``strip``); a
-timing graph gets its values from the module it stands for (``fill``).
+constants it understands (a layer's, as its rule says: ``Rule.onnx``, ``rules/onnx.py``), and raises
+``ResizeError`` for anything else a changed width reaches, so the caller exports the copy instead. Only
+shapes are carried (a cached graph stays small, ``strip``); a timing graph gets its values from the
+module it stands for (``fill``).
 """
 
 from __future__ import annotations
@@ -20,27 +21,24 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from fxprune.rules import RULES
+from fxprune.rules.onnx import ResizeError, follow
+
 STRIP_ELEMENTS = 64  # float initializers larger than this are kept as shapes only
 TRANSPOSE_TAG = "fxprune:transposes:"  # doc_string of an initializer that is a parameter's transpose
-# Ops no constant of which records a width: they follow their inputs' shapes (ONNX infers the rest).
+# Ops no rule claims yet (RULES.by_onnx_type holds the rest) no constant of which records a width: they follow
+# their inputs' shapes (ONNX infers the rest).
 WIDTH_FREE = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Erf",
-    "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Pow", "Cast", "Identity",
-    "Dropout", "Add", "Sub", "Mul", "Div", "Max", "Min", "Where", "Equal", "Less", "Greater", "Not",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "ReduceMean", "ReduceSum",
-    "ReduceMax", "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "Concat", "Transpose", "Flatten",
-    "Squeeze", "Unsqueeze", "Shape", "Size", "MatMul", "Gemm", "Conv", "ConvTranspose", "Reshape",
-    "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Resize",
-    "Pad", "Einsum",
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Erf",
+    "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Cast", "Identity",
+    "Dropout", "Not", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "ReduceMean",
+    "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "Transpose", "Flatten",
+    "Squeeze", "Unsqueeze", "Shape", "Size", "Reshape", "Resize", "Pad", "Einsum",
 })
 IDEMPOTENT = frozenset({"Relu", "Abs"})  # f(f(x)) = f(x): one of two in a row goes, as the exporter drops it
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "PRelu", "Where", "Max", "Min", "Pow", "Equal", "Less",
-                         "Greater"})
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
-
-class ResizeError(Exception):
-    """The graph holds a width ``resize`` cannot update with certainty; export the pruned copy instead."""
+__all__ = ["ResizeError", "fill", "name_transposes", "remove_blocks", "resize", "strip"]
 
 
 def strip(model: onnx.ModelProto, elements: int = STRIP_ELEMENTS) -> onnx.ModelProto:
@@ -138,7 +136,7 @@ def resize(model: onnx.ModelProto, full_shapes: Mapping[str, tuple[int, ...]],
             for name in node.input:
                 pending.discard(name)
         else:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in WIDTH_FREE:
+            if node.domain not in ("", "ai.onnx") or not _known(node.op_type):
                 raise ResizeError(f"{node.op_type} node {node.name!r} takes a pruned tensor, and fxprune does not "
                                   "know which of its constants record a width")
             _settle_pending(node, pending, initializers, old, new)
@@ -250,54 +248,22 @@ def _settle_pending(node: onnx.NodeProto, pending: set[str], initializers: dict,
         _set_shape(initializers[name], shape)
 
 
+def _known(op_type: str) -> bool:
+    """Whether resize knows which constants of ``op_type`` record a width: its rule's, or none (WIDTH_FREE)."""
+    return op_type in RULES.by_onnx_type or op_type in WIDTH_FREE
+
+
 def _implied_shape(node: onnx.NodeProto, index: int, old: dict, new: dict) -> tuple[int, ...] | None:
-    op, inputs = node.op_type, list(node.input)
-    if op == "Conv" and index == 2:
-        return (new[inputs[1]][0],)
-    if op == "ConvTranspose" and index == 2:
-        return (new[inputs[1]][1] * _attribute(node, "group", 1),)
-    if op == "Gemm" and index == 2:
-        weight = new[inputs[1]]
-        columns = weight[0] if _attribute(node, "transB", 0) else weight[1]
-        return _follow(old[inputs[2]], (old[inputs[0]][0], _old_columns(node, old)), (new[inputs[0]][0], columns))
-    if op in ("BatchNormalization", "InstanceNormalization") and index > 0:
-        return (new[inputs[0]][1],)
-    if op == "LayerNormalization" and index > 0:
-        return new[inputs[0]][len(new[inputs[0]]) - len(old[inputs[index]]):]
-    if op == "Concat":  # every axis but the concatenated one follows the other inputs
-        axis = _attribute(node, "axis", 0) % len(old[inputs[index]])
-        other = next((i for j, i in enumerate(inputs) if j != index and old[i] != new[i]), None)
-        if other is not None:
-            followed = _follow(old[inputs[index]], old[other], new[other])
-            return tuple(old[inputs[index]][d] if d == axis else followed[d] for d in range(len(followed)))
-        return old[inputs[index]]
-    if op in ELEMENTWISE:
-        others = [i for j, i in enumerate(inputs) if j != index and i]
-        if len(others) == 1:
-            return _follow(old[inputs[index]], old[others[0]], new[others[0]])
-    return None
-
-
-def _old_columns(node: onnx.NodeProto, old: dict) -> int:
-    weight = old[node.input[1]]
-    return weight[0] if _attribute(node, "transB", 0) else weight[1]
-
-
-def _follow(shape: tuple, old_other: tuple, new_other: tuple) -> tuple[int, ...]:
-    """A broadcast operand's new shape: each dim that matched the other operand's (and was not 1)
-    follows it; dims of 1 broadcast and stay."""
-    result = list(shape)
-    for offset in range(1, min(len(shape), len(old_other)) + 1):
-        if shape[-offset] != 1 and shape[-offset] == old_other[-offset]:
-            result[-offset] = new_other[-offset]
-    return tuple(result)
+    """What the rule claiming ``node``'s op type (``Rule.onnx``) says input ``index`` becomes; None if none does."""
+    ops = RULES.by_onnx_type.get(node.op_type)
+    return None if ops is None else ops.implied_shape(node, index, old, new)
 
 
 def _update_constants(node: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict, constants: dict,
                       old: dict, new: dict) -> None:
     """Rewrite the width-recording constants of ``node``, whose inputs changed shape."""
-    if node.op_type in ("Conv", "ConvTranspose"):
-        _set_group(node, old, new)
+    if node.op_type in RULES.by_onnx_type:
+        RULES.by_onnx_type[node.op_type].update(node, old, new)
     elif node.op_type == "Reshape":
         data, target = node.input[0], node.input[1]
         if target not in constants:
@@ -311,30 +277,10 @@ def _update_constants(node: onnx.NodeProto, graph: onnx.GraphProto, initializers
         sizes = constants.get(node.input[3])
         if sizes is None:
             raise ResizeError(f"Resize node {node.name!r} reads computed sizes")
-        followed = _follow(tuple(int(s) for s in sizes), old[node.input[0]], new[node.input[0]])
+        followed = follow(tuple(int(s) for s in sizes), old[node.input[0]], new[node.input[0]])
         _replace_constant(node, 3, np.asarray(followed, dtype=np.int64), graph, initializers, constants, new)
     elif node.op_type == "Pad" and any(new[i] != old[i] for i in node.input[1:] if i):
         raise ResizeError(f"Pad node {node.name!r} reads pruned pads")
-
-
-def _set_group(node: onnx.NodeProto, old: dict, new: dict) -> None:
-    group = _attribute(node, "group", 1)
-    data, weight = node.input[0], node.input[1]
-    if node.op_type == "ConvTranspose":
-        if group != 1 and new[data] != old[data]:
-            raise ResizeError(f"grouped ConvTranspose node {node.name!r} takes a pruned input")
-        return
-    in_channels, per_group, out_channels = new[data][1], new[weight][1], new[weight][0]
-    if group == 1:
-        if in_channels != per_group:
-            raise ResizeError(f"Conv node {node.name!r}: input has {in_channels} channels, weight {per_group}")
-        return
-    if per_group == 0 or in_channels % per_group or out_channels % (in_channels // per_group):
-        raise ResizeError(f"Conv node {node.name!r}: {in_channels} input channels do not divide into groups of "
-                          f"{per_group} for {out_channels} outputs")
-    for attribute in node.attribute:
-        if attribute.name == "group":
-            attribute.i = in_channels // per_group
 
 
 def _reshape_target(old_in: tuple, old_out: tuple, new_in: tuple) -> list[int] | None:
@@ -421,10 +367,6 @@ def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
             if value is not None:
                 shapes[node.output[0]] = tuple(value.t.dims)
     return shapes
-
-
-def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _has_data(tensor: TensorProto) -> bool:

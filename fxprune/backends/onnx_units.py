@@ -4,17 +4,21 @@ One model holds one branch per table point. Each branch has a *producer* (a 1x1 
 matrix product making the unit's input from the shared graph input, so the unit reads a tensor that a
 kernel has just written, as it does in a network) and the unit itself: the layer with its bias (the
 BatchNorm folded into it, as the exporter does) and its activation, in the ops the exporter writes.
+Both come from the rules: the unit's kind (``UnitSpec.onnx_branch``) and ``rules/activations.py``.
 Every node and value of branch ``i``'s unit is named ``u{i}_...``; onnxruntime keeps that prefix on the
 kernels it fuses or converts, which is how the profile is read back per branch.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxprune.ir.units import Activation, UnitSpec
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.activations import onnx_activation
 
 OPSET = 20  # what torch.onnx's dynamo exporter writes
 IR_VERSION = 10
@@ -42,58 +46,9 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 
-    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
-
-
-def _activation(b: _Builder, act: Activation, x: str, prefix: str) -> str:
-    name = act.name
-    if name == "relu":
-        return b.node("Relu", [x], prefix + "relu")
-    if name == "clip":
-        return b.node("Clip", [x, b.constant(prefix + "lo", act.args[0]), b.constant(prefix + "hi", act.args[1])],
-                      prefix + "clip")
-    if name == "silu":
-        return b.node("Mul", [x, b.node("Sigmoid", [x], prefix + "sigmoid")], prefix + "silu")
-    if name == "hardswish":
-        return b.node("HardSwish", [x], prefix + "hardswish")
-    if name == "hardsigmoid":
-        return b.node("HardSigmoid", [x], prefix + "hardsigmoid", alpha=1 / 6, beta=0.5)
-    if name in ("sigmoid", "tanh", "mish"):
-        return b.node(name.capitalize(), [x], prefix + name)
-    if name in ("gelu", "gelu_tanh"):
-        return b.node("Gelu", [x], prefix + "gelu", approximate="tanh" if name == "gelu_tanh" else "none")
-    if name == "leaky_relu":
-        return b.node("LeakyRelu", [x], prefix + "leaky_relu", alpha=act.args[0])
-    if name == "elu":
-        return b.node("Elu", [x], prefix + "elu", alpha=act.args[0])
-    raise ValueError(f"no ONNX form for activation {name!r}")
-
-
-def _conv_branch(b: _Builder, spec: UnitSpec, x: str, width_in: int, width_out: int, prefix: str) -> str:
-    spatial = len(spec.kernel)
-    groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
-    producer = b.node("Conv", [x, b.weight(f"p_{prefix}w", (width_in, spec.in_channels) + (1,) * spatial)],
-                      f"p_{prefix}out", kernel_shape=[1] * spatial)
-    inputs = [producer, b.weight(prefix + "w", (width_out, width_in // groups) + tuple(spec.kernel))]
-    if spec.bias:
-        inputs.append(b.weight(prefix + "b", (width_out,)))
-    return b.node("Conv", inputs, prefix + "conv", kernel_shape=list(spec.kernel), strides=list(spec.stride),
-                  pads=list(spec.padding), dilations=list(spec.dilation), group=groups)
-
-
-def _linear_branch(b: _Builder, spec: UnitSpec, x: str, width_in: int, width_out: int, prefix: str) -> str:
-    if len(spec.input_shape) == 2:  # the exporter writes Gemm for 2-D inputs, MatMul + Add otherwise
-        producer = b.node("Gemm", [x, b.weight(f"p_{prefix}w", (width_in, spec.in_channels))], f"p_{prefix}out",
-                          transB=1)
-        inputs = [producer, b.weight(prefix + "w", (width_out, width_in))]
-        if spec.bias:
-            inputs.append(b.weight(prefix + "b", (width_out,)))
-        return b.node("Gemm", inputs, prefix + "gemm", transB=1)
-    producer = b.node("MatMul", [x, b.weight(f"p_{prefix}w", (spec.in_channels, width_in))], f"p_{prefix}out")
-    out = b.node("MatMul", [producer, b.weight(prefix + "w", (width_in, width_out))], prefix + "matmul")
-    return b.node("Add", [out, b.weight(prefix + "b", (width_out,))], prefix + "add") if spec.bias else out
 
 
 def unit_model(spec: UnitSpec, points: list[tuple[int, int]], first_branch: int = 0,
@@ -111,10 +66,9 @@ def unit_model(spec: UnitSpec, points: list[tuple[int, int]], first_branch: int 
         whole = (reference.in_channels, reference.out_channels)
         branches += [(reference, "reference_x", whole, reference_prefix(j)) for j in range(references)]
     for unit, source, (width_in, width_out), prefix in branches:
-        build = _conv_branch if unit.op == "conv" else _linear_branch
-        out = build(b, unit, source, int(width_in), int(width_out), prefix)
+        out = unit.onnx_branch(b, source, int(width_in), int(width_out), prefix)
         if unit.activation is not None:
-            out = _activation(b, unit.activation, out, prefix)
+            out = onnx_activation(b, unit.activation, out, prefix)
         outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(spec.input_shape))]
     if reference is not None:
@@ -130,5 +84,4 @@ def reference_prefix(index: int) -> str:
 def branch_weight_bytes(spec: UnitSpec, width_in: int, width_out: int) -> int:
     """Bytes of one branch's weights (producer and unit), to cap the size of one measuring session."""
     kernel = int(np.prod(spec.kernel)) if spec.kernel else 1
-    groups = spec.groups * width_out // spec.out_channels if spec.tied else 1
-    return 4 * (width_in * spec.in_channels + width_out * (width_in // groups) * kernel + width_out)
+    return 4 * (width_in * spec.in_channels + width_out * (width_in // spec.groups_at(width_out)) * kernel + width_out)

@@ -1,7 +1,7 @@
 """The onnxruntime engine: the CPU execution provider with every graph optimization, as deployed.
 
 Units are timed from onnxruntime's profiler: one session holds a branch per table point
-(``passes/onnx_units.py``) and each branch's time is the sum of its own kernels. The profiler adds a
+(``backends/onnx_units.py``) and each branch's time is the sum of its own kernels. The profiler adds a
 few microseconds to every kernel it times (7 µs of a 0.3 µs addition here), which would make small
 layers look slow; ``profiler_overhead`` measures that once per engine and every kernel time has it
 taken off. Whole models are timed on ``session.run`` without the profiler; a second, profiled session
@@ -38,7 +38,8 @@ from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.ir.keys import PLAN_KEY
-from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.ir.units import UnitSpec
+from fxprune.rules.units import REFERENCE
 
 # Kernels outside layers that move memory in proportion to the tensors around them: what the latency
 # pass scales with the widths of the tensors they touch.

@@ -18,12 +18,12 @@ from fxprune.ir.keys import (
 )
 from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
 from fxprune.ir.solution import LatencyPoint, MeasuredSolve, PlanResult, Solution
-from fxprune.ir.units import REFERENCE, Activation, UnitSpec
+from fxprune.ir.units import Activation, UnitSpec
 
 __all__ = [
     "Analysis", "ChannelGroup", "ChannelSpace", "GroupMember", "Importance", "NodeChannels", "Plan",
     "CostModel", "CostTerm", "TableTerm", "LatencyCalibration", "LatencyTable", "LayerLatency",
-    "LatencyPoint", "MeasuredSolve", "PlanResult", "Solution", "REFERENCE", "Activation", "UnitSpec",
+    "LatencyPoint", "MeasuredSolve", "PlanResult", "Solution", "Activation", "UnitSpec",
     "ANALYSIS_KEY", "CHANNELS_KEY", "COST_KEY", "IMPORTANCE_KEY", "LATENCY_KEY", "LAYER_LATENCY_KEY", "META_KEY",
     "PLAN_KEY", "REPORT_KEY", "SCORES_KEY", "SOLUTION_KEY", "VALUE_KEY",
 ]

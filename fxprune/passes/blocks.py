@@ -68,8 +68,7 @@ class BlockPass(PassBase):
 
 
 def _rule(node: torch.fx.Node):
-    name = graph.channels(node).rule
-    return RULES.by_name[name] if name is not None else RULES.fallback
+    return RULES.recorded(node) or RULES.fallback
 
 
 def _branch(x: torch.fx.Node, y: torch.fx.Node, add: torch.fx.Node,

@@ -101,10 +101,10 @@ class _FlopInterpreter(torch.fx.Interpreter):
         return self.calls.get(part, 1) if part is not None else 1
 
     def run_node(self, n: torch.fx.Node):
-        name = graph.channels(n).rule
-        if name is not None:
+        rule = RULES.recorded(n)
+        if rule is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            probe = RULES.by_name[name].flop_probe(self.module, n, args, kwargs)
+            probe = rule.flop_probe(self.module, n, args, kwargs)
             if probe is not None:
                 self._fit_bilinear(n, probe)
                 return super().run_node(n)
@@ -156,9 +156,9 @@ def flop_cost(gm: torch.fx.GraphModule, example_inputs: tuple,
     model = CostModel("flops", terms=list(counter.terms))
     for node, flops in counter.flops.items():
         spaces: tuple[int, ...] = ()
-        name = graph.channels(node).rule
-        if name is not None and RULES.by_name[name].bilinear_flops:
-            weight = next((axis.name for axis in RULES.by_name[name].tensor_axes(gm, node)), None)
+        rule = RULES.recorded(node)
+        if rule is not None and rule.bilinear_flops:
+            weight = next((axis.name for axis in rule.tensor_axes(gm, node)), None)
             spaces = scaling.get(weight, ()) if weight is not None else ()
         model.terms.append(CostTerm(node.name, float(flops), counter.block(node) + spaces))
     model.baseline = model.total({})

@@ -21,6 +21,7 @@ from fxprune.ir.channels import Analysis, ChannelSpace
 from fxprune.ir.keys import ANALYSIS_KEY, CHANNELS_KEY
 from fxprune.rules import RULES, ChannelBuilder, Rule
 from fxprune.rules.base import arg
+from fxprune.rules.shape import Shape
 
 
 class DependencyPass(PassBase):
@@ -105,7 +106,7 @@ def _track_widths(b: ChannelBuilder, node: torch.fx.Node, rule: Rule, width_args
     for position, measured in width_args:
         if node.target in _WIDTH_ARITHMETIC and b.shape(node) is None:
             b.widths[node] = {None: measured}  # still a width, to be checked where it is used
-        elif position is not None and rule.name == "shape":
+        elif position is not None and isinstance(rule, Shape):
             target = b.space_of(node) if node not in b.pending else None
             on_axis = target is not None and target.dim == position
             b.width_uses.append((measured, target if on_axis else None, node, position))

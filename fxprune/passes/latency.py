@@ -41,12 +41,13 @@ from fxprune.ir.channels import ChannelSpace, Plan
 from fxprune.ir.cost import CostModel, CostTerm, TableTerm
 from fxprune.ir.keys import ANALYSIS_KEY, LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
-from fxprune.ir.units import REFERENCE, UnitSpec
+from fxprune.ir.units import UnitSpec
 from fxprune.passes.blocks import block_spaces
 from fxprune.passes.context import Context
 from fxprune.passes.rewrite import kept_shares
+from fxprune.rules import RULES
 from fxprune.rules.params import tensor_axes
-from fxprune.rules.units import Unit, find_units
+from fxprune.rules.units import REFERENCE, Unit, find_units
 from fxprune.solvers.planner import uniform_plan
 
 GRID_POINTS = 8  # kept widths measured per axis (plus one channel); the rest is interpolated
@@ -71,8 +72,6 @@ RETRIES = 2
 DISAGREEMENT = 2.5
 MATERIAL = 0.01
 CONFIRMED = 0.2
-# onnxruntime's INT8 kernels prepack their weights: a profile shows no weight shape for them.
-PREPACKED_WEIGHT_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 __all__ = ["LATENCY_KEY", "LatencyCalibration", "LatencyPass", "detect_step", "latency_cost"]
 
@@ -285,7 +284,7 @@ class LatencyPass(PassBase):
         return widths(unit.in_space, unit.spec.in_channels), widths_out
 
     def _table(self, key: dict, again: bool = False) -> LatencyTable:
-        """The unit's table in units of the reference unit's latency in the same runs (``units.REFERENCE``),
+        """The unit's table in units of the reference unit's latency in the same runs (``rules/units.REFERENCE``),
         made monotone (``LatencyTable.monotone``: no plan is then predicted slower than the full model);
         ``again``: timed anew whatever the cache holds."""
         spec = UnitSpec.from_key(key["unit"])
@@ -363,16 +362,17 @@ class _Timed:
 def _layer_kernels(units: list[Unit], kernels: list[KernelTime]) -> list[tuple[Unit, float]]:
     """Each unit found among a whole model's profiled kernels (same input, weight and output shapes;
     units of one shape share their kernels' median), with that kernel's µs. The weight is the first input
-    after the data with two axes or more (``Conv``, ``Gemm``, ``MatMul``); INT8's fused kernels
-    (``PREPACKED_WEIGHT_OPS``) show no weight shape and may run channels-last, so they are matched by
-    their data and output shapes, as they are or from NHWC."""
+    after the data with two axes or more (``Conv``, ``Gemm``, ``MatMul``); kernels that show no weight shape
+    (each unit kind's ``weightless_kernels``: INT8's fused kernels, onnxruntime's ``ConvTranspose``) and may
+    run channels-last are matched by their data and output shapes, as they are or from NHWC."""
+    weightless = {op for unit in units for op in unit.spec.weightless_kernels}
     by_shape: dict[tuple, list[float]] = {}
     for kernel in kernels:
         if not (kernel.inputs and kernel.outputs):
             continue
         data, output = tuple(kernel.inputs[0]), tuple(kernel.outputs[0])
         keys: set[tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...]]]
-        if kernel.op in PREPACKED_WEIGHT_OPS:
+        if kernel.op in weightless:
             keys = {(data, None, output), (_from_nhwc(data), None, _from_nhwc(output))}
         else:
             weight = next((tuple(shape) for shape in kernel.inputs[1:] if len(shape) >= 2), None)
@@ -465,7 +465,6 @@ def _digest(value: Any) -> str:
 # --- the cost model ---------------------------------------------------------------------------------
 _FREE_FUNCTIONS = {"getitem", "getattr", "size", "dim", "numel", "view", "reshape", "flatten", "unflatten",
                    "squeeze", "unsqueeze", "expand", "dropout", "stochastic_depth", "_assert", "type_as", "detach"}
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
 
 
@@ -473,8 +472,10 @@ def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Nodes that move no data as deployed: views, metadata reads, dropout in eval."""
     if node.op in ("placeholder", "get_attr", "output"):
         return True
-    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part
-        return isinstance(gm.get_submodule(graph.target_name(node)), _FREE_MODULES + _LAYERS)
+    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part (Rule.layer)
+        module = gm.get_submodule(graph.target_name(node))
+        rule = RULES.module_rule(module)
+        return isinstance(module, _FREE_MODULES) or (rule is not None and rule.layer)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
     return name in _FREE_FUNCTIONS
 

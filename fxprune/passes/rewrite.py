@@ -16,7 +16,6 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxprune.errors import AnalysisRequiredError, PlanError
-from fxprune.ir import graph
 from fxprune.ir.channels import Block, Plan
 from fxprune.ir.keys import ANALYSIS_KEY, CAPTURE_KEY, PLAN_KEY
 from fxprune.rules import RULES, Kept
@@ -89,12 +88,12 @@ class RewritePass(PassBase):
         _index_tensors(new_gm, kept)
         updated_modules: set[str] = set()
         for node in list(new_gm.graph.nodes):
-            name = graph.channels(node).rule
-            if name is None or (node.op == "call_module" and node.target in updated_modules):
+            rule = RULES.recorded(node)
+            if rule is None or (node.op == "call_module" and node.target in updated_modules):
                 continue
             if node.op == "call_module":
                 updated_modules.add(node.target)
-            RULES.by_name[name].update(new_gm, node, kept)
+            rule.update(new_gm, node, kept)
         removed = _remove_blocks(new_gm, [meta[ANALYSIS_KEY].blocks[b] for b in self.plan.drop])
         # what the rewrite left unused goes; a call the model already ignored the result of stays: it is
         # there for what it does in place (torchvision's mvit: _add_shortcut adds the residual into its input)

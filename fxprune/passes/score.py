@@ -57,8 +57,8 @@ def _producer(gm: torch.fx.GraphModule, node: torch.fx.Node, space: ChannelSpace
         if space.dim == 0 and isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
             return node.target, lambda w: w.reshape(w.shape[0], -1)
         return None
-    rule = graph.channels(node).rule
-    return RULES.by_name[rule].importance_rows(gm, node) if rule else None
+    rule = RULES.recorded(node)
+    return rule.importance_rows(gm, node) if rule else None
 
 
 def _add_per_channel(totals: dict[int, np.ndarray], space: ChannelSpace, values: torch.Tensor) -> np.ndarray:
@@ -108,8 +108,8 @@ def _norm_members(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, Channel
     """Every normalization with a per-channel scale: (node, space, scale name, shift name or None)."""
     found: list[tuple[torch.fx.Node, ChannelSpace, str, str | None]] = []
     for node in gm.graph.nodes:
-        space, rule = graph.space(node), graph.channels(node).rule
-        affine = RULES.by_name[rule].affine(gm, node) if rule and space is not None else None
+        space, rule = graph.space(node), RULES.recorded(node)
+        affine = rule.affine(gm, node) if rule and space is not None else None
         if affine is not None and affine[0] is not None and space is not None:
             found.append((node, space, affine[0], affine[1]))
     return found

@@ -84,10 +84,9 @@ def _shrink_modules(model: nn.Module, gm: torch.fx.GraphModule, kept: Kept) -> s
     changed_spaces = set(kept)
     done: set[str] = set()
     for node in gm.graph.nodes:
-        name = graph.channels(node).rule
-        if name is None:
+        rule = RULES.recorded(node)
+        if rule is None:
             continue
-        rule = RULES.by_name[name]
         spaces = [s for s in (*graph.channels(node).spaces, *(graph.space(a) for a in node.all_input_nodes))
                   if s is not None]
         if not any(s.id in changed_spaces for s in spaces):

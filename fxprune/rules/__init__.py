@@ -15,12 +15,13 @@ from fxprune.rules.norm import ChannelNorm, GroupNorm, LayerNorm
 from fxprune.rules.shape import Cat, GetItem, Shape, Split, Stack, Unbind
 
 _PASSTHROUGH, _SHAPE, _WINDOW = Passthrough(), Shape(), WindowAttention()
+_OUTPUT, _NO_CHANNELS = Output(), NoChannels()
 
 RULES = Registry(
-    [_PASSTHROUGH, Elementwise(), Reduction(), Softmax(), Output(), NoChannels(), _SHAPE, Cat(), Stack(), Split(),
+    [_PASSTHROUGH, Elementwise(), Reduction(), Softmax(), _OUTPUT, _NO_CHANNELS, _SHAPE, Cat(), Stack(), Split(),
      GetItem(), Unbind(), Conv(), Linear(), AddMM(), Embedding(), ChannelNorm(), GroupNorm(), LayerNorm(),
      MultiheadAttention(), ScaledDotProductAttention(), _WINDOW],
-    fallback=Rule(),
+    fallback=Rule(), no_channels=_NO_CHANNELS, output=_OUTPUT,
     # functions fx keeps as calls (torch.fx.wrap) that are known by name: torchvision's, and fxprune's own
     by_name_of_function={**{name: _PASSTHROUGH for name in Passthrough.wrapped},
                          **{name: _SHAPE for name in Shape.wrapped}, "shifted_window_attention": _WINDOW},

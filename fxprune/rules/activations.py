@@ -1,4 +1,6 @@
-"""Activations an engine fuses into the layer before them, as every engine can build them again."""
+"""Activations an engine fuses into the layer before them, as every engine can build them again: found in
+a graph (``activation_of``), written as ONNX nodes (``onnx_activation``) and as a torch module
+(``torch_activation``) for the unit an engine times."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import graph
-from fxprune.ir.units import Activation
+from fxprune.ir.units import Activation, OnnxBuilder
 from fxprune.rules.base import arg
 
 _ACTIVATION_MODULES: dict[type, Any] = {
@@ -58,3 +60,42 @@ def activation_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Activation |
     if node.op == "call_method":
         return _ACTIVATION_METHODS.get(graph.target_name(node))
     return None
+
+
+def onnx_activation(b: OnnxBuilder, act: Activation, x: str, prefix: str) -> str:
+    """``act`` applied to ``x`` in the ONNX ops the exporter writes, its nodes named ``prefix...``."""
+    name = act.name
+    if name == "relu":
+        return b.node("Relu", [x], prefix + "relu")
+    if name == "clip":
+        return b.node("Clip", [x, b.constant(prefix + "lo", act.args[0]), b.constant(prefix + "hi", act.args[1])],
+                      prefix + "clip")
+    if name == "silu":
+        return b.node("Mul", [x, b.node("Sigmoid", [x], prefix + "sigmoid")], prefix + "silu")
+    if name == "hardswish":
+        return b.node("HardSwish", [x], prefix + "hardswish")
+    if name == "hardsigmoid":
+        return b.node("HardSigmoid", [x], prefix + "hardsigmoid", alpha=1 / 6, beta=0.5)
+    if name in ("sigmoid", "tanh", "mish"):
+        return b.node(name.capitalize(), [x], prefix + name)
+    if name in ("gelu", "gelu_tanh"):
+        return b.node("Gelu", [x], prefix + "gelu", approximate="tanh" if name == "gelu_tanh" else "none")
+    if name == "leaky_relu":
+        return b.node("LeakyRelu", [x], prefix + "leaky_relu", alpha=act.args[0])
+    if name == "elu":
+        return b.node("Elu", [x], prefix + "elu", alpha=act.args[0])
+    raise ValueError(f"no ONNX form for activation {name!r}")
+
+
+_TORCH_ACTIVATIONS: dict[str, Any] = {
+    "relu": lambda args: nn.ReLU(), "clip": lambda args: nn.Hardtanh(args[0], args[1]), "silu": lambda args: nn.SiLU(),
+    "hardswish": lambda args: nn.Hardswish(), "hardsigmoid": lambda args: nn.Hardsigmoid(),
+    "sigmoid": lambda args: nn.Sigmoid(), "tanh": lambda args: nn.Tanh(), "gelu": lambda args: nn.GELU(),
+    "gelu_tanh": lambda args: nn.GELU(approximate="tanh"), "leaky_relu": lambda args: nn.LeakyReLU(args[0]),
+    "elu": lambda args: nn.ELU(args[0]), "mish": lambda args: nn.Mish(),
+}
+
+
+def torch_activation(act: Activation | None) -> nn.Module:
+    """``act`` as the torch engines run it after the layer (``nn.Identity`` for none)."""
+    return nn.Identity() if act is None else _TORCH_ACTIVATIONS[act.name](act.args)

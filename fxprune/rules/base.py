@@ -18,6 +18,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace
 from fxprune.ir.units import UnitSpec
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps
 
 Kept = dict[int, torch.Tensor]  # channel space id -> kept positions, for spaces that lose channels
 Probe = Callable[[int, int], Callable[[], Any]]  # kept widths (in, out) -> a call whose FLOPs are counted
@@ -51,7 +52,8 @@ class Rule:
     - ``owner``/``shrink_module``: the module of the user's model this op is the call of, and how that
       module becomes smaller once its tensors were indexed (its size fields; a replacement where torch's
       own class cannot express the pruned layer), so the user's own model is pruned, not only the graph;
-    - ``unit``: the layer as an engine times it (latency tables), for convolutions and linear layers;
+    - ``unit``: the layer as an engine times it (latency tables): a ``UnitSpec`` of a kind the rule's file
+      defines, which also builds the ONNX branch and the torch module it is timed as;
     - ``importance_rows``: the tensor whose rows are this op's output channels, laid out one row each;
     - ``affine``: the per-channel scale and shift of a normalization (BN-scale and Taylor importance);
     - ``flop_probe``: the call at given kept widths (whose FLOPs are counted), for ops whose count is not a
@@ -62,6 +64,13 @@ class Rule:
 
     name = "frozen"
     owns_tensors = False  # True: ``update`` replaces the module, so the rewrite does not index its tensors
+    # True: a tensor this op computes from parameters and buffers alone is itself one (shape ops, indexing,
+    # arithmetic), so its channel axis is traced back to them (``rules.shape.ensure_space``)
+    parameter_arithmetic = False
+    # True: a layer with weights (convolution, linear): outside units (its widths frozen) the latency pass counts
+    # its time in the model's fixed part, not as memory traffic
+    layer = False
+    onnx = OnnxOps()  # the ONNX op types the operation exports to, as an exported graph is resized
     bilinear_flops = False  # True: FLOPs scale with the kept shares of its weight's input and output axes
     modules: tuple[type, ...] = ()
     functions: tuple[Any, ...] = ()
@@ -192,17 +201,22 @@ def same_position(b: ChannelBuilder, node: torch.fx.Node, src: torch.fx.Node) ->
 class Registry:
     """Rules by module class, function (an ATen overload also by its packet) and method name."""
 
-    def __init__(self, rules: Iterable[Rule], *, fallback: Rule,
+    def __init__(self, rules: Iterable[Rule], *, fallback: Rule, no_channels: Rule, output: Rule,
                  by_name_of_function: dict[str, Rule] | None = None) -> None:
         self.rules = list(rules)
-        self.fallback = fallback
-        self.by_name = {rule.name: rule for rule in [*self.rules, fallback]}
-        if len(self.by_name) != len(self.rules) + 1:
+        self.fallback, self.no_channels, self.output = fallback, no_channels, output
+        self._by_name = {rule.name: rule for rule in [*self.rules, fallback]}  # the names nodes record
+        if len(self._by_name) != len(self.rules) + 1:
             raise ValueError("two rules share a name")
         self.by_module: dict[type, Rule] = {}
         self.by_function: dict[Any, Rule] = {}
         self.by_method: dict[str, Rule] = {}
         self.by_function_name = dict(by_name_of_function or {})
+        self.by_onnx_type: dict[str, OnnxOps] = {}
+        for rule in self.rules:
+            for op_type in rule.onnx.types:
+                if self.by_onnx_type.setdefault(op_type, rule.onnx) is not rule.onnx:
+                    raise ValueError(f"ONNX op {op_type} is claimed by two rules, {rule.name} among them")
         for rule in self.rules:
             tables: tuple[tuple[dict[Any, Rule], tuple[Any, ...]], ...] = (
                 (self.by_module, rule.modules), (self.by_function, rule.functions), (self.by_method, rule.methods))
@@ -228,17 +242,23 @@ class Registry:
             rule = self.by_function_name.get(name)
         return rule
 
+    def recorded(self, node: torch.fx.Node) -> Rule | None:
+        """The rule the dependency pass handled ``node`` with (its name on the node's ``NodeChannels``: the
+        fallback's where the op's own rule fell back), or None for a node it left alone."""
+        name = graph.channels(node).rule
+        return None if name is None else self._by_name[name]
+
     def __call__(self, gm: torch.nn.Module, node: torch.fx.Node) -> Rule:
         """The rule that handles ``node``."""
         if node.op in ("placeholder", "get_attr"):
-            return self.by_name["no_channels"]
+            return self.no_channels
         if node.op == "output":
-            return self.by_name["output"]
+            return self.output
         if node.op == "call_module":
             return self.module_rule(gm.get_submodule(graph.target_name(node))) or self.fallback
         if node.op == "call_method":
             return self.by_method.get(graph.target_name(node), self.fallback)
         rule = self.function_rule(node.target)
         if rule is None and not tensor_inputs(node):
-            return self.by_name["no_channels"]
+            return self.no_channels
         return rule or self.fallback

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, ClassVar, cast
 
 import numpy as np
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import graph
-from fxprune.ir.units import UnitSpec
+from fxprune.ir.units import OnnxBuilder, UnitSpec
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, kept_of, parameter_name, set_arg
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps, ResizeError, Shapes, attribute
 from fxprune.rules.shape import ensure_space
 
 aten = torch.ops.aten
@@ -44,6 +46,7 @@ class ConvView:
     dilation: tuple[int, ...]
     padding_mode: str = "zeros"
     groups_arg: tuple[int, str] | None = None  # where a call keeps ``groups``; None for a module
+    output_padding: tuple[int, ...] = ()  # a transposed convolution's
 
     @property
     def out_channels(self) -> int:
@@ -58,6 +61,141 @@ class ConvView:
         return tuple(self.shape[2:])
 
 
+@dataclass(frozen=True)
+class ConvUnit(UnitSpec):
+    """A convolution of any rank as a timed unit: ONNX ``Conv``, ``nn.Conv1d/2d/3d``."""
+
+    op: ClassVar[str] = "conv"
+    weightless_kernels: ClassVar[tuple[str, ...]] = ("QLinearConv",)
+
+    @property
+    def channel_dim(self) -> int:
+        return 1
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        spatial = len(self.kernel)
+        sizes = [(size + self.padding[d] + self.padding[spatial + d] - self.dilation[d] * (self.kernel[d] - 1) - 1)
+                 // self.stride[d] + 1 for d, size in enumerate(self.input_shape[2:])]
+        return (self.input_shape[0], self.out_channels, *sizes)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.out_channels, self.in_channels // self.groups, *self.kernel),)
+
+    @property
+    def folds_batch_norm(self) -> bool:
+        return True
+
+    def layer_name(self) -> str:
+        kernel = "x".join(map(str, self.kernel))
+        return (f"conv{kernel} {self.in_channels}->{self.out_channels} /{self.stride[0]} "
+                f"at {'x'.join(map(str, self.input_shape[2:]))}" + (f" g{self.groups}" if self.groups > 1 else ""))
+
+    def producer(self, b: OnnxBuilder, x: str, width_in: int, prefix: str) -> str:
+        """A 1x1 convolution making ``width_in`` channels from ``x`` (the unit's input, just written)."""
+        ones = (1,) * len(self.kernel)
+        return b.node("Conv", [x, b.weight(f"p_{prefix}w", (width_in, self.in_channels) + ones)], f"p_{prefix}out",
+                      kernel_shape=list(ones))
+
+    def onnx_branch(self, b: OnnxBuilder, x: str, width_in: int, width_out: int, prefix: str) -> str:
+        groups = self.groups_at(width_out)
+        inputs = [self.producer(b, x, width_in, prefix),
+                  b.weight(prefix + "w", (width_out, width_in // groups) + tuple(self.kernel))]
+        if self.bias:
+            inputs.append(b.weight(prefix + "b", (width_out,)))
+        return b.node("Conv", inputs, prefix + "conv", kernel_shape=list(self.kernel), strides=list(self.stride),
+                      pads=list(self.padding), dilations=list(self.dilation), group=groups)
+
+    def torch_layer(self, width_in: int, width_out: int) -> nn.Module:
+        conv: Any = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(self.kernel) - 1]  # sizes as tuples of its rank
+        padding = tuple(self.padding[:len(self.kernel)])
+        return conv(width_in, width_out, self.kernel, self.stride, padding, self.dilation, self.groups_at(width_out),
+                    bias=self.layer_bias)
+
+
+@dataclass(frozen=True)
+class ConvTransposeUnit(ConvUnit):
+    """A transposed convolution as a timed unit: ONNX ``ConvTranspose``, ``nn.ConvTranspose1d/2d/3d``. The
+    producer and the folded BatchNorm are a convolution's; its weight is (in, out / groups, kernel...)."""
+
+    op: ClassVar[str] = "conv_transpose"
+    weightless_kernels: ClassVar[tuple[str, ...]] = ("ConvTranspose",)  # onnxruntime's CPU kernel prepacks it
+    output_padding: tuple[int, ...] = ()
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        spatial = len(self.kernel)
+        sizes = [(size - 1) * self.stride[d] - self.padding[d] - self.padding[spatial + d]
+                 + self.dilation[d] * (self.kernel[d] - 1) + self.output_padding[d] + 1
+                 for d, size in enumerate(self.input_shape[2:])]
+        return (self.input_shape[0], self.out_channels, *sizes)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.in_channels, self.out_channels // self.groups, *self.kernel),)
+
+    def layer_name(self) -> str:
+        kernel = "x".join(map(str, self.kernel))
+        return (f"conv_transpose{kernel} {self.in_channels}->{self.out_channels} x{self.stride[0]} "
+                f"at {'x'.join(map(str, self.input_shape[2:]))}" + (f" g{self.groups}" if self.groups > 1 else ""))
+
+    def onnx_branch(self, b: OnnxBuilder, x: str, width_in: int, width_out: int, prefix: str) -> str:
+        groups = self.groups_at(width_out)
+        inputs = [self.producer(b, x, width_in, prefix),
+                  b.weight(prefix + "w", (width_in, width_out // groups) + tuple(self.kernel))]
+        if self.bias:
+            inputs.append(b.weight(prefix + "b", (width_out,)))
+        return b.node("ConvTranspose", inputs, prefix + "conv_transpose", kernel_shape=list(self.kernel),
+                      strides=list(self.stride), pads=list(self.padding), dilations=list(self.dilation),
+                      output_padding=list(self.output_padding), group=groups)
+
+    def torch_layer(self, width_in: int, width_out: int) -> nn.Module:
+        conv: Any = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[len(self.kernel) - 1]
+        return conv(width_in, width_out, self.kernel, self.stride, tuple(self.padding[:len(self.kernel)]),
+                    self.output_padding, self.groups_at(width_out), bias=self.layer_bias, dilation=self.dilation)
+
+
+class ConvOnnx(OnnxOps):
+    """``Conv`` and ``ConvTranspose`` in an exported graph: a bias follows the output channels, and
+    ``group`` the input's width where whole conv groups went."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        if index != 2:
+            return None
+        weight = new[node.input[1]]  # (out, in / group, k...); a transposed one's (in, out / group, k...)
+        return (weight[0],) if node.op_type == "Conv" else (weight[1] * attribute(node, "group", 1),)
+
+    def update(self, node: onnx.NodeProto, old: Shapes, new: Shapes) -> None:
+        group = attribute(node, "group", 1)
+        data, weight = node.input[0], node.input[1]
+        if node.op_type == "ConvTranspose":
+            if group != 1 and new[data] != old[data]:
+                raise ResizeError(f"grouped ConvTranspose node {node.name!r} takes a pruned input")
+            return
+        in_channels, per_group, out_channels = new[data][1], new[weight][1], new[weight][0]
+        if group == 1:
+            if in_channels != per_group:
+                raise ResizeError(f"Conv node {node.name!r}: input has {in_channels} channels, weight {per_group}")
+            return
+        if per_group == 0 or in_channels % per_group or out_channels % (in_channels // per_group):
+            raise ResizeError(f"Conv node {node.name!r}: {in_channels} input channels do not divide into groups "
+                              f"of {per_group} for {out_channels} outputs")
+        for a in node.attribute:
+            if a.name == "group":
+                a.i = in_channels // per_group
+
+
+def _pads(padding: tuple[int, ...] | str, dilation: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """Padding per spatial dim, begin and end (ONNX's ``pads``), from torch's symmetric one or its name."""
+    if not isinstance(padding, str):
+        return tuple(padding) * 2
+    if padding == "valid":
+        return (0,) * (2 * len(kernel))
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]  # "same"
+    return tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
+
+
 def _tuple(value, rank: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
@@ -69,6 +207,8 @@ class Conv(Rule):
 
     name = "conv"
     bilinear_flops = True
+    layer = True
+    onnx = ConvOnnx("Conv", "ConvTranspose")
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     functions = tuple(_FUNCTION_ARGS)
 
@@ -81,7 +221,7 @@ class Conv(Rule):
             return ConvView(f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
                             tuple(m.weight.shape), m.groups, transposed, tuple(m.stride),
                             m.padding if isinstance(m.padding, str) else tuple(m.padding), tuple(m.dilation),
-                            m.padding_mode)
+                            m.padding_mode, output_padding=tuple(m.output_padding) if transposed else ())
         target = node.target.overloadpacket if isinstance(node.target, torch._ops.OpOverload) else node.target
         weight, bias = parameter_name(arg(node, 1, "weight")), arg(node, 2, "bias")
         if weight is None or (bias is not None and parameter_name(bias) is None):
@@ -99,7 +239,8 @@ class Conv(Rule):
         padding = value["padding"] if isinstance(value["padding"], str) else _tuple(value["padding"], rank)
         return ConvView(weight, parameter_name(bias), shape, int(value["groups"]), bool(value["transposed"]),
                         _tuple(value["stride"], rank), padding, _tuple(value["dilation"], rank),
-                        groups_arg=(positions[3], "groups"))
+                        groups_arg=(positions[3], "groups"),
+                        output_padding=_tuple(value["output_padding"], rank) if value["transposed"] else ())
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         view = self.view(b.gm, node)
@@ -163,22 +304,20 @@ class Conv(Rule):
         return groups
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
+        """A ``ConvUnit``, or a ``ConvTransposeUnit``; None where the spec would not make the layer's output
+        (a transposed module called with ``output_size``)."""
         view = self.view(gm, node)
         input_shape = graph.shape(node.args[0])
-        if view is None or view.transposed or view.padding_mode != "zeros" or input_shape is None \
+        if view is None or view.padding_mode != "zeros" or input_shape is None \
                 or len(input_shape) != len(view.kernel) + 2:
             return None
-        if isinstance(view.padding, str):
-            if view.padding == "valid":
-                padding = (0,) * (2 * len(view.kernel))
-            else:  # "same"
-                total = [d * (k - 1) for d, k in zip(view.dilation, view.kernel)]
-                padding = tuple(t // 2 for t in total) + tuple(t - t // 2 for t in total)
-        else:
-            padding = tuple(view.padding) * 2
+        padding = _pads(view.padding, view.dilation, view.kernel)
         dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
-        return UnitSpec("conv", input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation,
-                        view.groups, view.bias is not None, dtype=dtype)
+        fields = (input_shape, view.out_channels, view.kernel, view.stride, padding, view.dilation, view.groups,
+                  view.bias is not None)
+        spec = (ConvTransposeUnit(*fields, dtype=dtype, output_padding=view.output_padding) if view.transposed
+                else ConvUnit(*fields, dtype=dtype))
+        return spec if spec.output_shape == graph.shape(node) else None
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:

@@ -8,6 +8,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from fxprune.ir import graph
 from fxprune.rules.base import Kept, Rule, arg, input_space, kept_of, same_position, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps, Shapes, follow
 from fxprune.rules.shape import combine_pending, ensure_space, pass_pending
 
 aten = torch.ops.aten
@@ -44,6 +46,7 @@ class Passthrough(Rule):
     inputs, e.g. a clamp bound, keep theirs)."""
 
     name = "passthrough"
+    parameter_arithmetic = True
     modules = (
         nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU,
         nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
@@ -107,10 +110,20 @@ def pass_through(b: ChannelBuilder, node: torch.fx.Node) -> None:
             b.freeze(b.space_of(other), f"used as a secondary input of {node.name}")
 
 
+class BroadcastOnnx(OnnxOps):
+    """Elementwise ONNX ops: an operand no parameter names, broadcast against one other, follows its shape."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        others = [name for j, name in enumerate(node.input) if j != index and name]
+        return follow(old[node.input[index]], old[others[0]], new[others[0]]) if len(others) == 1 else None
+
+
 class Elementwise(Rule):
     """add/sub/mul/div and friends with broadcasting: channels at the same output position are one."""
 
     name = "elementwise"
+    parameter_arithmetic = True
+    onnx = BroadcastOnnx("Add", "Sub", "Mul", "Div", "PRelu", "Where", "Max", "Min", "Pow", "Equal", "Less", "Greater")
     functions = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                  operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
                  torch.minimum, aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div,

@@ -2,20 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, cast
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, cast
 
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxprune.ir import graph
-from fxprune.ir.units import UnitSpec
+from fxprune.ir.units import OnnxBuilder, UnitSpec
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, input_space, parameter_name
 from fxprune.rules.coupling import ChannelBuilder
+from fxprune.rules.onnx import OnnxOps, Shapes, attribute, follow
 from fxprune.rules.shape import ensure_space
 
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LinearUnit(UnitSpec):
+    """A linear layer as a timed unit: ONNX ``Gemm`` on 2-D inputs, ``MatMul`` + ``Add`` otherwise; ``nn.Linear``."""
+
+    op: ClassVar[str] = "linear"
+    weightless_kernels: ClassVar[tuple[str, ...]] = ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
+                                                     "DynamicQuantizeMatMul")
+
+    @property
+    def channel_dim(self) -> int:
+        return len(self.input_shape) - 1
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (*self.input_shape[:-1], self.out_channels)
+
+    @property
+    def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.out_channels, self.in_channels), (self.in_channels, self.out_channels))
+
+    @property
+    def folds_batch_norm(self) -> bool:
+        return len(self.input_shape) == 2  # BatchNorm1d after a Linear normalizes its features on 2-D inputs only
+
+    def layer_name(self) -> str:
+        return f"linear {self.in_channels}->{self.out_channels} on {list(self.input_shape)}"
+
+    def onnx_branch(self, b: OnnxBuilder, x: str, width_in: int, width_out: int, prefix: str) -> str:
+        if len(self.input_shape) == 2:  # the exporter writes Gemm for 2-D inputs, MatMul + Add otherwise
+            producer = b.node("Gemm", [x, b.weight(f"p_{prefix}w", (width_in, self.in_channels))], f"p_{prefix}out",
+                              transB=1)
+            inputs = [producer, b.weight(prefix + "w", (width_out, width_in))]
+            if self.bias:
+                inputs.append(b.weight(prefix + "b", (width_out,)))
+            return b.node("Gemm", inputs, prefix + "gemm", transB=1)
+        producer = b.node("MatMul", [x, b.weight(f"p_{prefix}w", (self.in_channels, width_in))], f"p_{prefix}out")
+        out = b.node("MatMul", [producer, b.weight(prefix + "w", (width_in, width_out))], prefix + "matmul")
+        return b.node("Add", [out, b.weight(prefix + "b", (width_out,))], prefix + "add") if self.bias else out
+
+    def torch_layer(self, width_in: int, width_out: int) -> nn.Module:
+        return nn.Linear(width_in, width_out, bias=self.layer_bias)
+
+
+class GemmOnnx(OnnxOps):
+    """``Gemm`` and ``MatMul`` in an exported graph: a ``Gemm``'s C follows its output columns."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        if node.op_type != "Gemm" or index != 2:
+            return None
+        data, bias = node.input[0], node.input[2]
+        return follow(old[bias], (old[data][0], _columns(node, old)), (new[data][0], _columns(node, new)))
+
+
+def _columns(node: onnx.NodeProto, shapes: Shapes) -> int:
+    """A ``Gemm``'s output columns: its weight's rows where it is transposed (``transB``), else its columns."""
+    weight = shapes[node.input[1]]
+    return weight[0] if attribute(node, "transB", 0) else weight[1]
 
 
 class Linear(Rule):
@@ -23,6 +85,8 @@ class Linear(Rule):
 
     name = "linear"
     bilinear_flops = True
+    layer = True
+    onnx = GemmOnnx("Gemm", "MatMul")
     modules: tuple[type, ...] = (nn.Linear,)
     functions: tuple[Any, ...] = (F.linear, aten.linear)
 
@@ -64,8 +128,8 @@ class Linear(Rule):
             return None
         weight, bias = names
         dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
-        return UnitSpec("linear", input_shape, graph.attribute(gm, weight).shape[0],
-                        bias=bias is not None and _exists(gm, bias), dtype=dtype)
+        return LinearUnit(input_shape, graph.attribute(gm, weight).shape[0],
+                          bias=bias is not None and _exists(gm, bias), dtype=dtype)
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -13,6 +14,7 @@ from fxprune.ir import graph
 from fxprune.rules.base import Kept, Rule, TensorAxis, arg, kept_of, parameter_name, set_arg
 from fxprune.rules.coupling import ChannelBuilder
 from fxprune.rules.elementwise import pass_through
+from fxprune.rules.onnx import OnnxOps, Shapes
 from fxprune.rules.shape import ensure_space
 
 _AFFINE = ("weight", "bias")
@@ -64,6 +66,23 @@ def _call_tensors(node: torch.fx.Node) -> list[torch.fx.Node] | None:
     return found if all(isinstance(t, torch.fx.Node) and t.op == "get_attr" for t in found) else None
 
 
+class ChannelNormOnnx(OnnxOps):
+    """``BatchNormalization`` and ``InstanceNormalization``: scale, shift and statistics follow the channels."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        return (new[node.input[0]][1],) if index > 0 else None
+
+
+class LayerNormOnnx(OnnxOps):
+    """``LayerNormalization``: scale and shift follow the normalized trailing dims."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        if index == 0:
+            return None
+        data = new[node.input[0]]
+        return data[len(data) - len(old[node.input[index]]):]
+
+
 class ChannelNorm(Rule):
     """BatchNorm, InstanceNorm, per-channel PReLU: one affine term (and statistic) per channel on dim 1.
 
@@ -71,6 +90,7 @@ class ChannelNorm(Rule):
     nodes: those get the output's channel space, so the rewrite indexes them."""
 
     name = "channel_norm"
+    onnx: OnnxOps = ChannelNormOnnx("BatchNormalization", "InstanceNormalization")
     modules: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
     functions: tuple[Any, ...] = tuple(_CALL_TENSORS)
@@ -121,6 +141,7 @@ class GroupNorm(ChannelNorm):
     module or as a call, ``aten.group_norm(x, num_groups, weight, bias, eps)``."""
 
     name = "group_norm"
+    onnx = OnnxOps("GroupNormalization")
     modules = (nn.GroupNorm,)
     functions = (F.group_norm, torch.ops.aten.group_norm)
 
@@ -169,6 +190,7 @@ class LayerNorm(Rule):
     group is marked norm-coupled: pruning changes them)."""
 
     name = "layer_norm"
+    onnx = LayerNormOnnx("LayerNormalization")
     modules = (nn.LayerNorm,)
     functions = (F.layer_norm, torch.ops.aten.layer_norm)
 

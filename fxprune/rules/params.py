@@ -31,10 +31,9 @@ def tensor_axes(gm: torch.fx.GraphModule, *, include_replaced: bool = True) -> l
                 found.setdefault((node.target, space.dim),
                                  TensorAxis(node.target, space.dim, space, True, parameter=is_parameter))
             continue
-        name = graph.channels(node).rule
-        if name is None:
+        rule = RULES.recorded(node)
+        if rule is None:
             continue
-        rule = RULES.by_name[name]
         if rule.owns_tensors and not include_replaced:
             continue
         for axis in rule.tensor_axes(gm, node):

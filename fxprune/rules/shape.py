@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, cast
 
 import numpy as np
+import onnx
 import torch
 import torch.fx
 import torch.nn as nn
@@ -22,6 +23,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace
 from fxprune.rules.base import Kept, Rule, arg, kept_of, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder, Pending
+from fxprune.rules.onnx import OnnxOps, Shapes, attribute, follow
 
 aten = torch.ops.aten
 
@@ -37,7 +39,7 @@ def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
     if node.op != "get_attr" and b.space_of(node) is None and node not in b.pending \
             and _parameter_expression(b, node):
         rank = len(b.tensor_shape(node))
-        if b.rule_for(node).name in ("shape", "getitem"):
+        if isinstance(b.rule_for(node), (Shape, GetItem)):
             src = cast(torch.fx.Node, node.args[0])  # the tensor reshaped or indexed
             for candidate in range(len(b.tensor_shape(src))):
                 try:
@@ -58,9 +60,6 @@ def ensure_space(b: ChannelBuilder, node: torch.fx.Node, dim: int):
     return b.ensure_space(node, dim)
 
 
-_PARAMETER_OPS = ("shape", "getitem", "elementwise", "passthrough")
-
-
 def _parameter_expression(b: ChannelBuilder, node: torch.fx.Node) -> bool:
     """True for a tensor computed from parameters and buffers (get_attr) alone, through shape ops and
     arithmetic."""
@@ -70,7 +69,7 @@ def _parameter_expression(b: ChannelBuilder, node: torch.fx.Node) -> bool:
     if known is None:
         inputs = tensor_inputs(node)
         known = (node.op in ("call_function", "call_method") and bool(inputs)
-                 and b.rule_for(node).name in _PARAMETER_OPS and all(_parameter_expression(b, i) for i in inputs))
+                 and b.rule_for(node).parameter_arithmetic and all(_parameter_expression(b, i) for i in inputs))
         b.parameter_expressions[node] = known
     return known
 
@@ -79,6 +78,7 @@ class Shape(Rule):
     """view/reshape/permute/flatten/transpose/expand...: channels go where the label replay says."""
 
     name = "shape"
+    parameter_arithmetic = True
     modules = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
     functions = (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                  torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
@@ -304,11 +304,26 @@ def _gather(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Kept) -> None:
     gathered.meta = dict(node.meta)
 
 
+class ConcatOnnx(OnnxOps):
+    """``Concat``: an operand no parameter names keeps the concatenated axis and follows the other inputs on
+    every other axis."""
+
+    def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
+        inputs, own = list(node.input), old[node.input[index]]
+        axis = attribute(node, "axis", 0) % len(own)
+        other = next((name for j, name in enumerate(inputs) if j != index and old[name] != new[name]), None)
+        if other is None:
+            return own
+        followed = follow(own, old[other], new[other])
+        return tuple(own[d] if d == axis else followed[d] for d in range(len(followed)))
+
+
 class Cat(Rule):
     """cat along channels: output slice [offset, offset + n) is the input's axis; along another dim,
     every input's channels are the output's."""
 
     name = "cat"
+    onnx = ConcatOnnx("Concat")
     functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
@@ -420,6 +435,7 @@ class GetItem(Rule):
     """Indexing a tuple picks one output's space; indexing a tensor is a shape op."""
 
     name = "getitem"
+    parameter_arithmetic = True
     functions = (operator.getitem,)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:

@@ -9,7 +9,7 @@ remainder, which the latency pass measures on the whole model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx
@@ -18,9 +18,13 @@ import torch.nn as nn
 from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace
 from fxprune.ir.keys import ANALYSIS_KEY
-from fxprune.ir.units import UnitSpec
+from fxprune.ir.units import Activation, UnitSpec
 from fxprune.rules import RULES
 from fxprune.rules.activations import activation_of
+from fxprune.rules.conv import ConvUnit
+
+# A unit every measuring session also runs: table entries are taken relative to it (see the engines).
+REFERENCE = ConvUnit((1, 64, 28, 28), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True, Activation("relu"))
 
 
 @dataclass
@@ -51,34 +55,29 @@ def find_units(gm: torch.fx.GraphModule) -> list[Unit]:
     analysis = gm.meta[ANALYSIS_KEY]
     units = []
     for node in gm.graph.nodes:
-        out_space, rule = graph.space(node), graph.channels(node).rule
+        out_space, rule = graph.space(node), RULES.recorded(node)
         src = node.args[0] if node.args else None
         input_shape = graph.shape(src)
         if out_space is None or input_shape is None or rule is None:
             continue
-        spec = RULES.by_name[rule].unit(gm, node)
+        spec = rule.unit(gm, node)
         in_space = graph.space(src)
-        if spec is None or in_space is None or in_space.dim != (1 if spec.op == "conv" else len(input_shape) - 1):
+        if spec is None or in_space is None or in_space.dim != spec.channel_dim:
             in_space = None  # not a channel axis of this layer: its input width never changes
         varies = [s for s in (in_space, out_space) if s is not None and analysis.groups[s.group_id].prunable]
         if spec is None or not varies:
             continue
         fused, tail = [], node
         nxt = _only_user(tail)
-        foldable = spec.op == "conv" or len(spec.input_shape) == 2  # BatchNorm1d after Linear: over features
-        if nxt is not None and nxt.op == "call_module" and foldable \
+        if nxt is not None and nxt.op == "call_module" and spec.folds_batch_norm \
                 and isinstance(gm.get_submodule(graph.target_name(nxt)), nn.modules.batchnorm._BatchNorm):
-            spec = _replace(spec, batch_norm=True, bias=True)
+            spec = replace(spec, batch_norm=True, bias=True)
             fused.append(nxt)
             tail = nxt
         nxt = _only_user(tail)
         activation = activation_of(gm, nxt) if nxt is not None else None
         if activation is not None and nxt is not None:
-            spec = _replace(spec, activation=activation)
+            spec = replace(spec, activation=activation)
             fused.append(nxt)
         units.append(Unit(node, fused, spec, in_space, out_space))
     return units
-
-
-def _replace(spec: UnitSpec, **changes) -> UnitSpec:
-    return UnitSpec(**{**spec.__dict__, **changes})

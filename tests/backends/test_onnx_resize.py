@@ -16,6 +16,7 @@ import fxprune
 from fxprune.backends import ort as ort_engine
 from fxprune.backends.onnx_resize import (
     TRANSPOSE_TAG,
+    WIDTH_FREE,
     ResizeError,
     _reshape_target,
     fill,
@@ -27,6 +28,7 @@ from fxprune.backends.onnx_resize import (
 from fxprune.backends.ort import OnnxRuntimeEngine
 from fxprune.cache import LatencyCache
 from fxprune.ir.graph import model_digest
+from fxprune.rules import RULES
 from fxprune.testing import randomize_parameters
 
 INPUTS = (torch.randn(1, 3, 16, 16),)
@@ -253,3 +255,11 @@ def test_the_engine_resizes_a_plan_that_removes_blocks_without_exporting_it(resi
     assert len(exports) == 1 and small.origin == "resized graph"  # the full model's export, nothing more
     assert out.shape == (1, 10) and np.isfinite(out).all()
     assert sum(n.op_type == "Add" for n in small.graph().graph.node) == 2  # of three blocks
+
+
+def test_every_onnx_op_resize_follows_is_a_rules_or_width_free_never_both():
+    """A layer's ONNX op is its rule's (``Rule.onnx``): the conv rule resizes ConvTranspose's group and bias."""
+    claimed = set(RULES.by_onnx_type)
+    assert not claimed & WIDTH_FREE
+    assert {"Conv", "ConvTranspose", "Gemm", "Concat", "Add", "BatchNormalization"} <= claimed
+    assert RULES.by_onnx_type["ConvTranspose"] is RULES.module_rule(nn.ConvTranspose2d(2, 2, 1)).onnx

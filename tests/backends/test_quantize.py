@@ -15,7 +15,9 @@ from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.backends.quantize import quantize_int8, settings
 from fxprune.backends.registry import get_engine
 from fxprune.cli import main
-from fxprune.ir.units import REFERENCE, Activation, UnitSpec
+from fxprune.ir.units import Activation
+from fxprune.rules.conv import ConvUnit
+from fxprune.rules.units import REFERENCE
 from tests.doubles import tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
@@ -41,7 +43,7 @@ def test_the_int8_engine_is_its_own_cache_key_and_times_quantized_units():
     int8, fp32 = get_engine("onnxruntime-int8"), OnnxRuntimeEngine()
     assert isinstance(int8, OnnxRuntimeInt8Engine) and int8.identity() != fp32.identity()
     assert int8.identity()["quantization"] == settings() and int8.identity()["engine"] == "onnxruntime-int8"
-    spec = UnitSpec("conv", (1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True,
+    spec = ConvUnit((1, 64, 14, 14), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, True, True,
                     Activation("relu"))
     timing = int8.measure_units(spec, [(64, 64), (16, 16)])
     assert np.all(timing.ms > 0) and timing.ms[0] > timing.ms[1] and np.all(timing.spread >= 0)

@@ -20,13 +20,14 @@ from fxprune.backends.engines import KernelTime, quiet_ratios
 from fxprune.cache import LatencyCache
 from fxprune.ir import LatencyTable, Plan
 from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
-from fxprune.ir.units import REFERENCE, Activation, UnitSpec
+from fxprune.ir.units import Activation, UnitSpec
 from fxprune.passes.context import Context
 from fxprune.passes.latency import (
     MODEL_AGREEMENT,
     RETRIES,
     UNMEASURED_SPREAD,
     LatencyPass,
+    _is_free,
     _kept_counts,
     _layer_kernels,
     _Timed,
@@ -35,7 +36,9 @@ from fxprune.passes.latency import (
     latency_cost,
 )
 from fxprune.passes.rewrite import kept_shares
-from fxprune.rules.units import find_units
+from fxprune.rules.conv import ConvUnit
+from fxprune.rules.linear import LinearUnit
+from fxprune.rules.units import REFERENCE, find_units
 from tests.doubles import Contended, SyntheticEngine
 
 
@@ -141,6 +144,25 @@ class Block(nn.Module):
         y = torch.nn.functional.silu(self.norm(self.expand(x)))
         y = self.project(torch.relu(self.depthwise(y)))
         return self.head((x + y).mean((2, 3)))
+
+
+def test_a_unit_spec_reads_back_from_its_cache_key_as_its_kind_and_the_keys_stay_as_cached():
+    """Each kind (its rule's) comes back from a table's key as that kind; the keys are the ones tables were
+    cached under before the kinds moved into the rules (``op`` and every field, whatever the kind)."""
+    linear = LinearUnit((1, 64), 10, bias=False)
+    for spec in (REFERENCE, linear):
+        again = UnitSpec.from_key(spec.to_key())
+        assert again == spec and type(again) is type(spec)
+    assert REFERENCE.to_key() == {"op": "conv", "input_shape": [1, 64, 28, 28], "out_channels": 64, "kernel": [3, 3],
+                                  "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1,
+                                  "bias": True, "batch_norm": True, "activation": {"name": "relu", "args": []},
+                                  "dtype": "float32"}
+    assert linear.to_key() == {"op": "linear", "input_shape": [1, 64], "out_channels": 10, "kernel": [], "stride": [],
+                               "padding": [], "dilation": [], "groups": 1, "bias": False, "batch_norm": False,
+                               "activation": None, "dtype": "float32"}
+    assert linear != LinearUnit((1, 64), 10) and ConvUnit((1, 64), 10) != LinearUnit((1, 64), 10)
+    with pytest.raises(ValueError, match="no unit kind"):
+        UnitSpec.from_key({**linear.to_key(), "op": "deconv"})
 
 
 def test_units_are_layers_with_the_norm_and_activation_engines_fuse():
@@ -270,6 +292,15 @@ def test_identical_layers_are_measured_once():
     assert len(find_units(gm)) == 4 and calibration.tables == 3 and engine.unit_calls == 3 + 1  # + the step probe
 
 
+def test_layers_outside_units_are_timed_in_the_fixed_part_not_as_memory_traffic():
+    """A layer's rule says it is one (``Rule.layer``): a frozen one moves no memory the widths scale."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 8, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 25, 4))
+    gm = fxprune.analyze(model.eval(), (torch.randn(1, 3, 6, 6),))
+    free = {n.target: _is_free(gm, n) for n in gm.graph.nodes if n.op == "call_module"}
+    assert free == {"0": True, "1": True, "2": False, "3": False, "4": True, "5": True}
+
+
 def test_latency_cost_needs_the_pass_first():
     with pytest.raises(fxprune.AnalysisRequiredError, match="LatencyPass"):
         latency_cost(_analysed())
@@ -366,7 +397,7 @@ def test_the_torch_engine_times_a_unit_against_the_reference_run_by_run(monkeypa
     fake = lambda spec, width_in, width_out: (_Sleeper(1.0 if spec is REFERENCE else 2.0, 16), torch.zeros(1))  # noqa: E731
     monkeypatch.setattr(engines, "unit_module", fake)
     engine = engines.TorchEngine(threads=1, warmup=3, repeats=10)
-    timing = engine.measure_units(UnitSpec("linear", (1, 64), 10), [(64, 10)])
+    timing = engine.measure_units(LinearUnit((1, 64), 10), [(64, 10)])
     assert timing.ms[0] / timing.reference_ms[0] == pytest.approx(2.0, rel=0.25)
     assert timing.spread[0] < 0.25
     assert _Sleeper.calls == 2 * (3 + 10)  # unit and reference run in pairs, warmup included
@@ -522,9 +553,9 @@ def test_disagreeing_finds_the_one_table_off_from_the_others(kernels, expected):
 
 
 def test_layers_are_found_among_fp32_and_int8_kernels_by_their_shapes():
-    conv = types.SimpleNamespace(spec=UnitSpec("conv", (1, 32, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1,
+    conv = types.SimpleNamespace(spec=ConvUnit((1, 32, 16, 16), 64, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1,
                                                 True, True, Activation("relu")))
-    linear = types.SimpleNamespace(spec=UnitSpec("linear", (1, 64), 10))
+    linear = types.SimpleNamespace(spec=LinearUnit((1, 64), 10))
     fp32 = [KernelTime("Conv", [[1, 32, 16, 16], [64, 32, 3, 3], [64]], [[1, 64, 16, 16]], 40.0),
             KernelTime("Gemm", [[1, 64], [10, 64], [10]], [[1, 10]], 2.0),
             KernelTime("Add", [[1, 64, 16, 16], [1, 64, 16, 16]], [[1, 64, 16, 16]], 5.0)]
@@ -533,7 +564,7 @@ def test_layers_are_found_among_fp32_and_int8_kernels_by_their_shapes():
             KernelTime("QGemm", [[1, 64], [], [], [10], [10], [10], [], []], [[1, 10]], 1.0),
             KernelTime("QuantizeLinear", [[1, 32, 16, 16], [], []], [[1, 32, 16, 16]], 3.0)]
     assert [(u.spec.op, us) for u, us in _layer_kernels([conv, linear], int8)] == [("conv", 12.0), ("linear", 1.0)]
-    other = types.SimpleNamespace(spec=UnitSpec("conv", (1, 32, 16, 16), 32, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1,
+    other = types.SimpleNamespace(spec=ConvUnit((1, 32, 16, 16), 32, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1,
                                                 True, True, None))
     assert _layer_kernels([other], fp32 + int8) == []  # another output width: no kernel of its shapes
 
