@@ -104,13 +104,20 @@ def compile_passes(context: Context, budget: Budget, options: Options, model: to
                    call: tuple[tuple, dict]) -> list[PassBase]:
     """Every pass of one compile of ``model`` (called on ``call``) to ``budget``, in order, over ``context``;
     the last one returns the pruned graph."""
-    inputs = context.example_inputs
-    timed = [LatencyPass(context, round_to=options.round_to)] if budget.metric == "latency" else []
-    return [*analysis_passes(model, call, inputs), ScorePass(options.importance, options.calibration, options.loss_fn),
-            CostPass(inputs), *timed, WholeModelBudgetPass(context, budget, model, *call),
+    return [*analysis_passes(model, call, context.example_inputs),
+            ScorePass(options.importance, options.calibration, options.loss_fn),
+            *cost_passes(context, budget, options.round_to), WholeModelBudgetPass(context, budget, model, *call),
             PlanPass(context, budget, solver=options.solver, resolution=options.resolution, round_to=options.round_to,
                      refine=options.refine, depth=options.depth),
             SolvedRewritePass(context)]
+
+
+def cost_passes(context: Context, budget: Budget, round_to: int | None = None) -> list[PassBase]:
+    """The passes that price a plan for ``budget``: the cost pass (FLOPs, parameters) and, for a latency
+    budget, the latency pass on the context's engine (``round_to``: its grid, default the engine's step).
+    What compile and the training-time methods' ``LiveModel.cost_model`` run."""
+    timed = [LatencyPass(context, round_to=round_to)] if budget.metric == "latency" else []
+    return [CostPass(context.example_inputs), *timed]
 
 
 class SolvedRewritePass(PassBase):

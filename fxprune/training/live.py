@@ -25,9 +25,7 @@ from fxprune.ir.cost import CostModel
 from fxprune.ir.solution import Solution
 from fxprune.passes.budget import cost_of, solve_budget
 from fxprune.passes.context import Context
-from fxprune.passes.cost import CostPass
-from fxprune.passes.latency import LatencyPass
-from fxprune.passes.pipeline import analyze_inputs, called_like, infer_example_inputs, prune, run_passes
+from fxprune.passes.pipeline import analyze_inputs, called_like, cost_passes, infer_example_inputs, prune, run_passes
 from fxprune.passes.verify import own_model
 from fxprune.rules import TensorAxis
 from fxprune.rules.params import parameter_axes
@@ -104,15 +102,15 @@ class LiveModel:
 
     def cost_model(self, budget: Budget, engine: Any = "onnxruntime", threads: int | None = None,
                    round_to: int | None = None, cache: Any = None, progress: bool = False) -> CostModel:
-        """The cost model of ``budget``'s metric, by compile's latency pass (tables measured or loaded) or
-        cost pass, over the one Context this model keeps for its solves (made here; ``close`` releases it).
+        """The cost model of ``budget``'s metric, by compile's cost passes (``cost_passes``: the cost pass, and
+        the latency pass's tables, measured or loaded), over the one Context this model keeps for its solves
+        (made here; ``close`` releases it).
         ``round_to`` as for ``fxprune.compile`` (default: the engine's step, else 8 channels)."""
         self.close()
         self.context = Context(self.example_inputs, engine, threads=threads, cache=cache, progress=progress,
                                check=budget.metric == "latency")
         self.round_to = round_to
-        timed = budget.metric == "latency"
-        run_passes(self.gm, [LatencyPass(self.context, round_to=round_to) if timed else CostPass(self.example_inputs)])
+        run_passes(self.gm, cost_passes(self.context, budget, round_to))
         self.cost = cost_of(self.gm, budget.metric)
         return self.cost
 
