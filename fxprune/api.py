@@ -2,48 +2,46 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
-from dataclasses import replace
-from typing import Any, Iterable
+from dataclasses import fields, replace
+from typing import Any, Iterable, cast
 
 import numpy as np
 import torch
 import torch.fx
 
-from fxprune.backends.ort import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from fxprune.backends.registry import get_engine
 from fxprune.budgets import Budget, Latency, UserBudget, as_budget
-from fxprune.errors import AnalysisRequiredError, BudgetError, ExampleInputsError, OutputError
-from fxprune.frontends.partition import assemble, split
+from fxprune.errors import AnalysisRequiredError, BudgetError, ExampleInputsError
 from fxprune.huggingface import DecodeStep, Prefill, decodes
-from fxprune.ir.capture import capture_of, is_partitioned, split_inputs, structured
+from fxprune.ir.capture import capture_of, split_inputs, structured
 from fxprune.ir.channels import Block, ChannelGroup, Plan
 from fxprune.ir.graph import space as graph_space
 from fxprune.ir.keys import (
-    CAPTURE_KEY,
     COST_KEY,
     IMPORTANCE_KEY,
     LATENCY_KEY,
     PLAN_KEY,
     REPORT_KEY,
     SOLUTION_KEY,
+    WHOLE_KEY,
 )
 from fxprune.ir.solution import Solution
-from fxprune.passes.budget import DEFAULT_STEP, PlanPass, parts_budget
+from fxprune.ir.whole import WholeModel
+from fxprune.passes.budget import DEFAULT_STEP
 from fxprune.passes.context import Context
-from fxprune.passes.cost import CostPass, count_flops, count_params
-from fxprune.passes.keep import KeepPass
-from fxprune.passes.latency import LatencyPass
+from fxprune.passes.cost import count_flops, count_params
 from fxprune.passes.pipeline import (
+    Options,
     analyze,
-    analyze_inputs,
+    called_like,
+    capture_inputs,
+    compile_passes,
     graph_inputs,
     infer_example_inputs,
     run_passes,
 )
 from fxprune.passes.pipeline import prune as prune_graph
-from fxprune.passes.score import ScorePass
 from fxprune.passes.verify import own_model
 from fxprune.reports import GroupReport, PartReport, Report
 from fxprune.rules import RULES
@@ -129,74 +127,45 @@ def compile(
     then torch.export non-strict, then strict), ``"fx"``, ``"export"`` or ``"export-strict"``. The
     module returned is called like ``model`` and returns the same structure.
     """
-    options = {name: value for name, value in locals().items()  # what a decoder's both-phase compile passes on
-               if name not in ("model", "budget", "example_inputs", "example_kwargs")}
     budget = as_budget(budget)
-    if isinstance(budget, Latency) and _phase(model, budget) == "both":
+    options = Options(capture=capture, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                      importance=importance, calibration=calibration, loss_fn=loss_fn, engine=engine, threads=threads,
+                      cache=cache, remeasure=remeasure, progress=progress, measure=measure, round_to=round_to,
+                      solver=solver, resolution=resolution, refine=refine, depth=depth, output=output, keep=keep)
+    if _phase(model, budget) == "both":  # a decoder's default: its decode step solved, then its prefill timed
         return _both_phases(model, budget, example_inputs, example_kwargs, options)
-    if output not in ("module", "graph"):
-        raise OutputError(f"output={output!r}: compile returns output='module' (the model's own class, "
-                                 "smaller) or output='graph' (the pruned GraphModule)")
-    latency = budget.metric == "latency"
-    calibration = list(calibration) if calibration is not None else None
-    if example_inputs is None and not example_kwargs:
-        example_inputs = infer_example_inputs(model)
-    if isinstance(budget, Latency) and budget.phase == "decode":  # the decode step: the model analysed, timed, pruned
-        step = _decode_step(model, budget, example_inputs, example_kwargs)
-        config: Any = model.config  # a Hugging Face decoder's (_decode_step checked)
-        model, keep = step, [f"model.{k}" if isinstance(k, str) else k for k in keep]  # the step holds the model
-        example_inputs, example_kwargs = {"input_ids": torch.randint(
-            0, config.vocab_size, (step.batch, 1), generator=torch.Generator().manual_seed(1))}, None
-    with Context((), engine, threads=threads, cache=cache, progress=progress, check=latency or measure,
-                 remeasure=remeasure) as context:
-        if isinstance(context.engine, OnnxRuntimeInt8Engine) and calibration:  # activations calibrated on them too
-            context.engine = context.engine.calibrated([batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2
-                                                        else batch for batch in calibration])
-        plan_pass = PlanPass(context, budget, solver=solver, resolution=resolution, round_to=round_to, refine=refine,
-                             depth=depth)
-        gm, context.example_inputs = analyze_inputs(model, example_inputs, example_kwargs=example_kwargs,
-                                                    capture=capture, leaf_modules=leaf_modules,
-                                                    autowrap_functions=autowrap_functions)
-        run_passes(gm, [KeepPass(keep, model), ScorePass(importance, calibration, loss_fn),
-                        CostPass(context.example_inputs),
-                        *([LatencyPass(context, round_to=round_to)] if latency else [])])
-        whole = _Whole(model, *split_inputs(example_inputs, example_kwargs)) if is_partitioned(gm) else None
-        if whole is not None:
-            plan_pass.budget = whole.budget(budget, gm, context)
-        try:
-            run_passes(gm, [plan_pass])
-        except BudgetError as error:  # a partitioned model's parts out of reach: say so of the whole model
-            if whole is None or (restated := whole.unreachable(error, budget)) is error:
-                raise
-            raise restated from error
-        plan = gm.meta[SOLUTION_KEY].result.plan
-        pruned = context.pruned(gm, plan)
-        report = _report(gm, pruned, context, budget, importance, solver, measure and whole is None, depth)
-        result: torch.nn.Module
-        if whole is None:
-            result = structured(pruned)
-            meta = pruned.meta
-        else:
-            result = assemble(model, split(pruned))
-            whole.report(report, gm, result, context if measure or latency else None)
-            meta = {PLAN_KEY: plan, CAPTURE_KEY: capture_of(gm)}
-            result.meta = meta  # type: ignore[assignment]  # torch types Module attributes as tensors or modules
-        report.note_over_budget()
-    meta[REPORT_KEY] = report
-    if output == "graph":
-        return result
-    returned = own_model(model, gm, result, plan, example_inputs, example_kwargs)
-    if isinstance(returned, DecodeStep):  # the decoder the step ran, pruned, with the step's plan and report
-        returned.model.meta = returned.meta
-        report.returned = type(returned.model).__name__
-        report.blocks_removed = [path.removeprefix("model.") for path in report.blocks_removed]
-        return returned.model
-    return returned
+    model, example_inputs, example_kwargs, options = _decoded(model, budget, example_inputs, example_kwargs, options)
+    call = split_inputs(example_inputs, example_kwargs)
+    gm, inputs = capture_inputs(model, example_inputs, example_kwargs, capture=capture, leaf_modules=leaf_modules,
+                                autowrap_functions=autowrap_functions)
+    with options.context(inputs, budget) as context:
+        pruned = run_passes(gm, compile_passes(context, budget, options, model, call))
+        result = _reported(model, call, gm, pruned, context, budget, options)
+    return _returned(model, gm, result, options.output, example_inputs, example_kwargs)
 
 
-def _phase(model: torch.nn.Module, budget: Latency) -> str:
-    """The phase a latency budget times: the one given, or for ``phase=None`` both of a decoder's (its prefill
-    and one decode step) and any other model's forward."""
+def _decoded(model: torch.nn.Module, budget: UserBudget, example_inputs: Any, example_kwargs: dict | None,
+             options: Options) -> tuple[torch.nn.Module, Any, dict | None, Options]:
+    """What compile analyses, times and prunes, its example call and options: for a decode budget the decode
+    step (``_decode_step``) on one new token, ``keep`` naming the decoder inside it; else the model as given
+    (example inputs inferred where none were given)."""
+    if not (isinstance(budget, Latency) and budget.phase == "decode"):
+        if example_inputs is None and not example_kwargs:
+            example_inputs = infer_example_inputs(model)
+        return model, example_inputs, example_kwargs, options
+    step = _decode_step(model, budget, example_inputs, example_kwargs)
+    config: Any = model.config  # a Hugging Face decoder's (_decode_step checked)
+    keep = [f"model.{k}" if isinstance(k, str) else k for k in options.keep]  # the step holds the decoder
+    return step, {"input_ids": torch.randint(0, config.vocab_size, (step.batch, 1),
+                                             generator=torch.Generator().manual_seed(1))}, None, \
+        replace(options, keep=keep)
+
+
+def _phase(model: torch.nn.Module, budget: UserBudget) -> str | None:
+    """The phase a latency budget times (None for other budgets): the one given, or for ``phase=None`` both
+    of a decoder's (its prefill and one decode step) and any other model's forward."""
+    if not isinstance(budget, Latency):
+        return None
     if decodes(model):
         return budget.phase or "both"
     if budget.phase == "both":
@@ -213,12 +182,13 @@ def _phase(model: torch.nn.Module, budget: Latency) -> str:
 BOTH_TRIES = 3  # decode-step solves a both-phase budget may take, each lowered by the prefill's excess
 
 
-def _both_phases(model: torch.nn.Module, budget: Latency, example_inputs: Any, example_kwargs: dict | None,
-                 options: dict[str, Any]) -> torch.nn.Module:
+def _both_phases(model: torch.nn.Module, budget: UserBudget, example_inputs: Any, example_kwargs: dict | None,
+                 options: Options) -> torch.nn.Module:
     """A decoder within ``budget`` in both phases: the decode step is solved (a step's time is mostly weight
     reads and per-op overhead, which thinning cuts less than a prefill's compute, so decode usually binds),
     then the returned model's prefill of the example is timed against the model's; where it is over, the
     decode budget is lowered by its excess and solved again."""
+    assert isinstance(budget, Latency)  # _phase says "both" of latency budgets only
     if budget.fraction is None:
         raise BudgetError(f"{budget}: milliseconds name one phase of a decoder; give phase='prefill' or "
                           "'decode', or a fraction (Latency(0.5)) for both")
@@ -226,11 +196,12 @@ def _both_phases(model: torch.nn.Module, budget: Latency, example_inputs: Any, e
         raise ExampleInputsError("a decoder's latency budget needs example inputs: pass {'input_ids': ids}")
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     prompt = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
-    engine = get_engine(options["engine"], options["threads"], check=True)
+    engine = get_engine(options.engine, options.threads, check=True)
+    keywords = {field.name: getattr(options, field.name) for field in fields(options)}
     decode, prefill_share = budget.of_phase("decode"), None
     with engine.deploy(Prefill(model, list(prompt)), tuple(prompt.values())) as full:
         for _ in range(BOTH_TRIES):
-            pruned = compile(model, decode, example_inputs, example_kwargs=example_kwargs, **options)
+            pruned = compile(model, decode, example_inputs, example_kwargs=example_kwargs, **keywords)
             if not isinstance(pruned, type(model)):  # the step's pruned graph: it has no prefill to time
                 break
             with engine.deploy(Prefill(pruned, list(prompt)), tuple(prompt.values())) as after:
@@ -267,74 +238,66 @@ def _decode_step(model: torch.nn.Module, budget: Latency, example_inputs: Any,
     return DecodeStep(model, budget.tokens or ids.shape[1], budget.batch or ids.shape[0])
 
 
-class _Whole:
-    """A partitioned model's budget and report over the whole forward, not only its captured parts."""
+def _reported(model: torch.nn.Module, call: tuple[tuple, dict], gm: torch.fx.GraphModule,
+              pruned: torch.fx.GraphModule, context: Context, budget: Budget, options: Options) -> torch.nn.Module:
+    """The pruned model called like ``model``, compile's Report on its ``meta``: of the graph pruned, or for
+    a model captured in parts (``gm.meta["fxprune_whole"]``), of the whole model."""
+    result, whole = called_like(model, pruned), gm.meta.get(WHOLE_KEY)
+    report = _report(gm, pruned, context, budget, options.importance, options.solver,
+                     options.measure and whole is None, options.depth)
+    if whole is not None:
+        timed = options.measure or budget.metric == "latency"
+        _whole_report(report, gm, whole, model, call, result, context if timed else None)
+    report.note_over_budget()
+    cast(dict, result.meta)[REPORT_KEY] = report  # a graph's meta, or the one called_like gave a model in parts
+    return result
 
-    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.model, self.args, self.kwargs = model, args, kwargs
-        self.prunable_latency: float | None = None  # the parts' share of the whole model's latency
-        self.budget_share: float | None = None  # a latency budget as a share of the whole model
-        self.prunable: float = 1.0  # the parts' share of the whole model in the budget's metric
 
-    @functools.cached_property
-    def flops(self) -> int:
-        """The unpruned model's FLOPs, whole forward (the budget and the report read it)."""
-        return count_flops(self.model, self.args, self.kwargs)
+def _returned(model: torch.nn.Module, gm: torch.fx.GraphModule, result: torch.nn.Module, output: str,
+              example_inputs: Any, example_kwargs: dict | None) -> torch.nn.Module:
+    """What compile returns: the pruned graph (``output="graph"``), else the model's own class made smaller
+    and verified (``own_model``); for a decode step, the decoder inside it."""
+    if output == "graph":
+        return result
+    returned = own_model(model, gm, result, cast(dict, result.meta)[PLAN_KEY], example_inputs, example_kwargs)
+    if isinstance(returned, DecodeStep):  # the decoder the step ran, pruned, with the step's plan and report
+        returned.model.meta = returned.meta
+        report: Report = cast(dict, returned.meta)[REPORT_KEY]
+        report.returned = type(returned.model).__name__
+        report.blocks_removed = [path.removeprefix("model.") for path in report.blocks_removed]
+        return returned.model
+    return returned
 
-    def budget(self, budget: UserBudget, gm: torch.fx.GraphModule, context: Context) -> Budget:
-        """The parts' budget: what the whole model's budget leaves them once the rest is paid for."""
-        if budget.metric != "latency":
-            whole = self.flops if budget.metric == "flops" else count_params(self.model)
-            parts = gm.meta[COST_KEY][budget.metric].baseline
-            self.prunable = min(parts / whole, 1.0)
-            return parts_budget(budget, parts, whole)
-        # end to end on the engine: the whole model exported as it runs, against its captured parts alone
-        whole_ms, (share,) = context.timing_engine().time_shares(context.deploy(self.model, self.args).run,
-                                                                 [context.deployed(gm).run])
-        self.prunable_latency = self.prunable = share = min(share, 1.0)
-        self.budget_share = budget.share(whole_ms)
-        amount = parts_budget(budget, share * whole_ms, whole_ms, " ms")
-        return Latency(amount.value / (share * whole_ms))
 
-    def unreachable(self, error: BudgetError, budget: Budget) -> BudgetError:
-        """``error``, raised for the parts' budget, restated for the whole model: its smallest plan as a
-        share of the whole model (what the parts' smallest plan leaves plus the rest, which stays)."""
-        if error.smallest_share is None:
-            return error
-        smallest = 1 - self.prunable + self.prunable * error.smallest_share
-        return BudgetError(
-            f"the budget {budget} cannot be met: the smallest plan reaches {smallest:.3f} of the whole model "
-            f"({self.prunable:.1%} of its {budget.metric} is in the parts fxprune captured and can prune, and "
-            f"pruned to their smallest they keep {error.smallest_share:.3f} of it); {error.advice}",
-            smallest_share=smallest, advice=error.advice)
-
-    def report(self, report: Report, gm: torch.fx.GraphModule, result: torch.nn.Module,
-               context: Context | None) -> None:
-        """FLOPs and parameters of the whole model, before and after, each part's share kept, and (with
-        ``context``) the whole model timed end to end on the engine, before and after."""
-        parts_flops = gm.meta[COST_KEY]["flops"].baseline
-        report.flops_before = self.flops
-        report.flops_after = count_flops(result, self.args, self.kwargs)
-        report.params_before, report.params_after = count_params(self.model), count_params(result)
-        report.budget_share = self.budget_share
-        capture = capture_of(gm)
-        assert capture is not None  # a graph captured in parts lists them
-        for part in capture.parts:
-            report.parts.append(PartReport(
-                part.path, part.capture.path, part.calls, count_params(self.model.get_submodule(part.path)),
-                count_params(result.get_submodule(part.path)), len(part.coupled)))
-        report.notes.append(f"{parts_flops / max(report.flops_before, 1):.1%} of the model's FLOPs are in the "
-                            f"{len(report.parts)} parts fxprune captured and can prune; the rest runs as written")
-        if context is None:
-            return
-        engine = context.timing_engine()
-        with engine.deploy(result, self.args) as after:
-            before_ms, (share,) = engine.time_shares(context.deploy(self.model, self.args).run, [after.run])
-        report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
-        if self.prunable_latency is not None:
-            report.notes.append(f"{self.prunable_latency:.1%} of the model's latency on {engine.name} is in the parts "
-                                f"(the rest: post-processing and code no front end captured); end to end the pruned "
-                                f"model measured {share:.3f} of the model")
+def _whole_report(report: Report, gm: torch.fx.GraphModule, whole: WholeModel, model: torch.nn.Module,
+                  call: tuple[tuple, dict], result: torch.nn.Module, context: Context | None) -> None:
+    """A partitioned model's report over the whole forward: FLOPs and parameters of the whole model, before
+    and after, each part's share kept, and (with ``context``) the whole model timed end to end on the
+    engine, before and after."""
+    args, kwargs = call
+    parts_flops = gm.meta[COST_KEY]["flops"].baseline
+    report.flops_before = whole.flops
+    report.flops_after = count_flops(result, args, kwargs)
+    report.params_before, report.params_after = whole.params, count_params(result)
+    report.budget_share = whole.budget_share
+    capture = capture_of(gm)
+    assert capture is not None  # a graph captured in parts lists them
+    for part in capture.parts:
+        report.parts.append(PartReport(
+            part.path, part.capture.path, part.calls, count_params(model.get_submodule(part.path)),
+            count_params(result.get_submodule(part.path)), len(part.coupled)))
+    report.notes.append(f"{parts_flops / max(report.flops_before, 1):.1%} of the model's FLOPs are in the "
+                        f"{len(report.parts)} parts fxprune captured and can prune; the rest runs as written")
+    if context is None:
+        return
+    engine = context.timing_engine()
+    with engine.deploy(result, args) as after:
+        before_ms, (share,) = engine.time_shares(context.deploy(model, args).run, [after.run])
+    report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
+    if whole.prunable_latency is not None:
+        report.notes.append(f"{whole.prunable_latency:.1%} of the model's latency on {engine.name} is in the parts "
+                            f"(the rest: post-processing and code no front end captured); end to end the pruned "
+                            f"model measured {share:.3f} of the model")
 
 
 def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
@@ -394,8 +357,8 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         with engine.deploy(pruned, inputs) as deployed:
             before_ms, (share,) = engine.time_shares(context.deployed(gm).run, [deployed.run])
         report.measured_latency_ms_before, report.measured_latency_ms_after = before_ms, share * before_ms
-        if isinstance(engine, OnnxRuntimeInt8Engine):  # the FP32 model too: what quantizing bought
-            fp32 = OnnxRuntimeEngine(engine.threads)
+        fp32 = getattr(engine, "unquantized", lambda: None)()  # an engine that quantizes: what it bought
+        if fp32 is not None:
             with fp32.deploy(gm, inputs) as full, fp32.deploy(pruned, inputs) as deployed:
                 before_ms, (share,) = fp32.time_shares(full.run, [deployed.run])
             report.fp32_latency_ms_before, report.fp32_latency_ms_after = before_ms, share * before_ms

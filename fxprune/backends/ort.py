@@ -209,6 +209,10 @@ class OnnxRuntimeEngine(Engine):
             yield _OrtDeployed(self, source, session, _feeds(session.get_inputs(), example_inputs),
                                module.state_dict(), "exported", fp32=path)
 
+    def unquantized(self) -> "OnnxRuntimeEngine | None":
+        """The FP32 engine whose models this one quantizes (what quantizing bought is timed on it); None here."""
+        return None
+
     def batches(self, graph: onnx.ModelProto, example_inputs: tuple) -> list[dict[str, np.ndarray]]:
         """What a whole model is calibrated on (an engine that quantizes): the example's feeds."""
         return [_feeds(_graph_inputs(graph), example_inputs)]
@@ -292,6 +296,9 @@ class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
         engine = copy.copy(self)
         engine.calibration = self.calibration + list(batches)
         return engine
+
+    def unquantized(self) -> OnnxRuntimeEngine:
+        return OnnxRuntimeEngine(self.threads)
 
     def batches(self, graph: onnx.ModelProto, example_inputs: tuple) -> list[dict[str, np.ndarray]]:
         inputs = _graph_inputs(graph)

@@ -17,6 +17,8 @@ ANALYSIS_KEY = "fxprune"  # dependency: Analysis (channel groups and every chann
 IMPORTANCE_KEY = "fxprune_importance"  # score: Importance (criterion, one score per group channel)
 COST_KEY = "fxprune_cost"  # cost: {"flops": CostModel, "params": CostModel}
 LATENCY_KEY = "fxprune_latency"  # latency: LatencyCalibration; its CostModel goes under COST_KEY["latency"]
+# whole-model budget (a graph captured in parts only): WholeModel (the parts' budget, their share of the model)
+WHOLE_KEY = "fxprune_whole"
 SOLUTION_KEY = "fxprune_solution"  # plan: Solution (the plan, its predicted cost, the closed loop's record)
 PLAN_KEY = "fxprune_plan"  # rewrite: the Plan a pruned GraphModule was made with
 REPORT_KEY = "fxprune_report"  # compile: the Report

@@ -34,11 +34,14 @@ _CALL = re.compile(r"@\d+$")  # nn_module_stack marks a module's second and late
 
 
 class BlockPass(PassBase):
-    """Find the removable residual blocks of an analysed graph (``Analysis.blocks``, ``kept_blocks``)."""
+    """Find the removable residual blocks of an analysed graph (``Analysis.blocks``, ``kept_blocks``); with
+    the ``model`` captured and its ``call`` (args, kwargs), what each block's zero module returns too
+    (``record_returns``)."""
 
-    def __init__(self, example_inputs: tuple) -> None:
+    def __init__(self, example_inputs: tuple, model: torch.nn.Module | None = None,
+                 call: tuple[tuple, dict] = ((), {})) -> None:
         super().__init__()
-        self.example_inputs = example_inputs
+        self.example_inputs, self.model, self.call_inputs = example_inputs, model, call
 
     def requires(self, graph_module: torch.fx.GraphModule) -> None:
         if ANALYSIS_KEY not in graph_module.meta:
@@ -60,6 +63,8 @@ class BlockPass(PassBase):
                     analysis.kept_blocks[node.name] = block
         found = _innermost(found, analysis)
         analysis.blocks = _checked(graph_module, found, self.example_inputs, analysis)
+        if self.model is not None:
+            record_returns(self.model, *self.call_inputs, graph_module)
         return PassResult(graph_module, modified=False)
 
     def ensures(self, graph_module: torch.fx.GraphModule) -> None:

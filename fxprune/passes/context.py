@@ -1,10 +1,11 @@
-"""What the passes of one compile share, made once: the example inputs, the engine, the latency cache,
-each graph's digest, the analysed model deployed on the engine, and the pruned copies already built."""
+"""What the passes of one compile share, made once: the example inputs (as the captured graph takes them),
+the engine (calibrated on the user's batches where it quantizes), the latency cache, each graph's digest,
+the analysed model deployed on the engine, and the pruned copies already built."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 import torch.fx
@@ -15,7 +16,7 @@ from fxprune.cache import LatencyCache
 from fxprune.errors import LatencyError
 from fxprune.ir.channels import Plan
 from fxprune.ir.graph import model_digest
-from fxprune.passes.pipeline import prune
+from fxprune.passes.rewrite import RewritePass
 
 NO_ENGINE = object()  # a Context for passes that time nothing
 
@@ -25,9 +26,10 @@ class Context:
 
     def __init__(self, example_inputs: Any, engine: Any = NO_ENGINE, *, threads: int | None = None,
                  cache: LatencyCache | str | None = None, progress: bool = True, check: bool = True,
-                 remeasure: bool = False) -> None:
+                 remeasure: bool = False, calibration: Iterable[Any] = ()) -> None:
         self.example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        self.engine = None if engine is NO_ENGINE else get_engine(engine, threads, check=check)
+        self.engine = None if engine is NO_ENGINE else calibrated(get_engine(engine, threads, check=check),
+                                                                  list(calibration))
         self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache(*(() if cache is None else (cache,)))
         self.cache.remeasure = self.cache.remeasure or remeasure
         self.progress = progress
@@ -64,10 +66,12 @@ class Context:
             engine.deploy(module, example_inputs)))
 
     def pruned(self, gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-        """``gm`` pruned to ``plan`` (the rewrite pass's result), built once per plan."""
-        return self._once("pruned", gm, plan.to_json(), lambda: prune(gm, plan))
+        """``gm`` pruned to ``plan`` (the rewrite pass's result), built once per plan: the reduced copy the
+        latency pass times, each plan the closed loop times, and the plan the pipeline's rewrite returns."""
+        return self._once("pruned", gm, plan.to_json(), lambda: _rewritten(gm, plan))
 
     def close(self) -> None:
+        """Release every model deployed and forget the copies built (the context can be used again)."""
         self._stack.close()
         self._memo.clear()
 
@@ -76,3 +80,19 @@ class Context:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _rewritten(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    result = RewritePass(plan)(gm)
+    assert result is not None  # the rewrite pass returns its PassResult
+    return cast(torch.fx.GraphModule, result.graph_module)
+
+
+def calibrated(engine: Engine, batches: list) -> Engine:
+    """``engine``, calibrating the models it quantizes on ``batches`` too (a copy: the user's engine stays as it
+    was); an engine that quantizes nothing, or no batches, as it is. A batch of (inputs, labels) gives its inputs."""
+    calibrate = getattr(engine, "calibrated", None)  # the engines that quantize (onnxruntime-int8)
+    if not batches or calibrate is None:
+        return engine
+    return calibrate([batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+                      for batch in batches])

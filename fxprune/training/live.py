@@ -20,20 +20,16 @@ import torch.nn as nn
 
 from fxprune.budgets import Budget
 from fxprune.errors import FxpruneError
-from fxprune.frontends.partition import assemble, split
-from fxprune.ir.capture import is_partitioned, structured
 from fxprune.ir.channels import Plan
-from fxprune.ir.keys import COST_KEY, LATENCY_KEY
-from fxprune.ir.solution import MeasuredSolve, PlanResult
+from fxprune.ir.cost import CostModel
+from fxprune.ir.solution import Solution
+from fxprune.passes.budget import cost_of, solve_budget
 from fxprune.passes.context import Context
-from fxprune.passes.cost import CostPass
-from fxprune.passes.latency import LatencyPass, latency_cost
-from fxprune.passes.pipeline import analyze_inputs, infer_example_inputs, prune
-from fxprune.passes.refine import solve_measured
+from fxprune.passes.pipeline import analyze_inputs, called_like, cost_passes, infer_example_inputs, prune, run_passes
 from fxprune.passes.verify import own_model
 from fxprune.rules import TensorAxis
 from fxprune.rules.params import parameter_axes
-from fxprune.solvers.planner import analysis, solve_plan
+from fxprune.solvers.planner import analysis
 
 BLOCKS = -1  # the key of the removable blocks' keep mask among the groups' (whose ids count from 0)
 
@@ -72,6 +68,9 @@ class LiveModel:
         self.params = dict(self.module.named_parameters())
         self._every_name = dict(self.module.named_parameters(remove_duplicate=False))  # tied weights too
         self.axes: list[TensorAxis] = [a for a in parameter_axes(self.gm) if a.name in self.params]
+        self.context: Context | None = None  # cost_model's, kept for the solves after it
+        self.round_to: int | None = None
+        self.cost: CostModel | None = None
 
     def live(self, name: str) -> torch.Tensor:
         return self._every_name[name]
@@ -102,32 +101,34 @@ class LiveModel:
                 tensor.index_fill_(axis.dim, torch.as_tensor(removed, device=tensor.device), 0.0)
 
     def cost_model(self, budget: Budget, engine: Any = "onnxruntime", threads: int | None = None,
-                   round_to: int | None = None, cache: Any = None, progress: bool = False):
-        """The cost model of ``budget``'s metric (latency tables measured or loaded, as ``fxprune.compile``
-        does), and the keep-count granularity to solve with."""
-        inputs = self.example_inputs  # as the analysed graph takes them, on the CPU
-        self.engine_options = dict(engine=engine, threads=threads, cache=cache, progress=progress)
-        if budget.metric == "latency":
-            with Context(inputs, engine, threads=threads, cache=cache, progress=progress) as context:
-                LatencyPass(context, round_to=round_to)(self.gm)
-            return latency_cost(self.gm), self.gm.meta[LATENCY_KEY].granularity
-        CostPass(inputs)(self.gm)
-        return self.gm.meta[COST_KEY][budget.metric], round_to or 8
+                   round_to: int | None = None, cache: Any = None, progress: bool = False) -> CostModel:
+        """The cost model of ``budget``'s metric, by compile's cost passes (``cost_passes``: the cost pass, and
+        the latency pass's tables, measured or loaded), over the one Context this model keeps for its solves
+        (made here; ``close`` releases it).
+        ``round_to`` as for ``fxprune.compile`` (default: the engine's step, else 8 channels)."""
+        self.close()
+        self.context = Context(self.example_inputs, engine, threads=threads, cache=cache, progress=progress,
+                               check=budget.metric == "latency")
+        self.round_to = round_to
+        run_passes(self.gm, cost_passes(self.context, budget, round_to))
+        self.cost = cost_of(self.gm, budget.metric)
+        return self.cost
 
-    def solve(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any,
-              solver: str) -> PlanResult:
-        """The best plan under ``capacity`` for the given per-group importance (``solve_plan``)."""
-        return solve_plan(self.gm, cost, capacity, importance=importance, round_to=granularity, solver=solver,
-                          depth=bool(self.blocks))
+    def solve(self, capacity: float, importance: dict[int, np.ndarray], solver: str, refine: int = 0) -> Solution:
+        """The best plan under ``capacity`` of the cost model for the given per-group importance, solved as
+        compile's plan pass solves (``passes/budget.solve_budget``): compile's grid, groups under one step
+        where no plan of whole steps is that small (unless ``round_to`` was set), and for a latency budget with
+        ``refine`` > 0 compile's closed loop (``refine`` plans timed on the engine ``cost_model`` was given)."""
+        if self.context is None or self.cost is None:
+            raise FxpruneError("solving needs the cost model: call LiveModel.cost_model(budget, ...) first")
+        return solve_budget(self.gm, self.cost, capacity, self.context, solver=solver, round_to=self.round_to,
+                            refine=refine, depth=bool(self.blocks), importance=importance)
 
-    def solve_timed(self, cost, capacity: float, importance: dict[int, np.ndarray], granularity: Any, solver: str,
-                    refine: int) -> MeasuredSolve:
-        """As ``solve`` on latency tables, through the closed loop ``fxprune.compile`` runs: up to ``refine``
-        solved plans timed on the engine ``cost_model`` was given, the tables corrected by them
-        (``passes/refine.py``)."""
-        with Context(self.example_inputs, **self.engine_options) as context:
-            return solve_measured(self.gm, cost, capacity, context, steps=refine, round_to=granularity,
-                                  solver=solver, importance=importance, depth=bool(self.blocks))
+    def close(self) -> None:
+        """Release the Context ``cost_model`` made (the analysed model deployed on the engine)."""
+        if self.context is not None:
+            self.context.close()
+        self.context = None
 
     def agreed(self, solve: Callable[[], Plan]) -> Plan:
         """The plan ``solve()`` gives on rank 0, on every rank (latency tables measured on each rank could
@@ -143,12 +144,7 @@ class LiveModel:
         ``output="graph"``, or where that copy fails verification, the pruned graph."""
         state = {name: value.detach().cpu() for name, value in self.module.state_dict().items()}
         self.gm.load_state_dict(state, strict=False)
-        graph = prune(self.gm, plan)
-        pruned: nn.Module
-        if is_partitioned(graph):  # a copy of the live model, parts pruned
-            pruned = assemble(self.module, split(graph))
-        else:
-            pruned = structured(graph)  # called like the live model
+        pruned = called_like(self.module, prune(self.gm, plan))  # a model in parts: a copy of the live model
         if output != "graph":
             on_cpu = copy.deepcopy(self.module).cpu()
             pruned = own_model(on_cpu, self.gm, pruned.cpu(), plan, self.call_inputs)

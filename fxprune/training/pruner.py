@@ -84,7 +84,7 @@ class Pruner:
         self.passes_read = 0  # backward passes whose gradients the Taylor score has read
         self.targets: list[float] = []
         if rank() == 0:  # the cost model is needed where the plan is solved
-            self.cost, self.granularity = self.live.cost_model(self.budget, engine, threads, round_to, cache, progress)
+            self.cost = self.live.cost_model(self.budget, engine, threads, round_to, cache, progress)
             self.targets = geometric_targets(self.cost.baseline, self.budget.capacity(self.cost.baseline), steps)
             if self.budget.metric == "latency":
                 self.correction = Correction(calibration_points(self.live.gm, self.cost))
@@ -126,6 +126,8 @@ class Pruner:
         target = self.targets[index] if self.targets else float("nan")  # known where the plan is solved: rank 0
         predicted, timed = solved[0] if solved else (float("nan"), False)
         self.history.append(PruneStep(index + 1, target, predicted, kept, timed))
+        if index + 1 == self.steps:  # the last step: no solve follows, the deployed analysed model goes
+            self.live.close()
         if self.taylor is not None:
             self.taylor.reset()
         self.apply_masks()
@@ -135,15 +137,14 @@ class Pruner:
         """The plan for ``target``, its predicted cost, and whether it was timed on the engine."""
         scores = self._scores()
         importance = {gid: np.where(self.masks[gid], scores[gid], 0.0) for gid in scores}  # pruned channels stay last
-        solve = lambda capacity: self.live.solve(self.cost, capacity, importance, self.granularity,  # noqa: E731
-                                                 self.solver)
+        solve = lambda capacity: self.live.solve(capacity, importance, self.solver).result  # noqa: E731
         if self.correction is None:
             result = solve(target)
             return result.plan, result.predicted_cost, False
         baseline = self.cost.baseline
         if last and self.refine:
-            measured = self.live.solve_timed(self.cost, target, importance, self.granularity, self.solver,
-                                             self.refine)
+            measured = self.live.solve(target, importance, self.solver, self.refine).measured_solve
+            assert measured is not None  # a latency budget with refine > 0 runs the closed loop
             return measured.result.plan, measured.predicted_share * baseline, measured.measured
         # the target as the engine runs it, in the tables' terms; under the tables' reach, the smallest plan
         result = nearest_plan(solve, self.correction.predicted_share(target / baseline) * baseline)

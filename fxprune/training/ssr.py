@@ -123,14 +123,14 @@ class SSR:
         budget = as_budget(budget)
 
         def solve() -> Plan:
-            cost, granularity = self.live.cost_model(budget, **cost_options)
+            cost = self.live.cost_model(budget, **cost_options)
             norms = self._row_norms({a.name: self.live.live(a.name) for a in self.rows})
             kept = self.live.masks_of(plan)
             importance = {gid: np.where(kept[gid], norms[gid], 0.0) for gid in norms}
-            capacity = budget.capacity(cost.baseline)
-            if budget.metric == "latency" and refine:
-                return self.live.solve_timed(cost, capacity, importance, granularity, solver, refine).result.plan
-            return self.live.solve(cost, capacity, importance, granularity, solver).plan
+            try:
+                return self.live.solve(budget.capacity(cost.baseline), importance, solver, refine).result.plan
+            finally:
+                self.live.close()
 
         return self.live.agreed(solve)
 

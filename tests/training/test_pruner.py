@@ -154,3 +154,45 @@ def test_with_depth_a_step_removes_a_block_keeps_its_last_layer_zero_and_compile
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-4, atol=1e-5)
     assert count_flops(pruned, (x[:1],)) <= 0.5 * count_flops(residual_net(), (x[:1],))
+
+
+class _CountingEngine(SyntheticEngine):
+    """Counts how often the analysed model is deployed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.traced_deployments = 0
+
+    def deploy_traced(self, gm, example_inputs, cache, digest):
+        self.traced_deployments += 1
+        return super().deploy_traced(gm, example_inputs, cache, digest)
+
+
+def test_the_tables_and_the_closed_loop_share_one_context_released_after_the_last_step(tmp_path):
+    """As in compile: the latency pass and the last step's closed loop deploy the analysed model once, on one
+    Context the pruner keeps until its last step."""
+    engine, inputs = _CountingEngine(), (torch.randn(1, 3, 16, 16),)
+    pruner = fxprune.Pruner(Net(), fxprune.Latency(0.5), inputs, steps=2, importance="l1", engine=engine,
+                            cache=tmp_path, round_to=1)
+    context = pruner.live.context
+    assert context is not None and context.engine is engine
+    pruner.step()
+    assert pruner.live.context is context
+    pruner.step()
+    assert pruner.history[-1].timed and engine.traced_deployments == 1
+    assert pruner.live.context is None
+
+
+def test_a_flops_target_under_every_whole_step_plan_is_solved_with_groups_under_a_step():
+    """The schedule solves as compile's plan pass does: with the grid left to fxprune, a target no plan of
+    whole 8-channel steps reaches lets groups keep less than a step; a grid the user set is kept."""
+    inputs = (torch.randn(1, 3, 16, 16),)
+    with pytest.raises(fxprune.BudgetError) as raised:
+        fxprune.compile(Net(), fxprune.FLOPs(0.001), inputs, round_to=8, progress=False)
+    budget = fxprune.FLOPs(0.8 * raised.value.smallest_share)
+    pruner = fxprune.Pruner(Net(), budget, inputs, steps=1, importance="l1")
+    plan = pruner.step()
+    assert min(len(kept) for kept in plan.keep.values()) < 8
+    assert count_flops(pruner.compile(), inputs) <= budget.fraction * count_flops(Net(), inputs) * 1.001
+    with pytest.raises(fxprune.BudgetError):
+        fxprune.Pruner(Net(), budget, inputs, steps=1, importance="l1", round_to=8).step()
