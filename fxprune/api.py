@@ -26,7 +26,7 @@ from fxprune.ir.keys import (
     SOLUTION_KEY,
     WHOLE_KEY,
 )
-from fxprune.ir.solution import Solution
+from fxprune.ir.solution import MeasuredSolve, Solution
 from fxprune.ir.whole import WholeModel
 from fxprune.passes.budget import DEFAULT_STEP
 from fxprune.passes.context import Context
@@ -376,14 +376,19 @@ def _heads_kept(gm: torch.fx.GraphModule, keep_counts: dict[int, int]) -> list[s
     return found
 
 
-def _report_measured_solve(report: Report, solved, baseline_ms: float) -> None:
-    """What the closed loop measured, and where the plan's predicted latency comes from."""
+def _report_measured_solve(report: Report, solved: MeasuredSolve, baseline_ms: float) -> None:
+    """What the closed loop measured, where the plan's predicted latency comes from, and whether the machine
+    was busy while it timed plans."""
     report.predicted_latency_ms_tables_after = solved.tables_share * baseline_ms
     report.predicted_latency_ms_after = report.predicted_after = solved.predicted_share * baseline_ms
     report.latency_points = [(p.predicted, p.measured, p.source) for p in solved.points]
     plans = sum(p.source == "plan" for p in solved.points)
     report.latency_prediction = "measured" if solved.measured else "corrected" if plans else "tables"
     report.plan_timed_now = solved.timed_now
+    if solved.busy_spread:
+        report.notes.append(f"the machine was busy while plans were timed (their pairs scattered by up to "
+                            f"{solved.busy_spread:.0%}): the plan returned fits the budget by the upper confidence "
+                            "bound of its share, which that scatter widens")
 
 
 HEALED_SHOWN = 5  # tables timed again listed one by one in the report's notes

@@ -90,7 +90,7 @@ def test_gpt2_without_its_layernorm_stream_pruned_is_exact_and_generates_the_mas
     _generates_as(shrink_model(model, gm, plan), masked_model(model, gm, plan), ids[:, :8])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])  # GPT-2's Conv1D: no synthetic units
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_decode_latency_budget_prunes_the_cached_step_and_returns_the_decoder(family):
     model, ids = _decoder(family), _ids(24)
     pruned = fxprune.compile(model, fxprune.Latency(0.5, phase="decode"), {"input_ids": ids},

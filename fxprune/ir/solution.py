@@ -41,6 +41,7 @@ class MeasuredSolve:
     measured: bool  # the plan was timed on the engine while solving ...
     points: list[LatencyPoint] = field(default_factory=list)
     timed_now: bool = False  # ... in this call (not a trusted timing read from the cache)
+    busy_spread: float = 0.0  # the largest scatter of a plan timing taken in this call that stayed noisy
 
 
 @dataclass

@@ -128,18 +128,13 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
     solve = lambda share: solve_ms(share * cost.baseline)  # noqa: E731
     nearest = lambda share: nearest_plan(solve_ms, share * cost.baseline)  # noqa: E731
     aim = budget_share * (1 - margin)
-    timed: dict[tuple, tuple[float, PlanResult]] = {}  # plan key -> (measured share, the plan)
-    upper: dict[tuple, float] = {}  # plan key -> the upper confidence bound of its measured share
-    now: set[tuple] = set()  # plans timed in this call (the rest: trusted timings from the cache)
+    timed: dict[tuple, _TimedPlan] = {}  # plan key -> its timing (this call's, or a trusted cached one)
 
     def time(result: PlanResult) -> float:
         timing, fresh = _measure_share(gm, result, context)
-        share, key = float(timing["share"]), _plan_key(result)
-        timed[key], upper[key] = (share, result), upper_bound(timing)
-        if fresh:
-            now.add(key)
-        correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, share, "plan"))
-        return share
+        timed[_plan_key(result)] = _TimedPlan(result, timing, fresh)
+        correction.points.append(LatencyPoint(result.predicted_cost / cost.baseline, timing["share"], "plan"))
+        return float(timing["share"])
 
     try:
         result = solve(aim)
@@ -149,7 +144,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
         except BudgetError as error:  # the tables' smallest plan is over the budget: the engine decides
             _smallest_timed(nearest(budget_share), time, budget_share, error, context)
             result = nearest(correction.predicted_share(aim))
-    fitting = lambda: [entry for key, entry in timed.items() if upper[key] <= budget_share]  # noqa: E731
+    fitting = lambda: [entry for entry in timed.values() if entry.upper <= budget_share]  # noqa: E731
     for step in range(steps):
         key = _plan_key(result)
         if key in timed or not result.plan.keep:  # timed already, or the full model (share 1)
@@ -166,19 +161,17 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
         """The plan to return: the largest fitting, timed again at another moment (once per plan); its
         pooled share replaces its first in the correction's points."""
         while fits := fitting():
-            share, chosen = max(fits, key=lambda entry: entry[0])
-            key = _plan_key(chosen)
+            entry = max(fits, key=lambda entry: entry.share)
+            chosen, key = entry.result, _plan_key(entry.result)
             if key in confirmed or len(confirmed) == CONFIRMATIONS:
                 break
             confirmed.add(key)
-            if key not in now and _reference_agrees(gm, chosen, context):
+            if not entry.now and _reference_agrees(gm, entry.timing):
                 break  # a trusted cached timing, taken when the full model ran as it does in this run
-            timing = _confirm_share(gm, chosen, context, share, key in now)
-            pooled = float(timing["share"])
-            timed[key], upper[key] = (pooled, chosen), upper_bound(timing)
-            now.add(key)
+            timing = _confirm_share(gm, chosen, context, entry.share, entry.now)
+            timed[key] = _TimedPlan(chosen, timing, True)
             predicted = chosen.predicted_cost / cost.baseline
-            correction.points = [LatencyPoint(p.predicted, pooled, p.source) if p.source == "plan"
+            correction.points = [LatencyPoint(p.predicted, float(timing["share"]), p.source) if p.source == "plan"
                                  and p.predicted == predicted else p for p in correction.points]
         return chosen
 
@@ -193,9 +186,33 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
         confirmed.clear()
         result = confirm(lower)
     tables_share = result.predicted_cost / cost.baseline
-    key = _plan_key(result)
-    predicted = timed[key][0] if key in timed else correction.measured_share(tables_share)
-    return MeasuredSolve(result, tables_share, predicted, key in timed, correction.points, key in now)
+    returned = timed.get(_plan_key(result))
+    predicted = returned.share if returned is not None else correction.measured_share(tables_share)
+    busy = max((entry.spread for entry in timed.values() if entry.now and not _trusted(entry.timing)), default=0.0)
+    return MeasuredSolve(result, tables_share, predicted, returned is not None, correction.points,
+                         returned is not None and returned.now, busy)
+
+
+@dataclass
+class _TimedPlan:
+    """A plan the closed loop timed: its timing (share, spread, pairs, reference_ms), and whether it was
+    taken in this call (else a trusted one read from the cache)."""
+
+    result: PlanResult
+    timing: dict
+    now: bool
+
+    @property
+    def share(self) -> float:
+        return float(self.timing["share"])
+
+    @property
+    def spread(self) -> float:
+        return float(self.timing["spread"])
+
+    @property
+    def upper(self) -> float:
+        return upper_bound(self.timing)
 
 
 def _plan_key(result: PlanResult) -> tuple:
@@ -236,15 +253,14 @@ def upper_bound(timing: dict) -> float:
     return float(timing["share"]) * (1 + CONFIDENCE * float(timing["spread"]) / np.sqrt(int(timing["pairs"])))
 
 
-def _reference_agrees(gm: torch.fx.GraphModule, result: PlanResult, context: Context) -> bool:
-    """Whether the plan's cached timing was taken with the full model running within PLAN_SPREAD_LIMIT of
-    its latency timed in this run (the calibration's): the machine then was as it is now, and the cached
+def _reference_agrees(gm: torch.fx.GraphModule, cached: dict) -> bool:
+    """Whether a plan's trusted cached timing was taken with the full model running within PLAN_SPREAD_LIMIT
+    of its latency timed in this run (the calibration's): the machine then was as it is now, and the cached
     share stands without a second timing."""
-    found = context.cache.lookup(_timing_key(gm, result, context), _parse_timing)
     calibration = gm.meta.get(LATENCY_KEY)
-    if found is None or calibration is None or not _trusted(found) or "reference_ms" not in found:
+    if calibration is None or not _trusted(cached) or "reference_ms" not in cached:
         return False
-    return abs(float(found["reference_ms"]) / calibration.measured_ms - 1) <= PLAN_SPREAD_LIMIT
+    return abs(float(cached["reference_ms"]) / calibration.measured_ms - 1) <= PLAN_SPREAD_LIMIT
 
 
 def _confirm_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context, first: float,

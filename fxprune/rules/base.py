@@ -121,6 +121,10 @@ class Rule:
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         return None
 
+    def unit_input(self, node: torch.fx.Node) -> Any:
+        """The argument a timed layer reads its channels from (its first, for most layers)."""
+        return node.args[0] if node.args else None
+
     def residual_add(self, node: torch.fx.Node) -> bool:
         """Whether ``node`` is a plain sum of two tensors, ``a + b`` (the end of a residual block)."""
         return False

@@ -175,7 +175,15 @@ class AddMM(Linear):
         return None
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
-        return None  # timed with the rest of the model
+        """Timed as the exporter writes it, a Gemm over the flattened tokens."""
+        names, input_shape = self.tensors(node), graph.shape(node.args[1])
+        if names is None or input_shape is None:
+            return None
+        dtype = str(node.meta["tensor_meta"].dtype).removeprefix("torch.")
+        return LinearUnit(input_shape, graph.attribute(gm, names[0]).shape[1], bias=True, dtype=dtype)
+
+    def unit_input(self, node: torch.fx.Node) -> Any:
+        return node.args[1]
 
     def importance_rows(self, gm: torch.fx.GraphModule,
                         node: torch.fx.Node) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:

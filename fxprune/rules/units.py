@@ -56,9 +56,10 @@ def find_units(gm: torch.fx.GraphModule) -> list[Unit]:
     units = []
     for node in gm.graph.nodes:
         out_space, rule = graph.space(node), RULES.recorded(node)
-        src = node.args[0] if node.args else None
-        input_shape = graph.shape(src)
-        if out_space is None or input_shape is None or rule is None:
+        if out_space is None or rule is None:
+            continue
+        src = rule.unit_input(node)
+        if graph.shape(src) is None:
             continue
         spec = rule.unit(gm, node)
         in_space = graph.space(src)

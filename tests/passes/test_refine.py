@@ -215,3 +215,16 @@ def test_a_plan_whose_timing_scattered_is_returned_only_with_its_bound_within_th
     share = _true_share(CurvedEngine(), pruned, model)
     assert report.latency_prediction == "measured"
     assert share * (1 + 1.53 * 0.3 / 32 ** 0.5) <= 0.5 + 1e-9, share  # confirmed: two timings of 16 pairs
+
+
+def test_plan_timings_that_stay_scattered_make_the_report_say_the_machine_was_busy(tmp_path, monkeypatch):
+    model = tiny_cnn().eval()
+    quiet = fxprune.compile(model, 0.5, INPUTS, engine=CurvedEngine(), cache=tmp_path / "quiet", round_to=1,
+                            refine=2, progress=False)
+    assert not any("busy while plans were timed" in note for note in fxprune.report(quiet).notes)
+    timed = refine_pass._time_plan
+    monkeypatch.setattr(refine_pass, "_time_plan", lambda *a: {**timed(*a), "spread": 0.3, "pairs": 16})
+    busy = fxprune.compile(model, 0.5, INPUTS, engine=CurvedEngine(), cache=tmp_path / "busy", round_to=1,
+                           refine=2, progress=False)
+    assert any("busy while plans were timed (their pairs scattered by up to 30%)" in note
+               for note in fxprune.report(busy).notes)
