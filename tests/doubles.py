@@ -95,6 +95,24 @@ class CurvedEngine(SyntheticEngine):
         return super().model_ms(module, example_inputs) ** 1.5
 
 
+class CountsDeployments:
+    """A test engine that counts how often the analysed model is deployed (``traced_deployments``)."""
+
+    traced_deployments = 0
+
+    def deploy_traced(self, gm, example_inputs, cache, digest):
+        self.traced_deployments += 1
+        return super().deploy_traced(gm, example_inputs, cache, digest)
+
+
+class CountingEngine(CountsDeployments, SyntheticEngine):
+    """The synthetic engine, counting deployments of the analysed model."""
+
+
+class CountingCurvedEngine(CountsDeployments, CurvedEngine):
+    """The curved engine, counting deployments of the analysed model."""
+
+
 class Contended(CurvedEngine):
     """The curved engine on a busier machine: every whole model runs ``factor`` x slower, and models with fewer
     parameters than ``full_params`` a further ``small`` x (contention slows a small model more than a large one)."""

@@ -463,8 +463,8 @@ def _digest(value: Any) -> str:
 
 
 # --- the cost model ---------------------------------------------------------------------------------
-_FREE_FUNCTIONS = {"getitem", "getattr", "size", "dim", "numel", "view", "reshape", "flatten", "unflatten",
-                   "squeeze", "unsqueeze", "expand", "dropout", "stochastic_depth", "_assert", "type_as", "detach"}
+_NO_KERNEL = {"getitem", "getattr", "size", "dim", "numel", "_assert", "detach", "dropout", "stochastic_depth"}
+_FREE_FUNCTIONS = _NO_KERNEL | {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "type_as"}
 _FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
 
 
@@ -478,9 +478,6 @@ def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return isinstance(module, _FREE_MODULES) or (rule is not None and rule.layer)
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
     return name in _FREE_FUNCTIONS
-
-
-_NO_KERNEL = {"getitem", "getattr", "size", "dim", "numel", "_assert", "detach", "dropout", "stochastic_depth"}
 
 
 def _runs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -10,21 +10,10 @@ import torch
 import fxprune
 from fxprune.passes import context as context_module
 from fxprune.passes.rewrite import RewritePass
-from tests.doubles import SyntheticEngine, tiny_cnn
+from tests.doubles import CountingEngine, tiny_cnn
 
 INPUTS = (torch.randn(1, 3, 32, 32),)
 
-
-class CountingEngine(SyntheticEngine):
-    """Counts how often the analysed model is deployed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.traced_deployments = 0
-
-    def deploy_traced(self, gm, example_inputs, cache, digest):
-        self.traced_deployments += 1
-        return super().deploy_traced(gm, example_inputs, cache, digest)
 
 
 def test_a_latency_compile_computes_nothing_twice(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from fxprune.modules import Skip
 from fxprune.passes.cost import count_flops, count_params
 from fxprune.passes.refine import MARGIN
 from fxprune.training.pruner import PrunerError, geometric_targets
-from tests.doubles import CurvedEngine, SyntheticEngine
+from tests.doubles import CountingEngine, CurvedEngine, SyntheticEngine
 
 
 class Net(nn.Module):
@@ -156,22 +156,11 @@ def test_with_depth_a_step_removes_a_block_keeps_its_last_layer_zero_and_compile
     assert count_flops(pruned, (x[:1],)) <= 0.5 * count_flops(residual_net(), (x[:1],))
 
 
-class _CountingEngine(SyntheticEngine):
-    """Counts how often the analysed model is deployed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.traced_deployments = 0
-
-    def deploy_traced(self, gm, example_inputs, cache, digest):
-        self.traced_deployments += 1
-        return super().deploy_traced(gm, example_inputs, cache, digest)
-
 
 def test_the_tables_and_the_closed_loop_share_one_context_released_after_the_last_step(tmp_path):
     """As in compile: the latency pass and the last step's closed loop deploy the analysed model once, on one
     Context the pruner keeps until its last step."""
-    engine, inputs = _CountingEngine(), (torch.randn(1, 3, 16, 16),)
+    engine, inputs = CountingEngine(), (torch.randn(1, 3, 16, 16),)
     pruner = fxprune.Pruner(Net(), fxprune.Latency(0.5), inputs, steps=2, importance="l1", engine=engine,
                             cache=tmp_path, round_to=1)
     context = pruner.live.context

@@ -12,7 +12,7 @@ from fxprune.modules import Skip
 from fxprune.passes.cost import count_params
 from fxprune.passes.refine import MARGIN
 from fxprune.training.ssr import SSRError
-from tests.doubles import CurvedEngine
+from tests.doubles import CountingCurvedEngine, CurvedEngine
 
 
 class Residual(nn.Module):
@@ -88,22 +88,11 @@ def test_a_latency_budget_after_ssr_is_met_as_the_engine_runs_the_model(tmp_path
         ssr.plan(fxprune.Latency(0.6), refine=-1)
 
 
-class _CountingEngine(CurvedEngine):
-    """Counts how often the analysed model is deployed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.traced_deployments = 0
-
-    def deploy_traced(self, gm, example_inputs, cache, digest):
-        self.traced_deployments += 1
-        return super().deploy_traced(gm, example_inputs, cache, digest)
-
 
 def test_a_latency_plan_deploys_the_analysed_model_once_and_releases_it(tmp_path):
     """The latency pass and the closed loop of one plan share one Context, as in compile; it is closed after."""
     model, ssr = _regularize("l21", 0.03, iterations=20)
-    engine = _CountingEngine()
+    engine = CountingCurvedEngine()
     plan = ssr.plan(fxprune.Latency(0.6), engine=engine, cache=tmp_path, round_to=1, refine=2)
     assert plan.keep and engine.traced_deployments == 1 and ssr.live.context is None
 
