@@ -24,6 +24,7 @@ def test_prune_writes_onnx_and_both_torch_formats_and_reports(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "FLOPs(0.5)" in text and text.count("wrote") == 3
     onnx.checker.check_model(str(outputs[0]))
+    assert [d.dim_value for d in onnx.load(str(outputs[0])).graph.input[0].type.tensor_type.shape.dim[2:]] == [64, 64]
     x = torch.randn(2, 3, 64, 64)
     reloaded = [fxprune.load(outputs[1]), fxprune.load(outputs[2])]
     assert type(reloaded[0]) is torchvision.models.MobileNetV3  # -o x.pt writes the model's own class
@@ -44,6 +45,14 @@ def test_prune_to_a_latency_budget_with_weights_and_plots(tmp_path, capsys):
     assert re.search(r"\b[1-4] plans? timed while solving", text) and "budget  " in text
     assert "prediction error" in text and " in ms" not in text
     assert {p.name for p in plots.iterdir()} == {"widths.png", "latency_vs_width.png", "predicted_vs_measured.png"}
+
+
+def test_dynamic_sizes_flag_writes_an_onnx_file_of_any_image_size(tmp_path):
+    out = tmp_path / "any.onnx"
+    assert main(["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "flops:0.5", "--dynamic-sizes",
+                 "-o", str(out)]) == 0
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))
 
 
 def test_refine_zero_trusts_the_tables(capsys):
