@@ -38,7 +38,7 @@ class _Builder:
 
     def weight(self, name: str, shape: tuple[int, ...]) -> str:
         fan_in = max(1, int(np.prod(shape[1:])))
-        array = (self.rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+        array = self.rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 

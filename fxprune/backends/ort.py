@@ -280,7 +280,7 @@ class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
 
     name = "onnxruntime-int8"
 
-    def __init__(self, threads: int | None = None, warmup: int = 3, repeats: int = 30,
+    def __init__(self, threads: int | None = None, warmup: int = 3, repeats: int = 15,
                  calibration: list | None = None) -> None:
         super().__init__(threads, warmup, repeats)
         self.calibration = list(calibration or [])

@@ -59,7 +59,8 @@ STEP_PROBE = REFERENCE  # timed at widths 1..64 to find the step
 STEP_CANDIDATES = (64, 32, 16, 8, 4, 2)
 STEP_TOLERANCE = 0.10  # rounding a width up to a step may cost this much more before the step is rejected
 # Retiming is bounded. A point whose repeats scatter more than SPREAD_LIMIT (interquartile range over median,
-# of its ratios to the reference timed in the same runs) was timed while the machine was busy: it is timed
+# of its ratios to the reference timed in the same runs, in its table's largest latency: ``_Timed.noisy``)
+# was timed while the machine was busy: it is timed
 # again, at most RETRIES more times, keeping the quietest attempt, and then used with its spread recorded
 # (the report says the machine was busy; the closed loop's whole-model timings decide). A cached table is
 # read as it was stored: a later compile times nothing again for noise alone. A layer that runs
@@ -342,8 +343,14 @@ class _Timed:
                 "attempts": self.attempts.tolist()}
 
     def noisy(self) -> np.ndarray:
-        """Indices of points timed while the machine was busy (their repeats scattered over SPREAD_LIMIT)."""
-        return np.flatnonzero(~(self.spread <= SPREAD_LIMIT))
+        """Indices of points timed while the machine was busy: their repeats scattered over SPREAD_LIMIT of
+        the table's largest latency. A layer's narrowest widths take a few µs, whose scatter is wide however
+        quiet the machine (the timer's, not the machine's: 10-40% on resnet50's 3-10 µs points) and moves the
+        table by little; timing them again cost a profiled session each, 40 s of a cold resnet50 compile."""
+        timed = np.isfinite(self.ms)
+        scale = float(self.ms[timed].max()) if timed.any() else 0.0
+        weight = np.where(timed, self.ms / scale, 1.0) if scale > 0 else np.ones_like(self.ms)
+        return np.flatnonzero(~(self.spread * weight <= SPREAD_LIMIT))
 
     def merge(self, indices: np.ndarray, timing) -> None:
         """Take the new timing of the points at ``indices`` where it scattered less than the one held."""

@@ -467,16 +467,23 @@ def test_points_timed_on_a_busy_machine_are_timed_again_and_the_quiet_timing_kep
     gm, engine = _analysed(), Busy()
     calibration = _run(gm, engine, LatencyCache(tmp_path))
     for name, ms in _tables(gm).items():
-        assert np.allclose(ms, _tables(clean)[name])
-    # each unit timed once whole, then only its noisy half again
-    assert len(engine.points) == 1 + 2 * calibration.tables and engine.points[2] == (engine.points[1] + 1) // 2
+        # healed where the scatter moves the table: a point 3x off with spread 0.5 is timed again unless it
+        # takes under 0.2 of the busy table's largest latency (its scatter then under SPREAD_LIMIT of the
+        # table), itself at most 3x off: left 2/3 of 0.2 x 3 of the clean table's largest at most
+        clean_ms = _tables(clean)[name]
+        assert np.abs(ms - clean_ms).max() <= 0.4 * clean_ms.max() and np.isclose(ms.max(), clean_ms.max())
+    # each unit timed once whole, then only the material ones of its noisy half again
+    assert len(engine.points) == 1 + 2 * calibration.tables
+    assert 0 < engine.points[2] <= (engine.points[1] + 1) // 2
     assert calibration.tables_measured == calibration.tables + 1 and not calibration.healed  # timed now: not healed
 
 
 def test_a_table_timed_on_a_busy_machine_is_timed_at_most_twice_more_and_then_read_as_stored(tmp_path):
     """Retiming is bounded: a point busy through its retries is kept with its scatter, the summary says the
     machine was busy, and the next compile times nothing again for noise alone."""
-    busy = Busy(noisy_calls=10)  # busy for every retry: the noisy points are stored as the best there was
+    # busy for every retry: the noisy points are stored as the best there was (scattered, but right: a table
+    # a busy machine made wrong is what the whole-model check heals, tested above)
+    busy = Busy(noisy_calls=10, off=1.0)
     first = _run(_analysed(), busy, LatencyCache(tmp_path))
     assert all(busy.calls[spec] == 1 + RETRIES for spec in busy.calls if spec != REFERENCE)
     assert first.busy_points > 0 and first.busy_spread == 0.5 and "the machine was busy" in first.summary()
@@ -575,5 +582,5 @@ def test_a_layer_too_small_to_time_is_kept_as_a_noisy_zero_not_a_bad_cache_entry
                                                      spread=np.array([np.inf, 0.01, np.inf])))
     assert timed.ms.tolist() == [0.0, 0.5, 0.2]
     assert timed.spread.tolist() == [UNMEASURED_SPREAD, 0.01, UNMEASURED_SPREAD]
-    assert timed.noisy().tolist() == [0, 2]
+    assert timed.noisy().tolist() == [2]  # the zero costs nothing however it scatters: not timed again
     assert _Timed.parse(timed.to_value(), 3).ms.tolist() == [0.0, 0.5, 0.2]  # what the cache stores parses again
