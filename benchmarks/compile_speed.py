@@ -10,6 +10,10 @@ The FLOPs columns are measured on the returned module with FlopCounterMode.
 Latency (``Latency(0.5)`` on onnxruntime, the default closed loop): the first compile into an empty cache
 folder (cold: every table and plan timed), then ``--repeats`` compiles more (warm), with what each timed
 anew: tables (from the report's note) and whether the returned plan's timing was taken in that run.
+
+The README's command (``fxprune prune resnet18 --budget 0.5 --measure``, its own cache folder): cold, warm
+twice on the quiet machine, then warm twice more with two processes spinning on the CPU beside it (issue
+30: at most 3x the quiet warm time, and the report says the machine was busy).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import argparse
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +84,52 @@ def run_latency(name: str, share: float, repeats: int) -> dict:
             "cold_tables": tables[0], "warm_tables": tables[1:], "warm_plans": sum(plans[1:]), "shares": shares}
 
 
+README_COMMAND = ["prune", "resnet18", "--budget", "0.5", "--measure"]
+
+
+def run_readme_command(quiet_warm: int = 2, busy_warm: int = 2) -> list[dict]:
+    """The README's command into an empty cache folder: cold, ``quiet_warm`` warm, ``busy_warm`` warm beside
+    two spinning processes. Seconds, and whether its output says the machine was busy."""
+    runs = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "FXPRUNE_CACHE_DIR": cache}
+        for label in ["cold"] + ["quiet warm"] * quiet_warm + ["busy warm"] * busy_warm:
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(2 if label.startswith("busy") else 0)]
+            try:
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "fxprune.cli", *README_COMMAND], env=env,
+                                      capture_output=True, text=True, timeout=1800)
+                seconds = time.perf_counter() - start
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                    spinner.wait()
+            out = done.stdout + done.stderr
+            measured = re.search(r"measured after compiling\s+([0-9.]+)", out)
+            runs.append({"label": label, "seconds": seconds, "rc": done.returncode, "busy_said": "busy" in out,
+                         "plans": re.search(r"(\d+) plans? timed while solving", out) is not None,
+                         "measured": float(measured.group(1)) if measured else None})
+            print(f"  README command, {label}: {seconds:.1f} s, exit {done.returncode}, says busy: "
+                  f"{runs[-1]['busy_said']}", flush=True)
+    return runs
+
+
+def readme_lines(runs: list[dict]) -> list[str]:
+    quiet = statistics.median(r["seconds"] for r in runs if r["label"] == "quiet warm")
+    lines = ["## The README command on a quiet and a busy machine", "",
+             f"`fxprune {' '.join(README_COMMAND)}` into an empty cache folder (`FXPRUNE_CACHE_DIR`): cold, warm "
+             "on the quiet machine, then warm with two processes spinning on the CPU beside it (this machine has "
+             "2 cores). *x quiet warm*: seconds over the quiet warm compiles' median; *says busy*: whether its "
+             "output says the machine was busy.", "",
+             "| run | seconds | x quiet warm | exit | says busy | measured after compiling |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        measured = f"{r['measured']:.3f}" if r["measured"] is not None else ""
+        lines.append(f"| {r['label']} | {r['seconds']:.1f} | {r['seconds'] / quiet:.2f} | {r['rc']} | "
+                     f"{'yes' if r['busy_said'] else 'no'} | {measured} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,6 +137,7 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true", help="only the latency rows (the FLOPs rows as in docs)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    readme = readme_lines(run_readme_command())
     latency = [run_latency(name, args.budget, args.repeats) for name in LATENCY_MODELS]
     latency_lines = [
         "## Latency budgets, cold and warm", "",
@@ -102,7 +155,7 @@ def main() -> None:
         print(latency_lines[-1], flush=True)
     if args.latency_only:
         old = (DOCS / "compile_speed.md").read_text().split("\n## Latency budgets")[0].rstrip("\n")
-        (DOCS / "compile_speed.md").write_text(old + "\n\n" + "\n".join(latency_lines) + "\n")
+        (DOCS / "compile_speed.md").write_text(old + "\n\n" + "\n".join(latency_lines + [""] + readme) + "\n")
         return
     rows = [run(name, args.budget, args.repeats, solver) for name in MODELS for solver in ("sp_lamp", "halp")]
     lines = ["# fxprune.compile speed", "",
@@ -118,7 +171,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['solver']} | {r['compile_s']:.2f} | {r['solver_s']:.3f} | {r['solves']} | "
                      f"{r['flops_share']:.2%} | {r['params_share']:.2%} |")
         print(lines[-1], flush=True)
-    (DOCS / "compile_speed.md").write_text("\n".join(lines + [""] + latency_lines) + "\n")
+    (DOCS / "compile_speed.md").write_text("\n".join(lines + [""] + latency_lines + [""] + readme) + "\n")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ class LayerLatency:
     table: LatencyTable
 
 
+# A warm compile whose whole model's fastest round is over this x the cached timing's ran on a busy machine
+# (a quiet one's fastest of 4 rounds moves by about a tenth between runs: docs/machine_noise.md)
+BUSY_SLOWDOWN = 1.3
+
+
 @dataclass
 class LatencyCalibration:
     """The graph-level result of the latency pass (``gm.meta["fxprune_latency"]``)."""
@@ -115,6 +120,7 @@ class LatencyCalibration:
     busy_points: int = 0  # points timed in this call whose repeats still scattered after their retries ...
     busy_spread: float = 0.0  # ... the largest such scatter (interquartile range over median)
     model_timing_cached: bool = False  # the whole models ran as an earlier compile timed them: its timing used
+    slowdown: float = 1.0  # the whole model's fastest round in this call over the cached timing's (1: none cached)
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -126,6 +132,9 @@ class LatencyCalibration:
         busy = (f"; the machine was busy: {self.busy_points} points kept with their scatter (up to "
                 f"{self.busy_spread:.0%}) after their retries, and the whole-model timings decide"
                 if self.busy_points else "")
+        if self.slowdown > BUSY_SLOWDOWN:  # nothing timed scattered, but the whole model itself ran slower
+            busy += (f"; the machine was busy: the whole model ran {self.slowdown:.1f}x as slow as when an earlier "
+                     "compile timed it")
         cached = ("; the reduced copy's share of the whole model agreed with an earlier compile's timing, which "
                   "scales the tables" if self.model_timing_cached else "")
         return (f"{self.layers} layers share {self.tables} tables, {self.tables - read} timed in this run and {read} "

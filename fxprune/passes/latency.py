@@ -151,6 +151,7 @@ class LatencyPass(PassBase):
         start = time.perf_counter()
         self.healed: list[str] = []
         self.model_timing_reused = False
+        self.slowdown = 1.0
         self.busy: list[float] = []  # spreads of the points that stayed noisy through their retries in this run
         measured_before = self.cache.measured
         step = self.step()
@@ -176,7 +177,7 @@ class LatencyPass(PassBase):
             layers=len(units), tables_checked=checked,  # the model timing, stored unless reused, is no table
             tables_measured=self.cache.measured - measured_before - (not self.model_timing_reused),
             healed=self.healed, busy_points=len(self.busy), busy_spread=max(self.busy, default=0.0),
-            model_timing_cached=self.model_timing_reused,
+            model_timing_cached=self.model_timing_reused, slowdown=self.slowdown,
             seconds=time.perf_counter() - start)
         return PassResult(graph_module, modified=False)
 
@@ -221,6 +222,8 @@ class LatencyPass(PassBase):
                    "reduced": reduced.to_json(), "protocol": self._protocol()}
             kernels = models[0].kernels()
             cached = self.cache.lookup(key, _model_timing) if len(rounds) == WARM_ROUNDS else None
+            if cached is not None:
+                self.slowdown = float(fastest[0]) / float(cached["ms"])
             if cached is not None and _same_share(rounds, cached):
                 self.model_timing_reused = True
                 return tables, cached, kernels  # the machine runs both as it did: the same scale

@@ -501,6 +501,9 @@ def test_a_warm_compile_whose_models_run_as_cached_uses_their_cached_timing(tmp_
     assert not first.model_timing_cached
     second = _run(_analysed(), Contended(1.5), LatencyCache(tmp_path))  # uniformly slower: no share moves
     assert second.model_timing_cached and "earlier compile's timing" in second.summary()
+    # nothing was timed that could scatter, but the whole model ran 1.5x slower than cached: a busy machine
+    assert second.slowdown == pytest.approx(1.5) and "ran 1.5x as slow" in second.summary()
+    assert first.slowdown == 1.0 and "busy" not in first.summary()
     assert (second.measured_ms, second.reduced_ms) == (first.measured_ms, first.reduced_ms)
     full_params = sum(p.numel() for p in _analysed().parameters())
     third = _run(_analysed(), Contended(1.0, 1 + 2 * MODEL_AGREEMENT, full_params), LatencyCache(tmp_path))
