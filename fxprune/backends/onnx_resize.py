@@ -22,20 +22,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from fxprune.rules import RULES
-from fxprune.rules.onnx import ResizeError, follow
+from fxprune.rules.onnx import ResizeError
 
 STRIP_ELEMENTS = 64  # float initializers larger than this are kept as shapes only
 TRANSPOSE_TAG = "fxprune:transposes:"  # doc_string of an initializer that is a parameter's transpose
-# Ops no rule claims yet (RULES.by_onnx_type holds the rest) no constant of which records a width: they follow
+# Ops no rule claims (RULES.by_onnx_type holds the rest), no constant of which records a width: they follow
 # their inputs' shapes (ONNX infers the rest).
-WIDTH_FREE = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu", "Erf",
-    "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Cast", "Identity",
-    "Dropout", "Not", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "ReduceMean",
-    "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "Transpose", "Flatten",
-    "Squeeze", "Unsqueeze", "Shape", "Size", "Reshape", "Resize", "Pad", "Einsum",
-})
-IDEMPOTENT = frozenset({"Relu", "Abs"})  # f(f(x)) = f(x): one of two in a row goes, as the exporter drops it
+WIDTH_FREE = frozenset({"Einsum", "Not"})
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 __all__ = ["ResizeError", "fill", "name_transposes", "remove_blocks", "resize", "strip"]
@@ -186,7 +179,7 @@ def remove_blocks(model: onnx.ModelProto, full_names: Collection[str], kept_name
             node.input[index] = instead.get(name, name)
         reads_dead = [name in dead for name in node.input]
         source = made_by.get(node.input[0]) if node.input else None
-        if not any(reads_dead) and node.op_type in IDEMPOTENT and source is not None and _same_op(node, source):
+        if not any(reads_dead) and _idempotent(node.op_type) and source is not None and _same_op(node, source):
             instead[node.output[0]] = node.input[0]  # relu(relu(x)), left where a block's add was: as exported
         elif not any(reads_dead):
             nodes.append(node)
@@ -261,64 +254,20 @@ def _implied_shape(node: onnx.NodeProto, index: int, old: dict, new: dict) -> tu
 
 def _update_constants(node: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict, constants: dict,
                       old: dict, new: dict) -> None:
-    """Rewrite the width-recording constants of ``node``, whose inputs changed shape."""
-    if node.op_type in RULES.by_onnx_type:
-        RULES.by_onnx_type[node.op_type].update(node, old, new)
-    elif node.op_type == "Reshape":
-        data, target = node.input[0], node.input[1]
-        if target not in constants:
-            raise ResizeError(f"Reshape node {node.name!r} reads a computed shape, not a constant")
-        shape = _reshape_target(old[data], old[node.output[0]], new[data])
-        if shape is None:
-            raise ResizeError(f"Reshape node {node.name!r} regroups a pruned axis ({old[data]} -> "
-                              f"{old[node.output[0]]}) in a way fxprune cannot follow")
-        _replace_constant(node, 1, np.asarray(shape, dtype=np.int64), graph, initializers, constants, new)
-    elif node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
-        sizes = constants.get(node.input[3])
-        if sizes is None:
-            raise ResizeError(f"Resize node {node.name!r} reads computed sizes")
-        followed = follow(tuple(int(s) for s in sizes), old[node.input[0]], new[node.input[0]])
-        _replace_constant(node, 3, np.asarray(followed, dtype=np.int64), graph, initializers, constants, new)
-    elif node.op_type == "Pad" and any(new[i] != old[i] for i in node.input[1:] if i):
-        raise ResizeError(f"Pad node {node.name!r} reads pruned pads")
+    """Rewrite the width-recording attributes and constants of ``node`` (its rule's ``Rule.onnx`` says which),
+    whose inputs changed shape."""
+    ops = RULES.by_onnx_type.get(node.op_type)
+    if ops is None:  # WIDTH_FREE
+        return
+    ops.update(node, old, new)
+    values = {index: constants[name] for index, name in enumerate(node.input) if name in constants}
+    for index, value in ops.constants(node, values, old, new).items():
+        _replace_constant(node, index, np.asarray(value), graph, initializers, constants, new)
 
 
-def _reshape_target(old_in: tuple, old_out: tuple, new_in: tuple) -> list[int] | None:
-    """The new target of a reshape that took ``old_in`` to ``old_out``, now given ``new_in``: axes are
-    matched in runs of equal element count; a run that changed size must end in one output axis."""
-    if len(old_in) != len(new_in):
-        return None
-    target: list[int] = []
-    i = o = 0
-    while i < len(old_in) or o < len(old_out):
-        run_in, run_out = [i], [o]
-        size_in, size_out = _at(old_in, i), _at(old_out, o)
-        while size_in != size_out:
-            if size_in < size_out:
-                i += 1
-                if i >= len(old_in):
-                    return None
-                run_in.append(i)
-                size_in *= old_in[i]
-            else:
-                o += 1
-                if o >= len(old_out):
-                    return None
-                run_out.append(o)
-                size_out *= old_out[o]
-        new_size = int(np.prod([new_in[k] for k in run_in if k < len(new_in)]))
-        if new_size == size_in:
-            target += [old_out[k] for k in run_out if k < len(old_out)]
-        elif len(run_out) == 1 and run_out[0] < len(old_out):
-            target.append(new_size)
-        else:
-            return None
-        i, o = i + 1, o + 1
-    return target
-
-
-def _at(shape: tuple, index: int) -> int:
-    return shape[index] if index < len(shape) else 1
+def _idempotent(op_type: str) -> bool:
+    ops = RULES.by_onnx_type.get(op_type)
+    return ops is not None and op_type in ops.idempotent
 
 
 def _replace_constant(node: onnx.NodeProto, index: int, value: np.ndarray, graph: onnx.GraphProto,

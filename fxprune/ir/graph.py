@@ -66,6 +66,12 @@ def target_name(node: torch.fx.Node) -> str:
     return node.target
 
 
+def call_name(node: torch.fx.Node) -> str:
+    """The name of what a call calls: a method's name, a function's ``__name__`` (``view.default`` for an
+    ATen overload)."""
+    return str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target))
+
+
 def attribute(module: torch.nn.Module, target: str) -> Any:
     """The tensor (or module) at a qualified name, as ``get_attr`` reads it."""
     owner, _, name = target.rpartition(".")

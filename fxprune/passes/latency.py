@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx
-import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
@@ -473,32 +472,19 @@ def _digest(value: Any) -> str:
 
 
 # --- the cost model ---------------------------------------------------------------------------------
-_NO_KERNEL = {"getitem", "getattr", "size", "dim", "numel", "_assert", "detach", "dropout", "stochastic_depth"}
-_FREE_FUNCTIONS = _NO_KERNEL | {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "type_as"}
-_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten)
-
-
 def _is_free(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Nodes that move no data as deployed: views, metadata reads, dropout in eval."""
+    """Nodes that move no data as deployed (their rule's ``Rule.deployed``: views, metadata reads, dropout
+    in eval); layers outside units (frozen widths) too, which are timed in the fixed part (``Rule.layer``)."""
     if node.op in ("placeholder", "get_attr", "output"):
         return True
-    if node.op == "call_module":  # layers outside units (frozen widths) are timed in the fixed part (Rule.layer)
-        module = gm.get_submodule(graph.target_name(node))
-        rule = RULES.module_rule(module)
-        return isinstance(module, _FREE_MODULES) or (rule is not None and rule.layer)
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-    return name in _FREE_FUNCTIONS
+    rule = RULES(gm, node)
+    return rule.deployed(gm, node) != "data" or (node.op == "call_module" and rule.layer)
 
 
 def _runs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Ops an engine launches (views and layers too, which are ops of their own as deployed); not metadata
     reads, dropout in eval, or identities."""
-    if node.op in ("placeholder", "get_attr", "output"):
-        return False
-    if node.op == "call_module":
-        return not isinstance(gm.get_submodule(graph.target_name(node)), _FREE_MODULES)
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-    return str(name).split(".")[0] not in _NO_KERNEL
+    return node.op not in ("placeholder", "get_attr", "output") and RULES(gm, node).deployed(gm, node) != "none"
 
 
 def _traffic(gm: torch.fx.GraphModule, units_nodes: set[str]) -> list[tuple[str, float, ChannelSpace | None]]:

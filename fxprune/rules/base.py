@@ -78,7 +78,7 @@ class Rule:
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         b.fell_back.add(node)  # a rule that falls back to this one is not asked about the node again
-        what = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+        what = graph.call_name(node)
         if node.op == "call_module":
             what = type(b.module(node)).__name__
         for src in tensor_inputs(node):
@@ -120,6 +120,12 @@ class Rule:
 
     def unit(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> UnitSpec | None:
         return None
+
+    def deployed(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+        """What the call is once deployed, for the latency model: ``"none"`` (no op: a metadata read, dropout
+        in eval), ``"view"`` (an op that moves no data) or ``"data"`` (a kernel that reads and writes its
+        tensors, what an op no rule knows is taken to be)."""
+        return "data"
 
     def unit_input(self, node: torch.fx.Node) -> Any:
         """The argument a timed layer reads its channels from (its first, for most layers)."""

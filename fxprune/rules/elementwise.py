@@ -8,6 +8,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 import torch.fx
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from fxprune.ir import graph
 from fxprune.rules.base import Kept, Rule, arg, input_space, kept_of, same_position, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder
-from fxprune.rules.onnx import OnnxOps, Shapes, follow
+from fxprune.rules.onnx import OnnxOps, ResizeError, Shapes, follow
 from fxprune.rules.shape import combine_pending, ensure_space, pass_pending
 
 aten = torch.ops.aten
@@ -41,12 +42,35 @@ def _pointwise(node: torch.fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
 
 
+class PassthroughOnnx(OnnxOps):
+    """Activations, pooling, casts follow their input; Resize's sizes (where given) follow its data; Pad's
+    pads must not change (a pruned pad would be a width fxprune does not follow)."""
+
+    def update(self, node: onnx.NodeProto, old: Shapes, new: Shapes) -> None:
+        if node.op_type == "Pad" and any(new[i] != old[i] for i in node.input[1:] if i):
+            raise ResizeError(f"Pad node {node.name!r} reads pruned pads")
+
+    def constants(self, node: onnx.NodeProto, values: dict[int, np.ndarray], old: Shapes,
+                  new: Shapes) -> dict[int, np.ndarray]:
+        if node.op_type != "Resize" or len(node.input) <= 3 or not node.input[3]:
+            return {}
+        if 3 not in values:
+            raise ResizeError(f"Resize node {node.name!r} reads computed sizes")
+        sizes = tuple(int(s) for s in values[3])
+        return {3: np.asarray(follow(sizes, old[node.input[0]], new[node.input[0]]), dtype=np.int64)}
+
+
 class Passthrough(Rule):
     """Activations, dropout, pooling, interpolation, casts: channels pass unchanged (secondary tensor
     inputs, e.g. a clamp bound, keep theirs)."""
 
     name = "passthrough"
     parameter_arithmetic = True
+    onnx = PassthroughOnnx(
+        "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Erf",
+        "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos", "Cast",
+        "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize",
+        "Pad", idempotent=("Relu", "Abs"))
     modules = (
         nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU,
         nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
@@ -87,6 +111,16 @@ class Passthrough(Rule):
     wrapped = ("stochastic_depth",)  # functions fx keeps as calls (torch.fx.wrap), known by name
 
     unchanged_modules = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+    # calls that are no op once deployed in eval mode, and one that only relabels its tensor's type
+    no_op = ("dropout", "detach", "stochastic_depth")
+
+    def deployed(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return "none" if isinstance(gm.get_submodule(graph.target_name(node)), self.unchanged_modules) else "data"
+        name = graph.call_name(node)
+        if name.split(".")[0] in self.no_op:
+            return "none"
+        return "view" if name == "type_as" else "data"
     unchanged_calls = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, aten.clone, aten.alias,
                        aten.contiguous, "clone", "contiguous")
 
@@ -175,6 +209,7 @@ class Reduction(Rule):
     """mean/sum/amax over some dims: channels survive unless their dim is reduced."""
 
     name = "reduction"
+    onnx = OnnxOps("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2")
     functions = (torch.mean, torch.sum, torch.amax, torch.amin, aten.mean, aten.sum, aten.amax, aten.amin)
     methods = ("mean", "sum", "amax", "amin")
 
@@ -304,6 +339,7 @@ class Softmax(Rule):
     """softmax over another dim passes channels through; over the channel dim it mixes them (frozen)."""
 
     name = "softmax"
+    onnx = OnnxOps("Softmax", "LogSoftmax")
     modules = (nn.Softmax,)
     functions = (F.softmax, F.log_softmax, torch.softmax, aten._softmax, aten.softmax)
     methods = ("softmax", "log_softmax")
@@ -334,6 +370,10 @@ class NoChannels(Rule):
     """Inputs, parameters, and ops that only read metadata (size, dim) or check conditions."""
 
     name = "no_channels"
+    onnx = OnnxOps("Shape", "Size")
+
+    def deployed(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+        return "none"  # a metadata read or a check: nothing runs on a tensor's data
     functions = (getattr, torch._assert, len, int, float, aten.sym_size, aten._assert_tensor_metadata,
                  aten._assert_scalar, aten.sym_constrain_range_for_size)
     methods = ("size", "dim", "numel", "__len__")

@@ -9,6 +9,7 @@ caller exports the pruned copy instead) wherever a rule cannot say.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -20,10 +21,15 @@ class ResizeError(Exception):
 
 
 class OnnxOps:
-    """ONNX op types whose outputs follow their inputs' shapes, and no attribute of which records a width."""
+    """ONNX op types whose outputs follow their inputs' shapes, and no attribute of which records a width.
 
-    def __init__(self, *types: str) -> None:
+    ``idempotent``: those of the types with f(f(x)) = f(x), of which the exporter writes one where two
+    run in a row (removing a block can leave two in a row: one goes, as in the pruned model's export).
+    """
+
+    def __init__(self, *types: str, idempotent: tuple[str, ...] = ()) -> None:
         self.types = frozenset(types)
+        self.idempotent = frozenset(idempotent)
 
     def implied_shape(self, node: onnx.NodeProto, index: int, old: Shapes, new: Shapes) -> tuple[int, ...] | None:
         """The resized shape of input ``index`` of ``node``, an initializer no parameter names, from its role;
@@ -33,6 +39,13 @@ class OnnxOps:
     def update(self, node: onnx.NodeProto, old: Shapes, new: Shapes) -> None:
         """Rewrite the attributes of ``node`` that record a width, its inputs having changed shape (in place);
         ResizeError where they cannot follow."""
+
+    def constants(self, node: onnx.NodeProto, values: dict[int, np.ndarray], old: Shapes,
+                  new: Shapes) -> dict[int, np.ndarray]:
+        """The new values of the constant inputs of ``node`` (``values``: input index -> value) that record
+        a width (a reshape's target), its inputs having changed shape; ResizeError where they cannot follow
+        (a width it needs is computed, not constant)."""
+        return {}
 
 
 def attribute(node: onnx.NodeProto, name: str, default: int) -> int:

@@ -23,7 +23,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace
 from fxprune.rules.base import Kept, Rule, arg, kept_of, tensor_inputs
 from fxprune.rules.coupling import ChannelBuilder, Pending
-from fxprune.rules.onnx import OnnxOps, Shapes, attribute, follow
+from fxprune.rules.onnx import OnnxOps, ResizeError, Shapes, attribute, follow
 
 aten = torch.ops.aten
 
@@ -74,11 +74,68 @@ def _parameter_expression(b: ChannelBuilder, node: torch.fx.Node) -> bool:
     return known
 
 
+class ShapeOnnx(OnnxOps):
+    """Reshape's target records widths: it follows the data's new shape (``reshape_target``)."""
+
+    def constants(self, node: onnx.NodeProto, values: dict[int, np.ndarray], old: Shapes,
+                  new: Shapes) -> dict[int, np.ndarray]:
+        if node.op_type != "Reshape":
+            return {}
+        if 1 not in values:
+            raise ResizeError(f"Reshape node {node.name!r} reads a computed shape, not a constant")
+        data = node.input[0]
+        target = reshape_target(old[data], old[node.output[0]], new[data])
+        if target is None:
+            raise ResizeError(f"Reshape node {node.name!r} regroups a pruned axis ({old[data]} -> "
+                              f"{old[node.output[0]]}) in a way fxprune cannot follow")
+        return {1: np.asarray(target, dtype=np.int64)}
+
+
+def reshape_target(old_in: tuple, old_out: tuple, new_in: tuple) -> list[int] | None:
+    """The new target of a reshape that took ``old_in`` to ``old_out``, now given ``new_in``: axes are
+    matched in runs of equal element count; a run that changed size must end in one output axis."""
+    if len(old_in) != len(new_in):
+        return None
+    target: list[int] = []
+    i = o = 0
+    while i < len(old_in) or o < len(old_out):
+        run_in, run_out = [i], [o]
+        size_in, size_out = _at(old_in, i), _at(old_out, o)
+        while size_in != size_out:
+            if size_in < size_out:
+                i += 1
+                if i >= len(old_in):
+                    return None
+                run_in.append(i)
+                size_in *= old_in[i]
+            else:
+                o += 1
+                if o >= len(old_out):
+                    return None
+                run_out.append(o)
+                size_out *= old_out[o]
+        new_size = int(np.prod([new_in[k] for k in run_in if k < len(new_in)]))
+        if new_size == size_in:
+            target += [old_out[k] for k in run_out if k < len(old_out)]
+        elif len(run_out) == 1 and run_out[0] < len(old_out):
+            target.append(new_size)
+        else:
+            return None
+        i, o = i + 1, o + 1
+    return target
+
+
+def _at(shape: tuple, index: int) -> int:
+    return shape[index] if index < len(shape) else 1
+
+
+
 class Shape(Rule):
     """view/reshape/permute/flatten/transpose/expand...: channels go where the label replay says."""
 
     name = "shape"
     parameter_arithmetic = True
+    onnx = ShapeOnnx("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
     modules = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
     functions = (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                  torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
@@ -90,6 +147,16 @@ class Shape(Rule):
     wrapped = ("_patch_merging_pad",)  # torchvision: pads H/W, then concatenates the 2x2 neighbours on channels
     sized = ("view", "reshape", "expand", torch.reshape, aten.view.default, aten.reshape.default,
              aten._unsafe_view.default, aten.expand.default)
+    # calls that only relabel their tensor's shape (torch.export's aten views are counted as kernels that move
+    # data, as the latency model has counted them since decoders were first timed: docs/llm.md rests on it)
+    views = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand")
+
+    def deployed(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return "data" if isinstance(gm.get_submodule(graph.target_name(node)), nn.ChannelShuffle) else "none"
+        if isinstance(node.target, torch._ops.OpOverload):
+            return "data"
+        return "view" if graph.call_name(node) in self.views else "data"
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         """view/reshape/permute/flatten/getitem...: replay the op on a tensor of channel labels.
@@ -435,6 +502,9 @@ class GetItem(Rule):
     """Indexing a tuple picks one output's space; indexing a tensor is a shape op."""
 
     name = "getitem"
+
+    def deployed(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+        return "none"  # one output of a node of several outputs, or an index into a non-tensor
     parameter_arithmetic = True
     functions = (operator.getitem,)
 

@@ -18,7 +18,6 @@ from fxprune.backends.onnx_resize import (
     TRANSPOSE_TAG,
     WIDTH_FREE,
     ResizeError,
-    _reshape_target,
     fill,
     name_transposes,
     remove_blocks,
@@ -168,18 +167,6 @@ def test_transposed_weights_are_found_by_their_values():
     assert _layout(resize(full, _shapes(gm), _shapes(pruned))) == _layout(_exported(pruned))
 
 
-@pytest.mark.parametrize("old_in, old_out, new_in, want", [
-    ((1, 64, 1, 1), (1, 64), (1, 48, 1, 1), [1, 48]),  # flatten of a pooled tensor
-    ((1, 32, 7, 7), (1, 1568), (1, 24, 7, 7), [1, 1176]),  # flatten of a feature map
-    ((1, 64, 5, 5), (1, 64, 25), (1, 40, 5, 5), [1, 40, 25]),  # tokens out of a feature map
-    ((1, 64, 5, 5), (1, 64, 5, 5), (1, 40, 5, 5), [1, 40, 5, 5]),
-    ((1, 116, 7, 7), (1, 2, 58, 7, 7), (1, 88, 7, 7), None),  # channel shuffle: which factor shrank?
-    ((1, 64, 5, 5), (1, 64, 5, 5), (1, 40, 5, 5, 1), None),
-])
-def test_reshape_targets_follow_runs_of_axes(old_in, old_out, new_in, want):
-    assert _reshape_target(old_in, old_out, new_in) == want
-
-
 def test_strip_keeps_shapes_and_small_constants(analysed):
     _, full = analysed
     stripped = strip(full)
@@ -263,3 +250,6 @@ def test_every_onnx_op_resize_follows_is_a_rules_or_width_free_never_both():
     assert not claimed & WIDTH_FREE
     assert {"Conv", "ConvTranspose", "Gemm", "Concat", "Add", "BatchNormalization"} <= claimed
     assert RULES.by_onnx_type["ConvTranspose"] is RULES.module_rule(nn.ConvTranspose2d(2, 2, 1)).onnx
+    # a reshape's target is the shape rule's to follow; that relu(relu(x)) is relu(x), the activations' rule's
+    assert RULES.by_onnx_type["Reshape"] is RULES.by_method["view"].onnx
+    assert "Relu" in RULES.by_onnx_type["Relu"].idempotent and "Sigmoid" not in RULES.by_onnx_type["Sigmoid"].idempotent

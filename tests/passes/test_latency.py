@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from fxprune.passes.latency import (
     _is_free,
     _kept_counts,
     _layer_kernels,
+    _runs,
     _Timed,
     detect_step,
     disagreeing,
@@ -299,6 +301,28 @@ def test_layers_outside_units_are_timed_in_the_fixed_part_not_as_memory_traffic(
     gm = fxprune.analyze(model.eval(), (torch.randn(1, 3, 6, 6),))
     free = {n.target: _is_free(gm, n) for n in gm.graph.nodes if n.op == "call_module"}
     assert free == {"0": True, "1": True, "2": False, "3": False, "4": True, "5": True}
+
+
+class _Calls(nn.Module):
+    """Views, a metadata read, dropout, indexing and ops that move data, each as a call the rules know."""
+
+    def forward(self, x):
+        n = x.size(0)
+        y = torch.flatten(x, 1).view(n, -1)
+        y = F.dropout(y, 0.1, training=False)
+        z = y.permute(1, 0).contiguous()
+        parts = torch.chunk(z, 2)
+        return parts[0].type_as(x), torch.relu(y)
+
+
+def test_the_rules_say_which_calls_move_data_and_which_run_at_all():
+    """``Rule.deployed``: views move no data but run; metadata reads, dropout and indexing run no kernel."""
+    gm = torch.fx.symbolic_trace(_Calls())
+    verdict = {n.name: (_is_free(gm, n), _runs(gm, n)) for n in gm.graph.nodes if n.op.startswith("call")}
+    assert verdict == {"size": (True, False), "flatten": (True, True), "view": (True, True),
+                       "dropout": (True, False), "permute": (False, True), "contiguous": (False, True),
+                       "chunk": (False, True), "getitem": (True, False), "type_as": (True, True),
+                       "relu": (False, True)}
 
 
 def test_latency_cost_needs_the_pass_first():
