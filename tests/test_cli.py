@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.cli import main
+from fxprune.cli import Steps, _load, build_parser, main
 from tests.doubles import tiny_cnn
 
 TINY = "tests.doubles:tiny_cnn"
@@ -53,6 +53,15 @@ def test_dynamic_sizes_flag_writes_an_onnx_file_of_any_image_size(tmp_path):
                  "-o", str(out)]) == 0
     dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
     assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))
+
+
+def test_a_model_named_without_weights_is_built_alike_on_every_run():
+    """So a repeated command prunes the same model: its plans' timings are in the latency cache."""
+    args = build_parser().parse_args(["prune", TINY, "--input-shape", "1,3,8,8"])
+    (first, x1), (second, x2) = _load(args, Steps()), _load(args, Steps())
+    assert torch.equal(x1[0], x2[0])
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_refine_zero_trusts_the_tables(capsys):
