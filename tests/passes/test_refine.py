@@ -142,6 +142,24 @@ def test_the_plan_returned_is_read_by_this_runs_timing_not_a_cached_one(tmp_path
     assert report.predicted_latency_ms_after / report.predicted_latency_ms_before == pytest.approx(share, rel=0.02)
 
 
+def test_a_warm_compile_on_a_uniformly_slower_machine_times_no_plan(tmp_path):
+    """The full model runs 1.5 x as long as when the cache was written, but so does every model: the reduced
+    copy's share of it is as cached, so the cached model timing scales the tables and the cached plan timings
+    stand (no plan is deployed again); the report says the machine was slower."""
+    model = tiny_cnn().eval()
+    engine = Contended(1.0)
+    compile_ = lambda: fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path, round_to=1,  # noqa: E731
+                                       refine=3, progress=False)
+    first = compile_()
+    engine.factor = 1.5
+    deployed = engine.deployed
+    again = compile_()
+    report = fxprune.report(again)
+    assert not report.plan_timed_now and engine.deployed == deployed + 2  # the full model and its reduced copy
+    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(first).to_json()
+    assert any("1.5x as slow" in note for note in report.notes)
+
+
 def test_a_budget_under_the_tables_smallest_plan_is_timed_before_it_is_refused(tmp_path):
     """The tables' smallest plan can be over a budget the engine meets (tables timed on a busy machine,
     or an engine faster than linear in width): the closed loop times that plan before refusing, and a
