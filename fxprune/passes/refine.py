@@ -13,8 +13,9 @@ timed again in this run (the mean of both timings must stay within it, and repla
 correction) unless its timing is a trusted cached one taken while the full model ran as it does in this
 run; where that leaves no timed plan within the budget, the loop solves again lower (``RESOLVES``); only
 when none did is it a plan predicted through the correction. A re-solved plan is not trusted untimed where
-a timed one fits: the tables' error moves from plan to plan (docs/latency_model.md). The tables' own
-prediction is kept beside it.
+a timed one fits: the tables' error moves from plan to plan (docs/latency_model.md). Where no timed plan
+fits even then, the one returned is the timed plan whose upper bound is lowest (the report says it is over
+the budget). The tables' own prediction is kept beside it.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
         time(lower)
         confirmed.clear()
         result = confirm(lower)
+    if timed and not fitting():  # none fits once confirmed: the timed plan likeliest within the budget
+        result = min(timed.values(), key=lambda entry: entry.upper).result
     tables_share = result.predicted_cost / cost.baseline
     returned = timed.get(_plan_key(result))
     predicted = returned.share if returned is not None else correction.measured_share(tables_share)

@@ -1,5 +1,7 @@
 """The closed loop: measured plans correct the tables' prediction, and compile lands on the budget."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -211,6 +213,21 @@ def test_when_every_confirmed_plan_is_over_the_budget_the_loop_solves_again_lowe
     else:  # solved again through the pooled share, timed twice, and within the budget by both timings' mean
         assert report.over_budget is None and report.latency_prediction == "measured"
         assert _true_share(SyntheticEngine(), pruned, model) * (1.0 + 1.6) / 2 <= 0.5
+
+
+def test_when_no_timed_plan_fits_the_one_returned_is_the_timed_plan_likeliest_within_the_budget(tmp_path,
+                                                                                               monkeypatch):
+    """Every plan reads over the budget, in an order no re-solve follows (a machine whose speed jumps between
+    timings): the plan returned is the timed one with the lowest bound, not the last one solved."""
+    readings = itertools.cycle([0.56, 0.53, 0.61, 0.66, 0.58, 0.64, 0.7, 0.62, 0.68, 0.72, 0.75])
+    monkeypatch.setattr(refine_pass, "_time_plan",
+                        lambda *a: {"share": next(readings), "reference_ms": 1.0, "spread": 0.0, "pairs": 16})
+    pruned = fxprune.compile(tiny_cnn().eval(), 0.5, INPUTS, engine=CurvedEngine(), cache=tmp_path, round_to=1,
+                             refine=3, progress=False)
+    report = fxprune.report(pruned)
+    plans = [measured for _, measured, source in report.latency_points if source == "plan"]
+    assert len(plans) >= 2 and report.over_budget is not None
+    assert report.predicted_latency_ms_after / report.predicted_latency_ms_before == pytest.approx(min(plans))
 
 
 def test_the_upper_confidence_bound_of_a_plans_share_decides_whether_it_fits():
