@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from busy import Busy
 
 import fxprune
 from fxprune.passes.cost import count_flops
@@ -94,17 +95,11 @@ def run_readme_command(quiet_warm: int = 2, busy_warm: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "FXPRUNE_CACHE_DIR": cache}
         for label in ["cold"] + ["quiet warm"] * quiet_warm + ["busy warm"] * busy_warm:
-            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                        for _ in range(2 if label.startswith("busy") else 0)]
-            try:
+            with Busy(2 if label.startswith("busy") else 0):
                 start = time.perf_counter()
                 done = subprocess.run([sys.executable, "-m", "fxprune.cli", *README_COMMAND], env=env,
                                       capture_output=True, text=True, timeout=1800)
                 seconds = time.perf_counter() - start
-            finally:
-                for spinner in spinners:
-                    spinner.kill()
-                    spinner.wait()
             out = done.stdout + done.stderr
             measured = re.search(r"measured after compiling\s+([0-9.]+)", out)
             runs.append({"label": label, "seconds": seconds, "rc": done.returncode, "busy_said": "busy" in out,

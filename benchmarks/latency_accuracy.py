@@ -40,8 +40,6 @@ import collections
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+
+from busy import Busy
 
 import fxprune
 from fxprune.cache import LatencyCache
@@ -65,28 +65,12 @@ def _build(name: str):
     return torchvision.models.get_model(name, weights=None).eval(), (torch.randn(1, 3, 224, 224),)
 
 
-class _Busy:
-    """Processes spinning on the CPU for the ``with`` block: a machine shared with other jobs."""
-
-    def __init__(self, count: int = 2) -> None:
-        self.count = count
-
-    def __enter__(self) -> "_Busy":
-        self.processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for process in self.processes:
-            process.kill()
-            process.wait()
-
-
 def run_model(name: str, budgets, rounds: int, cache_root: Path, refine: int, loaded: bool = False) -> dict:
     model, inputs = _build(name)
     cache = LatencyCache(cache_root / (name + ("-loaded" if loaded else "")))  # empty: the first compile builds every table
     start = time.perf_counter()
     if loaded:  # tables and plan timings written while two processes spin beside them
-        with _Busy(2):
+        with Busy(2):
             for budget in budgets:
                 try:
                     fxprune.compile(model, budget, inputs, cache=LatencyCache(cache.directory), progress=False,

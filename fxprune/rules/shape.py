@@ -129,7 +129,6 @@ def _at(shape: tuple, index: int) -> int:
     return shape[index] if index < len(shape) else 1
 
 
-
 class Shape(Rule):
     """view/reshape/permute/flatten/transpose/expand...: channels go where the label replay says."""
 
