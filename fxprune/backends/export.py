@@ -402,8 +402,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs:
     ``dynamic_sizes``: with a dynamic batch, image sizes and sequence lengths are dynamic too where the
     model runs at another size and the file matches torch there (``ExportResult.dynamic_sizes`` says
     whether they are); else (the default) the file keeps the example's sizes. A file with symbolic sizes
-    runs 2-7% slower in onnxruntime CPU than one with the example's (docs/latency.md), which is why a
-    deployment file, like ``torch.onnx.export``'s and ultralytics', fixes them unless asked.
+    ran 4-8.5% slower in onnxruntime CPU than one with the example's (a one-off timing, docs/latency.md's
+    notes), which is why a deployment file, like ``torch.onnx.export``'s and ultralytics', fixes them unless
+    asked.
 
     A module fxprune captured through torch.export is called as the model was (keyword inputs, lists,
     nested outputs); its ONNX graph takes the leaves of those inputs and returns the leaves of its outputs,
