@@ -366,13 +366,18 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
 
 
 def _heads_kept(gm: torch.fx.GraphModule, keep_counts: dict[int, int]) -> list[str]:
-    """``name kept/total`` for every attention whose heads are a channel group."""
+    """``name kept/total`` for every attention whose heads are a channel group (grouped-query attention: and
+    its kv heads)."""
     found = []
+    groups, outer = analysis(gm).groups, {nest.inner: nest.outer for nest in analysis(gm).nests}
     for node in gm.graph.nodes:
         space = graph_space(node)
         if isinstance(RULES.recorded(node), ScaledDotProductAttention) and space is not None:
-            total = analysis(gm).groups[space.group_id].size
-            found.append(f"{node.name} {keep_counts.get(space.group_id, total)}/{total}")
+            total = groups[space.group_id].size
+            heads = f"{node.name} {keep_counts.get(space.group_id, total)}/{total}"
+            if (kv := outer.get(space.group_id)) is not None:
+                heads += f" (kv heads {keep_counts.get(kv, groups[kv].size)}/{groups[kv].size})"
+            found.append(heads)
     return found
 
 

@@ -4,16 +4,22 @@ generating its tokens, saved and loaded with fxprune.save/load."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import fxprune
-from fxprune.errors import BudgetError
+from fxprune.errors import BudgetError, PlanError
+from fxprune.ir.keys import COST_KEY
 from fxprune.modules import Skip
-from fxprune.passes.pipeline import analyze_inputs
+from fxprune.passes.cost import CostPass
+from fxprune.passes.pipeline import analyze_inputs, run_passes
+from fxprune.passes.rewrite import kept_shares
+from fxprune.passes.score import ScorePass
 from fxprune.passes.shrink import shrink_model
 from fxprune.passes.verify import masked_model
-from fxprune.testing import randomize_parameters
+from fxprune.solvers.planner import solve_plan
+from fxprune.testing import masked_forward, randomize_parameters
 from tests.doubles import SyntheticEngine
 
 transformers = pytest.importorskip("transformers")
@@ -46,13 +52,17 @@ def _generates_as(model, reference, prompt) -> None:
         assert torch.equal(tokens, reference.generate(prompt, max_new_tokens=6, do_sample=False))
 
 
-def test_llama_style_decoders_offer_kv_groups_mlp_and_the_hidden_size_and_gpt2_its_heads():
+def test_llama_style_decoders_offer_kv_heads_query_heads_under_them_mlp_and_the_hidden_size_and_gpt2_its_heads():
     for family in FAMILIES:
         gm, _ = analyze_inputs(_decoder(family), {"input_ids": _ids()})
         free = sorted(g.size for g in fxprune.groups(gm) if g.frozen_reason is None)
         expected = {"phi3": [64, 128, 128],  # fused qkv sliced by the config's head count: heads kept
-                    "gpt2": [4, 4, 64, 256, 256]}.get(family, [2, 2, 64, 128, 128])  # kv groups, MLP, hidden
+                    # kv heads, query heads, MLP, hidden
+                    "gpt2": [4, 4, 64, 256, 256]}.get(family, [2, 2, 4, 4, 64, 128, 128])
         assert free == expected, family
+        nests = fxprune.analysis(gm).nests if family not in ("phi3", "gpt2") else []
+        assert [n.parent.tolist() for n in nests] == [[0, 0, 1, 1]] * len(nests)  # 2 query heads under each kv head
+        assert len(nests) == (2 if family not in ("phi3", "gpt2") else 0), family
     phi3, _ = analyze_inputs(_decoder("phi3"), {"input_ids": _ids()})
     assert any("selects individual channels" in (g.frozen_reason or "") for g in fxprune.groups(phi3))
 
@@ -64,6 +74,8 @@ def test_a_decoder_compiled_to_half_its_flops_is_its_class_exact_generates_and_r
     report = fxprune.report(pruned)
     assert type(pruned) is type(model) and report.returned == type(model).__name__
     assert report.flops_after <= 0.5 * report.flops_before
+    heads = "".join(n for n in report.notes if n.startswith("attention heads kept"))  # phi3's: no head space
+    assert ("(kv heads" in heads) == (family in ("llama", "qwen2", "mistral")), heads
     gm, _ = analyze_inputs(model, {"input_ids": ids})
     plan = fxprune.plan_of(pruned)
     mixed = [g for g in fxprune.groups(gm) if g.norm_coupled and g.id in plan.keep and len(plan.keep[g.id]) < g.size]
@@ -161,3 +173,60 @@ def test_keep_names_the_decoders_modules_under_a_decode_budget():
                              keep=["model.layers.*.mlp"], engine=SyntheticEngine(), progress=False, depth=False)
     assert all(layer.mlp.gate_proj.out_features == 128 for layer in pruned.model.layers)  # kept: the step's names
     assert fxprune.plan_of(pruned).keep  # and something else was pruned
+
+
+def _attentions(model):
+    return [m for m in model.modules() if hasattr(m, "num_key_value_groups")]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_query_heads_pruned_under_each_kv_head_give_the_users_class_exact_with_a_padding_mask(family, tmp_path):
+    """A padding mask sends Hugging Face's attention through repeat_kv, which repeats each kv head
+    num_key_value_groups times: the pruned class must say 1 where one query head is left under each."""
+    model, ids = _decoder(family), _ids()
+    gm, inputs = analyze_inputs(model, {"input_ids": ids})
+    nests = fxprune.analysis(gm).nests
+    plan = fxprune.Plan({nest.inner: np.array([0, 3]) for nest in nests})  # one query head under each kv head
+    graph_pruned = fxprune.prune(gm, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(graph_pruned(*inputs).logits, masked_forward(gm, plan, *inputs)[0], rtol=1e-4,
+                                   atol=1e-5)
+    shrunk, reference = shrink_model(model, gm, plan), masked_model(model, gm, plan)
+    assert [(a.num_key_value_groups, a.q_proj.out_features, a.k_proj.out_features) for a in _attentions(shrunk)] \
+        == [(1, 32, 32)] * 2  # 2 of 4 query heads (16 wide), both kv heads
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(input_ids=ids, attention_mask=mask).logits,
+                                   reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+    fxprune.save(shrunk, tmp_path / family)
+    loaded = fxprune.load(tmp_path / family)
+    assert [a.num_key_value_groups for a in _attentions(loaded)] == [1, 1]
+    _generates_as(loaded, reference, ids[:, :8])
+    uneven = fxprune.Plan({nests[0].inner: np.array([0, 1, 2])})  # 2 query heads under one kv head, 1 under the other
+    with pytest.raises(PlanError, match="grouped-query attention"):
+        fxprune.prune(gm, uneven)
+
+
+def test_the_planner_drops_weak_query_heads_and_keeps_their_kv_heads():
+    """Under each kv head one strong and one weak query head: a budget that one weak head per kv head pays for
+    is met by dropping those, with every kv head kept (query heads are an axis of their own, not their group's)."""
+    model, ids = _decoder("llama"), _ids()
+    gm, inputs = analyze_inputs(model, {"input_ids": ids})
+    gm = run_passes(gm, [ScorePass("l1"), CostPass(inputs)])
+    cost = gm.meta[COST_KEY]["flops"]
+    analysis = fxprune.analysis(gm)
+    importance = {g.id: np.full(g.size, 100.0) for g in analysis.prunable_groups()}
+    for nest in analysis.nests:
+        importance[nest.inner] = np.array([5.0, 0.01, 0.01, 5.0])  # query heads 1 and 2 are weak
+        importance[nest.outer] = np.array([1.0, 1.0])
+    inner = {nest.inner for nest in analysis.nests}
+    full = cost.total({})
+    drop_weak = fxprune.Plan({g: np.array([0, 3]) for g in inner})
+    capacity = cost.total(kept_shares(gm, drop_weak)) * 1.001
+    assert capacity < 0.999 * full
+    result = solve_plan(gm, cost, capacity, importance=importance, round_to=1)
+    for nest in analysis.nests:
+        assert result.plan.keep[nest.inner].tolist() == [0, 3]
+        assert nest.outer not in result.plan.keep  # both kv heads stay
+        assert result.keep_counts[nest.inner] == 2 and result.keep_counts[nest.outer] == 2

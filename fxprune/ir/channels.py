@@ -93,6 +93,38 @@ class ChannelGroup:
 
 
 @dataclass
+class Nest:
+    """Grouped-query attention's two levels: every channel of group ``inner`` (a query head) reads one channel
+    of group ``outer`` (a key-value head), ``parent[i]``. A plan keeps the same number of inner channels under
+    every kept outer channel and none under a dropped one, so every layer stays a valid GQA layer."""
+
+    inner: int
+    outer: int
+    parent: np.ndarray
+
+    def violation(self, inner_kept: np.ndarray, outer_kept: np.ndarray) -> str | None:
+        """Why boolean keep masks over the two groups break the nesting, or None where they keep it."""
+        under = np.bincount(self.parent[inner_kept], minlength=outer_kept.size)
+        if under[~outer_kept].any():
+            return f"it keeps channels of group {self.inner} under dropped channels of group {self.outer}"
+        if not outer_kept.any() or len(set(under[outer_kept].tolist())) != 1 or under[outer_kept][0] == 0:
+            return (f"it keeps {sorted(set(under[outer_kept].tolist()))} channels of group {self.inner} under "
+                    f"the kept channels of group {self.outer}, which must each keep the same number, at least one")
+        return None
+
+    def completed(self, inner_kept: set[int], outer_kept: set[int]) -> set[int]:
+        """``inner_kept`` made to fit ``outer_kept``: nothing under a dropped outer channel, and under each
+        kept one as many as the most any keeps (at least one), filled in channel order."""
+        children = [np.flatnonzero(self.parent == o) for o in range(int(self.parent.max()) + 1)]
+        kept = {i for i in inner_kept if int(self.parent[i]) in outer_kept}
+        count = max([1] + [len(kept.intersection(children[o].tolist())) for o in outer_kept])
+        for o in outer_kept:
+            missing = [int(i) for i in children[o] if int(i) not in kept]
+            kept.update(missing[:count - len(kept.intersection(children[o].tolist()))])
+        return kept
+
+
+@dataclass
 class Block:
     """A residual block ``out = x + f(x)`` a plan may remove whole (the block pass finds them).
 
@@ -136,6 +168,7 @@ class Analysis:
     spaces: list[ChannelSpace] = field(default_factory=list, repr=False)
     blocks: list[Block] = field(default_factory=list)
     kept_blocks: dict[str, str] = field(default_factory=dict)  # add node -> why its block is not removable
+    nests: list[Nest] = field(default_factory=list)  # grouped-query attention's query heads under kv heads
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]

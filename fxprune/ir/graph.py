@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -108,6 +109,26 @@ def cache_off(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for config in configs.values():
             config.use_cache = True
+
+
+@contextlib.contextmanager
+def grouped_query_attention() -> Iterator[None]:
+    """Hugging Face's SDPA attention calls ``scaled_dot_product_attention(..., enable_gqa=True)`` on the kv heads
+    as they are, instead of repeating them per query head first (``repeat_kv``, whose repeat count is a
+    constant of the graph), while fxprune captures a model: the query heads under each kv head can then be
+    pruned apart. The same attention; the model returned runs as its code says."""
+    previous = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_GQA]
+        else:
+            os.environ[_FORCE_GQA] = previous
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention_forward at each call
 
 
 def run_eager(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:

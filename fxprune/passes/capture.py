@@ -27,7 +27,7 @@ from fxprune.errors import CaptureError, ExampleInputsError, FxpruneTraceError
 from fxprune.frontends.fx_trace import check_weights, propagate_shapes, trace, unfed_defaults
 from fxprune.frontends.partition import partition
 from fxprune.ir.capture import EXPORT, EXPORT_STRICT, FX, PARTITIONED, Capture, flat, flat_inputs
-from fxprune.ir.graph import cache_off, run_eager
+from fxprune.ir.graph import cache_off, grouped_query_attention, run_eager
 from fxprune.ir.keys import CAPTURE_KEY
 
 CAPTURE_MODES = ("auto", FX, EXPORT, EXPORT_STRICT, PARTITIONED)
@@ -37,8 +37,9 @@ _DROPPED = (torch.ops.aten._assert_tensor_metadata.default,)  # checks of dtype/
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, **options: Any) -> tuple[torch.fx.GraphModule, tuple]:
-    """``capture_model`` with the model's key-value cache off (``ir.graph.cache_off``)."""
-    with cache_off(model):
+    """``capture_model`` with the model's key-value cache off (``ir.graph.cache_off``) and grouped-query attention
+    on its kv heads (``ir.graph.grouped_query_attention``)."""
+    with cache_off(model), grouped_query_attention():
         return capture_model(model, args, kwargs, **options)
 
 

@@ -48,6 +48,11 @@ def keep_masks(gm: torch.fx.GraphModule, plan: Plan) -> dict[int, np.ndarray]:
                             "fxprune.with_every_member(gm, keep)")
         masks[gid] = np.zeros(group.size, dtype=bool)
         masks[gid][kept] = True
+    for nest in analysis.nests:
+        if (why := nest.violation(masks[nest.inner], masks[nest.outer])) is not None:
+            raise PlanError(f"the plan breaks grouped-query attention: {why} (query heads under key-value heads); "
+                            "keep as many under each kept one, none under a dropped one, e.g. with "
+                            "fxprune.with_every_member(gm, keep)")
     blocks = len(analysis.blocks)
     if any(not 0 <= b < blocks for b in plan.drop):
         raise PlanError(f"the plan removes blocks {sorted(plan.drop)}; this model's removable blocks are "

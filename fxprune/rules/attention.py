@@ -25,8 +25,10 @@ class ScaledDotProductAttention(Rule):
     the output are one group channel, and so is the block of projection channels each head is made from
     (q/k/v projections split by ``view``, a fused qkv by ``reshape``/``permute``/``unbind``, the output
     projection after the heads are merged back). Within a head nothing is pruned: the scale reads E.
-    Grouped-query attention (``enable_gqa``, or Hugging Face's ``repeat_kv`` before it) prunes kv heads
-    with the query heads that read them. A mask with one row per head keeps every head."""
+    Grouped-query attention with ``enable_gqa`` prunes kv heads and the query heads under each (a nest: the
+    same number under every kept kv head, so the layer stays a valid GQA layer); with Hugging Face's
+    ``repeat_kv`` before it, a kv head and its query heads go as one. A mask with one row per head keeps
+    every head."""
 
     name = "scaled_dot_product_attention"
     functions = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention)
@@ -51,9 +53,11 @@ class ScaledDotProductAttention(Rule):
                 out = b.new_space(node, rank - 3)
                 b.couple(out, q_space)
                 b.couple(k_space, v_space)
-                # grouped-query attention: query head h reads kv head h // (heads / kv heads), so a kv head
-                # and the query heads of its group are one channel (the layer stays a valid GQA layer)
-                b.couple(q_space, k_space, None, np.arange(heads) // (heads // kv_heads))
+                parent = np.arange(heads) // (heads // kv_heads)  # query head h reads kv head h // group
+                if heads == kv_heads:
+                    b.couple(q_space, k_space)
+                else:  # grouped-query attention: kv heads, and the query heads under each, evenly
+                    b.nest(q_space, k_space, parent)
                 return
             why = "its q, k and v are not all split into heads from tracked channels"
         for x in (q, k, v):

@@ -34,6 +34,12 @@ def _vit_attention(block: Any) -> None:
     block.num_attention_heads = block.q_proj.weight.shape[0] // block.head_dim
 
 
+def _grouped_query_attention(block: Any) -> None:
+    """Llama-style attention: ``repeat_kv`` repeats each kv head ``num_key_value_groups`` times, one per query
+    head under it (equal under every kv head: the nest keeps them so)."""
+    block.num_key_value_groups = block.q_proj.weight.shape[0] // block.k_proj.weight.shape[0]
+
+
 def _csp_split(block: Any) -> None:
     """ultralytics C2f/C3k2/C2PSA (and kin): ``cv1`` makes two halves of ``c`` channels each (equal:
     ``Split`` keeps them so)."""
@@ -47,6 +53,9 @@ RESIZERS: dict[str, Callable[[nn.Module], None]] = {
     "transformers.models.electra.modeling_electra.ElectraSelfAttention": _bert_attention,
     "transformers.models.vit.modeling_vit.ViTSelfAttention": _vit_attention,
     "transformers.models.deit.modeling_deit.DeiTSelfAttention": _vit_attention,
+    "transformers.models.llama.modeling_llama.LlamaAttention": _grouped_query_attention,
+    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": _grouped_query_attention,
+    "transformers.models.mistral.modeling_mistral.MistralAttention": _grouped_query_attention,
     "ultralytics.nn.modules.block.C2f": _csp_split,
     "ultralytics.nn.modules.block.C2fAttn": _csp_split,
     "ultralytics.nn.modules.block.C2fPSA": _csp_split,

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from fxprune.ir import graph
-from fxprune.ir.channels import Analysis, ChannelGroup, ChannelSpace, GroupMember, NodeChannels
+from fxprune.ir.channels import Analysis, ChannelGroup, ChannelSpace, GroupMember, Nest, NodeChannels
 from fxprune.ir.keys import CHANNELS_KEY
 
 
@@ -86,6 +86,7 @@ class ChannelBuilder:
         self.replaced_chains: set[torch.fx.Node] = set()
         self.fell_back: set[torch.fx.Node] = set()  # nodes whose rule froze them as an unknown op would be
         self.parameter_expressions: dict[torch.fx.Node, bool] = {}  # computed from get_attr tensors alone
+        self.nests: list[tuple[ChannelSpace, ChannelSpace, np.ndarray]] = []  # (inner, outer, outer position)
         self._canonical: dict[str, str] | None = None
         self._position: dict[torch.fx.Node, int] | None = None
 
@@ -169,6 +170,12 @@ class ChannelBuilder:
         self.edges_a.append(self.base[a.id] + a_pos)
         self.edges_b.append(self.base[b.id] + b_pos)
         self.space_graph.add_edge(a.id, b.id)
+
+    def nest(self, inner: ChannelSpace, outer: ChannelSpace, parent: np.ndarray) -> None:
+        """Position h of ``inner`` reads position ``parent[h]`` of ``outer`` (grouped-query attention: query head
+        h reads kv head h // group): two groups pruned as one, inner channels evenly under kept outer ones
+        (``ir.channels.Nest``). Where the two do not end up as such groups, ``finish`` couples them instead."""
+        self.nests.append((inner, outer, np.asarray(parent)))
 
     def couple_blocks(self, space: ChannelSpace, block: int) -> None:
         """Make every run of ``block`` consecutive elements of ``space`` one pruning unit."""
@@ -298,6 +305,41 @@ class ChannelBuilder:
         """Group channels and spaces, write ``group_id``/``channel_index`` on every space."""
         for pending in list(self.pending.values()):
             self.freeze(pending.origin, f"its channel axis is split over several dims by {pending.origin_node.name}")
+        checked = not self.nests
+        while True:  # a nest that is no pair of free groups joins its two sides into one group, as a coupling does
+            groups = self._grouped(check_widths=checked)
+            nests, coupled = self._nests(groups)
+            for inner, outer, parent in coupled:
+                self.couple(inner, outer, None, parent)
+            self.nests = [n for n in self.nests if not any(n is c for c in coupled)]
+            if checked and not coupled:
+                return Analysis(groups=groups, spaces=self.spaces, nests=nests)
+            checked = True
+
+    def _nests(self, groups: dict[int, ChannelGroup]) -> tuple[list[Nest], list]:
+        """The recorded nests that join two prunable groups, one inner channel per inner position and one outer
+        channel per outer position; and the rest, which are coupled instead."""
+        nests: list[Nest] = []
+        coupled = []
+        used: set[int] = set()
+        for inner, outer, parent in self.nests:
+            g_in, g_out = groups[inner.group_id], groups[outer.group_id]
+            separate = g_in.id != g_out.id and not used.intersection((g_in.id, g_out.id))
+            whole = all(g.prunable and g.fixed is None for g in (g_in, g_out))
+            one_each = np.unique(inner.group_channels).size == inner.size == g_in.size and \
+                np.unique(outer.group_channels).size == outer.size == g_out.size
+            if not (separate and whole and one_each):
+                coupled.append((inner, outer, parent))
+                continue
+            by_channel = np.empty(g_in.size, dtype=np.int64)
+            by_channel[inner.group_channels] = outer.group_channels[parent]
+            nests.append(Nest(g_in.id, g_out.id, by_channel))
+            used.update((g_in.id, g_out.id))
+        return nests, coupled
+
+    def _grouped(self, check_widths: bool = True) -> dict[int, ChannelGroup]:
+        """Connected components of the couplings: the groups, with every space's ``group_id``/``channel_index``
+        (``check_widths``: and the widths read at run time checked against them, which may freeze spaces)."""
         n = self.num_elements
         if self.edges_a:
             rows = np.concatenate(self.edges_a)
@@ -308,7 +350,8 @@ class ChannelBuilder:
         _, element_label = scipy.sparse.csgraph.connected_components(adjacency, directed=False)
         groups: dict[int, ChannelGroup] = {}
         components = sorted(nx.connected_components(self.space_graph), key=min)
-        self._check_width_uses({i: k for k, comp in enumerate(components) for i in comp})
+        if check_widths:
+            self._check_width_uses({i: k for k, comp in enumerate(components) for i in comp})
         for group_id, component in enumerate(components):
             members = [self.spaces[i] for i in sorted(component)]
             labels = [element_label[self.base[s.id]: self.base[s.id] + s.size] for s in members]
@@ -335,7 +378,7 @@ class ChannelBuilder:
                 fixed=fixed if partly else None,
                 fixed_reason=reason if partly else None,
             )
-        return Analysis(groups=groups, spaces=self.spaces)
+        return groups
 
     def _check_width_uses(self, component_of: dict[int, int]) -> None:
         """A width read at run time must still be right after pruning, or its group is frozen.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import ChainMap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch.fx
 
 from fxprune.errors import AnalysisRequiredError, BudgetError, SolverError
-from fxprune.ir.channels import Analysis, Block, ChannelGroup, ChannelSpace, Plan
+from fxprune.ir.channels import Analysis, Block, ChannelGroup, ChannelSpace, Nest, Plan
 from fxprune.ir.cost import CostModel
 from fxprune.ir.keys import ANALYSIS_KEY, IMPORTANCE_KEY
 from fxprune.ir.solution import PlanResult
@@ -38,6 +38,29 @@ class _GroupOptions:
     options: np.ndarray  # allowed keep counts, ascending
     values: np.ndarray  # kept importance per option
     shares: dict[int, np.ndarray]  # member space id -> kept share of its positions per option
+    combos: dict[int, dict[int, np.ndarray]] | None = None  # a nest's class: per option, what each group keeps
+
+    @property
+    def full(self) -> int:
+        """The option that keeps everything (the last)."""
+        return int(self.options[-1])
+
+    def kept(self, option: int) -> dict[int, np.ndarray]:
+        """Channels ``option`` keeps, per group this class decides that loses any (option 0, a removed block:
+        none; its groups are left to the block's removal)."""
+        if option == 0 or option == self.full:
+            return {}
+        if self.combos is not None:
+            whole = self.combos[self.full]
+            return {gid: kept for gid, kept in self.combos[option].items() if kept.size < whole[gid].size}
+        return {self.group.id: np.sort(self.order[:option])}
+
+    def counts(self, option: int) -> dict[int, int]:
+        """Channels ``option`` keeps, counted per group this class decides."""
+        if self.combos is None:
+            return {self.group.id: option}
+        sizes = {gid: kept.size for gid, kept in self.combos[self.full].items()}
+        return {gid: 0 if option == 0 else len(self.combos[option][gid]) for gid in sizes}
 
 
 def analysis(gm: torch.fx.GraphModule) -> Analysis:
@@ -66,9 +89,18 @@ def random_plan(gm: torch.fx.GraphModule, keep_ratio: float = 0.5, seed: int = 0
 
 def uniform_plan(gm: torch.fx.GraphModule, keep_ratio: float, round_to: int | Mapping[int, int] = 1) -> Plan:
     """Keep the first ``keep_ratio`` share of every prunable group's channels, on multiples of ``round_to``
-    (one number, or one per group id), at least one multiple."""
+    (one number, or one per group id), at least one multiple; of query heads nested under kv heads, the
+    first ``keep_ratio`` share under each kv head."""
     keep = {}
+    nested = {nest.inner: nest for nest in analysis(gm).nests}
     for group in analysis(gm).prunable_groups():
+        if group.id in nested:
+            parent = nested[group.id].parent
+            rank = np.array([np.sum(parent[:i] == parent[i]) for i in range(group.size)])  # place under its kv head
+            under = max(1, int(round((rank.max() + 1) * keep_ratio)))
+            if under <= rank.max():
+                keep[group.id] = np.flatnonzero(rank < under)
+            continue
         step = round_to.get(group.id, 1) if isinstance(round_to, Mapping) else round_to
         count = min(group.size, max(step, int(round(group.size * keep_ratio / step)) * step))
         if count < group.size:
@@ -91,6 +123,13 @@ def with_every_member(gm: torch.fx.GraphModule, keep: dict[int, np.ndarray],
             if not kept.intersection(member.tolist()):
                 kept.add(int(rng.choice(member)) if rng is not None else int(member[0]))
         plan[gid] = np.array(sorted(kept), dtype=np.int64)
+    for nest in result.nests:  # query heads: none under a dropped kv head, as many under each kept one
+        outer = plan.get(nest.outer, np.arange(result.groups[nest.outer].size))
+        inner = nest.completed(set(plan.get(nest.inner, np.arange(nest.parent.size)).tolist()), set(outer.tolist()))
+        if len(inner) < nest.parent.size:
+            plan[nest.inner] = np.array(sorted(inner), dtype=np.int64)
+        else:
+            plan.pop(nest.inner, None)
     return Plan(plan)
 
 
@@ -125,6 +164,32 @@ def _group_options(group: ChannelGroup, importance: np.ndarray, spaces: list[Cha
     return _GroupOptions(group, order, options, values, shares)
 
 
+def _nested_options(nest: Nest, outer: _GroupOptions, inner: _GroupOptions, importance: Mapping[int, np.ndarray],
+                    spaces: list[ChannelSpace]) -> _GroupOptions:
+    """One knapsack class for a nest (query heads under kv heads): option = (kv heads kept, query heads kept under
+    each), both on their groups' grids, by increasing query heads kept. For a count under each, every kv head
+    is worth its score and its best query heads' scores, and the best kv heads by that are kept."""
+    outer_scores = np.asarray(importance[nest.outer], dtype=np.float64)
+    inner_scores = np.asarray(importance[nest.inner], dtype=np.float64)
+    children = [np.flatnonzero(nest.parent == o) for o in range(outer.group.size)]
+    children = [c[np.argsort(-inner_scores[c], kind="stable")] for c in children]
+    per_outer = min(c.size for c in children)
+    pairs = sorted({(int(n) * under, int(n), under) for n in outer.options for under in range(1, per_outer + 1)
+                    if int(n) * under in set(inner.options.tolist())})
+    combos: dict[int, dict[int, np.ndarray]] = {}
+    values, masks = [], []
+    for option, (_, n, under) in enumerate(pairs, start=1):
+        worth = outer_scores + np.array([inner_scores[c[:under]].sum() for c in children])
+        kept_outer = np.sort(np.argsort(-worth, kind="stable")[:n])
+        kept_inner = np.sort(np.concatenate([children[o][:under] for o in kept_outer]))
+        combos[option] = {nest.outer: kept_outer, nest.inner: kept_inner}
+        values.append(float(worth[kept_outer].sum()))
+        masks.append({gid: np.isin(np.arange(size), combos[option][gid])
+                      for gid, size in ((nest.outer, outer.group.size), (nest.inner, inner.group.size))})
+    shares = {s.id: np.array([m[s.group_id][s.group_channels].mean() for m in masks]) for s in spaces}
+    return _GroupOptions(outer.group, outer.order, np.arange(1, len(pairs) + 1), np.array(values), shares, combos)
+
+
 @dataclass
 class _Depth:
     """A removable block in the knapsack: its primary group's class gains option 0, the block removed
@@ -141,7 +206,7 @@ def _with_removal(entry: _GroupOptions, block_space: int) -> _GroupOptions:
     shares = {s: np.concatenate([[v[0]], v]) for s, v in entry.shares.items()}
     shares[block_space] = np.concatenate([[0.0], np.ones(entry.options.size)])
     return _GroupOptions(entry.group, entry.order, np.concatenate([[0], entry.options]),
-                         np.concatenate([[0.0], entry.values]), shares)
+                         np.concatenate([[0.0], entry.values]), shares, entry.combos)
 
 
 def _depth_values(entries: dict[int, _GroupOptions], depth: list[_Depth], current: Mapping[int, float],
@@ -154,7 +219,7 @@ def _depth_values(entries: dict[int, _GroupOptions], depth: list[_Depth], curren
         extra = 0.0
         for g in item.others:
             values[g] = entries[g].values * kept
-            width = previous.get(g, entries[g].group.size) if kept > 0 else entries[g].group.size
+            width = previous.get(g, entries[g].full) if kept > 0 else entries[g].full
             extra += float(entries[g].values[_index(entries[g], width)])
         values[item.primary] = entries[item.primary].values + np.where(entries[item.primary].options > 0, extra, 0.0)
     return values
@@ -165,7 +230,7 @@ def _normalized(entries: dict[int, _GroupOptions], depth: list[_Depth], keep_cou
     keep_counts = dict(keep_counts)
     for item in depth:
         if keep_counts[item.primary] == 0:
-            keep_counts.update({g: int(entries[g].group.size) for g in item.others})
+            keep_counts.update({g: entries[g].full for g in item.others})
     return keep_counts
 
 
@@ -175,10 +240,11 @@ def _plan_value(entries: dict[int, _GroupOptions], depth: list[_Depth], keep_cou
     return sum(float(entries[g].values[_index(entries[g], k)]) for g, k in keep_counts.items() if g not in gone)
 
 
-def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int]) -> int | None:
-    """The group a cost term is charged to: the last prunable one among its spaces (the output side)."""
+def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int], nested: Set[int] = frozenset()) -> int | None:
+    """The class a cost term is charged to: the last prunable group among its spaces (the output side), but a
+    nest where one is among them (an attention's output projection: what its query heads cost)."""
     owners = [group_of[s] for s in term_spaces if s in group_of]
-    return owners[-1] if owners else None
+    return next((g for g in reversed(owners) if g in nested), owners[-1] if owners else None)
 
 
 def _option_costs(entry: _GroupOptions, terms, current: dict[int, float]) -> np.ndarray:
@@ -213,7 +279,8 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
           capacity: float) -> tuple[dict[int, int], float]:
     """Greedily grow groups while the exact cost fits: spends budget the width approximation left over.
 
-    Each step takes the next option of the group with the best importance gained per exact cost added.
+    Each step takes the next option (a nest: any option worth more) of the group with the best importance gained
+    per exact cost added.
     Only the terms touching a group are priced, and after a step only that group and the groups sharing
     a term with it are re-priced.
     """
@@ -228,26 +295,30 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
             touching[g].append(term)
             neighbours[g] |= groups
 
-    def priced(g: int) -> tuple[float, float] | None:
-        """(gain per cost, added cost) of group g's next option, or None if it has none."""
+    def priced(g: int) -> list[tuple[float, float, int]]:
+        """(gain per cost, added cost, option index) of the options group g may grow to: its next one; for a
+        nest, whose options are pairs in no order of worth, every one worth more."""
         entry, i = entries[g], index[g]
-        if i + 1 >= entry.options.size:
-            return None
-        grown = ChainMap({s: float(entry.shares[s][i + 1]) for s in entry.shares}, share)  # no copy of share
-        added = sum(term.price(grown) - term.price(share) for term in touching[g])
-        gain = float(entry.values[i + 1] - entry.values[i])
-        return (gain / added if added > 0 else float("inf")), added
+        nexts = range(i + 1, min(i + 2, entry.options.size)) if entry.combos is None else \
+            [j for j in range(i + 1, entry.options.size) if entry.values[j] > entry.values[i]]
+        found = []
+        for j in nexts:
+            grown = ChainMap({s: float(entry.shares[s][j]) for s in entry.shares}, share)  # no copy of share
+            added = sum(term.price(grown) - term.price(share) for term in touching[g])
+            gain = float(entry.values[j] - entry.values[i])
+            found.append(((gain / added if added > 0 else float("inf")), added, j))
+        return found
 
     total = cost.total(share)
     candidates = {g: priced(g) for g in entries}
     while True:
-        fitting = [(c[0], g, c[1]) for g, c in candidates.items()
-                   if c is not None and total + c[1] <= capacity * (1 + 1e-9)]
+        fitting = [(ratio, g, added, j) for g, options in candidates.items() for ratio, added, j in options
+                   if total + added <= capacity * (1 + 1e-9)]
         if not fitting:
             break
-        _, g, added = max(fitting)  # g is unique: the added costs are never compared
+        _, g, added, j = max(fitting)  # (g, j) is unique: the added costs are never compared
         total += added
-        index[g] += 1
+        index[g] = j
         share.update({s: float(entries[g].shares[s][index[g]]) for s in entries[g].shares})
         for h in neighbours[g]:
             candidates[h] = priced(h)
@@ -302,15 +373,23 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                                     below_step)
                for g in prunable}
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
-    depth_items = _removable(groups, entries) if depth else []
+    classes = {g.id: g.id for g in prunable}  # group -> the knapsack class that decides it
+    for nest in groups.nests:
+        if nest.inner in entries and nest.outer in entries:
+            entries[nest.outer] = _nested_options(nest, entries[nest.outer], entries.pop(nest.inner), importance,
+                                                  members[nest.outer] + members[nest.inner])
+            group_of.update({s.id: nest.outer for s in members[nest.inner]})
+            classes[nest.inner] = nest.outer
+    nested = {g for g, e in entries.items() if e.combos is not None}
+    depth_items = _removable(groups, entries, classes) if depth else []
     for item, weight in zip(depth_items, _block_weights(depth_items)):
-        for g in item.block.groups:
+        for g in (item.primary, *item.others):
             entries[g].values = entries[g].values * weight
         entries[item.primary] = _with_removal(entries[item.primary], item.block.space)
         group_of[item.block.space] = item.primary
     owned: dict[int | None, list] = {}
     for term in cost.terms:
-        owned.setdefault(_owner(term.spaces, group_of), []).append(term)
+        owned.setdefault(_owner(term.spaces, group_of, nested), []).append(term)
     smallest = {s: float(e.shares[s][0]) for e in entries.values() for s in e.shares}  # every group at its min
     minimum = cost.total(smallest)
     if minimum > capacity * (1 + 1e-9):
@@ -356,18 +435,20 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     keep_counts, predicted = _fill(entries, cost, best[1], capacity)
     keep_counts = _normalized(entries, depth_items, keep_counts)
     removed = [item.block.id for item in depth_items if keep_counts[item.primary] == 0]
-    plan = Plan({gid: np.sort(entries[gid].order[:k]) for gid, k in keep_counts.items()
-                 if 0 < k < entries[gid].group.size}, tuple(removed))
-    return PlanResult(plan, keep_counts, predicted, capacity, iterations, time.perf_counter() - start)
+    plan = Plan({gid: kept for g, k in keep_counts.items() for gid, kept in entries[g].kept(k).items()},
+                tuple(removed))
+    counts = {gid: n for g, k in keep_counts.items() for gid, n in entries[g].counts(k).items()}
+    return PlanResult(plan, counts, predicted, capacity, iterations, time.perf_counter() - start)
 
 
-def _removable(analysis: Analysis, entries: dict[int, _GroupOptions]) -> list[_Depth]:
-    """The blocks the knapsack may remove, each with its primary group (its widest)."""
+def _removable(analysis: Analysis, entries: dict[int, _GroupOptions], classes: dict[int, int]) -> list[_Depth]:
+    """The blocks the knapsack may remove, each with its primary class (its widest group's)."""
     items = []
     for block in analysis.blocks:
-        if block.groups and all(g in entries for g in block.groups):
-            primary = max(block.groups, key=lambda g: (entries[g].group.size, -g))
-            items.append(_Depth(block, primary, tuple(g for g in block.groups if g != primary)))
+        if block.groups and all(g in classes for g in block.groups):
+            own = list(dict.fromkeys(classes[g] for g in block.groups))
+            primary = max(own, key=lambda g: (entries[g].group.size, -g))
+            items.append(_Depth(block, primary, tuple(g for g in own if g != primary)))
     return items
 
 

@@ -83,10 +83,13 @@ def _analysed(model):
 
 
 @pytest.mark.parametrize("enable_gqa", [False, True])
-def test_grouped_query_heads_go_with_their_kv_group_and_the_rms_normed_stream_prunes_exactly(enable_gqa):
+def test_grouped_query_heads_prune_under_their_kv_heads_and_the_rms_normed_stream_prunes_exactly(enable_gqa):
     model, ids, gm = _analysed(Decoder(enable_gqa=enable_gqa))
     free = {g.size for g in fxprune.groups(gm) if g.frozen_reason is None}
-    assert free == {2, 48, 32}  # kv groups (each with its 2 query heads) per layer, MLP per layer, the stream
+    # kv heads per layer (with repeat_kv, each with its 2 query heads; with enable_gqa, the 4 query heads nested
+    # under them), MLP per layer, the stream
+    assert free == ({2, 4, 48, 32} if enable_gqa else {2, 48, 32})
+    assert len(fxprune.analysis(gm).nests) == (2 if enable_gqa else 0)
     for seed in range(3):
         plan = fxprune.random_plan(gm, 0.5, seed=seed)
         pruned = fxprune.prune(gm, plan)
