@@ -13,8 +13,9 @@ fxprune) in onnxruntime: each model's decode step (``fxprune.huggingface.DecodeS
 round-robin rounds against the unpruned model's, a low quantile of each model's calls per round, the median
 of per-round ratios. Methods:
 
-- ``fxprune``: ``fxprune.compile(model, Latency(b, phase="decode"))``, its default (SP-LAMP, heads, MLP,
-  hidden size and blocks in one plan, closed loop on onnxruntime); ``fxprune-width``: the same, ``depth=False``;
+- ``fxprune``: ``fxprune.compile(model, Latency(b, phase="decode"))``, its default (SP-LAMP, kv heads and the
+  query heads under each, MLP, hidden size and blocks in one plan, closed loop on onnxruntime);
+  ``fxprune-width``: the same, ``depth=False``; ``fxprune-depth``: ``depth="only"`` (whole blocks, widths kept);
 - ``torch-pruning`` (not run by default: see ``DEFAULT_METHODS``): Torch-Pruning's MetaPruner as its LLM
   example uses it (magnitude, GQA-aware head pruning, one ratio for every layer), the ratio bisected until
   this script's timing meets the budget;
@@ -56,8 +57,9 @@ RESULTS = DOCS / "llm.json"
 CACHE = Path.home() / ".cache" / "fxprune-benchmarks" / "llm"
 CONFIG = dict(vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-METHODS = ("fxprune", "fxprune-width", "fxprune-mlp", "fxprune-heads", "fxprune-hidden", "torch-pruning", "uniform",
-           "shortgpt")
+METHODS = ("fxprune", "fxprune-width", "fxprune-depth", "fxprune-mlp", "fxprune-heads", "fxprune-hidden",
+           "torch-pruning", "uniform", "shortgpt")
+DEPTH = {"fxprune": True, "fxprune-depth": "only"}  # the rest: widths only
 # each width axis alone: fxprune.compile(..., depth=False, keep=...) keeps the other axes' channels
 AXIS_KEEP = {"fxprune-mlp": ["model.layers.*.self_attn.[qkv]_proj", "model.embed_tokens"],
              "fxprune-heads": ["model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj", "model.embed_tokens"],
@@ -267,17 +269,24 @@ def bisect(build, timer: Timer, budget: float, low: float = 0.0, high: float = 0
     return best
 
 
+def _attentions(model) -> list:
+    """The attention modules a pruned model kept (a removed block's is gone)."""
+    return [m for m in model.modules() if hasattr(m, "num_key_value_groups")]
+
+
 def prune(method: str, base, budget: float, timer: Timer, example: torch.Tensor, train, influence) -> tuple:
     """The method's model at ``budget`` and how it got there."""
     start = time.time()
     if method.startswith("fxprune"):
         latency = (fxprune.Latency(budget, phase="decode", tokens=timer.tokens, batch=1) if timer.phase == "decode"
                    else fxprune.Latency(budget, phase="prefill"))
-        pruned = fxprune.compile(base, latency, {"input_ids": example}, depth=method == "fxprune",
+        pruned = fxprune.compile(base, latency, {"input_ids": example}, depth=DEPTH.get(method, False),
                                  keep=AXIS_KEEP.get(method, ()), progress=False, cache=CACHE / "latency-cache")
         report = fxprune.report(pruned)
         setting = {"fxprune_share": report.predicted_latency_ms_after / report.predicted_latency_ms_before,
-                   "returned": report.returned, "blocks_removed": len(fxprune.plan_of(pruned).drop)}
+                   "returned": report.returned, "blocks_removed": len(fxprune.plan_of(pruned).drop),
+                   "heads": [a.q_proj.out_features // a.head_dim for a in _attentions(pruned)],
+                   "kv_heads": [a.k_proj.out_features // a.head_dim for a in _attentions(pruned)]}
     elif method == "torch-pruning":
         pruned, ratio, _ = bisect(lambda r: torch_pruning(base, r, example), timer, budget)
         setting = {"ratio": ratio}
@@ -382,6 +391,8 @@ def _phase_section(phase: str, records: list[dict], base: dict, tokens: int) -> 
         quartiles = record.get("share_quartiles", [float("nan")] * 2)
         setting = {k: v for k, v in record.items() if k in ("ratio", "keep", "layers_dropped", "blocks_removed",
                                                               "fxprune_share")}
+        if "heads" in record:  # query heads / kv heads of each attention kept, as 3/1
+            setting["heads"] = " ".join(f"{q}/{kv}" for q, kv in zip(record["heads"], record["kv_heads"])) or "none"
         said = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in setting.items())
         lines.append(f"| {record['budget']} | {record['method']} | {record.get('share', float('nan')):.3f} "
                      f"({quartiles[0]:.3f}-{quartiles[1]:.3f}) | {record['params'] / base['params']:.3f} | "

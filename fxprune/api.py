@@ -46,7 +46,7 @@ from fxprune.passes.verify import own_model
 from fxprune.reports import GroupReport, PartReport, Report
 from fxprune.rules import RULES
 from fxprune.rules.attention import ScaledDotProductAttention
-from fxprune.solvers.planner import analysis, random_plan, uniform_plan, with_every_member
+from fxprune.solvers.planner import Depth, analysis, random_plan, uniform_plan, with_every_member
 
 __all__ = ["analysis", "analyze", "capture_of", "compile", "graph_inputs", "groups", "importance", "plan_of", "prune",
            "random_plan", "report", "uniform_plan", "with_every_member"]
@@ -99,7 +99,7 @@ def compile(
     remeasure: bool = False,
     progress: bool = True,
     output: str = "module",
-    depth: bool = True,
+    depth: Depth = True,
     keep: Iterable[str | type] = (),
 ) -> torch.nn.Module:
     """Prune ``model`` to fit ``budget``: trace, group, score, cost, solve, rewrite. Returns a new module:
@@ -109,7 +109,8 @@ def compile(
     reaches), the pruned graph, with a report note naming the module. ``output="graph"``: the pruned
     ``GraphModule`` (the export-ready form) directly. ``depth``: the plan may also remove whole residual
     blocks (``x + f(x)`` becomes ``x``) where that buys the budget more cheaply than thinning them (default:
-    on, docs/depth.md says why; ``fxprune.blocks(gm)`` lists them); ``depth=False``: width only. ``keep``:
+    on, docs/depth.md says why; ``fxprune.blocks(gm)`` lists them); ``depth=False``: width only;
+    ``depth="only"``: blocks only, every width kept (the layer dropping of ShortGPT, by the budget). ``keep``:
     modules whose output channels every plan keeps (qualified names, ``fnmatch`` patterns such as
     ``"model.layers.*.self_attn"``, or classes; their submodules too), and which are not removed.
 
@@ -307,7 +308,7 @@ def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
 
 
 def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: Budget,
-            importance_name: str, solver: str, measure: bool, depth: bool = False) -> Report:
+            importance_name: str, solver: str, measure: bool, depth: Depth = False) -> Report:
     """What compile did: the solution, FLOPs and parameters before and after, latency where measured."""
     solution: Solution = gm.meta[SOLUTION_KEY]
     result, scores, inputs = solution.result, gm.meta[IMPORTANCE_KEY].scores, context.example_inputs

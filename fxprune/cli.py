@@ -16,16 +16,18 @@ import importlib
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 import fxprune
 from fxprune import plots
-from fxprune.budgets import UserBudget
+from fxprune.budgets import PHASES, UserBudget
 from fxprune.cache import LatencyCache
 from fxprune.errors import FxpruneError, InvalidWeightsError, ModelNotFoundError
+from fxprune.huggingface import decodes
 from fxprune.ir.keys import LATENCY_KEY, LAYER_LATENCY_KEY
 from fxprune.passes.context import Context
 from fxprune.passes.latency import LatencyPass
@@ -158,14 +160,23 @@ class Steps:
                   flush=True)
 
 
-def _inputs(args, model: torch.nn.Module) -> tuple:
+def _inputs(args, model: torch.nn.Module) -> tuple | dict:
+    """The example the model is compiled on: ``--input-shape`` random values (a decoder's: token ids, batch x
+    tokens, default 1 x 128), else what image classifiers take."""
+    if decodes(model):
+        shape = args.input_shape or (1, 128)
+        if len(shape) != 2:
+            raise FxpruneError(f"--input-shape {','.join(map(str, shape))}: a decoder takes token ids, batch,tokens "
+                               "(e.g. 1,128)")
+        config: Any = model.config  # a Hugging Face model (decodes)
+        return {"input_ids": torch.randint(0, int(config.vocab_size), shape)}
     if args.input_shape:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         return (torch.randn(*args.input_shape, dtype=dtype),)
     return fxprune.api.infer_example_inputs(model)
 
 
-def _load(args, step: Steps) -> tuple[torch.nn.Module, tuple]:
+def _load(args, step: Steps) -> tuple[torch.nn.Module, tuple | dict]:
     """The model named on the command line (with its weights) and its example inputs. Random weights and
     inputs are seeded: the same command builds the same model, whose plans and their timings the latency
     cache then holds (unseeded, every run of the README's command pruned another model and timed 4 plans
@@ -186,7 +197,15 @@ _FLAGS = {"capture='export'": "--capture export", "capture='auto'": "--capture a
           "leaf_modules=[...]": "--leaf-module NAME", "compile with a larger refine": "give a larger --refine",
           "example_inputs=(tensor, ...)": "--input-shape", "pass measure=True to fxprune.compile": "pass --measure",
           "ask for a little less than the budget": "give a slightly smaller --budget",
-          "a smaller round_to": "a smaller --round-to", "keep=": "--keep "}
+          "a smaller round_to": "a smaller --round-to", "keep=": "--keep ",
+          "phase='prefill' or 'decode'": "--phase prefill or --phase decode",
+          "phase='prefill' to hold it": "--phase prefill to hold it",
+          "give it with phase='decode' or 'both'": "give it with --phase decode or --phase both",
+          "Latency(tokens=..., batch=...)": "--tokens and --batch", "Latency(phase='decode')": "--phase decode",
+          "Latency(phase='both')": "--phase both", "Latency(tokens=...)": "--tokens", "Latency(batch=...)": "--batch",
+          "set Latency(..., tokens=N, batch=B)": "give --tokens N and --batch B",
+          "give a prefill budget (Latency(0.5)) instead": "leave --phase out",
+          "give Latency(fraction) alone": "leave --phase, --tokens and --batch out"}
 
 
 def _in_flags(message: str) -> str:
@@ -238,12 +257,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def phased(budget: UserBudget, phase: str | None, tokens: int | None, batch: int | None) -> UserBudget:
+    """``--budget`` with ``--phase``, ``--tokens`` and ``--batch`` (a decoder's latency), checked as Latency checks
+    them; a budget of another metric has no phase."""
+    given = {name: value for name, value in (("phase", phase), ("tokens", tokens), ("batch", batch)) if value}
+    if not given:
+        return budget
+    if not isinstance(budget, fxprune.Latency):
+        raise FxpruneError(f"--{next(iter(given))} sets a latency budget's decoder phase; --budget {budget} has none: "
+                           "give --budget 0.5 or ms:N")
+    # Latency's own checks, in its words (_in_flags gives the flags)
+    return replace(budget, phase=phase or budget.phase, tokens=tokens or budget.tokens, batch=batch or budget.batch)
+
+
 def cmd_prune(args) -> None:
     check_outputs(args)
+    budget = phased(args.budget, args.phase, args.tokens, args.batch)
     step = Steps()
     model, inputs = _load(args, step)
-    with step(f"compiling to {args.budget}"):
-        pruned = fxprune.compile(model, args.budget, inputs, importance=args.importance, solver=args.solver,
+    with step(f"compiling to {budget}"):
+        pruned = fxprune.compile(model, budget, inputs, importance=args.importance, solver=args.solver,
                                  engine=args.engine, threads=args.threads, round_to=args.round_to, depth=args.depth,
                                  measure=args.measure, refine=args.refine, remeasure=args.remeasure,
                                  keep=args.keep, **_capture(args))
@@ -274,11 +307,11 @@ def cmd_prune(args) -> None:
         print("plots: " + ", ".join(str(p) for p in written))
 
 
-def _with_tables(model: torch.nn.Module, inputs: tuple, args) -> torch.fx.GraphModule:
+def _with_tables(model: torch.nn.Module, inputs: tuple | dict, args) -> torch.fx.GraphModule:
     """The analysed model with its latency tables (measured, or from the cache) on its nodes."""
     gm = fxprune.analyze(model, inputs, **_capture(args))
-    inputs = fxprune.graph_inputs(gm, inputs)
-    with Context(inputs, args.engine, threads=args.threads, remeasure=getattr(args, "remeasure", False)) as context:
+    flat = fxprune.graph_inputs(gm, inputs)
+    with Context(flat, args.engine, threads=args.threads, remeasure=getattr(args, "remeasure", False)) as context:
         LatencyPass(context, round_to=getattr(args, "round_to", None))(gm)
     return gm
 
@@ -291,7 +324,8 @@ def cmd_profile(args) -> None:
     calibration = gm.meta[LATENCY_KEY]
     total = calibration.measured_ms
     print(f"{args.model} on {args.engine} ({calibration.engine['threads']} threads), input "
-          f"{'x'.join(map(str, inputs[0].shape))}: {total:.3f} ms")
+          f"{'x'.join(map(str, (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]).shape))}: "
+          f"{total:.3f} ms")
     print(f"  {'layer':<32} {'as deployed':<46} {'ms':>8} {'share':>7}")
     rows = []
     for node in gm.graph.nodes:
@@ -382,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--plot", metavar="DIR", help="write PNG plots to DIR")
         cmd.add_argument("--remeasure", action="store_true",
                          help="time the latency tables and plans again instead of reading the cache")
+    prune.add_argument("--phase", choices=PHASES,
+                       help="a Hugging Face decoder's latency: prefill (one forward of the example), decode (one "
+                            "token with a key-value cache) or both (the larger share; its default)")
+    prune.add_argument("--tokens", type=positive_int, help="--phase decode/both: the cache's length (default: the "
+                                                           "example's tokens)")
+    prune.add_argument("--batch", type=positive_int, help="--phase decode/both: the batch (default: the example's)")
     prune.add_argument("--importance", default="sp_lamp", choices=("sp_lamp", "lamp", "l1", "l2", "bn_scale"))
     prune.add_argument("--solver", default="sp_lamp", choices=("sp_lamp", "halp"))
     prune.add_argument("--round-to", type=positive_int,
@@ -390,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--depth", action=argparse.BooleanOptionalAction, default=True,
                        help="the plan may also remove whole residual blocks, x + f(x) becoming x (default: on; "
                             "--no-depth: width only)")
+    prune.add_argument("--depth-only", action="store_const", const="only", dest="depth",
+                       help="whole residual blocks only, every width kept (layer dropping, to the budget)")
     prune.add_argument("--keep", action="append", default=[], metavar="NAME",
                        help="a module whose output channels every plan keeps (a qualified name or a pattern such as "
                             "'model.layers.*.self_attn'; its submodules too); repeat for more")

@@ -153,3 +153,12 @@ class SplitBlock(nn.Module):
 def split_block() -> SplitBlock:
     """A model torch.fx cannot trace and torch.export can (for tests and the command line)."""
     return SplitBlock().eval()
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A Llama of 2 layers, 4 query and 2 kv heads (``tests.doubles:tiny_llama`` on the command line)."""
+    import transformers  # a test extra, needed by the tests that name this factory only
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config).eval()

@@ -15,6 +15,7 @@ from fxprune.cli import Steps, _load, build_parser, main
 from tests.doubles import tiny_cnn
 
 TINY = "tests.doubles:tiny_cnn"
+LLAMA = "tests.doubles:tiny_llama"
 
 
 def test_prune_writes_onnx_and_both_torch_formats_and_reports(tmp_path, capsys):
@@ -92,6 +93,12 @@ def test_analyze_lists_groups(capsys):
     (["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "flops:0.0001"], "smallest achievable"),
     (["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "flops:0.0001"], "a smaller --round-to (now 8)"),
     (["report", "nosuchfile.pt"], "no such file"),
+    (["prune", TINY, "--input-shape", "1,3,32,32", "--budget", "0.5", "--phase", "decode"], "leave --phase out"),
+    (["prune", TINY, "--budget", "flops:0.5", "--phase", "decode"], "--budget FLOPs(0.5) has none"),
+    (["prune", LLAMA, "--budget", "0.5", "--phase", "prefill", "--tokens", "8"],
+     "--tokens sets the decode step: give it with --phase decode or --phase both"),
+    (["prune", LLAMA, "--budget", "ms:0.1"], "give --phase prefill or --phase decode"),
+    (["prune", LLAMA, "--input-shape", "1,3,32,32", "--budget", "flops:0.5"], "a decoder takes token ids"),
 ])
 def test_mistakes_exit_non_zero_with_a_message(argv, message, capsys):
     assert main(argv) != 0
@@ -206,3 +213,11 @@ def test_keep_takes_modules_out_of_the_plan_and_a_wrong_name_is_said_in_flags(tm
                  "--keep", "features.0"]) == 1
     error = capsys.readouterr().err
     assert "--keep ['features.0'] names no module" in error and "keep=" not in error
+
+
+def test_a_decoder_prunes_to_its_decode_step_from_the_command_line(capsys):
+    pytest.importorskip("transformers")
+    assert main(["prune", LLAMA, "--input-shape", "1,16", "--budget", "0.6", "--phase", "decode", "--tokens", "32",
+                 "--engine", "torch", "--refine", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "budget Latency(0.6, phase='decode', tokens=32)" in text and "returned: LlamaForCausalLM" in text

@@ -26,7 +26,7 @@ from fxprune.ir.whole import WholeModel
 from fxprune.passes.context import Context
 from fxprune.passes.latency import channel_granularity, latency_cost
 from fxprune.passes.refine import check_refine, solve_measured
-from fxprune.solvers.planner import check_solver, solve_plan
+from fxprune.solvers.planner import Depth, check_solver, solve_plan
 
 DEFAULT_STEP = 8  # FLOPs and parameter budgets: widths on multiples of 8 channels unless round_to says
 
@@ -35,9 +35,9 @@ class PlanPass(PassBase):
     """The plan for ``budget`` (an ``fxprune`` budget), with ``solver``; see the module docstring."""
 
     def __init__(self, context: Context, budget: Budget, *, solver: str = "sp_lamp", resolution: int = 4000,
-                 round_to: int | None = None, refine: int = 0, depth: bool = False) -> None:
+                 round_to: int | None = None, refine: int = 0, depth: Depth = False) -> None:
         super().__init__()
-        check_solver(solver, round_to, resolution)
+        check_solver(solver, round_to, resolution, depth)
         check_refine(refine, FxpruneError)
         self.context, self.budget, self.solver, self.resolution = context, budget, solver, resolution
         self.round_to, self.refine, self.depth = round_to, refine, depth
@@ -83,7 +83,7 @@ def grid(gm: torch.fx.GraphModule, metric: str, round_to: int | None) -> int | M
 
 def solve_budget(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, context: Context, *,
                  solver: str = "sp_lamp", resolution: int = 4000, round_to: int | None = None, refine: int = 0,
-                 depth: bool = False, importance: Mapping[int, np.ndarray] | None = None) -> Solution:
+                 depth: Depth = False, importance: Mapping[int, np.ndarray] | None = None) -> Solution:
     """The plan under ``capacity`` of ``cost`` (latency with ``refine`` > 0: through the closed loop), on the
     grid ``grid`` gives; under every plan of whole steps, solved again with groups under one step, unless
     the user set ``round_to``. What the plan pass and the training-time methods solve with."""

@@ -34,7 +34,7 @@ from fxprune.passes.refine import check_refine
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.score import ScorePass
 from fxprune.passes.whole import WholeModelBudgetPass
-from fxprune.solvers.planner import check_solver
+from fxprune.solvers.planner import Depth, check_solver
 
 logger = logging.getLogger("fxprune")
 OUTPUTS = ("module", "graph")
@@ -62,7 +62,7 @@ class Options:
     solver: str = "sp_lamp"
     resolution: int = 4000
     refine: int = 4
-    depth: bool = True
+    depth: Depth = True
     output: str = "module"
     keep: Iterable[str | type] = ()
 
@@ -70,7 +70,7 @@ class Options:
         if self.output not in OUTPUTS:
             raise OutputError(f"output={self.output!r}: compile returns output='module' (the model's own class, "
                               "smaller) or output='graph' (the pruned GraphModule)")
-        check_solver(self.solver, self.round_to, self.resolution)
+        check_solver(self.solver, self.round_to, self.resolution, self.depth)
         check_refine(self.refine, FxpruneError)
         self.calibration = list(self.calibration) if self.calibration is not None else None
 

@@ -35,7 +35,7 @@ from fxprune.ir.latency import LatencyCalibration
 from fxprune.ir.solution import LatencyPoint, MeasuredSolve, PlanResult
 from fxprune.passes.context import Context
 from fxprune.passes.rewrite import kept_shares
-from fxprune.solvers.planner import nearest_plan, solve_plan
+from fxprune.solvers.planner import Depth, nearest_plan, solve_plan
 
 # One plan timed in two sessions moves by a few percent (docs/latency_model.md). A plan is aimed MARGIN
 # under the budget, so a second timing stays within it, and a timed plan is kept as it is when it
@@ -115,7 +115,7 @@ def solve_measured(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, c
                    steps: int = 1, margin: float = MARGIN, round_to: int | Mapping[int, int] = 8,
                    solver: str = "sp_lamp", resolution: int = 4000,
                    importance: Mapping[int, np.ndarray] | None = None, below_step: bool = False,
-                   depth: bool = False) -> MeasuredSolve:
+                   depth: Depth = False) -> MeasuredSolve:
     """Solve for ``capacity`` (ms) of the full model's latency (less ``margin``) under ``cost`` (the latency
     tables), then up to ``steps`` times: time the plan on the context's engine, add the point, solve again
     through the correction. Returns the largest timed plan within the budget, else the last plan solved.

@@ -13,7 +13,7 @@ import time
 from collections import ChainMap
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch.fx
@@ -201,6 +201,12 @@ class _Depth:
     others: tuple[int, ...]
 
 
+def _whole(entry: _GroupOptions) -> _GroupOptions:
+    """``entry`` with its full-width option only."""
+    return _GroupOptions(entry.group, entry.order, entry.options[-1:], entry.values[-1:],
+                         {s: v[-1:] for s, v in entry.shares.items()}, entry.combos)
+
+
 def _with_removal(entry: _GroupOptions, block_space: int) -> _GroupOptions:
     """``entry`` with option 0 in front: the block removed, worth nothing and costing nothing."""
     shares = {s: np.concatenate([[v[0]], v]) for s, v in entry.shares.items()}
@@ -325,9 +331,17 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
     return {g: int(entries[g].options[i]) for g, i in index.items()}, cost.total(share)
 
 
-def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None, resolution: int = 4000) -> None:
-    """SolverError, saying what is allowed, for an unknown solver, or a round_to or resolution that is not a
-    positive integer."""
+Depth = bool | Literal["only"]  # whole blocks removable too (True), or not (False), or alone, widths kept ("only")
+DEPTHS = (True, False, "only")
+
+
+def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None, resolution: int = 4000,
+                 depth: Depth = False) -> None:
+    """SolverError, saying what is allowed, for an unknown solver, a round_to or resolution that is not a
+    positive integer, or a depth other than True, False and "only"."""
+    if not any(depth is d or (isinstance(d, str) and depth == d) for d in DEPTHS):
+        raise SolverError(f"depth={depth!r}: give True (blocks removed whole where that buys the budget more cheaply "
+                          "than thinning), False (widths only) or 'only' (whole blocks only, every width kept)")
     if solver not in SOLVERS:
         raise SolverError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
@@ -349,16 +363,17 @@ def _narrower_hint(round_to: int | Mapping[int, int]) -> str:
 def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                importance: Mapping[int, np.ndarray] | None = None, round_to: int | Mapping[int, int] = 8,
                solver: str = "sp_lamp", resolution: int = 4000, max_iterations: int = 10,
-               below_step: bool = False, depth: bool = False) -> PlanResult:
+               below_step: bool = False, depth: Depth = False) -> PlanResult:
     """The best plan (by kept importance) whose cost under ``cost`` is at most ``capacity``.
 
     ``importance``: one score per channel of each prunable group (default: the score pass's).
     ``round_to``: keep counts on multiples of this, one number for every group or one per group id.
     ``below_step``: a group may also keep fewer than one ``round_to``, on multiples of a quarter of it.
     ``depth``: the removable blocks (``Analysis.blocks``) may be removed whole, in the same knapsack: a
-    removed block keeps none of its channels' importance and costs nothing (its cost terms carry its space).
+    removed block keeps none of its channels' importance and costs nothing (its cost terms carry its space);
+    ``"only"``: blocks removed whole and every group at full width otherwise.
     """
-    check_solver(solver, round_to)
+    check_solver(solver, round_to, depth=depth)
     groups = analysis(gm)
     if importance is None:
         if IMPORTANCE_KEY not in gm.meta:
@@ -382,6 +397,8 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
             classes[nest.inner] = nest.outer
     nested = {g for g, e in entries.items() if e.combos is not None}
     depth_items = _removable(groups, entries, classes) if depth else []
+    if depth == "only":  # a group decides nothing but, through its block's primary class, the block's removal
+        entries = {g: _whole(e) for g, e in entries.items()}
     for item, weight in zip(depth_items, _block_weights(depth_items)):
         for g in (item.primary, *item.others):
             entries[g].values = entries[g].values * weight

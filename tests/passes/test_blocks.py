@@ -143,6 +143,18 @@ def test_the_knapsack_removes_the_block_that_matters_least_where_thinning_cannot
     assert "blocks removed (1): blocks.1" in str(report)
 
 
+def test_depth_only_removes_the_blocks_that_matter_least_and_keeps_every_width(residual_net):
+    torch.manual_seed(0)
+    model = _eval(residual_net(scales=(1.0, 1e-3, 1.0)))  # the middle block's branch is almost nothing
+    x = torch.randn(1, 3, 16, 16)
+    result = fxprune.compile(model, fxprune.FLOPs(0.7), x, progress=False, depth="only")
+    plan, report = fxprune.plan_of(result), fxprune.report(result)
+    assert plan.keep == {} and report.blocks_removed == ["blocks.1"]  # widths all kept, the weakest block gone
+    assert report.flops_after <= 0.7 * report.flops_before
+    with pytest.raises(fxprune.errors.SolverError, match="depth='all'.*'only'"):
+        fxprune.compile(model, fxprune.FLOPs(0.7), x, progress=False, depth="all")
+
+
 def test_depth_on_a_model_without_blocks_is_width_only_and_the_report_says_so():
     model = torchvision.models.vgg11().eval()
     result = fxprune.compile(model, fxprune.FLOPs(0.5), torch.randn(1, 3, 32, 32), progress=False, depth=True)
