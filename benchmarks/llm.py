@@ -365,7 +365,9 @@ def write_docs(state: dict) -> None:
              "20% quantile over the base model's (quartiles of the rounds beside it). Healing: "
              f"{state['short']} and {state['long']} steps of AdamW at 1e-3 on {BATCH}x{LENGTH}-byte windows, "
              "one seed of the batches per listed perplexity (mean, min-max over seeds where there are several). "
-             "fxprune-mlp / -heads / -hidden: one width axis alone (depth off, the others kept with `keep=`)."]
+             "fxprune-mlp / -heads / -hidden: one width axis alone (depth off, the others kept with `keep=`); "
+             "fxprune-depth: whole blocks alone (`depth=\"only\"`). Heads in the setting column: query/kv heads of "
+             "each attention kept."]
     figure, plots = plt.subplots(1, 2, figsize=(11, 4))
     for phase, axes in zip(("decode", "prefill"), plots):
         records = [r for r in state["cases"] if _phase(r) == phase]
