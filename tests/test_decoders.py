@@ -13,6 +13,7 @@ from fxprune.errors import BudgetError, PlanError
 from fxprune.ir.keys import COST_KEY
 from fxprune.modules import Skip
 from fxprune.passes.cost import CostPass
+from fxprune.passes.keep import KeepPass
 from fxprune.passes.pipeline import analyze_inputs, run_passes
 from fxprune.passes.rewrite import kept_shares
 from fxprune.passes.score import ScorePass
@@ -230,3 +231,22 @@ def test_the_planner_drops_weak_query_heads_and_keeps_their_kv_heads():
         assert result.plan.keep[nest.inner].tolist() == [0, 3]
         assert nest.outer not in result.plan.keep  # both kv heads stay
         assert result.keep_counts[nest.inner] == 2 and result.keep_counts[nest.outer] == 2
+
+
+@pytest.mark.parametrize("kept", ["q_proj", "k_proj"])
+def test_keeping_one_side_of_grouped_query_attention_keeps_the_other(kept):
+    """Query heads are nested under kv heads: a kept q_proj leaves no kv head to drop, a kept k_proj no query
+    head (the nest would break), whatever the scores say."""
+    model, ids = _decoder("llama"), _ids()
+    gm, inputs = analyze_inputs(model, {"input_ids": ids})
+    gm = run_passes(gm, [KeepPass([f"model.layers.*.self_attn.{kept}"], model), ScorePass("l1"), CostPass(inputs)])
+    analysis = fxprune.analysis(gm)
+    for nest in analysis.nests:
+        assert "query heads nested under kv heads" in analysis.groups[nest.inner if kept == "k_proj" else
+                                                                      nest.outer].frozen_reason
+    cost = gm.meta[COST_KEY]["flops"]
+    importance = {g.id: np.full(g.size, 100.0) for g in analysis.prunable_groups()}
+    result = solve_plan(gm, cost, 0.3 * cost.total({}), importance=importance, round_to=1)
+    assert not {n.inner for n in analysis.nests} & set(result.plan.keep)
+    assert not {n.outer for n in analysis.nests} & set(result.plan.keep)
+    fxprune.prune(gm, result.plan)  # a valid plan

@@ -47,6 +47,11 @@ class KeepPass(PassBase):
             group = analysis.groups[axis.space.group_id]
             if group.frozen_reason is None:
                 group.frozen_reason = f"kept: {module} matches keep={self.keep[index]!r}"
+        for nest in analysis.nests:  # query heads and their kv heads: one side kept keeps the other
+            inner, outer = analysis.groups[nest.inner], analysis.groups[nest.outer]
+            for kept, other in ((inner, outer), (outer, inner)):
+                if kept.frozen_reason is not None and other.frozen_reason is None:
+                    other.frozen_reason = f"{kept.frozen_reason} (query heads nested under kv heads)"
         if unmatched := [self.keep[i] for i in range(len(self.keep)) if i not in matched]:
             raise KeepError(f"keep={unmatched!r} names no module whose parameters make channels in this model; "
                             "give qualified names as model.named_modules() lists them (patterns as in fnmatch: "

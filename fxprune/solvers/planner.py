@@ -390,6 +390,12 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
     classes = {g.id: g.id for g in prunable}  # group -> the knapsack class that decides it
     for nest in groups.nests:
+        if (nest.inner in entries) != (nest.outer in entries):  # one side frozen: the other must stay whole too
+            for whole in (nest.inner, nest.outer):
+                if entries.pop(whole, None) is not None:
+                    classes.pop(whole)
+                    for space in members[whole]:
+                        group_of.pop(space.id)
         if nest.inner in entries and nest.outer in entries:
             entries[nest.outer] = _nested_options(nest, entries[nest.outer], entries.pop(nest.inner), importance,
                                                   members[nest.outer] + members[nest.inner])
