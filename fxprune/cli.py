@@ -324,8 +324,7 @@ def cmd_profile(args) -> None:
     calibration = gm.meta[LATENCY_KEY]
     total = calibration.measured_ms
     print(f"{args.model} on {args.engine} ({calibration.engine['threads']} threads), input "
-          f"{'x'.join(map(str, (next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]).shape))}: "
-          f"{total:.3f} ms")
+          f"{'x'.join(map(str, fxprune.graph_inputs(gm, inputs)[0].shape))}: {total:.3f} ms")
     print(f"  {'layer':<32} {'as deployed':<46} {'ms':>8} {'share':>7}")
     rows = []
     for node in gm.graph.nodes:

@@ -112,10 +112,14 @@ class Nest:
                     f"the kept channels of group {self.outer}, which must each keep the same number, at least one")
         return None
 
+    def children(self) -> list[np.ndarray]:
+        """Per outer channel, the inner channels under it, in channel order."""
+        return [np.flatnonzero(self.parent == o) for o in range(int(self.parent.max()) + 1)]
+
     def completed(self, inner_kept: set[int], outer_kept: set[int]) -> set[int]:
         """``inner_kept`` made to fit ``outer_kept``: nothing under a dropped outer channel, and under each
         kept one as many as the most any keeps (at least one), filled in channel order."""
-        children = [np.flatnonzero(self.parent == o) for o in range(int(self.parent.max()) + 1)]
+        children = self.children()
         kept = {i for i in inner_kept if int(self.parent[i]) in outer_kept}
         count = max([1] + [len(kept.intersection(children[o].tolist())) for o in outer_kept])
         for o in outer_kept:

@@ -111,6 +111,9 @@ def cache_off(model: torch.nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention_forward at each call
+
+
 @contextlib.contextmanager
 def grouped_query_attention() -> Iterator[None]:
     """Hugging Face's SDPA attention calls ``scaled_dot_product_attention(..., enable_gqa=True)`` on the kv heads
@@ -126,9 +129,6 @@ def grouped_query_attention() -> Iterator[None]:
             del os.environ[_FORCE_GQA]
         else:
             os.environ[_FORCE_GQA] = previous
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention_forward at each call
 
 
 def run_eager(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Any:

@@ -59,8 +59,7 @@ class _GroupOptions:
         """Channels ``option`` keeps, counted per group this class decides."""
         if self.combos is None:
             return {self.group.id: option}
-        sizes = {gid: kept.size for gid, kept in self.combos[self.full].items()}
-        return {gid: 0 if option == 0 else len(self.combos[option][gid]) for gid in sizes}
+        return {gid: 0 if option == 0 else len(self.combos[option][gid]) for gid in self.combos[self.full]}
 
 
 def analysis(gm: torch.fx.GraphModule) -> Analysis:
@@ -95,11 +94,10 @@ def uniform_plan(gm: torch.fx.GraphModule, keep_ratio: float, round_to: int | Ma
     nested = {nest.inner: nest for nest in analysis(gm).nests}
     for group in analysis(gm).prunable_groups():
         if group.id in nested:
-            parent = nested[group.id].parent
-            rank = np.array([np.sum(parent[:i] == parent[i]) for i in range(group.size)])  # place under its kv head
-            under = max(1, int(round((rank.max() + 1) * keep_ratio)))
-            if under <= rank.max():
-                keep[group.id] = np.flatnonzero(rank < under)
+            children = nested[group.id].children()  # the query heads under each kv head
+            under = max(1, int(round(len(children[0]) * keep_ratio)))
+            if under < len(children[0]):
+                keep[group.id] = np.sort(np.concatenate([c[:under] for c in children]))
             continue
         step = round_to.get(group.id, 1) if isinstance(round_to, Mapping) else round_to
         count = min(group.size, max(step, int(round(group.size * keep_ratio / step)) * step))
@@ -171,11 +169,10 @@ def _nested_options(nest: Nest, outer: _GroupOptions, inner: _GroupOptions, impo
     is worth its score and its best query heads' scores, and the best kv heads by that are kept."""
     outer_scores = np.asarray(importance[nest.outer], dtype=np.float64)
     inner_scores = np.asarray(importance[nest.inner], dtype=np.float64)
-    children = [np.flatnonzero(nest.parent == o) for o in range(outer.group.size)]
-    children = [c[np.argsort(-inner_scores[c], kind="stable")] for c in children]
-    per_outer = min(c.size for c in children)
+    children = [c[np.argsort(-inner_scores[c], kind="stable")] for c in nest.children()]
+    per_outer, inner_counts = min(c.size for c in children), set(inner.options.tolist())
     pairs = sorted({(int(n) * under, int(n), under) for n in outer.options for under in range(1, per_outer + 1)
-                    if int(n) * under in set(inner.options.tolist())})
+                    if int(n) * under in inner_counts})
     combos: dict[int, dict[int, np.ndarray]] = {}
     values, masks = [], []
     for option, (_, n, under) in enumerate(pairs, start=1):
@@ -332,14 +329,13 @@ def _fill(entries: dict[int, _GroupOptions], cost: CostModel, keep_counts: dict[
 
 
 Depth = bool | Literal["only"]  # whole blocks removable too (True), or not (False), or alone, widths kept ("only")
-DEPTHS = (True, False, "only")
 
 
 def check_solver(solver: str, round_to: int | Mapping[int, int] | None = None, resolution: int = 4000,
                  depth: Depth = False) -> None:
     """SolverError, saying what is allowed, for an unknown solver, a round_to or resolution that is not a
     positive integer, or a depth other than True, False and "only"."""
-    if not any(depth is d or (isinstance(d, str) and depth == d) for d in DEPTHS):
+    if depth is not True and depth is not False and depth != "only":
         raise SolverError(f"depth={depth!r}: give True (blocks removed whole where that buys the budget more cheaply "
                           "than thinning), False (widths only) or 'only' (whole blocks only, every width kept)")
     if solver not in SOLVERS:
@@ -389,13 +385,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
                for g in prunable}
     group_of = {s.id: g.id for g in prunable for s in members[g.id]}
     classes = {g.id: g.id for g in prunable}  # group -> the knapsack class that decides it
-    for nest in groups.nests:
-        if (nest.inner in entries) != (nest.outer in entries):  # one side frozen: the other must stay whole too
-            for whole in (nest.inner, nest.outer):
-                if entries.pop(whole, None) is not None:
-                    classes.pop(whole)
-                    for space in members[whole]:
-                        group_of.pop(space.id)
+    for nest in groups.nests:  # both sides prunable, or both frozen (KeepPass freezes the other side)
         if nest.inner in entries and nest.outer in entries:
             entries[nest.outer] = _nested_options(nest, entries[nest.outer], entries.pop(nest.inner), importance,
                                                   members[nest.outer] + members[nest.inner])
