@@ -16,12 +16,13 @@ of per-round ratios. Methods:
 - ``fxprune``: ``fxprune.compile(model, Latency(b, phase="decode"))``, its default (SP-LAMP, kv heads and the
   query heads under each, MLP, hidden size and blocks in one plan, closed loop on onnxruntime);
   ``fxprune-width``: the same, ``depth=False``; ``fxprune-depth``: ``depth="only"`` (whole blocks, widths kept);
-- ``torch-pruning`` (not run by default: see ``DEFAULT_METHODS``): Torch-Pruning's MetaPruner as its LLM
+- ``torch-pruning``: Torch-Pruning's MetaPruner as its LLM
   example uses it (magnitude, GQA-aware head pruning, one ratio for every layer), the ratio bisected until
   this script's timing meets the budget;
 - ``uniform``: every prunable group of fxprune's analysis kept at one share, bisected alike;
 - ``shortgpt``: whole decoder layers dropped in order of block influence (1 - cosine of each layer's input
-  and output on training text), as few as this script's timing needs.
+  and output on training text), as few as this script's timing needs;
+- ``unpruned`` (with ``--budgets 1``): the base model itself, healed alike: what the healing alone buys.
 
 Validation perplexity one-shot, after a short healing fine-tune and after a longer one (``fxprune.heal``,
 ``--seeds`` seeds of the healing batches); paired differences per seed.
@@ -58,17 +59,16 @@ CACHE = Path.home() / ".cache" / "fxprune-benchmarks" / "llm"
 CONFIG = dict(vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 METHODS = ("fxprune", "fxprune-width", "fxprune-depth", "fxprune-mlp", "fxprune-heads", "fxprune-hidden",
-           "torch-pruning", "uniform", "shortgpt")
+           "torch-pruning", "uniform", "shortgpt", "unpruned")
 DEPTH = {"fxprune": True, "fxprune-depth": "only"}  # the rest: widths only
 # each width axis alone: fxprune.compile(..., depth=False, keep=...) keeps the other axes' channels
 AXIS_KEEP = {"fxprune-mlp": ["model.layers.*.self_attn.[qkv]_proj", "model.embed_tokens"],
              "fxprune-heads": ["model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj", "model.embed_tokens"],
              "fxprune-hidden": ["model.layers.*.self_attn.[qkv]_proj", "model.layers.*.mlp.gate_proj",
                                 "model.layers.*.mlp.up_proj"]}
-# Torch-Pruning 1.6.0's MetaPruner never finished grouping a transformers 5 LlamaForCausalLM here (2 layers:
-# DependencyGraph.get_all_groups ran 570 s without returning, with grouped-query and with plain multi-head
-# attention, Torch-Pruning's issue #474 reports the same), so it is not among the default methods.
-DEFAULT_METHODS = ("fxprune", "fxprune-width", "uniform", "shortgpt")
+# Torch-Pruning 1.6 groups a transformers 5 LlamaForCausalLM only when traced without the key-value cache and
+# with eager attention (see ``torch_pruning``): without them its grouping never returned (570 s, 2 layers).
+DEFAULT_METHODS = ("fxprune", "fxprune-width", "torch-pruning", "uniform", "shortgpt")
 LENGTH, BATCH = 128, 16  # training and healing windows
 
 
@@ -199,10 +199,28 @@ class Timer:
 
 # --- methods -------------------------------------------------------------------------------------------
 def torch_pruning(model: torch.nn.Module, ratio: float, example: torch.Tensor) -> torch.nn.Module:
-    """Torch-Pruning's LLM example: MetaPruner, group magnitude, GQA-aware head pruning, one ratio."""
+    """Torch-Pruning's LLM example: MetaPruner, group magnitude, GQA-aware head pruning, one ratio.
+
+    Two settings of the traced forward only, so that Torch-Pruning 1.6 sees the graph its example saw on the
+    transformers of its time (what it prunes is its own choice, unchanged):
+
+    - ``use_cache=False``: since transformers 4.56 a forward without a cache still fills a new DynamicCache
+      with ``torch.cat([empty, keys], dim=-2)``. Torch-Pruning reads that cat as a channel concat (the grad
+      node keeps dim -2 as 2**64 - 2, past its other-dim guard), rotate_half's cat then gets channel offsets
+      and the group walk shifts the indices by one concat input's width at each turn of the loop, never
+      meeting an index list it has seen: ``get_all_groups`` never returns.
+    - eager attention: Torch-Pruning finds grouped-query attention by ``repeat_kv``'s expand, which the SDPA
+      path no longer runs (``enable_gqa=True``): the heads' importance cannot be reshaped (``shape '[6, -1]'
+      is invalid for input of size 64``). The model's own implementation is set back afterwards.
+
+    With GQA, Torch-Pruning keeps every kv head and removes query heads evenly from the kv groups; where that
+    would leave one query head per kv head, or none (ratio above 1/3 here), it prunes no head in that layer,
+    but still counts them as pruned in ``pruner.num_heads``: the sizes below are read from the weights."""
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     num_heads = {}
     for name, module in model.named_modules():
         if name.endswith("self_attn"):
@@ -210,15 +228,22 @@ def torch_pruning(model: torch.nn.Module, ratio: float, example: torch.Tensor) -
             num_heads[module.k_proj] = model.config.num_key_value_heads
             num_heads[module.v_proj] = model.config.num_key_value_heads
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs={"input_ids": example}, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        global_pruning=False, output_transform=lambda out: out.logits, pruning_ratio=ratio,
-        ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=ratio, round_to=4)
+        model, example_inputs={"input_ids": example, "use_cache": False},
+        importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=False,
+        output_transform=lambda out: out.logits, pruning_ratio=ratio, ignored_layers=[model.lm_head],
+        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, round_to=4)
     pruner.step()
-    for name, module in model.named_modules():
-        if name.endswith("self_attn"):
-            module.num_key_value_groups = pruner.num_heads[module.q_proj] // pruner.num_heads[module.k_proj]
-    model.config.hidden_size = model.model.embed_tokens.weight.shape[1]
+    model.set_attn_implementation(implementation)
+    # the example's updates after pruning, for transformers 5's attention (it keeps head_dim, not num_heads)
+    config = model.config
+    attentions = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    for attention in attentions:
+        attention.num_key_value_groups = attention.q_proj.out_features // attention.k_proj.out_features
+    (config.num_attention_heads, config.num_key_value_heads), = {  # one ratio: the same in every layer
+        (a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim) for a in attentions}
+    config.head_dim = attentions[0].head_dim  # else the config derives it from the pruned hidden size
+    config.hidden_size = model.lm_head.in_features
+    config.intermediate_size = model.model.layers[0].mlp.gate_proj.out_features
     return model
 
 
@@ -264,9 +289,15 @@ def bisect(build, timer: Timer, budget: float, low: float = 0.0, high: float = 0
         else:
             low = middle
     if best is None:
-        candidate = build(high)
-        best = (candidate, high, timer.share(candidate))
+        share = timer.share(build(high))
+        if share > budget:  # recorded as refused, as a method refusing a budget is
+            raise OutOfReach(f"out of reach: its most pruned model (amount {high}) measured {share:.3f}")
+        best = (build(high), high, share)
     return best
+
+
+class OutOfReach(Exception):
+    """A bisected method whose most pruned model this script times over the budget."""
 
 
 def _attentions(model) -> list:
@@ -290,6 +321,8 @@ def prune(method: str, base, budget: float, timer: Timer, example: torch.Tensor,
     elif method == "torch-pruning":
         pruned, ratio, _ = bisect(lambda r: torch_pruning(base, r, example), timer, budget)
         setting = {"ratio": ratio}
+    elif method == "unpruned":  # the base model healed alike: what the healing alone buys (give --budgets 1)
+        pruned, setting = copy.deepcopy(base), {}
     elif method == "uniform":
         pruned, amount, _ = bisect(lambda a: uniform(base, 1 - a, example), timer, budget)
         setting = {"keep": 1 - amount}
@@ -306,7 +339,7 @@ def run_case(method: str, budget: float, base, train, validation, timer: Timer, 
     example = next(batches(train, seed=7, batch=1, length=args.tokens))
     try:
         pruned, setting = prune(method, base, budget, timer, example, train, influence)
-    except fxprune.BudgetError as error:  # the method's own reading: the budget is out of its reach
+    except (fxprune.BudgetError, OutOfReach) as error:  # the budget is out of the method's reach
         print(f"  {method} at {budget}: refused: {error}", flush=True)
         return {"method": method, "budget": budget, "phase": timer.phase, "refused": str(error)}
     record = {"method": method, "budget": budget, "phase": timer.phase, **setting,
@@ -421,7 +454,7 @@ def _plot(axes, phase: str, records: list[dict], base: dict) -> None:
                         if r["method"] == method and "refused" not in r)
         if points:
             axes.plot(*zip(*points), marker="o", label=method)
-    axes.axhline(base["validation_perplexity"], color="grey", linestyle=":", label="unpruned")
+    axes.axhline(base["validation_perplexity"], color="grey", linestyle=":", label="unpruned, not healed")
     axes.set_xlabel(f"{phase} latency, share of the unpruned model (this script's timing)")
     axes.set_ylabel("validation perplexity after the long heal")
     axes.legend(fontsize=7)

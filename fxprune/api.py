@@ -334,6 +334,8 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         report.notes.append(f"depth: {len(result.plan.drop)} of {len(blocks)} removable residual blocks removed"
                             if blocks else "depth: the model has no removable residual block (see "
                             "fxprune.blocks(gm) for why each add is not one); the plan is width-only")
+        report.notes.extend(f"depth: one of {', '.join(blocks[b].module for b in ids)} is kept: only they compute "
+                            f"{operation}" for operation, ids in analysis(gm).sole if blocks)
     if heads := _heads_kept(gm, result.keep_counts):
         report.notes.append("attention heads kept per layer: " + ", ".join(heads))
     if (capture := capture_of(gm)) is not None:

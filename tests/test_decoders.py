@@ -106,11 +106,14 @@ def test_gpt2_without_its_layernorm_stream_pruned_is_exact_and_generates_the_mas
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_decode_latency_budget_prunes_the_cached_step_and_returns_the_decoder(family):
     model, ids = _decoder(family), _ids(24)
-    pruned = fxprune.compile(model, fxprune.Latency(0.5, phase="decode"), {"input_ids": ids},
+    # the synthetic engine times the linear layers alone; 0.5 of it was met by removing both attention
+    # blocks, and a plan now keeps one (Analysis.sole: they alone compute attention)
+    pruned = fxprune.compile(model, fxprune.Latency(0.6, phase="decode"), {"input_ids": ids},
                              engine=SyntheticEngine(), progress=False)
     report = fxprune.report(pruned)
     assert type(pruned) is type(model) and report.returned == type(model).__name__
-    assert report.predicted_latency_ms_after <= 0.5 * report.predicted_latency_ms_before * (1 + 1e-6)
+    assert report.predicted_latency_ms_after <= 0.6 * report.predicted_latency_ms_before * (1 + 1e-6)
+    assert sum("attn" in path for path in report.blocks_removed) < 2
     assert [s.split("x")[-1] for s in report.shapes_checked][:1] == ["1"]  # the step: one new token
     for path in report.blocks_removed:  # named in the decoder the user holds, not in the step around it
         pruned.get_submodule(path)
@@ -132,13 +135,13 @@ def test_a_decode_budget_needs_a_decoder():
 
 
 def test_a_decoders_latency_budget_holds_both_phases_by_default():
-    model, ids = _decoder("llama"), _ids(24)
-    pruned = fxprune.compile(model, fxprune.Latency(0.5), {"input_ids": ids}, engine=SyntheticEngine(),
+    model, ids = _decoder("llama"), _ids(24)  # 0.6: as in the decode-budget test above
+    pruned = fxprune.compile(model, fxprune.Latency(0.6), {"input_ids": ids}, engine=SyntheticEngine(),
                              progress=False)
     report = fxprune.report(pruned)
-    assert type(pruned) is type(model) and report.budget == "Latency(0.5, phase='both')"
-    assert report.prefill_share is not None and report.prefill_share <= 0.5 + 1e-6  # timed, not assumed
-    assert report.predicted_latency_ms_after <= 0.5 * report.predicted_latency_ms_before * (1 + 1e-6)  # the step
+    assert type(pruned) is type(model) and report.budget == "Latency(0.6, phase='both')"
+    assert report.prefill_share is not None and report.prefill_share <= 0.6 + 1e-6  # timed, not assumed
+    assert report.predicted_latency_ms_after <= 0.6 * report.predicted_latency_ms_before * (1 + 1e-6)  # the step
     assert [s.split("x")[-1] for s in report.shapes_checked][:1] == ["1"]
     assert any(note.startswith("both phases: the decode step solved") for note in report.notes)
     with pytest.raises(BudgetError, match="milliseconds name one phase"):

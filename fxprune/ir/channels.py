@@ -166,13 +166,16 @@ def block_space(block_id: int) -> int:
 @dataclass
 class Analysis:
     """The dependency pass's graph-level result (``gm.meta["fxprune"]``): groups and every space; the
-    block pass adds the removable residual blocks and why other residual adds are not."""
+    block pass adds the removable residual blocks, why other residual adds are not, and ``sole``."""
 
     groups: dict[int, ChannelGroup]
     spaces: list[ChannelSpace] = field(default_factory=list, repr=False)
     blocks: list[Block] = field(default_factory=list)
     kept_blocks: dict[str, str] = field(default_factory=dict)  # add node -> why its block is not removable
     nests: list[Nest] = field(default_factory=list)  # grouped-query attention's query heads under kv heads
+    # blocks that alone compute an operation found nowhere else in the model (a decoder's attention layers,
+    # its only token mixing): (the operation, the blocks' ids); a solved plan keeps at least one of each
+    sole: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]

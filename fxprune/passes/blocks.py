@@ -49,7 +49,7 @@ class BlockPass(PassBase):
 
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         analysis: Analysis = graph_module.meta[ANALYSIS_KEY]
-        analysis.blocks, analysis.kept_blocks = [], {}
+        analysis.blocks, analysis.kept_blocks, analysis.sole = [], {}, []
         if is_partitioned(graph_module):  # parts' module paths are relative to each part
             return PassResult(graph_module, modified=False)
         found: list[Block] = []
@@ -63,6 +63,7 @@ class BlockPass(PassBase):
                     analysis.kept_blocks[node.name] = block
         found = _innermost(found, analysis)
         analysis.blocks = _checked(graph_module, found, self.example_inputs, analysis)
+        analysis.sole = sole_operations(graph_module, analysis.blocks)
         if self.model is not None:
             record_returns(self.model, *self.call_inputs, graph_module)
         return PassResult(graph_module, modified=False)
@@ -311,6 +312,34 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
         else:
             kept.append(block)
     return [dataclasses.replace(block, id=index) for index, block in enumerate(kept)]
+
+
+def sole_operations(gm: torch.fx.GraphModule, blocks: list[Block]) -> list[tuple[str, tuple[int, ...]]]:
+    """The operations that only removable blocks compute, each with those blocks: a plan that removed them
+    all would compute something else than a smaller model (a decoder without its attention mixes no tokens).
+    An operation is a node's function, method or module class; calls that move no data are not counted."""
+    inside: dict[str, set[int]] = {}  # a branch's nodes (its add is the skip, no computation of its own)
+    for block in blocks:
+        for name in block.nodes:
+            if name != block.add:
+                inside.setdefault(name, set()).add(block.id)
+    computed: dict[str, set[int]] = {}
+    outside: set[str] = set()
+    adds = {block.add for block in blocks}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or _rule(node).deployed(gm, node) != "data":
+            continue
+        operation = (type(gm.get_submodule(node.target)).__name__ if node.op == "call_module"
+                     else getattr(node.target, "__name__", str(node.target)))
+        if node.name in inside:
+            computed.setdefault(operation, set()).update(inside[node.name])
+        elif node.name not in adds:
+            outside.add(operation)
+    families: dict[tuple[int, ...], list[str]] = {}
+    for operation, ids in sorted(computed.items()):
+        if operation not in outside:
+            families.setdefault(tuple(sorted(ids)), []).append(operation)
+    return [(", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), ids) for ids, names in families.items()]
 
 
 def _share(x, y) -> float:

@@ -2,9 +2,10 @@
 
 Criteria (SP-LAMP, arXiv 2305.14403; LAMP, ICLR 2021; HALP, NeurIPS 2022; docs/architecture.md):
 
-- ``sp_lamp``: SP-LAMP. Within each layer that produces the group's channels, a filter's energy is
-  its squared L2 norm; sorted ascending, score(u) = e_u / sum_{v >= u} e_v, so every layer's strongest
-  filter scores exactly 1. Coupled layers' scores are summed per channel.
+- ``sp_lamp``: SP-LAMP. Within each layer that produces the group's channels, a filter's (a row's) energy
+  is its squared L2 norm; sorted ascending, score(u) = e_u / sum_{v >= u} e_v, so every layer's strongest
+  filter scores exactly 1. A channel of several rows (an attention head) sums its rows' scores, and
+  coupled layers' scores are summed per channel.
 - ``lamp``: LAMP on individual weights (w^2 / sum of the larger-or-equal w^2 in the layer), summed
   over each filter's weights.
 - ``l1`` / ``l2``: the filter's L1 norm / L2 norm, summed over the group's producing layers.
@@ -87,16 +88,13 @@ def lamp_scores(energies: np.ndarray) -> np.ndarray:
 
 def _filter_scores(weight: np.ndarray, space: ChannelSpace, size: int, criterion: str) -> np.ndarray:
     """One layer's contribution to its group's channel scores."""
-    present = np.unique(space.group_channels)
     if criterion == "l1":
         return _per_channel(np.abs(weight).sum(1), space, size)
     energy = _per_channel((weight ** 2).sum(1), space, size)
     if criterion == "l2":
         return np.sqrt(energy)
-    if criterion == "sp_lamp":
-        scores = np.zeros(size)
-        scores[present] = lamp_scores(energy[present])
-        return scores
+    if criterion == "sp_lamp":  # the paper's unit is the filter: a channel of several rows sums their scores
+        return _per_channel(lamp_scores((weight ** 2).sum(1)), space, size)
     if criterion == "lamp":
         flat = (weight ** 2).reshape(-1)
         per_weight = lamp_scores(flat).reshape(weight.shape)

@@ -367,9 +367,26 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     ``below_step``: a group may also keep fewer than one ``round_to``, on multiples of a quarter of it.
     ``depth``: the removable blocks (``Analysis.blocks``) may be removed whole, in the same knapsack: a
     removed block keeps none of its channels' importance and costs nothing (its cost terms carry its space);
-    ``"only"``: blocks removed whole and every group at full width otherwise.
+    ``"only"``: blocks removed whole and every group at full width otherwise. Of the blocks that alone
+    compute an operation (``Analysis.sole``), a plan keeps at least one: the one whose branch adds the most.
     """
     check_solver(solver, round_to, depth=depth)
+    kept: set[int] = set()  # blocks kept as the last of the blocks that alone compute an operation
+    while True:
+        result = _solve_plan(gm, cost, capacity, importance, round_to, solver, resolution, max_iterations,
+                             below_step, depth, frozenset(kept))
+        emptied = [ids for _, ids in analysis(gm).sole if set(ids) <= set(result.plan.drop)]
+        if not emptied:
+            return result
+        shares = {b.id: b.share for b in analysis(gm).blocks}
+        kept |= {max(ids, key=lambda b: (shares[b], -b)) for ids in emptied}  # the one adding the most
+
+
+def _solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float,
+                importance: Mapping[int, np.ndarray] | None, round_to: int | Mapping[int, int], solver: str,
+                resolution: int, max_iterations: int, below_step: bool, depth: Depth,
+                kept_blocks: frozenset[int]) -> PlanResult:
+    """``solve_plan`` with the blocks ``kept_blocks`` not removable."""
     groups = analysis(gm)
     if importance is None:
         if IMPORTANCE_KEY not in gm.meta:
@@ -392,7 +409,7 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
             group_of.update({s.id: nest.outer for s in members[nest.inner]})
             classes[nest.inner] = nest.outer
     nested = {g for g, e in entries.items() if e.combos is not None}
-    depth_items = _removable(groups, entries, classes) if depth else []
+    depth_items = _removable(groups, entries, classes, kept_blocks) if depth else []
     if depth == "only":  # a group decides nothing but, through its block's primary class, the block's removal
         entries = {g: _whole(e) for g, e in entries.items()}
     for item, weight in zip(depth_items, _block_weights(depth_items)):
@@ -454,11 +471,12 @@ def solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float, *,
     return PlanResult(plan, counts, predicted, capacity, iterations, time.perf_counter() - start)
 
 
-def _removable(analysis: Analysis, entries: dict[int, _GroupOptions], classes: dict[int, int]) -> list[_Depth]:
-    """The blocks the knapsack may remove, each with its primary class (its widest group's)."""
+def _removable(analysis: Analysis, entries: dict[int, _GroupOptions], classes: dict[int, int],
+               kept: frozenset[int]) -> list[_Depth]:
+    """The blocks the knapsack may remove (but ``kept``), each with its primary class (its widest group's)."""
     items = []
     for block in analysis.blocks:
-        if block.groups and all(g in classes for g in block.groups):
+        if block.id not in kept and block.groups and all(g in classes for g in block.groups):
             own = list(dict.fromkeys(classes[g] for g in block.groups))
             primary = max(own, key=lambda g: (entries[g].group.size, -g))
             items.append(_Depth(block, primary, tuple(g for g in own if g != primary)))

@@ -265,3 +265,34 @@ def test_consecutive_blocks_removed_leave_no_add_and_cost_exactly_what_the_model
         expected = masked_forward(gm, plan, x)
         torch.testing.assert_close(pruned(x), expected[0] if isinstance(expected, tuple) else expected,
                                    rtol=1e-4, atol=1e-5)
+
+
+class TwoKinds(nn.Module):
+    """Two ReLU blocks and two sigmoid blocks (the only sigmoids of the model, their branches nearly nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), act(), nn.Linear(32, 16))
+                                    for act in (nn.ReLU, nn.ReLU, nn.Sigmoid, nn.Sigmoid))
+        with torch.no_grad():
+            for block in self.blocks[2:]:
+                block[2].weight.mul_(1e-3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_a_plan_keeps_one_of_the_blocks_that_alone_compute_an_operation():
+    torch.manual_seed(0)
+    model, x = TwoKinds().eval(), torch.randn(2, 8)
+    gm = fxprune.analyze(model, (x,))
+    assert fxprune.analysis(gm).sole == [("Sigmoid", (2, 3))]  # the ReLUs and Linears run outside blocks too
+    result = fxprune.compile(model, fxprune.FLOPs(0.55), x, progress=False, depth="only")
+    removed = fxprune.report(result).blocks_removed
+    assert len(removed) == 2 and sum(path in ("blocks.2", "blocks.3") for path in removed) == 1, removed
+    assert fxprune.report(result).flops_after <= 0.55 * fxprune.report(result).flops_before
+    assert "depth: one of blocks.2, blocks.3 is kept: only they compute Sigmoid" in fxprune.report(result).notes

@@ -54,6 +54,38 @@ def test_sp_lamp_sums_coupled_layers_and_top_filter_scores_one():
     assert gm.meta[IMPORTANCE_KEY].criterion == "sp_lamp"
 
 
+class Heads(nn.Module):
+    """Self-attention of 2 heads of 3: each head is 3 rows of q, k and v."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(4, 6, bias=False) for _ in range(3))
+        self.o = nn.Linear(6, 4)
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        q, k, v = (layer(x).view(batch, tokens, 2, 3).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(batch, tokens, 6))
+
+
+def test_sp_lamp_scores_each_row_of_a_head_and_sums_them():
+    torch.manual_seed(0)
+    model = Heads().eval()
+    with torch.no_grad():  # head 0's rows: one strong, two dead; head 1's: three middling (more energy in all)
+        model.q.weight.copy_(torch.tensor([3.0, 0.0, 0.0, 2.0, 2.0, 2.0]).view(6, 1).expand(6, 4))
+    gm = fxprune.analyze(model, (torch.randn(1, 5, 4),))
+    ScorePass("sp_lamp")(gm)
+    group = next(g for g in fxprune.groups(gm) if g.size == 2 and any(m.node == "q" for m in g.members))
+    assert {"q", "k", "v"} <= {m.node for m in group.members}
+    expected = sum(lamp_scores((layer.weight.detach().double().numpy() ** 2).sum(1)).reshape(2, 3).sum(1)
+                   for layer in (model.q, model.k, model.v))
+    np.testing.assert_allclose(fxprune.importance(gm)[group.id], expected)
+    by_head = lamp_scores(np.array([9.0 * 4, 12.0 * 4]))  # q's heads as single units: head 1 scores 1
+    per_row = lamp_scores(np.array([9.0, 0, 0, 4, 4, 4]) * 4).reshape(2, 3).sum(1)
+    assert by_head[0] < by_head[1] and per_row[0] > per_row[1]  # q alone ranks the heads the other way by rows
+
+
 def test_lamp_scores_every_weight_then_sums_per_filter():
     _, scores = _scored("lamp")
     # one weight per filter here, so LAMP on weights equals LAMP on filter energies
