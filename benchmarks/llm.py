@@ -289,10 +289,11 @@ def bisect(build, timer: Timer, budget: float, low: float = 0.0, high: float = 0
         else:
             low = middle
     if best is None:
-        share = timer.share(build(high))
+        candidate = build(high)
+        share = timer.share(candidate)
         if share > budget:  # recorded as refused, as a method refusing a budget is
             raise OutOfReach(f"out of reach: its most pruned model (amount {high}) measured {share:.3f}")
-        best = (build(high), high, share)
+        best = (candidate, high, share)
     return best
 
 

@@ -330,7 +330,7 @@ def sole_operations(gm: torch.fx.GraphModule, blocks: list[Block]) -> list[tuple
         if node.op not in ("call_function", "call_method", "call_module") or _rule(node).deployed(gm, node) != "data":
             continue
         operation = (type(gm.get_submodule(node.target)).__name__ if node.op == "call_module"
-                     else getattr(node.target, "__name__", str(node.target)))
+                     else graph.call_name(node))
         if node.name in inside:
             computed.setdefault(operation, set()).update(inside[node.name])
         elif node.name not in adds:
