@@ -266,6 +266,9 @@ def _returned(model: torch.nn.Module, gm: torch.fx.GraphModule, result: torch.nn
         report: Report = cast(dict, returned.meta)[REPORT_KEY]
         report.returned = type(returned.model).__name__
         report.blocks_removed = [path.removeprefix("model.") for path in report.blocks_removed]
+        for path in sorted({b.module for b in analysis(gm).blocks}, key=len, reverse=True):  # named in the decoder
+            report.notes = [note.replace(path, path.removeprefix("model.")) if note.startswith("depth:") else note
+                            for note in report.notes]
         return returned.model
     return returned
 

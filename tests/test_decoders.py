@@ -115,7 +115,10 @@ def test_a_decode_latency_budget_prunes_the_cached_step_and_returns_the_decoder(
     assert report.predicted_latency_ms_after <= 0.6 * report.predicted_latency_ms_before * (1 + 1e-6)
     assert sum("attn" in path for path in report.blocks_removed) < 2
     assert [s.split("x")[-1] for s in report.shapes_checked][:1] == ["1"]  # the step: one new token
-    for path in report.blocks_removed:  # named in the decoder the user holds, not in the step around it
+    protected = [n.removeprefix("depth: one of ").partition(" is kept")[0].split(", ") for n in report.notes
+                 if n.startswith("depth: one of ")]
+    assert len(protected) >= 2  # attention, and the MLP's activation (GPT-2: also what every block computes)
+    for path in report.blocks_removed + sum(protected, []):  # named in the decoder the user holds, not the step
         pruned.get_submodule(path)
     with torch.no_grad():
         pruned.generate(ids[:, :8], max_new_tokens=4, do_sample=False)  # its own cache, fewer kv heads
@@ -148,24 +151,27 @@ def test_a_decoders_latency_budget_holds_both_phases_by_default():
         fxprune.compile(model, fxprune.Latency(ms=1.0), {"input_ids": ids}, engine=SyntheticEngine(), progress=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_attention_and_whole_layers_go_and_the_decoder_generates_with_its_cache_and_round_trips(family, tmp_path):
+    """Phi-3's attention has no prunable channel (its fused qkv is frozen) and adds its result through dropout:
+    removed whole all the same."""
     model, ids = _decoder(family), _ids()
     gm, _ = analyze_inputs(model, {"input_ids": ids})
     found, _ = fxprune.blocks(gm)
-    attention, mlp = ("self_attn", "mlp") if family == "llama" else ("attn", "mlp")
+    attention, mlp = ("attn", "mlp") if family == "gpt2" else ("self_attn", "mlp")
     assert [b.module.rpartition(".")[2] for b in found] == [attention, mlp] * 2
-    layers = model.model.layers if family == "llama" else model.transformer.h
+    assert [bool(b.groups) for b in found] == ([False, True] * 2 if family == "phi3" else [True] * 4)
+    layers = model.transformer.h if family == "gpt2" else model.model.layers
     for drop in [(0,), (2, 3), (0, 2, 3)]:  # the first layer's attention (its cache slot stays empty), layer 1
         plan = fxprune.Plan({}, drop)
         shrunk = shrink_model(model, gm, plan)
-        shrunk_layers = shrunk.model.layers if family == "llama" else shrunk.transformer.h
+        shrunk_layers = shrunk.transformer.h if family == "gpt2" else shrunk.model.layers
         assert isinstance(shrunk_layers[1], Skip) == (2 in drop) and len(shrunk_layers) == len(layers)
         _generates_as(shrunk, masked_model(model, gm, plan), ids[:, :8])
     shrunk.meta = {"fxprune_plan": plan}
     fxprune.save(shrunk, tmp_path / family)
     loaded = fxprune.load(tmp_path / family)
-    loaded_layers = loaded.model.layers if family == "llama" else loaded.transformer.h
+    loaded_layers = loaded.transformer.h if family == "gpt2" else loaded.model.layers
     assert isinstance(loaded_layers[1], Skip)
     assert getattr(loaded_layers[0], attention).returns == 2  # the attention's (output, weights), as a zero
     _generates_as(loaded, shrunk, ids[:, :8])

@@ -82,13 +82,17 @@ def test_a_yolo_without_some_of_its_bottlenecks_loads_and_runs_in_ultralytics(tm
 def test_yolo11n_c3k2_bottlenecks_and_attention_branch_are_removed_exactly_and_load_in_ultralytics(tmp_path):
     model, x, gm, found = _analysed("yolo11n.yaml")
     kinds = [b.kind for b in found]
-    assert kinds.count("skip") == 11 and kinds.count("zero") == 1
-    plan = fxprune.Plan({}, tuple(sorted(set(range(0, len(found), 2)) | {kinds.index("zero")})))
+    # the PSA block's attention and its feed-forward (heads frozen: no channel group inside, removed whole)
+    assert kinds.count("skip") == 11 and kinds.count("zero") == 2
+    assert [b.module for b in found if b.kind == "zero"] == ["model.10.m.0.attn", "model.10.m.0.ffn"]
+    zero = {i for i, kind in enumerate(kinds) if kind == "zero"}
+    plan = fxprune.Plan({}, tuple(sorted(set(range(0, len(found), 2)) | zero)))
     shrunk = shrink_model(model, gm, plan)
     verification = verify_model(model, shrunk, fxprune.prune(gm, plan), gm, plan, (x,), {})
     assert verification.ok, verification.failure
     shrunk.meta = {"fxprune_plan": plan}
     yolo = ultralytics.YOLO(str(fxprune.save(shrunk, tmp_path / "yolo11.pt")))
-    assert sum(isinstance(m, (Skip, ZeroBranch)) for m in yolo.model.modules()) == len(plan.drop)
+    assert isinstance(yolo.model.model[10].m, Skip)  # both branches of its one PSA block gone: it passes x on
+    assert sum(isinstance(m, (Skip, ZeroBranch)) for m in yolo.model.modules()) == len(plan.drop) - 1
     with torch.no_grad():
         torch.testing.assert_close(yolo.model.float().eval()(x)[0], shrunk(x)[0], rtol=1e-4, atol=1e-4)

@@ -137,7 +137,8 @@ class Block:
     module of the user's model that goes with it, ``kind`` how it goes: ``"skip"``, the module is the whole
     block and becomes ``modules.Skip`` (returns ``x``); ``"zero"``, it computes ``f(x)`` and becomes
     ``modules.ZeroBranch``. ``zeroed``: parameters whose zeroing makes ``f(x) = 0`` (the masked
-    reference). ``groups``: the prunable channel groups wholly inside the branch.
+    reference). ``groups``: the prunable channel groups wholly inside the branch (none where its channels are
+    frozen: Phi-3's fused attention; the block is then kept or removed whole).
     """
 
     id: int

@@ -120,16 +120,13 @@ def _block(gm: torch.fx.GraphModule, analysis: Analysis, add: torch.fx.Node, ind
         if not zeroed:
             reasons.append("no layer with parameters ends its branch")
             continue
-        place = _skip_module(add, root, branch, chain, context) or _branch_module(add, y, branch, context)
+        place = _skip_module(add, root, branch, chain, context) or _zero_module(gm, add, y, branch, context)
         if place is None:
             reasons.append("no module of the model holds the branch alone (the model's code cannot lose it)")
             continue
         names = {n.name for n in branch} | {a.name for n in branch for a in n.all_input_nodes if a.op == "get_attr"}
         groups = tuple(sorted(g.id for g in analysis.prunable_groups()
                               if all(s.node in names for s in analysis.spaces if s.group_id == g.id)))
-        if not groups:
-            reasons.append("no prunable channel group lies inside its branch")
-            continue
         nodes = tuple(n.name for n in gm.graph.nodes if n in branch or n is add)
         return Block(index, add.name, x.name, y.name, nodes, place[0], place[1], tuple(zeroed), groups)
     return "; ".join(dict.fromkeys(reasons))
@@ -186,6 +183,21 @@ def _skip_module(add: torch.fx.Node, x: torch.fx.Node, branch: set, chain: set,
         if set(post) == after and all(len(n.all_input_nodes) == 1 for n in post) and branch <= inside:
             return path, "skip"
     return None
+
+
+def _zero_module(gm: torch.fx.GraphModule, add: torch.fx.Node, y: torch.fx.Node, branch: set,
+                 context: AbstractSet = frozenset()) -> tuple[str, str] | None:
+    """The module ``ZeroBranch`` replaces: one that computes ``y``, or what ``y`` passes on unchanged
+    (Phi-3 adds ``dropout(attention)``; a zero through dropout stays zero), with those calls left in place."""
+    tail: set[torch.fx.Node] = set()
+    while y.op in ("call_module", "call_function", "call_method") and len(y.all_input_nodes) == 1 \
+            and y.all_input_nodes[0] in branch and _rule(y).identity(gm, y):
+        place = _branch_module(add, y, branch - tail, context)
+        if place is not None:
+            return place
+        tail.add(y)
+        y = y.all_input_nodes[0]
+    return _branch_module(add, y, branch - tail, context)
 
 
 def _branch_module(add: torch.fx.Node, y: torch.fx.Node, branch: set,
@@ -304,7 +316,7 @@ def _checked(gm: torch.fx.GraphModule, blocks: list[Block], example_inputs: tupl
         elif block.kind == "skip" and not (isinstance(end, torch.Tensor)
                                            and torch.equal(end, cast(torch.Tensor, skip))):
             found = _branch(nodes[block.skip], nodes[block.output], nodes[block.add], position)
-            place = None if isinstance(found, str) else _branch_module(nodes[block.add], nodes[block.output], *found)
+            place = None if isinstance(found, str) else _zero_module(gm, nodes[block.add], nodes[block.output], *found)
             if place is None:  # nor is the branch one module the model's code adds
                 analysis.kept_blocks[block.add] = f"{block.module} does not return its input once the branch is zero"
             else:
@@ -340,6 +352,16 @@ def sole_operations(gm: torch.fx.GraphModule, blocks: list[Block]) -> list[tuple
         if operation not in outside:
             families.setdefault(tuple(sorted(ids)), []).append(operation)
     return [(", ".join(names[:3]) + (", ..." if len(names) > 3 else ""), ids) for ids, names in families.items()]
+
+
+def without_blocks(gm: torch.fx.GraphModule, reasons: dict[int, str]) -> None:
+    """Take the blocks ``reasons`` names out of ``Analysis.blocks`` (into ``kept_blocks``, with the reason),
+    renumbering the rest and what alone they compute (``Analysis.sole``)."""
+    analysis: Analysis = gm.meta[ANALYSIS_KEY]
+    analysis.kept_blocks.update({b.add: reasons[b.id] for b in analysis.blocks if b.id in reasons})
+    analysis.blocks = [dataclasses.replace(block, id=index) for index, block in
+                       enumerate(b for b in analysis.blocks if b.id not in reasons)]
+    analysis.sole = sole_operations(gm, analysis.blocks)
 
 
 def _share(x, y) -> float:

@@ -2,8 +2,8 @@
 
 A module named in ``keep`` (its qualified name, an ``fnmatch`` pattern of names, or its class; its
 submodules too) keeps every channel it produces: each group a parameter of it produces channels of is
-frozen, with the reason. Its input channels follow what produces them (a layer reading a pruned stream
-reads fewer columns), as Torch-Pruning's ``ignored_layers`` do.
+frozen, with the reason, and a removable block it is (or is inside) stays. Its input channels follow what
+produces them (a layer reading a pruned stream reads fewer columns), as Torch-Pruning's ``ignored_layers`` do.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxprune.errors import KeepError
 from fxprune.ir.channels import Analysis
 from fxprune.ir.keys import ANALYSIS_KEY
+from fxprune.passes.blocks import without_blocks
 from fxprune.rules.params import parameter_axes
 
 
@@ -52,6 +53,10 @@ class KeepPass(PassBase):
             for kept, other in ((inner, outer), (outer, inner)):
                 if kept.frozen_reason is not None and other.frozen_reason is None:
                     other.frozen_reason = f"{kept.frozen_reason} (query heads nested under kv heads)"
+        kept_blocks = {b.id: f"kept: {b.module} matches keep={self.keep[index]!r}" for b in analysis.blocks
+                       if (index := self._match(b.module)) is not None}
+        if kept_blocks:  # a block with no prunable channels (frozen heads) is not kept by its groups
+            without_blocks(graph_module, kept_blocks)
         if unmatched := [self.keep[i] for i in range(len(self.keep)) if i not in matched]:
             raise KeepError(f"keep={unmatched!r} names no module whose parameters make channels in this model; "
                             "give qualified names as model.named_modules() lists them (patterns as in fnmatch: "

@@ -127,7 +127,10 @@ class Passthrough(Rule):
     def identity(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         if node.op == "call_module":
             return isinstance(gm.get_submodule(graph.target_name(node)), self.unchanged_modules)
-        return getattr(node.target, "overloadpacket", node.target) in self.unchanged_calls
+        target = getattr(node.target, "overloadpacket", node.target)
+        if target is aten.dropout:  # torch.export's: unchanged where captured in eval mode (train=False)
+            return len(node.args) > 2 and node.args[2] is False or node.kwargs.get("train") is False
+        return target in self.unchanged_calls
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
         pass_through(b, node)

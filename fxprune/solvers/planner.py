@@ -243,11 +243,12 @@ def _plan_value(entries: dict[int, _GroupOptions], depth: list[_Depth], keep_cou
     return sum(float(entries[g].values[_index(entries[g], k)]) for g, k in keep_counts.items() if g not in gone)
 
 
-def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int], nested: Set[int] = frozenset()) -> int | None:
+def _owner(term_spaces: tuple[int, ...], group_of: dict[int, int], charged: Set[int] = frozenset()) -> int | None:
     """The class a cost term is charged to: the last prunable group among its spaces (the output side), but a
-    nest where one is among them (an attention's output projection: what its query heads cost)."""
+    nest or a block with no prunable channels where one is among them (an attention's output projection: what
+    its query heads cost; a frozen branch: what its removal saves)."""
     owners = [group_of[s] for s in term_spaces if s in group_of]
-    return next((g for g in reversed(owners) if g in nested), owners[-1] if owners else None)
+    return next((g for g in reversed(owners) if g in charged), owners[-1] if owners else None)
 
 
 def _option_costs(entry: _GroupOptions, terms, current: dict[int, float]) -> np.ndarray:
@@ -408,18 +409,24 @@ def _solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float,
                                                   members[nest.outer] + members[nest.inner])
             group_of.update({s.id: nest.outer for s in members[nest.inner]})
             classes[nest.inner] = nest.outer
-    nested = {g for g, e in entries.items() if e.combos is not None}
+    charged = {g for g, e in entries.items() if e.combos is not None}  # classes that take the terms they are in
     depth_items = _removable(groups, entries, classes, kept_blocks) if depth else []
     if depth == "only":  # a group decides nothing but, through its block's primary class, the block's removal
         entries = {g: _whole(e) for g, e in entries.items()}
+    worth = _block_worth(entries, depth_items)
     for item, weight in zip(depth_items, _block_weights(depth_items)):
+        if not item.block.groups:
+            entries[item.primary] = _whole_block(item.block, worth * weight)
+            group_of[item.block.space] = item.primary
+            charged.add(item.primary)  # charged what its branch costs, though other groups' widths price it too
+            continue
         for g in (item.primary, *item.others):
             entries[g].values = entries[g].values * weight
         entries[item.primary] = _with_removal(entries[item.primary], item.block.space)
         group_of[item.block.space] = item.primary
     owned: dict[int | None, list] = {}
     for term in cost.terms:
-        owned.setdefault(_owner(term.spaces, group_of, nested), []).append(term)
+        owned.setdefault(_owner(term.spaces, group_of, charged), []).append(term)
     smallest = {s: float(e.shares[s][0]) for e in entries.values() for s in e.shares}  # every group at its min
     minimum = cost.total(smallest)
     if minimum > capacity * (1 + 1e-9):
@@ -467,7 +474,8 @@ def _solve_plan(gm: torch.fx.GraphModule, cost: CostModel, capacity: float,
     removed = [item.block.id for item in depth_items if keep_counts[item.primary] == 0]
     plan = Plan({gid: kept for g, k in keep_counts.items() for gid, kept in entries[g].kept(k).items()},
                 tuple(removed))
-    counts = {gid: n for g, k in keep_counts.items() for gid, n in entries[g].counts(k).items()}
+    counts = {gid: n for g, k in keep_counts.items() for gid, n in entries[g].counts(k).items()
+              if gid in groups.groups}  # not a block's own class
     return PlanResult(plan, counts, predicted, capacity, iterations, time.perf_counter() - start)
 
 
@@ -476,11 +484,29 @@ def _removable(analysis: Analysis, entries: dict[int, _GroupOptions], classes: d
     """The blocks the knapsack may remove (but ``kept``), each with its primary class (its widest group's)."""
     items = []
     for block in analysis.blocks:
-        if block.id not in kept and block.groups and all(g in classes for g in block.groups):
+        if block.id not in kept and not block.groups:
+            items.append(_Depth(block, block.space, ()))  # no width to choose: a class of its own, kept or removed
+        elif block.id not in kept and all(g in classes for g in block.groups):
             own = list(dict.fromkeys(classes[g] for g in block.groups))
             primary = max(own, key=lambda g: (entries[g].group.size, -g))
             items.append(_Depth(block, primary, tuple(g for g in own if g != primary)))
     return items
+
+
+def _block_worth(entries: dict[int, _GroupOptions], items: list[_Depth]) -> float:
+    """What keeping a block with no prunable channels is worth before its share weighs it: the median of
+    the other removable blocks' channel values (all they keep), else of every group's. Its own channels are
+    frozen, so unscored; like any block, its share of its residual then says how much it adds."""
+    grouped = [sum(float(entries[g].values[-1]) for g in (item.primary, *item.others))
+               for item in items if item.block.groups]
+    every = grouped or [float(e.values[-1]) for e in entries.values()]
+    return float(np.median(every)) if every else 1.0
+
+
+def _whole_block(block: Block, worth: float) -> _GroupOptions:
+    """The knapsack class of a block with no prunable channels: removed (option 0) or kept whole (1)."""
+    return _GroupOptions(ChannelGroup(block.space, 1, []), np.zeros(1, dtype=np.int64), np.array([0, 1]),
+                         np.array([0.0, worth]), {block.space: np.array([0.0, 1.0])})
 
 
 def _block_weights(items: list[_Depth]) -> list[float]:

@@ -15,6 +15,7 @@ from examples.models import CifarResNet
 from fxprune.ir.channels import Plan
 from fxprune.modules import Skip, ZeroBranch
 from fxprune.passes.cost import CostPass, count_flops, count_params
+from fxprune.passes.keep import KeepPass
 from fxprune.passes.rewrite import kept_shares
 from fxprune.passes.shrink import shrink_model
 from fxprune.passes.verify import verify_model
@@ -296,3 +297,56 @@ def test_a_plan_keeps_one_of_the_blocks_that_alone_compute_an_operation():
     assert len(removed) == 2 and sum(path in ("blocks.2", "blocks.3") for path in removed) == 1, removed
     assert fxprune.report(result).flops_after <= 0.55 * fxprune.report(result).flops_before
     assert "depth: one of blocks.2, blocks.3 is kept: only they compute Sigmoid" in fxprune.report(result).notes
+
+
+class Mixing(nn.Module):
+    """A branch through an op no rule knows (a cumulative sum across channels): its channels are frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.cumsum(self.up(x), dim=-1))
+
+
+class FrozenBranches(nn.Module):
+    """A prunable block and two blocks with frozen channels, the last one's branch nearly nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 4)
+        self.plain = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.mixing_a, self.mixing_b = Mixing(), Mixing()
+        with torch.no_grad():
+            self.mixing_b.down.weight.mul_(1e-3)
+            self.mixing_b.down.bias.zero_()
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in (self.plain, self.mixing_a, self.mixing_b):
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_a_block_whose_channels_are_frozen_is_removed_whole_unless_kept():
+    torch.manual_seed(0)
+    model, x = FrozenBranches().eval(), torch.randn(2, 8)
+    found, _ = fxprune.blocks(fxprune.analyze(model, (x,)))
+    assert [(b.module, bool(b.groups)) for b in found] == [("plain", True), ("mixing_a", False), ("mixing_b", False)]
+    pruned = fxprune.compile(model, fxprune.FLOPs(0.7), x, progress=False, depth="only")
+    assert fxprune.report(pruned).blocks_removed == ["mixing_b"]  # what adds the least
+    assert isinstance(pruned.mixing_b, ZeroBranch) and isinstance(model.mixing_b, Mixing)
+    reference = FrozenBranches().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.mixing_b.down.weight.zero_()
+        torch.testing.assert_close(pruned(x), reference(x))
+    kept = fxprune.compile(model, fxprune.FLOPs(0.7), x, progress=False, depth="only", keep=["mixing_b"])
+    removed = fxprune.report(kept).blocks_removed
+    assert len(removed) == 1 and removed != ["mixing_b"]
+    gm = fxprune.analyze(model, (x,))
+    KeepPass(["mixing_b"], model)(gm)
+    found, why = fxprune.blocks(gm)
+    assert [b.module for b in found] == ["plain", "mixing_a"] and [b.id for b in found] == [0, 1]
+    assert "kept: mixing_b matches keep='mixing_b'" in why.values()
