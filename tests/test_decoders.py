@@ -119,7 +119,7 @@ def test_a_decode_latency_budget_prunes_the_cached_step_and_returns_the_decoder(
                  if n.startswith("depth: one of ")]
     assert len(protected) >= 2  # attention, and the MLP's activation (GPT-2: also what every block computes)
     for path in report.blocks_removed + sum(protected, []):  # named in the decoder the user holds, not the step
-        pruned.get_submodule(path)
+        model.get_submodule(path)
     with torch.no_grad():
         pruned.generate(ids[:, :8], max_new_tokens=4, do_sample=False)  # its own cache, fewer kv heads
 
