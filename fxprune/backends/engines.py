@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, FxpruneError
 from fxprune.ir.units import UnitSpec
+from fxprune.rules import RULES
 from fxprune.rules.activations import torch_activation
 from fxprune.rules.units import REFERENCE
 
@@ -257,15 +258,6 @@ class Engine(ABC):
 
 
 # --- torch ----------------------------------------------------------------------------------------
-TORCH_MEMORY_OPS = frozenset({
-    "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div", "aten::mean",
-    "aten::sum", "aten::max_pool2d_with_indices", "aten::max_pool2d", "aten::avg_pool2d",
-    "aten::adaptive_avg_pool2d", "aten::_adaptive_avg_pool2d", "aten::cat", "aten::copy_",
-    "aten::upsample_bilinear2d", "aten::upsample_nearest2d", "aten::layer_norm", "aten::native_layer_norm",
-    "aten::softmax", "aten::_softmax", "aten::index_select", "aten::clone", "aten::contiguous",
-})
-
-
 def unit_module(spec: UnitSpec, width_in: int, width_out: int) -> tuple[nn.Module, torch.Tensor]:
     """The unit as torch runs it (its kind's layer, BatchNorm, activation), and an input of its kept width."""
     dtype = getattr(torch, spec.dtype)
@@ -349,7 +341,7 @@ class _TorchDeployed(Deployed):
                 self.module(*self.inputs)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
-        memory = sum(e.self_cpu_time_total for e in events if e.key in TORCH_MEMORY_OPS)
+        memory = sum(e.self_cpu_time_total for e in events if e.key in RULES.memory_kernels)
         return (memory / total if total else 0.0), 0.0
 
 

@@ -39,19 +39,12 @@ from fxprune.cache import LatencyCache
 from fxprune.errors import EngineUnavailableError, LatencyError
 from fxprune.ir.keys import PLAN_KEY
 from fxprune.ir.units import UnitSpec
+from fxprune.rules import RULES
 from fxprune.rules.units import REFERENCE
 
-# Kernels outside layers that move memory in proportion to the tensors around them: what the latency
-# pass scales with the widths of the tensors they touch.
-ORT_MEMORY_OPS = frozenset({
-    "Add", "Sum", "Sub", "Mul", "Div", "ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool",
-    "GlobalMaxPool", "AveragePool", "MaxPool", "ReorderInput", "ReorderOutput", "Concat", "Split", "Slice",
-    "Resize", "Upsample", "Pad", "Transpose", "Expand", "Tile", "Where", "LayerNormalization",
-    "SkipLayerNormalization", "Softmax", "Identity", "Gather",
-    # INT8 models: (de)quantization at float boundaries, integer elementwise ops and pooling
-    "QuantizeLinear", "DequantizeLinear", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-    "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
-})
+# Kernels onnxruntime adds itself, of no operation of the model (layout reorders, the boundaries of an INT8
+# model), that move memory like the memory-bound kernels the rules name (RULES.memory_kernels).
+OWN_MEMORY_KERNELS = frozenset({"ReorderInput", "ReorderOutput", "QuantizeLinear", "DequantizeLinear"})
 SESSION_WEIGHT_BYTES = 256 << 20  # weights of one measuring session; more points go to another session
 OVERHEAD_CHAIN = 64  # trivial kernels timed to measure what the profiler adds
 REFERENCES = 2  # reference branches in every measuring session
@@ -413,7 +406,7 @@ def _shape(entry: dict) -> list[int]:
 
 def _moves_memory(kernel: _Kernel) -> bool:
     """Memory-bound ops between layers; a bias or scale added to a layer's output is part of the layer."""
-    if kernel.op not in ORT_MEMORY_OPS:
+    if kernel.op not in RULES.memory_kernels and kernel.op not in OWN_MEMORY_KERNELS:
         return False
     return not (kernel.op in ("Add", "Mul") and len(kernel.inputs) == 2 and len(kernel.inputs[1]) <= 1)
 

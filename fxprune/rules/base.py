@@ -71,6 +71,10 @@ class Rule:
     # its time in the model's fixed part, not as memory traffic
     layer = False
     onnx = OnnxOps()  # the ONNX op types the operation exports to, as an exported graph is resized
+    # The kernels engines run the operation as, by the names their profiles give (an ONNX op type in
+    # onnxruntime's, an aten op in torch's), that move memory between layers: the latency pass scales their
+    # time with the widths of the tensors they touch (``Registry.memory_kernels``)
+    memory_kernels: frozenset[str] = frozenset()
     bilinear_flops = False  # True: FLOPs scale with the kept shares of its weight's input and output axes
     modules: tuple[type, ...] = ()
     functions: tuple[Any, ...] = ()
@@ -223,6 +227,7 @@ class Registry:
         self.by_method: dict[str, Rule] = {}
         self.by_function_name = dict(by_name_of_function or {})
         self.by_onnx_type: dict[str, OnnxOps] = {}
+        self.memory_kernels = frozenset().union(*(rule.memory_kernels for rule in self.rules))
         for rule in self.rules:
             for op_type in rule.onnx.types:
                 if self.by_onnx_type.setdefault(op_type, rule.onnx) is not rule.onnx:

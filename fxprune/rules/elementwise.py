@@ -71,6 +71,12 @@ class Passthrough(Rule):
         "Softplus", "Mish", "Clip", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos", "Cast",
         "Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize",
         "Pad", idempotent=("Relu", "Abs"))
+    memory_kernels = frozenset({
+        "GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "Resize", "Upsample", "Pad", "Identity",
+        "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",  # INT8 forms
+        "aten::max_pool2d_with_indices", "aten::max_pool2d", "aten::avg_pool2d", "aten::adaptive_avg_pool2d",
+        "aten::_adaptive_avg_pool2d", "aten::upsample_bilinear2d", "aten::upsample_nearest2d", "aten::clone",
+        "aten::contiguous", "aten::copy_"})
     modules = (
         nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU,
         nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
@@ -160,6 +166,8 @@ class Elementwise(Rule):
 
     name = "elementwise"
     parameter_arithmetic = True
+    memory_kernels = frozenset({"Add", "Sum", "Sub", "Mul", "Div", "Where", "QLinearAdd", "QLinearMul",
+                                "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub", "aten::div"})
     onnx = BroadcastOnnx("Add", "Sub", "Mul", "Div", "PRelu", "Where", "Max", "Min", "Pow", "Equal", "Less", "Greater")
     functions = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                  operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
@@ -213,6 +221,7 @@ class Reduction(Rule):
 
     name = "reduction"
     onnx = OnnxOps("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2")
+    memory_kernels = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "aten::mean", "aten::sum"})
     functions = (torch.mean, torch.sum, torch.amax, torch.amin, aten.mean, aten.sum, aten.amax, aten.amin)
     methods = ("mean", "sum", "amax", "amin")
 
@@ -343,6 +352,7 @@ class Softmax(Rule):
 
     name = "softmax"
     onnx = OnnxOps("Softmax", "LogSoftmax")
+    memory_kernels = frozenset({"Softmax", "QLinearSoftmax", "aten::softmax", "aten::_softmax"})
     modules = (nn.Softmax,)
     functions = (F.softmax, F.log_softmax, torch.softmax, aten._softmax, aten.softmax)
     methods = ("softmax", "log_softmax")

@@ -195,6 +195,7 @@ class Embedding(Rule):
     """A lookup table: its output's last dim is the table's columns; the indices carry no channels."""
 
     name = "embedding"
+    memory_kernels = frozenset({"Gather", "aten::index_select"})
     modules = (nn.Embedding,)
     functions = (F.embedding, aten.embedding)
 

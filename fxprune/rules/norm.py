@@ -191,6 +191,8 @@ class LayerNorm(Rule):
 
     name = "layer_norm"
     onnx = LayerNormOnnx("LayerNormalization")
+    memory_kernels = frozenset({"LayerNormalization", "SkipLayerNormalization",  # onnxruntime's, fused with an add
+                                "aten::layer_norm", "aten::native_layer_norm"})
     modules = (nn.LayerNorm,)
     functions = (F.layer_norm, torch.ops.aten.layer_norm)
 

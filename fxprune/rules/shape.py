@@ -135,6 +135,7 @@ class Shape(Rule):
     name = "shape"
     parameter_arithmetic = True
     onnx = ShapeOnnx("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+    memory_kernels = frozenset({"Transpose", "Slice", "Expand", "Tile"})  # a permute, slice or repeat copies
     modules = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
     functions = (torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                  torch.movedim, torch.swapaxes, torch.swapdims, torch.t, torch.narrow, torch.unflatten,
@@ -390,6 +391,7 @@ class Cat(Rule):
 
     name = "cat"
     onnx = ConcatOnnx("Concat")
+    memory_kernels = frozenset({"Concat", "QLinearConcat", "aten::cat"})
     functions = (torch.cat, torch.concat, torch.concatenate, aten.cat)
 
     def couple(self, b: ChannelBuilder, node: torch.fx.Node) -> None:
@@ -460,6 +462,7 @@ class Split(Rule):
     one size it keeps (``split((self.c, self.c))``, set again by ``rules.attributes``)."""
 
     name = "split"
+    memory_kernels = frozenset({"Split"})
     functions = (torch.split, torch.chunk, torch.tensor_split, aten.split, aten.split_with_sizes, aten.chunk)
     methods = ("split", "chunk", "tensor_split")
 
