@@ -535,6 +535,21 @@ def test_a_warm_compile_whose_models_run_as_cached_uses_their_cached_timing(tmp_
     assert third.reduced_ms == pytest.approx(first.reduced_ms * (1 + 2 * MODEL_AGREEMENT))
 
 
+def test_the_reduced_copys_share_agrees_within_the_scatter_this_machine_has_shown(tmp_path):
+    """Quiet compiles' shares of the reduced copy are kept (this machine's run-to-run scatter): a share back
+    at an earlier one reuses the cached timing, though it is off the latest by more than MODEL_AGREEMENT."""
+    full_params = sum(p.numel() for p in _analysed().parameters())
+    first = _run(_analysed(), Contended(1.0), LatencyCache(tmp_path))
+    moved = _run(_analysed(), Contended(1.0, 1 + 2 * MODEL_AGREEMENT, full_params), LatencyCache(tmp_path))
+    assert not moved.model_timing_cached  # outside what was seen: this run's timing scales the tables
+    back = _run(_analysed(), Contended(1.0), LatencyCache(tmp_path))  # 2 x MODEL_AGREEMENT off the latest
+    assert back.model_timing_cached and (back.measured_ms, back.reduced_ms) == (moved.measured_ms, moved.reduced_ms)
+    assert back.tables_measured == 0
+    beyond = _run(_analysed(), Contended(1.0, 1 + 5 * MODEL_AGREEMENT, full_params), LatencyCache(tmp_path))
+    assert not beyond.model_timing_cached
+    assert beyond.reduced_ms == pytest.approx(first.reduced_ms * (1 + 5 * MODEL_AGREEMENT))
+
+
 class StaleOnce(SyntheticEngine):
     """One unit's first timing is wrong by ``off`` yet looks quiet (the issue's 11.7 ms conv beside its 2.2 ms
     twin); with ``in_model`` that unit also runs ``in_model`` x slower inside the whole model."""
