@@ -10,11 +10,25 @@ import torch
 import torch.nn as nn
 
 from fxprune.backends.engines import Deployed, Engine, KernelTime, UnitTiming
+from fxprune.ir import graph
 from fxprune.passes.pipeline import analyze
+from fxprune.rules import RULES
 from fxprune.rules.units import find_units
 
 
 # --- an engine whose latency is known ---------------------------------------------------------------
+def _layers(module: torch.nn.Module, example_inputs: tuple) -> list:
+    """The unit specs of every convolution and linear layer of ``module``, prunable or not."""
+    gm = analyze(module, example_inputs)
+    found = []
+    for node in gm.graph.nodes:
+        rule = RULES.recorded(node)
+        spec = rule.unit(gm, node) if rule is not None and graph.space(node) is not None else None
+        if spec is not None:
+            found.append(spec)
+    return found
+
+
 class SyntheticEngine(Engine):
     """A deterministic engine for tests: a unit takes ``unit_ms`` (bilinear in its widths), the reference
     0.5 ms, and a whole model the sum of its units over (1 - memory share - overhead share)."""
@@ -50,8 +64,9 @@ class SyntheticEngine(Engine):
                 for u in find_units(analyze(module, example_inputs))]
 
     def model_ms(self, module: torch.nn.Module, example_inputs: tuple) -> float:
-        units = find_units(analyze(module, example_inputs))
-        total = sum(self.unit_ms(u.spec, u.spec.in_channels, u.spec.out_channels) for u in units)
+        """Every layer's latency (frozen ones too: a copy whose heads were cut to one per layer freezes them
+        in its own analysis, yet runs them), over the layers' share of the whole."""
+        total = sum(self.unit_ms(spec, spec.in_channels, spec.out_channels) for spec in _layers(module, example_inputs))
         return total / (1 - self.memory_share - self.overhead_share)
 
     @contextmanager

@@ -37,8 +37,9 @@ FAMILIES = {
 }
 
 
-def _decoder(family: str) -> torch.nn.Module:
+def _decoder(family: str, layers: int = 2) -> torch.nn.Module:
     config, cls, fields = FAMILIES[family]
+    fields = dict(fields, **{"n_layer" if family == "gpt2" else "num_hidden_layers": layers})
     torch.manual_seed(0)
     return randomize_parameters(getattr(transformers, cls)(getattr(transformers, config)(**fields)).eval())
 
@@ -105,15 +106,15 @@ def test_gpt2_without_its_layernorm_stream_pruned_is_exact_and_generates_the_mas
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_decode_latency_budget_prunes_the_cached_step_and_returns_the_decoder(family):
-    model, ids = _decoder(family), _ids(24)
-    # the synthetic engine times the linear layers alone; 0.5 of it was met by removing both attention
-    # blocks, and a plan now keeps one (Analysis.sole: they alone compute attention)
-    pruned = fxprune.compile(model, fxprune.Latency(0.6, phase="decode"), {"input_ids": ids},
+    # 4 layers: a plan keeps one attention (Analysis.sole: they alone compute attention), which at 2 layers
+    # leaves the synthetic engine (it times the linear layers alone) above 0.5 of the step
+    model, ids = _decoder(family, layers=4), _ids(24)
+    pruned = fxprune.compile(model, fxprune.Latency(0.5, phase="decode"), {"input_ids": ids},
                              engine=SyntheticEngine(), progress=False)
     report = fxprune.report(pruned)
     assert type(pruned) is type(model) and report.returned == type(model).__name__
-    assert report.predicted_latency_ms_after <= 0.6 * report.predicted_latency_ms_before * (1 + 1e-6)
-    assert sum("attn" in path for path in report.blocks_removed) < 2
+    assert report.predicted_latency_ms_after <= 0.5 * report.predicted_latency_ms_before * (1 + 1e-6)
+    assert sum("attn" in path for path in report.blocks_removed) < 4
     assert [s.split("x")[-1] for s in report.shapes_checked][:1] == ["1"]  # the step: one new token
     protected = [n.removeprefix("depth: one of ").partition(" is kept")[0].split(", ") for n in report.notes
                  if n.startswith("depth: one of ")]
@@ -179,7 +180,8 @@ def test_attention_and_whole_layers_go_and_the_decoder_generates_with_its_cache_
 
 def test_keep_names_the_decoders_modules_under_a_decode_budget():
     model, ids = _decoder("llama"), _ids(24)
-    pruned = fxprune.compile(model, fxprune.Latency(0.6, phase="decode"), {"input_ids": ids},
+    # the kept MLPs (and the hidden size their down_proj makes) still run: only heads are left to cut
+    pruned = fxprune.compile(model, fxprune.Latency(0.97, phase="decode"), {"input_ids": ids},
                              keep=["model.layers.*.mlp"], engine=SyntheticEngine(), progress=False, depth=False)
     assert all(layer.mlp.gate_proj.out_features == 128 for layer in pruned.model.layers)  # kept: the step's names
     assert fxprune.plan_of(pruned).keep  # and something else was pruned
