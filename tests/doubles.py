@@ -31,7 +31,7 @@ def _layers(module: torch.nn.Module, example_inputs: tuple) -> list:
 
 class SyntheticEngine(Engine):
     """A deterministic engine for tests: a unit takes ``unit_ms`` (bilinear in its widths), the reference
-    0.5 ms, and a whole model the sum of its units over (1 - memory share - overhead share)."""
+    0.5 ms, and a whole model the sum of its layers (prunable or not) over (1 - memory share - overhead share)."""
 
     name = "synthetic"
     memory_share, overhead_share = 0.1, 0.05

@@ -53,10 +53,10 @@ class KeepPass(PassBase):
             for kept, other in ((inner, outer), (outer, inner)):
                 if kept.frozen_reason is not None and other.frozen_reason is None:
                     other.frozen_reason = f"{kept.frozen_reason} (query heads nested under kv heads)"
-        kept_blocks = {b.id: f"kept: {b.module} matches keep={self.keep[index]!r}" for b in analysis.blocks
-                       if (index := self._match(b.module)) is not None}
-        if kept_blocks:  # a block with no prunable channels (frozen heads) is not kept by its groups
-            without_blocks(graph_module, kept_blocks)
+        reasons = {b.id: f"kept: {b.module} matches keep={self.keep[index]!r}" for b in analysis.blocks
+                   if (index := self._match(b.module)) is not None}
+        if reasons:  # a block with no prunable channels (frozen heads) is not kept by its groups
+            without_blocks(graph_module, reasons)
         if unmatched := [self.keep[i] for i in range(len(self.keep)) if i not in matched]:
             raise KeepError(f"keep={unmatched!r} names no module whose parameters make channels in this model; "
                             "give qualified names as model.named_modules() lists them (patterns as in fnmatch: "

@@ -150,7 +150,7 @@ class LatencyPass(PassBase):
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         start = time.perf_counter()
         self.healed: list[str] = []
-        self.model_timing_reused = False
+        self.model_timing_reused = self.model_timing_stored = False
         self.slowdown = 1.0
         self.busy: list[float] = []  # spreads of the points that stayed noisy through their retries in this run
         measured_before = self.cache.measured
@@ -174,8 +174,8 @@ class LatencyPass(PassBase):
             engine=self.engine.identity(), step=step, granularity=granularity, measured_ms=timing["ms"],
             units_ms=latency_sum(graph_module, {}), memory_ms=timing["memory_ms"], overhead_ms=timing["overhead_ms"],
             context=scale, offset_ms=offset, reduced_ms=timing["reduced_ms"], reduced=reduced, tables=len(tables),
-            layers=len(units), tables_checked=checked,  # the model timing (stored, with its share) is no table
-            tables_measured=self.cache.measured - measured_before - 1,
+            layers=len(units), tables_checked=checked,  # the model timing, where stored, is no table
+            tables_measured=self.cache.measured - measured_before - self.model_timing_stored,
             healed=self.healed, busy_points=len(self.busy), busy_spread=max(self.busy, default=0.0),
             model_timing_cached=self.model_timing_reused, slowdown=self.slowdown,
             seconds=time.perf_counter() - start)
@@ -229,7 +229,11 @@ class LatencyPass(PassBase):
                 self.slowdown = float(fastest[0]) / float(cached["ms"])
             if cached is not None and _same_share(rounds, cached):
                 self.model_timing_reused = True  # the machine runs both as it did: the same scale
+                if history == cached["shares"]:
+                    return tables, cached, kernels
+                self.model_timing_stored = True  # this quiet run's share joins the history
                 return tables, self.cache.store(key, {**cached, "shares": history}, _model_timing), kernels
+            self.model_timing_stored = True
             parts: dict = {"shares": history}
             for prefix, ms, model in zip(("", "reduced_"), fastest, models):
                 memory, overhead = model.split()
@@ -442,17 +446,22 @@ def _same_share(rounds: list[list[float]], cached: dict) -> bool:
     """Whether the reduced copy's share of the whole model, per round of this run (their median), is within
     MODEL_AGREEMENT, or twice the scatter of those shares, of the shares this machine has measured: the
     ``cached`` timing's and those of earlier quiet compiles (its run-to-run scatter, 3-4% for resnet50 here)."""
-    shares = [reduced_ms / full_ms for full_ms, reduced_ms in rounds]
+    shares = _reduced_shares(rounds)
     tolerance = max(MODEL_AGREEMENT, 2 * spread(shares))
     seen = [*cached.get("shares", []), cached["reduced_ms"] / cached["ms"]]
     return min(seen) * (1 - tolerance) <= float(np.median(shares)) <= max(seen) * (1 + tolerance)
+
+
+def _reduced_shares(rounds: list[list[float]]) -> list[float]:
+    """The reduced copy's share of the whole model in each round (full, reduced) of a timing."""
+    return [reduced_ms / full_ms for full_ms, reduced_ms in rounds]
 
 
 def _history(cached: dict | None, rounds: list[list[float]]) -> list[float]:
     """The reduced copy's shares of the whole model measured by quiet compiles, the latest HISTORY: the cached
     ones, and this run's where its rounds agree within MODEL_AGREEMENT (a busy run's share is no measure)."""
     seen = list(cached.get("shares", [])) if cached is not None else []
-    shares = [reduced_ms / full_ms for full_ms, reduced_ms in rounds]
+    shares = _reduced_shares(rounds)
     if spread(shares) <= MODEL_AGREEMENT:
         seen.append(float(np.median(shares)))
     return seen[-HISTORY:]

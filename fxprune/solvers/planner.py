@@ -484,9 +484,11 @@ def _removable(analysis: Analysis, entries: dict[int, _GroupOptions], classes: d
     """The blocks the knapsack may remove (but ``kept``), each with its primary class (its widest group's)."""
     items = []
     for block in analysis.blocks:
-        if block.id not in kept and not block.groups:
+        if block.id in kept:
+            continue
+        if not block.groups:
             items.append(_Depth(block, block.space, ()))  # no width to choose: a class of its own, kept or removed
-        elif block.id not in kept and all(g in classes for g in block.groups):
+        elif all(g in classes for g in block.groups):
             own = list(dict.fromkeys(classes[g] for g in block.groups))
             primary = max(own, key=lambda g: (entries[g].group.size, -g))
             items.append(_Depth(block, primary, tuple(g for g in own if g != primary)))
