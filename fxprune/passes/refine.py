@@ -288,7 +288,7 @@ def _timing_key(gm: torch.fx.GraphModule, result: PlanResult, context: Context) 
     engine = context.timing_engine()
     return {"kind": "plan", "engine": engine.identity(), "model": context.digest(gm),
             "plan": result.plan.to_json(), "protocol": {"rounds": PAIRS, "seconds": PAIR_SECONDS,
-                                                        "warmup": engine.warmup, "pairs": "quiet median",
+                                                        "warmup": engine.warmup, "pairs": "reference-quiet median",
                                                         "batch": "static", "quality": PLAN_SPREAD_LIMIT}}
 
 
