@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import fields, replace
-from typing import Any, Iterable, cast
+from typing import Any, Callable, Iterable, cast
 
 import numpy as np
 import torch
@@ -245,7 +245,7 @@ def _reported(model: torch.nn.Module, call: tuple[tuple, dict], gm: torch.fx.Gra
     a model captured in parts (``gm.meta["fxprune_whole"]``), of the whole model."""
     result, whole = called_like(model, pruned), gm.meta.get(WHOLE_KEY)
     report = _report(gm, pruned, context, budget, options.importance, options.solver,
-                     options.measure and whole is None, options.depth)
+                     options.measure and whole is None, options.depth, _user_path(model))
     if whole is not None:
         timed = options.measure or budget.metric == "latency"
         _whole_report(report, gm, whole, model, call, result, context if timed else None)
@@ -265,10 +265,6 @@ def _returned(model: torch.nn.Module, gm: torch.fx.GraphModule, result: torch.nn
         returned.model.meta = returned.meta
         report: Report = cast(dict, returned.meta)[REPORT_KEY]
         report.returned = type(returned.model).__name__
-        report.blocks_removed = [path.removeprefix("model.") for path in report.blocks_removed]
-        for path in sorted({b.module for b in analysis(gm).blocks}, key=len, reverse=True):  # named in the decoder
-            report.notes = [note.replace(path, path.removeprefix("model.")) if note.startswith("depth:") else note
-                            for note in report.notes]
         return returned.model
     return returned
 
@@ -310,9 +306,19 @@ def prune(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     return structured(prune_graph(gm, plan))
 
 
+def _user_path(model: torch.nn.Module) -> Callable[[str], str]:
+    """A module's path in ``model`` as the user names it: in the decoder a decode step runs (``model.``
+    dropped), else as it is."""
+    if isinstance(model, DecodeStep):
+        return lambda path: path.removeprefix("model.")
+    return lambda path: path
+
+
 def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: Budget,
-            importance_name: str, solver: str, measure: bool, depth: Depth = False) -> Report:
-    """What compile did: the solution, FLOPs and parameters before and after, latency where measured."""
+            importance_name: str, solver: str, measure: bool, depth: Depth = False,
+            user_path: Callable[[str], str] = str) -> Report:
+    """What compile did: the solution, FLOPs and parameters before and after, latency where measured; modules
+    named by ``user_path`` (the user's paths)."""
     solution: Solution = gm.meta[SOLUTION_KEY]
     result, scores, inputs = solution.result, gm.meta[IMPORTANCE_KEY].scores, context.example_inputs
     report = Report(
@@ -332,13 +338,13 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
                             f"({solution.below_step:.3f} of the model): some may keep less, on multiples of a quarter "
                             "step, which can leave the engine's fast layout (round_to sets the grid)")
     blocks = analysis(gm).blocks
-    report.blocks_removed = [blocks[b].module for b in result.plan.drop]
+    report.blocks_removed = [user_path(blocks[b].module) for b in result.plan.drop]
     if depth:
         report.notes.append(f"depth: {len(result.plan.drop)} of {len(blocks)} removable residual blocks removed"
                             if blocks else "depth: the model has no removable residual block (see "
                             "fxprune.blocks(gm) for why each add is not one); the plan is width-only")
-        report.notes.extend(f"depth: one of {', '.join(blocks[b].module for b in ids)} is kept: only they compute "
-                            f"{operation}" for operation, ids in analysis(gm).sole if blocks)
+        report.notes.extend(f"depth: one of {', '.join(user_path(blocks[b].module) for b in ids)} is kept: only they "
+                            f"compute {operation}" for operation, ids in analysis(gm).sole if blocks)
     if heads := _heads_kept(gm, result.keep_counts):
         report.notes.append("attention heads kept per layer: " + ", ".join(heads))
     if (capture := capture_of(gm)) is not None:
