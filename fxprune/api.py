@@ -361,6 +361,7 @@ def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Con
         engine = context.timing_engine()
         report.notes.append(f"latency tables on {engine.name} ({engine.threads} threads): "
                             + calibration.summary())
+        report.machine_busy = report.machine_busy or calibration.busy
         report.notes += [f"timed again: {why}" for why in calibration.healed[:HEALED_SHOWN]]
         if len(calibration.healed) > HEALED_SHOWN:
             report.notes.append(f"timed again: {len(calibration.healed) - HEALED_SHOWN} more tables")
@@ -403,6 +404,7 @@ def _report_measured_solve(report: Report, solved: MeasuredSolve, baseline_ms: f
     report.latency_prediction = "measured" if solved.measured else "corrected" if plans else "tables"
     report.plan_timed_now = solved.timed_now
     if solved.busy_spread:
+        report.machine_busy = True
         report.notes.append(f"the machine was busy while plans were timed (their pairs scattered by up to "
                             f"{solved.busy_spread:.0%}): the plan returned fits the budget by the upper confidence "
                             "bound of its share, which that scatter widens")

@@ -57,6 +57,7 @@ class Report:
     latency_prediction: str = "tables"
     budget_share: float | None = None  # a latency budget as a share of the unpruned model (the whole one, in parts)
     plan_timed_now: bool = False  # the closed loop's timing of the returned plan was taken in this run
+    machine_busy: bool = False  # the latency pass or the closed loop found the machine busy in this run
     fp32_latency_ms_before: float | None = None  # an INT8 engine's compile, measured: the FP32 models too
     fp32_latency_ms_after: float | None = None
     prefill_share: float | None = None  # a decoder's both-phase budget: its prefill timed against the model's
@@ -127,9 +128,11 @@ class Report:
         self.notes.append(
             f"the returned model {'measured' if measured else 'is predicted at'} {share:.3f} of the unpruned model, "
             f"over the budget {self.budget_share:.3f}: "
-            + ("one model timed twice on a shared machine moves by a few percent; " if measured else
-               "no plan the closed loop timed fit the budget; ")
-            + "compile with a larger refine, or ask for a little less than the budget")
+            + ("the machine was busy in this run (a contended machine slows a small model more than a large "
+               "one): time it again on a quiet machine" if self.machine_busy and measured else
+               ("one model timed twice on a shared machine moves by a few percent; " if measured else
+                "no plan the closed loop timed fit the budget; ")
+               + "compile with a larger refine, or ask for a little less than the budget"))
 
     def _latency_lines(self) -> list[str]:
         """Latency in one vocabulary: shares of the unpruned model; milliseconds only as timed in this run."""

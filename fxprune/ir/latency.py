@@ -123,6 +123,11 @@ class LatencyCalibration:
     slowdown: float = 1.0  # the whole model's fastest round in this call over the cached timing's (1: none cached)
     seconds: float = 0.0
 
+    @property
+    def busy(self) -> bool:
+        """The machine was busy in this call: timed points stayed scattered, or the whole model ran slower."""
+        return self.busy_points > 0 or self.slowdown > BUSY_SLOWDOWN
+
     def summary(self) -> str:
         """How the tables were had: shared, timed now or read, checked against the whole model; the step."""
         read = max(self.tables - self.tables_measured, 0)

@@ -159,7 +159,7 @@ def test_a_warm_compile_on_a_uniformly_slower_machine_times_no_plan(tmp_path):
     report = fxprune.report(again)
     assert not report.plan_timed_now and engine.deployed == deployed + 2  # the full model and its reduced copy
     assert fxprune.plan_of(again).to_json() == fxprune.plan_of(first).to_json()
-    assert any("1.5x as slow" in note for note in report.notes)
+    assert any("1.5x as slow" in note for note in report.notes) and report.machine_busy
 
 
 def test_a_budget_under_the_tables_smallest_plan_is_timed_before_it_is_refused(tmp_path):
@@ -257,9 +257,11 @@ def test_plan_timings_that_stay_scattered_make_the_report_say_the_machine_was_bu
     quiet = fxprune.compile(model, 0.5, INPUTS, engine=CurvedEngine(), cache=tmp_path / "quiet", round_to=1,
                             refine=2, progress=False)
     assert not any("busy while plans were timed" in note for note in fxprune.report(quiet).notes)
+    assert not fxprune.report(quiet).machine_busy
     timed = refine_pass._time_plan
     monkeypatch.setattr(refine_pass, "_time_plan", lambda *a: {**timed(*a), "spread": 0.3, "pairs": 16})
     busy = fxprune.compile(model, 0.5, INPUTS, engine=CurvedEngine(), cache=tmp_path / "busy", round_to=1,
                            refine=2, progress=False)
     assert any("busy while plans were timed (their pairs scattered by up to 30%)" in note
                for note in fxprune.report(busy).notes)
+    assert fxprune.report(busy).machine_busy
