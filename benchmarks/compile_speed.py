@@ -104,9 +104,13 @@ def run_readme_command(quiet_warm: int = 2, busy_warm: int = 2) -> list[dict]:
             measured = re.search(r"measured after compiling\s+([0-9.]+)", out)
             runs.append({"label": label, "seconds": seconds, "rc": done.returncode, "busy_said": "busy" in out,
                          "plans": re.search(r"(\d+) plans? timed while solving", out) is not None,
-                         "measured": float(measured.group(1)) if measured else None})
+                         "measured": float(measured.group(1)) if measured else None,
+                         "plan_from_cache": "this plan timed in an earlier run (cache)" in out,
+                         "tables_timed": int(tables.group(1)) if (tables := re.search(r"(\d+) timed in this run and",
+                                                                                      out)) else None})
             print(f"  README command, {label}: {seconds:.1f} s, exit {done.returncode}, says busy: "
-                  f"{runs[-1]['busy_said']}", flush=True)
+                  f"{runs[-1]['busy_said']}, tables timed {runs[-1]['tables_timed']}, plan from the cache "
+                  f"{runs[-1]['plan_from_cache']}", flush=True)
     return runs
 
 
@@ -116,12 +120,15 @@ def readme_lines(runs: list[dict]) -> list[str]:
              f"`fxprune {' '.join(README_COMMAND)}` into an empty cache folder (`FXPRUNE_CACHE_DIR`): cold, warm "
              "on the quiet machine, then warm with two processes spinning on the CPU beside it (this machine has "
              "2 cores). *x quiet warm*: seconds over the quiet warm compiles' median; *says busy*: whether its "
-             "output says the machine was busy.", "",
-             "| run | seconds | x quiet warm | exit | says busy | measured after compiling |", "|---|---|---|---|---|---|"]
+             "output says the machine was busy; *tables timed*, *plan from the cache*: what the run timed anew "
+             "(its report's notes).", "",
+             "| run | seconds | x quiet warm | exit | says busy | tables timed | plan from the cache | measured after "
+             "compiling |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         measured = f"{r['measured']:.3f}" if r["measured"] is not None else ""
         lines.append(f"| {r['label']} | {r['seconds']:.1f} | {r['seconds'] / quiet:.2f} | {r['rc']} | "
-                     f"{'yes' if r['busy_said'] else 'no'} | {measured} |")
+                     f"{'yes' if r['busy_said'] else 'no'} | {r.get('tables_timed', '')} | "
+                     f"{'yes' if r.get('plan_from_cache') else 'no'} | {measured} |")
     return lines
 
 

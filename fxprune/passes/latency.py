@@ -39,7 +39,7 @@ from fxprune.ir import graph
 from fxprune.ir.channels import ChannelSpace, Plan
 from fxprune.ir.cost import CostModel, CostTerm, TableTerm
 from fxprune.ir.keys import ANALYSIS_KEY, LATENCY_KEY, LAYER_LATENCY_KEY
-from fxprune.ir.latency import LatencyCalibration, LatencyTable, LayerLatency
+from fxprune.ir.latency import BUSY_SLOWDOWN, LatencyCalibration, LatencyTable, LayerLatency
 from fxprune.ir.units import UnitSpec
 from fxprune.passes.blocks import block_spaces
 from fxprune.passes.context import Context
@@ -195,7 +195,9 @@ class LatencyPass(PassBase):
         used as it is: a machine uniformly faster or slower changes no share,
         while contention, which slows a small model more than a large one, moves this one. The tables then
         scale as they did, the same plans are solved, and their cached timings stand (a warm compile times
-        no plan).
+        no plan). So they do where the whole model ran over BUSY_SLOWDOWN x as slow as cached: a busy run's
+        share is no measure, and plans timed under load read high and cost minutes (the README command beside
+        two busy processes: 57-77 s, where warm compiles that kept the cached timing took 18-21 s).
         """
         distinct = {_digest(key): key for key in keys.values()}
         tables: dict[str, LatencyTable] = {}
@@ -227,9 +229,10 @@ class LatencyPass(PassBase):
             cached = previous if len(rounds) == WARM_ROUNDS else None
             if cached is not None:
                 self.slowdown = float(fastest[0]) / float(cached["ms"])
-            if cached is not None and _same_share(rounds, cached):
-                self.model_timing_reused = True  # the machine runs both as it did: the same scale
-                if history == cached["shares"]:
+            busy = self.slowdown > BUSY_SLOWDOWN  # a busy run's share is no measure: the quiet one cached stands
+            if cached is not None and (busy or _same_share(rounds, cached)):
+                self.model_timing_reused = True  # the machine runs both as it did (or is busy): the same scale
+                if busy or history == cached["shares"]:
                     return tables, cached, kernels
                 self.model_timing_stored = True  # this quiet run's share joins the history
                 return tables, self.cache.store(key, {**cached, "shares": history}, _model_timing), kernels

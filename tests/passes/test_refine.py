@@ -162,6 +162,25 @@ def test_a_warm_compile_on_a_uniformly_slower_machine_times_no_plan(tmp_path):
     assert any("1.5x as slow" in note for note in report.notes) and report.machine_busy
 
 
+def test_a_warm_compile_on_a_busy_machine_keeps_the_quiet_timings(tmp_path):
+    """The machine is busy: the full model runs 2 x as long as when the cache was written, a small model
+    a further 1.4 x (contention), so the reduced copy's share is off the cached one. A busy run's share is no
+    measure: the cached timings stand (nothing is timed but the two whole models), the plan is the quiet
+    compile's, and the report says the machine was busy."""
+    model = tiny_cnn().eval()
+    engine = Contended(1.0, 1.0, sum(p.numel() for p in model.parameters()))
+    compile_ = lambda: fxprune.compile(model, 0.5, INPUTS, engine=engine, cache=tmp_path, round_to=1,  # noqa: E731
+                                       refine=3, progress=False)
+    first = compile_()
+    engine.factor, engine.small = 2.0, 1.4
+    deployed = engine.deployed
+    again = compile_()
+    report = fxprune.report(again)
+    assert not report.plan_timed_now and engine.deployed == deployed + 2  # the full model and its reduced copy
+    assert fxprune.plan_of(again).to_json() == fxprune.plan_of(first).to_json()
+    assert report.machine_busy and any("2.0x as slow" in note for note in report.notes)
+
+
 def test_a_budget_under_the_tables_smallest_plan_is_timed_before_it_is_refused(tmp_path):
     """The tables' smallest plan can be over a budget the engine meets (tables timed on a busy machine,
     or an engine faster than linear in width): the closed loop times that plan before refusing, and a
