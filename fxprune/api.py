@@ -311,7 +311,7 @@ def _user_path(model: torch.nn.Module) -> Callable[[str], str]:
     dropped), else as it is."""
     if isinstance(model, DecodeStep):
         return lambda path: path.removeprefix("model.")
-    return lambda path: path
+    return str
 
 
 def _report(gm: torch.fx.GraphModule, pruned: torch.fx.GraphModule, context: Context, budget: Budget,

@@ -125,14 +125,15 @@ class Report:
         if share is None:
             return
         measured = self.measured_share is not None
-        self.notes.append(
-            f"the returned model {'measured' if measured else 'is predicted at'} {share:.3f} of the unpruned model, "
-            f"over the budget {self.budget_share:.3f}: "
-            + ("the machine was busy in this run (a contended machine slows a small model more than a large "
-               "one): time it again on a quiet machine" if self.machine_busy and measured else
-               ("one model timed twice on a shared machine moves by a few percent; " if measured else
-                "no plan the closed loop timed fit the budget; ")
-               + "compile with a larger refine, or ask for a little less than the budget"))
+        if measured and self.machine_busy:
+            advice = ("the machine was busy in this run (a contended machine slows a small model more than a large "
+                      "one): time it again on a quiet machine")
+        else:
+            advice = (("one model timed twice on a shared machine moves by a few percent; " if measured else
+                       "no plan the closed loop timed fit the budget; ")
+                      + "compile with a larger refine, or ask for a little less than the budget")
+        self.notes.append(f"the returned model {'measured' if measured else 'is predicted at'} {share:.3f} of the "
+                          f"unpruned model, over the budget {self.budget_share:.3f}: {advice}")
 
     def _latency_lines(self) -> list[str]:
         """Latency in one vocabulary: shares of the unpruned model; milliseconds only as timed in this run."""

@@ -257,16 +257,13 @@ def upper_bound(timing: dict) -> float:
 
 
 def _reference_agrees(gm: torch.fx.GraphModule, cached: dict) -> bool:
-    """Whether a plan's trusted cached timing stands without a second timing: the whole models ran in this run
-    as an earlier compile timed them (the reduced copy's share agreed: ``model_timing_cached``, which holds on
-    a machine uniformly slower), or the full model ran within PLAN_SPREAD_LIMIT of its latency then. On a busy
-    machine a quiet cached timing reads the plan better than one taken now (a contended machine slows a
-    small model more)."""
+    """Whether a plan's trusted cached timing was taken with the full model running within PLAN_SPREAD_LIMIT
+    of its latency timed in this run (the calibration's): the machine then was as it is now, and the cached
+    share stands without a second timing."""
     calibration = gm.meta.get(LATENCY_KEY)
     if calibration is None or not _trusted(cached) or "reference_ms" not in cached:
         return False
-    return calibration.model_timing_cached or \
-        abs(float(cached["reference_ms"]) / calibration.measured_ms - 1) <= PLAN_SPREAD_LIMIT
+    return abs(float(cached["reference_ms"]) / calibration.measured_ms - 1) <= PLAN_SPREAD_LIMIT
 
 
 def _confirm_share(gm: torch.fx.GraphModule, result: PlanResult, context: Context, first: float,
